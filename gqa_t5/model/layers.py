@@ -1,0 +1,159 @@
+"""T5.1.1 building blocks with T5X's parameter names and logical axes.
+
+Parameters are float32; activations are computed in `dtype`. Each parameter carries logical axis
+names in the `params_axes` collection (T5X's `param_with_axes`), so t5x's partitioner and ours
+both read them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax.linen import partitioning as nn_partitioning
+
+param_with_axes = nn_partitioning.param_with_axes
+Dtype = Any
+Initializer = Callable[..., jnp.ndarray]
+
+# T5X's initialisers: fan-in scaled normals for projections, unit normal for the embedding.
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+mlp_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def _activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  if name == "linear":
+    return lambda x: x
+  if name in ("gelu", "gelu_new"):
+    return nn.gelu  # tanh approximation: T5X's default and HF's "gelu_new"
+  return {"relu": nn.relu, "silu": nn.silu, "swish": nn.silu, "tanh": jnp.tanh}[name]
+
+
+class Dense(nn.Module):
+  """y = x @ kernel with a 2-D kernel [in, out] (T5X stores attention kernels flattened)."""
+
+  in_features: int
+  features: int
+  kernel_axes: Tuple[str, str]
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  def setup(self):
+    # setup() (not compact) so that `kernel` can be read outside __call__, e.g. to project
+    # the encoder output inside a lax.cond in cached decoding.
+    self.kernel = param_with_axes("kernel", self.kernel_init, (self.in_features, self.features),
+                                  jnp.float32, axes=self.kernel_axes)
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    return project(x, self.kernel, self.dtype)
+
+
+def project(x: jnp.ndarray, kernel: jnp.ndarray, dtype: Dtype) -> jnp.ndarray:
+  """x [..., in] @ kernel [in, out] in `dtype`."""
+  return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding [vocab, emb]; `attend` gives tied logits."""
+
+  num_embeddings: int
+  features: int
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = param_with_axes("embedding", nn.initializers.normal(stddev=1.0),
+                                     (self.num_embeddings, self.features), jnp.float32,
+                                     axes=("vocab", "embed"))
+
+  def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
+    return jnp.take(self.embedding.astype(self.dtype), tokens, axis=0)
+
+  def attend(self, x: jnp.ndarray) -> jnp.ndarray:
+    return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: no mean subtraction, no bias; statistics in float32."""
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    scale = param_with_axes("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32,
+                            axes=("embed",))
+    x = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    y = (x * jax.lax.rsqrt(variance + self.epsilon)).astype(self.dtype)
+    return y * scale.astype(self.dtype)
+
+
+class MlpBlock(nn.Module):
+  """T5.1.1's gated MLP: wo(act_0(x wi_0) * act_1(x wi_1)), names as T5X's."""
+
+  mlp_dim: int
+  activations: Sequence[str] = ("gelu", "linear")
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+    emb_dim = x.shape[-1]
+    hidden = None
+    for index, name in enumerate(self.activations):
+      dense_name = "wi" if len(self.activations) == 1 else f"wi_{index}"
+      h = Dense(emb_dim, self.mlp_dim, ("embed", "mlp"), self.dtype, mlp_kernel_init,
+                name=dense_name)(x)
+      h = _activation(name)(h)
+      hidden = h if hidden is None else hidden * h
+    hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
+    return Dense(self.mlp_dim, emb_dim, ("mlp", "embed"), self.dtype, mlp_kernel_init,
+                 name="wo")(hidden)
+
+
+def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> jnp.ndarray:
+  """T5's bucketing of (key position - query position): exact when near, log-spaced when far."""
+  num_buckets_half = num_buckets // 2 if bidirectional else num_buckets
+  n = -relative_position
+  bucket = jnp.zeros_like(n)
+  if bidirectional:
+    bucket = bucket + (n < 0).astype(n.dtype) * num_buckets_half
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets_half // 2
+  is_small = n < max_exact
+  # The epsilon keeps exact powers of two from rounding down (as T5X does).
+  log_ratio = jnp.log(n.astype(jnp.float32) / max_exact + np.finfo(np.float32).eps)
+  large = max_exact + (log_ratio / math.log(max_distance / max_exact)
+                       * (num_buckets_half - max_exact)).astype(n.dtype)
+  large = jnp.minimum(large, num_buckets_half - 1)
+  return bucket + jnp.where(is_small, n, large)
+
+
+class RelativePositionBiases(nn.Module):
+  """One bias per (head, bucket), shared by every layer of a stack: `rel_embedding` [N, buckets]."""
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.rel_embedding = param_with_axes(
+        "rel_embedding", nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+        (self.num_heads, self.num_buckets), jnp.float32, axes=("heads", "relpos_buckets"))
+
+  def __call__(self, query_positions: jnp.ndarray, key_positions: jnp.ndarray,
+               bidirectional: bool) -> jnp.ndarray:
+    """Bias [1, N, T, S] for query positions [T] against key positions [S]."""
+    relative = key_positions[None, :] - query_positions[:, None]  # [T, S]
+    buckets = relative_position_bucket(relative.astype(jnp.int32), bidirectional,
+                                       self.num_buckets, self.max_distance)  # [T, S]
+    bias = jnp.take(self.rel_embedding.astype(self.dtype), buckets, axis=1)  # [N, T, S]
+    return bias[None]  # [1, N, T, S]

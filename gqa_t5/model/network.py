@@ -1,0 +1,185 @@
+"""The T5.1.1 encoder-decoder with grouped-query decoder attention, T5X's module interface.
+
+`Transformer` has the methods and arguments T5X's `EncoderDecoderModel` calls (`__call__`,
+`encode`, `decode` with `decode=True` and `max_decode_length`, `enable_dropout`, a mutable `cache`
+collection) and T5X's T5.1.1 parameter tree, so the module can be handed to t5x as it is.
+The encoder's attention is always multi-head; the decoder's self- and cross-attention use
+`config.self_attention_kv_heads` and `config.cross_attention_kv_heads` key/value heads.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from gqa_t5.model import masks
+from gqa_t5.model.attention import GroupedAttention
+from gqa_t5.model.config import T5Config
+from gqa_t5.model.layers import Dense, Embed, MlpBlock, RelativePositionBiases, RMSNorm
+
+
+def _dropout(config: T5Config):
+  # T5X shares each dropout mask across the sequence dimension.
+  return nn.Dropout(config.dropout_rate, broadcast_dims=(-2,))
+
+
+def _relative_bias_module(config: T5Config) -> RelativePositionBiases:
+  return RelativePositionBiases(config.relative_attention_num_buckets,
+                                config.relative_attention_max_distance, config.num_heads,
+                                config.dtype, name="relpos_bias")
+
+
+def _maybe_remat(layer_cls, config: T5Config):
+  if config.remat_policy == "none":
+    return layer_cls
+  policy = None
+  if config.remat_policy == "minimal":
+    policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+  # Argument 0 is the module itself; the boolean flags after the arrays are static.
+  return nn.remat(layer_cls, policy=policy, static_argnums=layer_cls.STATIC_ARGNUMS)
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+  STATIC_ARGNUMS = (4,)
+
+  @nn.compact
+  def __call__(self, inputs, mask, bias, deterministic: bool = True):
+    cfg = self.config
+    x = RMSNorm(dtype=cfg.dtype, name="pre_attention_layer_norm")(inputs)
+    x = GroupedAttention(cfg.emb_dim, cfg.num_heads, cfg.num_heads, cfg.head_dim, cfg.dtype,
+                         cfg.dropout_rate, cfg.float32_attention_logits, name="attention")(
+                             x, x, mask, bias, deterministic=deterministic)
+    x = _dropout(cfg)(x, deterministic=deterministic) + inputs
+    y = RMSNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(x)
+    y = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
+        y, deterministic)
+    return _dropout(cfg)(y, deterministic=deterministic) + x
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+  STATIC_ARGNUMS = (6, 7)
+
+  @nn.compact
+  def __call__(self, inputs, encoded, self_mask, cross_mask, bias, deterministic: bool = True,
+               decode: bool = False, position_bias_fn=None):
+    cfg = self.config
+    x = RMSNorm(dtype=cfg.dtype, name="pre_self_attention_layer_norm")(inputs)
+    x = GroupedAttention(cfg.emb_dim, cfg.num_heads, cfg.self_attention_kv_heads, cfg.head_dim,
+                         cfg.dtype, cfg.dropout_rate, cfg.float32_attention_logits,
+                         kv_kernel_axis="kv_joined", name="self_attention")(
+                             x, x, self_mask, bias, deterministic=deterministic, decode=decode,
+                             position_bias_fn=position_bias_fn)
+    x = _dropout(cfg)(x, deterministic=deterministic) + inputs
+    y = RMSNorm(dtype=cfg.dtype, name="pre_cross_attention_layer_norm")(x)
+    y = GroupedAttention(cfg.emb_dim, cfg.num_heads, cfg.cross_attention_kv_heads, cfg.head_dim,
+                         cfg.dtype, cfg.dropout_rate, cfg.float32_attention_logits,
+                         kv_kernel_axis="kv_joined", name="encoder_decoder_attention")(
+                             y, encoded, cross_mask, None, deterministic=deterministic,
+                             decode=decode, cross_attention=True)
+    y = _dropout(cfg)(y, deterministic=deterministic) + x
+    z = RMSNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(y)
+    z = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
+        z, deterministic)
+    return _dropout(cfg)(z, deterministic=deterministic) + y
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, tokens, mask, deterministic: bool = True):
+    cfg = self.config
+    x = self.shared_embedding(tokens.astype(jnp.int32))                 # [B, S, D]
+    x = _dropout(cfg)(x, deterministic=deterministic).astype(cfg.dtype)
+    positions = jnp.arange(tokens.shape[1])
+    bias = _relative_bias_module(cfg)(positions, positions, bidirectional=True)  # [1, N, S, S]
+    layer_cls = _maybe_remat(EncoderLayer, cfg)
+    for i in range(cfg.num_encoder_layers):
+      x = layer_cls(cfg, name=f"layers_{i}")(x, mask, bias, deterministic)
+    x = RMSNorm(dtype=cfg.dtype, name="encoder_norm")(x)
+    return _dropout(cfg)(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded, tokens, self_mask, cross_mask, deterministic: bool = True,
+               decode: bool = False):
+    cfg = self.config
+    y = self.shared_embedding(tokens.astype(jnp.int32))                 # [B, T, D]
+    y = _dropout(cfg)(y, deterministic=deterministic).astype(cfg.dtype)
+    relpos = _relative_bias_module(cfg)
+    positions = jnp.arange(tokens.shape[1])
+    bias = relpos(positions, positions, bidirectional=False)            # [1, N, T, T]
+    position_bias_fn = None
+    if decode:
+      # A cached step needs only the bias row of its own position: [N, S].
+      def position_bias_fn(index, length):
+        return relpos(index[None], jnp.arange(length), bidirectional=False)[0, :, 0]
+    layer_cls = _maybe_remat(DecoderLayer, cfg)
+    for i in range(cfg.num_decoder_layers):
+      y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_mask, cross_mask, bias,
+                                              deterministic, decode, position_bias_fn)
+    y = RMSNorm(dtype=cfg.dtype, name="decoder_norm")(y)
+    y = _dropout(cfg)(y, deterministic=deterministic)
+    if cfg.logits_via_embedding:
+      # Tied logits are rescaled as in T5X (the embedding has unit-variance init).
+      return self.shared_embedding.attend(y).astype(jnp.float32) / jnp.sqrt(
+          jnp.float32(cfg.emb_dim))
+    return Dense(cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), jnp.float32,
+                 name="logits_dense")(y.astype(jnp.float32))
+
+
+class Transformer(nn.Module):
+  """T5.1.1 encoder-decoder; `config.num_kv_heads` < `num_heads` makes the decoder GQA/MQA."""
+
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    if cfg.scan_layers:
+      raise NotImplementedError(
+          "T5Config.scan_layers=True is not supported yet: use unrolled layers (the default)")
+    self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype)
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout: bool = True):
+    """Encoder output [B, S, D]."""
+    mask = masks.encoder_mask(encoder_input_tokens, encoder_segment_ids, self.config.dtype)
+    return self.encoder(encoder_input_tokens, mask, deterministic=not enable_dropout)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+             encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
+             enable_dropout: bool = True, decode: bool = False,
+             max_decode_length: Optional[int] = None):
+    """Logits [B, T, vocab] (float32). With decode=True, a cached step (T5X's convention)."""
+    del decoder_positions, max_decode_length  # positions are implied by the cache index
+    dtype = self.config.dtype
+    if decode:
+      self_mask = None  # a cached step masks by position
+      cross_mask = masks.make_attention_mask(jnp.ones_like(decoder_target_tokens),
+                                             encoder_input_tokens > 0, dtype)
+    else:
+      self_mask = masks.decoder_mask(decoder_target_tokens, decoder_segment_ids, dtype)
+      cross_mask = masks.encoder_decoder_mask(decoder_target_tokens, encoder_input_tokens,
+                                              decoder_segment_ids, encoder_segment_ids, dtype)
+    return self.decoder(encoded, decoder_input_tokens, self_mask, cross_mask,
+                        deterministic=not enable_dropout, decode=decode)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+               encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+               decoder_positions=None, *, enable_dropout: bool = True, decode: bool = False):
+    del encoder_positions  # T5's relative positions need none
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+                       encoder_segment_ids, decoder_segment_ids, decoder_positions,
+                       enable_dropout=enable_dropout, decode=decode)

@@ -1,0 +1,56 @@
+"""gqa_t5: grouped-query attention for T5.1.1 in JAX/Flax, the T5X way."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+_VERSION = re.search(r'__version__ = "([^"]+)"',
+                     (Path(__file__).parent / "gqa_t5" / "__init__.py").read_text()).group(1)
+
+# The network, decoding, checkpoints and trainer: enough for a GPU box without TensorFlow.
+CORE = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "numpy",
+    "msgpack",
+    "tensorstore",
+    "safetensors",
+    "gin-config>=0.5",
+    "clu",
+    "matplotlib",
+]
+# seqio tasks, TFDS, metrics, vocabularies (TensorFlow).
+DATA = [
+    "seqio>=0.0.20",
+    "tensorflow>=2.16",
+    "tensorflow-text",
+    "tensorflow-datasets>=4.9",
+    "sentencepiece",
+    "rouge-score",
+    "sacrebleu",
+]
+# Parity tests against HF transformers. torch is pinned: an unpinned one pulls a CUDA build.
+TEST = DATA + ["pytest", "pytest-xdist", "torch==2.13.0", "transformers>=4.40"]
+
+setup(
+    name="gqa_t5",
+    version=_VERSION,
+    description="GQA (Ainslie et al., 2023) for T5.1.1 in JAX/Flax with T5X-compatible pieces",
+    long_description=(Path(__file__).parent / "README.md").read_text()
+    if (Path(__file__).parent / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["gqa_t5", "gqa_t5.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require={
+        "data": DATA,
+        "test": TEST,
+        # t5x is not on PyPI: install it from its repository yourself; gqa_t5 then plugs in
+        # (see README, "Using the network from t5x"). Nothing here imports it eagerly.
+        "t5x": [],
+    },
+    entry_points={"console_scripts": ["gqa-t5=gqa_t5.cli:main"]},
+)
