@@ -1,0 +1,191 @@
+"""Autoregressive decoding over a tokens-to-logits function: greedy, sampling, beam search.
+
+Decoding knows nothing of the network: it sees `tokens_to_logits(tokens [B, 1], cache) ->
+(logits [B, vocab], cache)`. Every loop is a `lax.while_loop` that stops as soon as every sequence
+has produced EOS (or the length limit is reached), so a batch that finishes early costs no more
+steps. The decoder's first input is token 0 (T5's BOS is the pad id).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+Cache = Any
+TokensToLogits = Callable[[jnp.ndarray, Cache], Tuple[jnp.ndarray, Cache]]
+NEG_INF = -1.0e7
+
+
+class SamplingState(NamedTuple):
+  step: jnp.ndarray            # scalar: tokens produced so far
+  sequences: jnp.ndarray       # [B, L] produced tokens (0 after EOS)
+  last_token: jnp.ndarray      # [B, 1] next decoder input
+  finished: jnp.ndarray        # [B] bool
+  log_prob: jnp.ndarray        # [B] sum of log p of the chosen tokens
+  cache: Cache
+  rng: jnp.ndarray
+
+
+def temperature_sample(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
+                       max_decode_length: int, eos_id: int = 1,
+                       rng: Optional[jnp.ndarray] = None, temperature: float = 0.0,
+                       topk: int = 0) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Greedy (temperature 0) or sampled decoding.
+
+  Returns:
+    sequences [B, L] (EOS included, zeros after it) and their log-likelihoods [B] under the
+    model (unscaled by temperature, so they equal `score_batch` on the same sequences).
+  """
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if topk < 0:
+    raise ValueError(f"topk must be >= 0, got {topk}")
+  if rng is None:
+    rng = jax.random.PRNGKey(0)
+
+  def choose(logits, rng):
+    if temperature == 0.0:
+      return jnp.argmax(logits, axis=-1)
+    scaled = logits / temperature
+    if topk:
+      kth = jax.lax.top_k(scaled, topk)[0][..., -1:]
+      scaled = jnp.where(scaled < kth, NEG_INF, scaled)
+    return jax.random.categorical(rng, scaled, axis=-1)
+
+  def cond(state: SamplingState):
+    return jnp.logical_and(state.step < max_decode_length, ~jnp.all(state.finished))
+
+  def body(state: SamplingState):
+    rng, step_rng = jax.random.split(state.rng)
+    logits, cache = tokens_to_logits(state.last_token, state.cache)          # [B, V]
+    logits = logits.astype(jnp.float32)
+    token = choose(logits, step_rng).astype(jnp.int32)                        # [B]
+    token_log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], -1)[:, 0]
+    token = jnp.where(state.finished, 0, token)
+    log_prob = state.log_prob + jnp.where(state.finished, 0.0, token_log_prob)
+    sequences = jax.lax.dynamic_update_slice(state.sequences, token[:, None], (0, state.step))
+    finished = state.finished | (token == eos_id)
+    return SamplingState(state.step + 1, sequences, token[:, None], finished, log_prob, cache,
+                         rng)
+
+  init = SamplingState(jnp.array(0, jnp.int32),
+                       jnp.zeros((batch_size, max_decode_length), jnp.int32),
+                       jnp.zeros((batch_size, 1), jnp.int32),
+                       jnp.zeros((batch_size,), bool), jnp.zeros((batch_size,), jnp.float32),
+                       cache, rng)
+  final = jax.lax.while_loop(cond, body, init)
+  return final.sequences, final.log_prob
+
+
+def greedy_decode(cache, tokens_to_logits, batch_size, max_decode_length, eos_id=1):
+  """The paper's decoding: argmax at every step."""
+  return temperature_sample(cache, tokens_to_logits, batch_size, max_decode_length, eos_id)
+
+
+# ---- beam search -------------------------------------------------------------------------------
+
+
+def brevity_penalty(alpha: float, length) -> jnp.ndarray:
+  """T5X/GNMT length penalty ((5 + length) / 6) ** alpha."""
+  return jnp.power((5.0 + jnp.asarray(length, jnp.float32)) / 6.0, alpha)
+
+
+def expand_to_beams(tree, beam_size: int):
+  """[B, ...] -> [B*W, ...] for every batch-leading array (scalars are left alone)."""
+  def expand(x):
+    if x.ndim == 0:
+      return x
+    return jnp.repeat(x, beam_size, axis=0)
+  return jax.tree.map(expand, tree)
+
+
+class BeamState(NamedTuple):
+  step: jnp.ndarray
+  live_seqs: jnp.ndarray        # [B, W, L]
+  live_log_probs: jnp.ndarray   # [B, W]
+  finished_seqs: jnp.ndarray    # [B, W, L]
+  finished_scores: jnp.ndarray  # [B, W] length-penalised
+  finished_log_probs: jnp.ndarray  # [B, W]
+  finished_flags: jnp.ndarray   # [B, W]
+  cache: Cache                  # leaves [B*W, ...]
+
+
+def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
+                max_decode_length: int, beam_size: int = 4, alpha: float = 0.6,
+                eos_id: int = 1) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Beam search with T5X's length penalty.
+
+  `cache` must already be expanded to B*W rows (`expand_to_beams`).
+  Returns sequences [B, W, L] best first and their scores [B, W]: log-likelihood divided by
+  `brevity_penalty(alpha, length)` (alpha = 0: plain log-likelihood, as `score_batch`).
+  """
+  b, w, length = batch_size, beam_size, max_decode_length
+  # Only beam 0 is live at the start, so the first step does not pick W copies of one token.
+  initial_log_probs = jnp.tile(jnp.array([0.0] + [NEG_INF] * (w - 1), jnp.float32), (b, 1))
+
+  def is_flat_cache_leaf(x):
+    return x.ndim >= 1 and x.shape[0] == b * w
+
+  def gather_cache(cache, beam_indices):
+    def gather(x):
+      if not is_flat_cache_leaf(x):
+        return x  # scalars such as cache_index
+      grouped = x.reshape((b, w) + x.shape[1:])
+      idx = beam_indices.reshape((b, w) + (1,) * (grouped.ndim - 2))
+      return jnp.take_along_axis(grouped, idx, axis=1).reshape(x.shape)
+    return jax.tree.map(gather, cache)
+
+  def gather(x, indices):  # x [B, W_any, ...], indices [B, W_new]
+    return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
+
+  def cond(state: BeamState):
+    # Stop when no live beam can still beat the worst finished one (log-probs only fall).
+    best_live = state.live_log_probs[:, 0] / brevity_penalty(alpha, length)
+    worst_finished = jnp.where(state.finished_flags, state.finished_scores, NEG_INF).min(axis=1)
+    all_done = jnp.all(state.finished_flags.all(axis=1) & (worst_finished >= best_live))
+    return (state.step < length) & ~all_done
+
+  def body(state: BeamState):
+    last = jax.lax.dynamic_slice_in_dim(state.live_seqs, jnp.maximum(state.step - 1, 0), 1, 2)
+    last = jnp.where(state.step == 0, 0, last).reshape(b * w, 1)            # [B*W, 1]
+    logits, cache = tokens_to_logits(last, state.cache)                      # [B*W, V]
+    vocab = logits.shape[-1]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, w, vocab)
+    candidates = (state.live_log_probs[:, :, None] + log_probs).reshape(b, w * vocab)
+    top_log_probs, top_ids = jax.lax.top_k(candidates, 2 * w)               # [B, 2W]
+    top_beams, top_tokens = top_ids // vocab, (top_ids % vocab).astype(jnp.int32)
+    top_seqs = gather(state.live_seqs, top_beams)                            # [B, 2W, L]
+    top_seqs = jax.lax.dynamic_update_slice(top_seqs, top_tokens[:, :, None], (0, 0, state.step))
+    ends = top_tokens == eos_id
+
+    # Live: the best W candidates that did not just end.
+    live_candidates = jnp.where(ends, NEG_INF, top_log_probs)
+    live_log_probs, live_pick = jax.lax.top_k(live_candidates, w)            # [B, W]
+    live_seqs = gather(top_seqs, live_pick)
+    cache = gather_cache(cache, gather(top_beams, live_pick))
+
+    # Finished: merge the candidates that ended with those finished before.
+    new_scores = jnp.where(ends, top_log_probs / brevity_penalty(alpha, state.step + 1), NEG_INF)
+    all_seqs = jnp.concatenate([state.finished_seqs, top_seqs], axis=1)
+    all_scores = jnp.concatenate([jnp.where(state.finished_flags, state.finished_scores, NEG_INF),
+                                  new_scores], axis=1)
+    all_log_probs = jnp.concatenate([state.finished_log_probs, top_log_probs], axis=1)
+    all_flags = jnp.concatenate([state.finished_flags, ends], axis=1)
+    finished_scores, pick = jax.lax.top_k(all_scores, w)
+    return BeamState(state.step + 1, live_seqs, live_log_probs, gather(all_seqs, pick),
+                     finished_scores, gather(all_log_probs, pick), gather(all_flags, pick), cache)
+
+  init = BeamState(jnp.array(0, jnp.int32), jnp.zeros((b, w, length), jnp.int32),
+                   initial_log_probs, jnp.zeros((b, w, length), jnp.int32),
+                   jnp.full((b, w), NEG_INF, jnp.float32), jnp.full((b, w), NEG_INF, jnp.float32),
+                   jnp.zeros((b, w), bool), cache)
+  final = jax.lax.while_loop(cond, body, init)
+  # Beams that hit the length limit without EOS compete with the finished ones for the W slots.
+  live_scores = final.live_log_probs / brevity_penalty(alpha, length)
+  all_seqs = jnp.concatenate([final.finished_seqs, final.live_seqs], axis=1)
+  all_scores = jnp.concatenate(
+      [jnp.where(final.finished_flags, final.finished_scores, NEG_INF), live_scores], axis=1)
+  scores, pick = jax.lax.top_k(all_scores, w)
+  return gather(all_seqs, pick), scores
