@@ -1,0 +1,1 @@
+"""Benchmarks runnable as `gqa-t5 benchmark-...` (the scripts/ files call these)."""

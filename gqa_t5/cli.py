@@ -1,0 +1,58 @@
+"""The `gqa-t5` command: one subcommand per job, each owned by the module that does it.
+
+Modules are imported only when their subcommand runs, so `gqa-t5 convert` never loads
+TensorFlow and `gqa-t5 --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Dict, List, Optional, Tuple
+
+# subcommand: (module, function, one-line help)
+SUBCOMMANDS: Dict[str, Tuple[str, str, str]] = {
+    "convert": ("gqa_t5.convert.cli", "main",
+                "convert an MHA checkpoint to GQA/MQA (mean, first, random, aligned)"),
+    "prepare-demo-data": ("gqa_t5.demo_data.prepare", "main",
+                          "fetch and build the offline demo suite of real text"),
+    "train": ("gqa_t5.train", "main", "train (pretrain, uptrain, fine-tune) from gin files"),
+    "eval": ("gqa_t5.eval", "main", "evaluate a checkpoint from gin files"),
+    "infer": ("gqa_t5.infer", "main", "decode a task's inputs from gin files"),
+    "reproduce": ("gqa_t5.reproduce", "main",
+                  "reproduce the paper's Table 1 and Figures 3-6 (--preset quick|mini|paper)"),
+    "benchmark-decode": ("gqa_t5.benchmarks.decode", "main",
+                         "decode speed per K against the memory roofline"),
+}
+
+
+def _usage() -> str:
+  width = max(len(name) for name in SUBCOMMANDS)
+  lines = ["usage: gqa-t5 <command> [args]", "", "commands:"]
+  lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
+  lines += ["", "Run `gqa-t5 <command> --help` for a command's arguments."]
+  return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(_usage())
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in SUBCOMMANDS:
+    print(f"gqa-t5: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+  module_name, function, _ = SUBCOMMANDS[name]
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as error:
+    if error.name and module_name.startswith(error.name):
+      print(f"gqa-t5 {name}: this installation has no {module_name}", file=sys.stderr)
+      return 2
+    raise
+  return int(getattr(module, function)(rest) or 0)
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
