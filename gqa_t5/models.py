@@ -9,9 +9,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Mapping, Optional, Tuple
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import traverse_util
 
 from gqa_t5 import decoding, losses
 
@@ -142,6 +144,7 @@ class EncoderDecoderModel:
     if beams > 1:
       encoded, encoder_input_tokens = decoding.expand_to_beams(
           (encoded, encoder_input_tokens), beams)
+    cache = self.prefill_cross_attention(params, cache, encoded, encoder_input_tokens)
     tokens_to_logits = self.tokens_to_logits_fn(params, encoded, encoder_input_tokens)
     if method == "beam":
       return decoding.beam_search(cache, tokens_to_logits, batch_size, max_decode_length,
@@ -161,12 +164,31 @@ class EncoderDecoderModel:
     shapes = jax.eval_shape(make)
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
+  def prefill_cross_attention(self, params, cache, encoded, encoder_input_tokens):
+    """Projects the encoder output into every cross-attention cache, once per sequence.
+
+    Runs one decoder step (which fills the caches) and rewinds the self-attention position, so
+    the decoding loop's steps read the cached keys/values with no branch and no copy.
+    """
+    tokens = jnp.zeros((encoded.shape[0], 1), jnp.int32)
+    _, variables = self.module.apply(
+        {"params": params, "cache": cache}, encoded, encoder_input_tokens, tokens, tokens + 1,
+        enable_dropout=False, decode=True, mutable=["cache"], method=self.module.decode)
+    rewound = traverse_util.flatten_dict(flax.core.unfreeze(variables["cache"]))
+    for path in rewound:
+      if path[-1] == "cache_index":
+        rewound[path] = jnp.zeros_like(rewound[path])
+    return traverse_util.unflatten_dict(rewound)
+
   def tokens_to_logits_fn(self, params, encoded, encoder_input_tokens):
-    """The one-step function decoding loops call: (tokens [B, 1], cache) -> (logits [B, V], cache)."""
+    """The one-step function decoding loops call: (tokens [B, 1], cache) -> (logits [B, V], cache).
+
+    The cache must have been through `prefill_cross_attention`.
+    """
     def tokens_to_logits(tokens, cache):
       logits, variables = self.module.apply(
           {"params": params, "cache": cache}, encoded, encoder_input_tokens, tokens,
           jnp.ones_like(tokens), enable_dropout=False, decode=True, mutable=["cache"],
-          method=self.module.decode)
+          method=self.module.decode, cross_kv_cached=True)
       return logits[:, 0], variables["cache"]
     return tokens_to_logits

@@ -89,8 +89,11 @@ def step_bytes(config: T5Config, shape: Dict[str, int], params) -> Dict[str, flo
   """Bytes one decode step reads: weights of the decoder and logits layer, both caches."""
   itemsize = jnp.dtype(config.dtype).itemsize
   decoder = params["decoder"]
+  # The cross-attention key/value kernels are read once per sequence (the prefill), not per step.
   weights = sum(x.size for name, layer in decoder.items() if name.startswith("layers_")
-                for x in jax.tree.leaves(layer))
+                for sub, module in layer.items()
+                for part, x in _flatten(module).items()
+                if not (sub == "encoder_decoder_attention" and part[0] in ("key", "value")))
   weights += decoder["logits_dense"]["kernel"].size
   weight_dtype = jax.tree.leaves(params)[0].dtype.itemsize
   b, h, layers = shape["batch"], config.head_dim, config.num_decoder_layers
@@ -127,6 +130,7 @@ class Variant:
       return module.apply({"params": params}, inputs, enable_dropout=False, method=module.encode)
 
     def loop(params, encoded, inputs, cache):
+      cache = model.prefill_cross_attention(params, cache, encoded, inputs)
       fn = model.tokens_to_logits_fn(params, encoded, inputs)
       return decoding.greedy_decode(cache, fn, b, t, eos_id=-1)[0]
 

@@ -111,7 +111,7 @@ class GroupedAttention(nn.Module):
                mask: Optional[jnp.ndarray] = None, bias: Optional[jnp.ndarray] = None, *,
                deterministic: bool = True, decode: bool = False,
                position_bias_fn: Optional[PositionBiasFn] = None,
-               cross_attention: bool = False) -> jnp.ndarray:
+               cross_attention: bool = False, cross_kv_cached: bool = False) -> jnp.ndarray:
     """Attention output [B, T, D].
 
     Args:
@@ -125,10 +125,14 @@ class GroupedAttention(nn.Module):
       position_bias_fn: in a self-attention decode step, the bias row [N, S] of a position.
       cross_attention: the keys/values come from the encoder output, so in decoding they are
         projected once per sequence into the cache and reused.
+      cross_kv_cached: the caller guarantees the cross-attention cache already holds the projected
+        encoder keys/values (our decoding loops fill it before the loop), so a step reads them with
+        no branch. Without it (t5x's loops) each step checks `kv_filled` and projects on the first.
     """
     if decode and self.has_variable("cache", "cached_key"):
       if cross_attention:
-        return self._cross_attention_step(inputs_q, inputs_kv, mask, deterministic)
+        return self._cross_attention_step(inputs_q, inputs_kv, mask, deterministic,
+                                          cross_kv_cached)
       return self._self_attention_step(inputs_q, inputs_kv, position_bias_fn, deterministic)
     if decode:
       self._create_cache(inputs_q.shape[0], inputs_kv.shape[1], cross_attention)
@@ -180,10 +184,24 @@ class GroupedAttention(nn.Module):
     context = self._step_attend(q, keys, values, valid, bias_row, deterministic)
     return self._output(context[:, None])                               # [B, 1, D]
 
-  def _cross_attention_step(self, inputs_q, encoded, mask, deterministic):
+  def _cross_attention_step(self, inputs_q, encoded, mask, deterministic, cross_kv_cached):
     cached_key = self.variable("cache", "cached_key", None)
     cached_value = self.variable("cache", "cached_value", None)
     kv_filled = self.variable("cache", "kv_filled", None)
+    if cross_kv_cached:
+      # Read-only: writing the cache back would make XLA copy it at every step.
+      keys, values = cached_key.value, cached_value.value
+    else:
+      keys, values = self._fill_cross_cache(encoded, cached_key, cached_value, kv_filled)
+    if mask is None:
+      valid = jnp.ones((1, 1, 1, keys.shape[2]), bool)                  # [1, 1, 1, S]
+    else:
+      valid = mask[:, :, -1:, :] > 0                                    # [B, 1, 1, S]
+    q = self._queries(inputs_q)[:, 0]                                   # [B, K, G, H]
+    context = self._step_attend(q, keys, values, valid, None, deterministic)
+    return self._output(context[:, None])                               # [B, 1, D]
+
+  def _fill_cross_cache(self, encoded, cached_key, cached_value, kv_filled):
     key_kernel, value_kernel = self.key.kernel, self.value.kernel
 
     def project_encoded():
@@ -197,13 +215,7 @@ class GroupedAttention(nn.Module):
                                 lambda: (cached_key.value, cached_value.value), project_encoded)
     cached_key.value, cached_value.value = keys, values
     kv_filled.value = jnp.ones_like(kv_filled.value)
-    if mask is None:
-      valid = jnp.ones((1, 1, 1, keys.shape[2]), bool)                  # [1, 1, 1, S]
-    else:
-      valid = mask[:, :, -1:, :] > 0                                    # [B, 1, 1, S]
-    q = self._queries(inputs_q)[:, 0]                                   # [B, K, G, H]
-    context = self._step_attend(q, keys, values, valid, None, deterministic)
-    return self._output(context[:, None])                               # [B, 1, D]
+    return keys, values
 
 
 def _group_heads(x: jnp.ndarray, num_kv_heads: int) -> jnp.ndarray:

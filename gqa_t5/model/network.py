@@ -66,7 +66,7 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, encoded, self_mask, cross_mask, bias, deterministic: bool = True,
-               decode: bool = False, position_bias_fn=None):
+               decode: bool = False, position_bias_fn=None, cross_kv_cached: bool = False):
     cfg = self.config
     x = RMSNorm(dtype=cfg.dtype, name="pre_self_attention_layer_norm")(inputs)
     x = GroupedAttention(cfg.emb_dim, cfg.num_heads, cfg.self_attention_kv_heads, cfg.head_dim,
@@ -80,7 +80,8 @@ class DecoderLayer(nn.Module):
                          cfg.dtype, cfg.dropout_rate, cfg.float32_attention_logits,
                          kv_kernel_axis="kv_joined", name="encoder_decoder_attention")(
                              y, encoded, cross_mask, None, deterministic=deterministic,
-                             decode=decode, cross_attention=True)
+                             decode=decode, cross_attention=True,
+                             cross_kv_cached=cross_kv_cached)
     y = _dropout(cfg)(y, deterministic=deterministic) + x
     z = RMSNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(y)
     z = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
@@ -112,7 +113,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded, tokens, self_mask, cross_mask, deterministic: bool = True,
-               decode: bool = False):
+               decode: bool = False, cross_kv_cached: bool = False):
     cfg = self.config
     y = self.shared_embedding(tokens.astype(jnp.int32))                 # [B, T, D]
     y = _dropout(cfg)(y, deterministic=deterministic).astype(cfg.dtype)
@@ -124,10 +125,16 @@ class Decoder(nn.Module):
       # A cached step needs only the bias row of its own position: [N, S].
       def position_bias_fn(index, length):
         return relpos(index[None], jnp.arange(length), bidirectional=False)[0, :, 0]
-    layer_cls = _maybe_remat(DecoderLayer, cfg)
+    # Decoding stores nothing for a backward pass: rematerialisation is for training only.
+    layer_cls = DecoderLayer if decode else _maybe_remat(DecoderLayer, cfg)
     for i in range(cfg.num_decoder_layers):
-      y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_mask, cross_mask, bias,
-                                              deterministic, decode, position_bias_fn)
+      if decode:
+        y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_mask, cross_mask, bias,
+                                                deterministic, decode, position_bias_fn,
+                                                cross_kv_cached)
+      else:
+        y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_mask, cross_mask, bias,
+                                                deterministic, decode)
     y = RMSNorm(dtype=cfg.dtype, name="decoder_norm")(y)
     y = _dropout(cfg)(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
@@ -160,8 +167,13 @@ class Transformer(nn.Module):
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
              encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
              enable_dropout: bool = True, decode: bool = False,
-             max_decode_length: Optional[int] = None):
-    """Logits [B, T, vocab] (float32). With decode=True, a cached step (T5X's convention)."""
+             max_decode_length: Optional[int] = None, cross_kv_cached: bool = False):
+    """Logits [B, T, vocab] (float32). With decode=True, a cached step (T5X's convention).
+
+    `cross_kv_cached=True` promises that the cross-attention caches already hold the projected
+    encoder output (see `EncoderDecoderModel.prefill_cross_attention`); t5x never passes it and
+    then the first step fills them.
+    """
     del decoder_positions, max_decode_length  # positions are implied by the cache index
     dtype = self.config.dtype
     if decode:
@@ -173,7 +185,8 @@ class Transformer(nn.Module):
       cross_mask = masks.encoder_decoder_mask(decoder_target_tokens, encoder_input_tokens,
                                               decoder_segment_ids, encoder_segment_ids, dtype)
     return self.decoder(encoded, decoder_input_tokens, self_mask, cross_mask,
-                        deterministic=not enable_dropout, decode=decode)
+                        deterministic=not enable_dropout, decode=decode,
+                        cross_kv_cached=cross_kv_cached)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
