@@ -166,3 +166,28 @@ def test_padding_in_inputs_does_not_change_logits():
   longer = dict(batch)
   longer["encoder_input_tokens"] = jnp.pad(batch["encoder_input_tokens"], ((0, 0), (0, 4)))
   assert_equal_on_real_targets(forward(module, params, longer), logits, batch)
+
+
+@pytest.mark.parametrize("remat_policy", ["none", "full"])
+def test_scanned_layers_equal_unrolled_layers(remat_policy):
+  from gqa_t5.model.scanning import stack_layers, unstack_layers
+  batch = tiny_batch()
+  config = tiny_config(2)
+  module, params = init_params(config, batch)
+  scanned_config = config.replace(scan_layers=True, remat_policy=remat_policy)
+  scanned_params = stack_layers(params)
+  kernel = scanned_params["decoder"]["layers"]["self_attention"]["key"]["kernel"]
+  assert kernel.shape == (24, 2, 16)  # [emb, layers, K*H]: T5X's param_scan_axis = 1
+  scanned = Transformer(scanned_config)
+  np.testing.assert_allclose(np.asarray(forward(scanned, scanned_params, batch)),
+                             np.asarray(forward(module, params, batch)), atol=1e-5)
+  def loss(module, p):
+    return jnp.sum(module.apply({"params": p}, **batch, enable_dropout=False) ** 2)
+  grads = jax.jit(jax.grad(lambda p: loss(scanned, p)))(scanned_params)
+  reference = stack_layers(jax.jit(jax.grad(lambda p: loss(module, p)))(params))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  round_trip = unstack_layers(scanned_params)
+  assert jax.tree.structure(round_trip) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(round_trip), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -14,6 +14,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen import partitioning as nn_partitioning
 
 from gqa_t5.model import masks
 from gqa_t5.model.attention import GroupedAttention
@@ -32,18 +33,34 @@ def _relative_bias_module(config: T5Config) -> RelativePositionBiases:
                                 config.dtype, name="relpos_bias")
 
 
-def _maybe_remat(layer_cls, config: T5Config):
+def _maybe_remat(layer_cls, config: T5Config, num_args: int = 0):
   if config.remat_policy == "none":
     return layer_cls
   policy = None
   if config.remat_policy == "minimal":
     policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
-  # Argument 0 is the module itself; the boolean flags after the arrays are static.
-  return nn.remat(layer_cls, policy=policy, static_argnums=layer_cls.STATIC_ARGNUMS)
+  # Argument 0 is the module itself; the boolean flags after the arrays are static. A scanned
+  # stack passes only the first `num_args` arguments.
+  static = tuple(i for i in layer_cls.STATIC_ARGNUMS if not num_args or i <= num_args)
+  return nn.remat(layer_cls, policy=policy, static_argnums=static)
+
+
+def _stack(layer_cls, config: T5Config, num_layers: int, name: str, num_broadcast_args: int):
+  """One `nn.scan` over `num_layers` copies of a layer (T5X's `scan_layers`).
+
+  Parameters get a leading-but-one 'layers' axis (T5X's param_scan_axis = 1), e.g.
+  `encoder/layers/attention/query/kernel` [emb, layers, heads*head_dim].
+  """
+  scanned = nn_partitioning.scan_with_axes(
+      _maybe_remat(layer_cls, config, num_broadcast_args + 1), variable_axes={"params": 1},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * num_broadcast_args, length=num_layers, axis_name="layers")
+  return scanned(config, scanned=True, name=name)
 
 
 class EncoderLayer(nn.Module):
   config: T5Config
+  scanned: bool = False  # inside nn.scan: return (carry, None)
   STATIC_ARGNUMS = (4,)
 
   @nn.compact
@@ -57,11 +74,13 @@ class EncoderLayer(nn.Module):
     y = RMSNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(x)
     y = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
         y, deterministic)
-    return _dropout(cfg)(y, deterministic=deterministic) + x
+    y = _dropout(cfg)(y, deterministic=deterministic) + x
+    return (y, None) if self.scanned else y
 
 
 class DecoderLayer(nn.Module):
   config: T5Config
+  scanned: bool = False  # inside nn.scan: return (carry, None)
   STATIC_ARGNUMS = (6, 7)
 
   @nn.compact
@@ -86,7 +105,8 @@ class DecoderLayer(nn.Module):
     z = RMSNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(y)
     z = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
         z, deterministic)
-    return _dropout(cfg)(z, deterministic=deterministic) + y
+    z = _dropout(cfg)(z, deterministic=deterministic) + y
+    return (z, None) if self.scanned else z
 
 
 class Encoder(nn.Module):
@@ -100,9 +120,13 @@ class Encoder(nn.Module):
     x = _dropout(cfg)(x, deterministic=deterministic).astype(cfg.dtype)
     positions = jnp.arange(tokens.shape[1])
     bias = _relative_bias_module(cfg)(positions, positions, bidirectional=True)  # [1, N, S, S]
-    layer_cls = _maybe_remat(EncoderLayer, cfg)
-    for i in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x, mask, bias, deterministic)
+    if cfg.scan_layers:
+      x, _ = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, "layers", 3)(
+          x, mask, bias, deterministic)
+    else:
+      layer_cls = _maybe_remat(EncoderLayer, cfg)
+      for i in range(cfg.num_encoder_layers):
+        x = layer_cls(cfg, name=f"layers_{i}")(x, mask, bias, deterministic)
     x = RMSNorm(dtype=cfg.dtype, name="encoder_norm")(x)
     return _dropout(cfg)(x, deterministic=deterministic)
 
@@ -125,9 +149,16 @@ class Decoder(nn.Module):
       # A cached step needs only the bias row of its own position: [N, S].
       def position_bias_fn(index, length):
         return relpos(index[None], jnp.arange(length), bidirectional=False)[0, :, 0]
+    if cfg.scan_layers:
+      if decode:
+        raise NotImplementedError(
+            "cached decoding of a scan_layers=True model is not supported: decode with "
+            "scan_layers=False after gqa_t5.model.scanning.unstack_layers(params)")
+      y, _ = _stack(DecoderLayer, cfg, cfg.num_decoder_layers, "layers", 5)(
+          y, encoded, self_mask, cross_mask, bias, deterministic)
     # Decoding stores nothing for a backward pass: rematerialisation is for training only.
     layer_cls = DecoderLayer if decode else _maybe_remat(DecoderLayer, cfg)
-    for i in range(cfg.num_decoder_layers):
+    for i in range(cfg.num_decoder_layers if not cfg.scan_layers else 0):
       if decode:
         y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_mask, cross_mask, bias,
                                                 deterministic, decode, position_bias_fn,
@@ -152,9 +183,6 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.config
-    if cfg.scan_layers:
-      raise NotImplementedError(
-          "T5Config.scan_layers=True is not supported yet: use unrolled layers (the default)")
     self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype)
     self.encoder = Encoder(cfg, self.token_embedder)
     self.decoder = Decoder(cfg, self.token_embedder)
