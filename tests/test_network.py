@@ -191,3 +191,30 @@ def test_scanned_layers_equal_unrolled_layers(remat_policy):
   assert jax.tree.structure(round_trip) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(round_trip), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_cache_is_batch_leading_except_cache_index_as_t5x_expects():
+  """t5x's cache_map expands every cache leaf along axis 0 for beams, except `cache_index`."""
+  batch = tiny_batch()
+  module, params = init_params(tiny_config(2), batch)
+  _, cache = module.apply({"params": params}, batch["encoder_input_tokens"],
+                          jnp.ones_like(batch["decoder_input_tokens"]),
+                          jnp.ones_like(batch["decoder_input_tokens"]), decode=True,
+                          enable_dropout=False, mutable=["cache"])
+  leaves = traverse_util.flatten_dict(cache["cache"])
+  assert any(path[-1] == "kv_filled" for path in leaves)
+  for path, leaf in leaves.items():
+    if path[-1] == "cache_index":
+      assert leaf.shape == ()
+    else:
+      assert leaf.shape[0] == 3, path
+
+
+def test_t5x_is_optional_and_its_absence_is_explained():
+  import importlib.util
+  from gqa_t5 import t5x_compat
+  if importlib.util.find_spec("t5x") is not None:
+    assert t5x_compat.require_t5x() is not None
+  else:
+    with pytest.raises(ImportError, match="not on PyPI"):
+      t5x_compat.require_t5x()
