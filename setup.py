@@ -18,6 +18,7 @@ CORE = [
     "msgpack",
     "tensorstore",
     "safetensors",
+    "etils",
     "gin-config>=0.5",
     "clu",
     "matplotlib",

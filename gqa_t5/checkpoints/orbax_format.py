@@ -1,0 +1,305 @@
+"""Orbax checkpoints as T5X writes them by default, and as our trainer writes them: read and write.
+
+Layout (t5x's current default): a step directory `checkpoint_<step>/` whose `state/` item is an
+Orbax PyTree checkpoint (OCDBT) of `{'target': <params>, 'state': {'step': ..., ...}}`. Our
+trainer adds an `'extra'` subtree (optimizer state and the like) to the same item. Opening
+accepts the step directory or the `state/` directory itself.
+
+Both directions stream: reading restores one leaf at a time (a partial restore), and writing
+hands Orbax lazy tensors through a type handler that materialises and writes them one at a
+time, so converting XXL never holds the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from gqa_t5.checkpoints import source as source_lib
+from gqa_t5.checkpoints import tree as tree_lib
+from gqa_t5.checkpoints.atomic import atomic_directory
+from gqa_t5.checkpoints.errors import CheckpointError
+from gqa_t5.checkpoints.lazy import LazyTensor
+
+FORMAT = "orbax"
+STATE_ITEM = "state"
+_PYTREE_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA")
+
+
+def find_pytree_dir(path: str) -> str:
+  """The Orbax PyTree directory of a checkpoint: `path/state` or `path` itself."""
+  path = os.path.abspath(path)  # tensorstore refuses paths with '..'
+  if not os.path.isdir(path):
+    raise CheckpointError(f"Orbax checkpoint path {path} is not a directory")
+  nested = os.path.join(path, STATE_ITEM)
+  if os.path.isdir(nested) and any(os.path.exists(os.path.join(nested, m))
+                                   for m in _PYTREE_MARKERS):
+    return nested
+  if os.path.exists(os.path.join(path, "_METADATA")):
+    return path
+  raise CheckpointError(f"{path} is not an Orbax checkpoint: neither it nor {nested} holds an "
+                        "Orbax '_METADATA' file")
+
+
+def is_orbax_dir(path: str) -> bool:
+  try:
+    find_pytree_dir(path)
+    return True
+  except CheckpointError:
+    return False
+
+
+def _ocp():
+  import orbax.checkpoint as ocp  # heavy: imported only when an Orbax checkpoint is touched
+  return ocp
+
+
+def _metadata_tree(pytree_dir: str) -> Dict[str, Any]:
+  from etils import epath
+  ocp = _ocp()
+  try:
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(pytree_dir))
+  except Exception as error:
+    raise CheckpointError(f"cannot read Orbax metadata of {pytree_dir}: {error}") from error
+  tree = getattr(metadata, "tree", metadata)
+  return tree
+
+
+def _restore_subtree(pytree_dir: str, item: Mapping[str, Any], what: str) -> Dict[str, Any]:
+  """Restores only the leaves present in `item` (arrays as numpy, on the host)."""
+  import jax
+  ocp = _ocp()
+  restore_args = jax.tree_util.tree_map(
+      lambda x: ocp.RestoreArgs(restore_type=np.ndarray) if isinstance(x, np.ndarray)
+      else ocp.RestoreArgs(), item)
+  try:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      return checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+  except Exception as error:
+    raise CheckpointError(f"cannot read {what} from Orbax checkpoint {pytree_dir}: "
+                          f"{error}") from error
+
+
+def _placeholder_array(meta) -> Any:
+  """A restore template for a metadata leaf (np.empty: no memory is touched)."""
+  shape = getattr(meta, "shape", None)
+  dtype = getattr(meta, "dtype", None)
+  if shape is None or dtype is None:
+    return 0
+  return np.zeros(tuple(shape), np.dtype(dtype)) if tuple(shape) == () else \
+      np.empty(tuple(shape), np.dtype(dtype))
+
+
+def _leaf_reader(pytree_dir: str, path: Tuple[str, ...], meta):
+  name = "/".join(path[1:])
+
+  def read():
+    item: Dict[str, Any] = {}
+    node = item
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = _placeholder_array(meta)  # Orbax needs the structure and dtype
+    restored = _restore_subtree(pytree_dir, item, f"tensor {name!r}")
+    for key in path:
+      restored = restored[key]
+    return np.asarray(restored)
+
+  return read
+
+
+def _lazy_leaves(pytree_dir: str, node: Any, path: Tuple[str, ...]) -> Dict[str, LazyTensor]:
+  leaves = {}
+  if isinstance(node, Mapping):
+    for key, value in node.items():
+      leaves.update(_lazy_leaves(pytree_dir, value, path + (str(key),)))
+    return leaves
+  if not hasattr(node, "shape") or not hasattr(node, "dtype"):
+    raise CheckpointError(f"Orbax checkpoint {pytree_dir}: leaf {'/'.join(path)!r} is not an "
+                          f"array ({type(node).__name__})")
+  name = "/".join(path[1:])  # path[0] is 'target' or 'params'
+  leaves[name] = LazyTensor(name, tuple(node.shape), np.dtype(node.dtype),
+                            _leaf_reader(pytree_dir, path, node))
+  return leaves
+
+
+def _params_key(metadata: Any, pytree_dir: str) -> str:
+  """'target' in t5x's layout, 'params' in our trainer's ({'step', 'params', 'opt_state'})."""
+  if isinstance(metadata, Mapping):
+    for key in ("target", "params"):
+      if key in metadata:
+        return key
+  keys = sorted(metadata) if isinstance(metadata, Mapping) else type(metadata).__name__
+  raise CheckpointError(f"Orbax checkpoint {pytree_dir} has no 'target' or 'params' "
+                        f"parameters (top-level keys: {keys})")
+
+
+def _step_path(metadata: Mapping[str, Any]) -> Optional[Tuple[str, ...]]:
+  state = metadata.get("state")
+  if isinstance(state, Mapping) and "step" in state:
+    return ("state", "step")
+  if "step" in metadata and not isinstance(metadata["step"], Mapping):
+    return ("step",)
+  return None
+
+
+def _read_step(pytree_dir: str, metadata: Mapping[str, Any]) -> int:
+  path = _step_path(metadata)
+  if path is None:
+    return 0
+  meta = metadata
+  for key in path:
+    meta = meta[key]
+  item: Dict[str, Any] = {}
+  node = item
+  for key in path[:-1]:
+    node = node.setdefault(key, {})
+  node[path[-1]] = _placeholder_array(meta)
+  restored = _restore_subtree(pytree_dir, item, "the step")
+  for key in path:
+    restored = restored[key]
+  return int(np.asarray(restored).reshape(()))
+
+
+def open_orbax(path: str, config=None, validate: bool = True) -> source_lib.CheckpointSource:
+  """Opens the parameters of an Orbax checkpoint lazily (t5x's or our trainer's layout)."""
+  pytree_dir = find_pytree_dir(path)
+  metadata = _metadata_tree(pytree_dir)
+  key = _params_key(metadata, pytree_dir)
+  tensors = _lazy_leaves(pytree_dir, metadata[key], (key,))
+  source = source_lib.CheckpointSource(path=path, format=FORMAT, tensors=tensors,
+                                       step=_read_step(pytree_dir, metadata))
+  return source_lib.finish(source, config=config, validate=validate)
+
+
+def load_orbax(path: str, extra_target: Any = None, validate: bool = False
+               ) -> Tuple[Dict[str, Any], int, Any]:
+  """(params, step, extra) of an Orbax checkpoint, all in memory.
+
+  `extra` is restored with the structure of `extra_target` when given (e.g. an optax state
+  from `optimizer.init(params)`), else as Orbax's plain nested containers; None if absent.
+  `validate` checks the params against the T5.1.1 layout (off: trainer trees may be scanned).
+  """
+  import jax
+  ocp = _ocp()
+  pytree_dir = find_pytree_dir(path)
+  metadata = _metadata_tree(pytree_dir)
+  key = _params_key(metadata, pytree_dir)
+  item: Dict[str, Any] = {key: jax.tree_util.tree_map(_placeholder_array, metadata[key])}
+  step_path = _step_path(metadata)
+  if step_path == ("state", "step"):
+    item["state"] = {"step": _placeholder_array(metadata["state"]["step"])}
+  elif step_path == ("step",):
+    item["step"] = _placeholder_array(metadata["step"])
+  has_extra = "extra" in metadata
+  if has_extra:
+    if extra_target is not None:
+      item["extra"] = jax.tree_util.tree_map(
+          lambda x: np.zeros(np.shape(x), np.asarray(x).dtype) if hasattr(x, "shape") else x,
+          extra_target)
+    else:
+      item["extra"] = jax.tree_util.tree_map(_placeholder_array, metadata["extra"])
+  restore_args = jax.tree_util.tree_map(
+      lambda x: ocp.RestoreArgs(restore_type=np.ndarray) if isinstance(x, np.ndarray)
+      and x.ndim else ocp.RestoreArgs(), item)
+  try:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      restored = checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+  except Exception as error:
+    raise CheckpointError(f"cannot restore Orbax checkpoint {pytree_dir}: {error}") from error
+  params = restored[key]
+  if validate:
+    flat = tree_lib.flatten(params)
+    shapes = {name: np.shape(v) for name, v in flat.items()}
+    config = tree_lib.infer_config(shapes, source=f"orbax checkpoint {path}")
+    tree_lib.validate_shapes(shapes, config, source=f"orbax checkpoint {path}")
+  step = 0
+  if step_path is not None:
+    node = restored
+    for part in step_path:
+      node = node[part]
+    step = int(np.asarray(node).reshape(()))
+  return params, step, restored.get("extra") if has_extra else None
+
+
+def _serial_handler_registry():
+  """A type-handler registry that writes numpy arrays and LazyTensors one at a time."""
+  import jax
+  ocp = _ocp()
+
+  class SerialNumpyHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax writes all leaves concurrently; this reads and writes them one at a time.
+
+    A failed read (e.g. a corrupt source chunk) is recorded, not raised inside Orbax's event
+    loop: the remaining leaves are skipped and `write_orbax_item` raises it afterwards.
+    """
+
+    def __init__(self):
+      super().__init__(deepcopy_host_arrays=False)
+      self._locks: Dict[int, asyncio.Lock] = {}
+      self.errors = []
+
+    async def _open_and_write(self, value, tspec, ts_context):
+      loop = asyncio.get_running_loop()
+      lock = self._locks.setdefault(id(loop), asyncio.Lock())
+      async with lock:
+        if self.errors:
+          return
+        try:
+          array = value.read() if isinstance(value, LazyTensor) else np.asarray(value)
+          await super()._open_and_write(array, tspec, ts_context)
+          del array
+        except Exception as error:  # re-raised by write_orbax_item
+          self.errors.append(error)
+
+  serial = SerialNumpyHandler()
+  pairs = [(kind, ocp.type_handlers.get_type_handler(kind))
+           for kind in (int, float, bytes, np.number, jax.Array, str)]
+  pairs += [(np.ndarray, serial), (LazyTensor, serial)]
+  return ocp.type_handlers.create_type_handler_registry(*pairs)
+
+
+def write_orbax_item(directory: str, params: Mapping[str, Any], step: int,
+                     extra: Any = None) -> None:
+  """Writes `{'target', 'state': {'step'}, ['extra']}` as `directory/state` (an Orbax item).
+
+  Leaves may be numpy arrays or LazyTensors (read one at a time while writing).
+  """
+  ocp = _ocp()
+  directory = os.path.abspath(directory)
+  item: Dict[str, Any] = {"target": dict(params), "state": {"step": np.asarray(step, np.int32)}}
+  if extra is not None:
+    item["extra"] = extra
+  registry = _serial_handler_registry()
+  serial = registry.get(LazyTensor)
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+  try:
+    with ocp.Checkpointer(handler) as checkpointer:
+      checkpointer.save(os.path.join(directory, STATE_ITEM), args=ocp.args.PyTreeSave(item))
+  except Exception as error:
+    raise CheckpointError(f"cannot write Orbax checkpoint {directory}: {error}") from error
+  if serial.errors:
+    error = serial.errors[0]
+    if isinstance(error, CheckpointError):
+      raise error
+    raise CheckpointError(f"cannot write Orbax checkpoint {directory}: {error}") from error
+
+
+def save_orbax(path: str, params: Mapping[str, Any], step: int = 0, extra: Any = None,
+               overwrite: bool = False) -> None:
+  """Writes an Orbax checkpoint directory (t5x's layout) atomically.
+
+  `params` is the nested parameter tree (numpy/jax arrays or LazyTensors); `extra` any pytree
+  (e.g. optimizer state) stored beside it and returned by `load_orbax`.
+  """
+  import jax
+  to_host = lambda x: x if isinstance(x, LazyTensor) else np.asarray(x)
+  params = jax.tree_util.tree_map(to_host, dict(params), is_leaf=lambda x: isinstance(x, LazyTensor))
+  if extra is not None:
+    extra = jax.tree_util.tree_map(to_host, extra)
+  with atomic_directory(path, overwrite=overwrite) as tmp:
+    write_orbax_item(tmp, params, step, extra)

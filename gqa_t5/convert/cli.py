@@ -1,0 +1,96 @@
+"""`gqa-t5 convert`: turn a multi-head T5 checkpoint into a grouped-query (GQA/MQA) one.
+
+  gqa-t5 convert --input PATH [--input-format auto|t5x|orbax|hf|mesh-tf] --output PATH
+      [--output-format t5x|orbax] --num-kv-heads K [--num-cross-kv-heads K2]
+      [--method mean|first|random|aligned] [--seed S] [--compression gzip|zstd|none]
+      [--calibration-data TSV --vocab SPM [--input-prefix P]] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional
+
+from gqa_t5.checkpoints.errors import CheckpointError
+
+INPUT_FORMATS = ("auto", "t5x", "orbax", "hf", "mesh-tf")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from gqa_t5.convert.converter import OUTPUT_FORMATS
+  from gqa_t5.convert.pooling import METHODS
+  parser = argparse.ArgumentParser(
+      prog="gqa-t5 convert",
+      description="Convert a multi-head T5 checkpoint to grouped-query attention: only the "
+                  "decoder's key/value kernels change (plus a function-preserving rotation of "
+                  "its query/out kernels for --method aligned); everything else is copied "
+                  "bit for bit.")
+  parser.add_argument("--input", required=True, help="source checkpoint (directory or prefix)")
+  parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto")
+  parser.add_argument("--output", required=True, help="destination checkpoint directory")
+  parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default="t5x")
+  parser.add_argument("--num-kv-heads", type=int, required=True,
+                      help="key/value heads K of the decoder self-attention (1 = MQA)")
+  parser.add_argument("--num-cross-kv-heads", type=int, default=None,
+                      help="key/value heads of the encoder-decoder attention (default: K)")
+  parser.add_argument("--method", choices=METHODS, default="mean")
+  parser.add_argument("--seed", type=int, default=0, help="seed of --method random")
+  calibration = parser.add_argument_group(
+      "calibration (--method aligned)",
+      "align heads on their inputs over a few examples instead of on the weights; loads the "
+      "whole model into memory once")
+  calibration.add_argument("--calibration-data", default=None,
+                           help="TSV file of 'input<TAB>target' lines")
+  calibration.add_argument("--vocab", default=None, help="SentencePiece model of the data")
+  calibration.add_argument("--input-prefix", default="", help='task prefix, e.g. "summarize: "')
+  calibration.add_argument("--calibration-examples", type=int, default=64)
+  calibration.add_argument("--input-length", type=int, default=512)
+  calibration.add_argument("--target-length", type=int, default=128)
+  parser.add_argument("--compression", choices=("gzip", "zstd", "none"), default="gzip",
+                      help="zarr compression of --output-format t5x (gzip: as t5x writes; "
+                           "zstd: several times faster, also read by t5x)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+  return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  """Runs the conversion; returns 0 on success, 1 on a checkpoint error, 2 on bad usage."""
+  parser = build_parser()
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as exit_:
+    return int(exit_.code or 0)
+  from gqa_t5.convert.converter import CalibrationSpec, ConversionSpec, convert
+  spec = ConversionSpec(num_kv_heads=args.num_kv_heads,
+                        num_cross_kv_heads=args.num_cross_kv_heads,
+                        method=args.method, seed=args.seed)
+  calibration = None
+  if args.calibration_data:
+    if not args.vocab:
+      parser.print_usage(sys.stderr)
+      print("gqa-t5 convert: error: --calibration-data needs --vocab", file=sys.stderr)
+      return 2
+    calibration = CalibrationSpec(args.calibration_data, args.vocab, args.input_prefix,
+                                  args.input_length, args.target_length,
+                                  args.calibration_examples)
+  start = time.time()
+  try:
+    record = convert(args.input, args.output, spec, input_format=args.input_format,
+                     output_format=args.output_format, overwrite=args.overwrite,
+                     compression=args.compression, calibration=calibration)
+  except CheckpointError as error:
+    print(f"gqa-t5 convert: error: {error}", file=sys.stderr)
+    return 1
+  if not args.quiet:
+    print(f"converted {record['source']} ({record['source_format']}, step "
+          f"{record['source_step']}) -> {args.output} ({args.output_format}): method "
+          f"{spec.method}, K={spec.num_kv_heads}, K_cross={spec.cross_kv_heads}, "
+          f"{len(record['changed_tensors'])} tensors changed, {time.time() - start:.1f}s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
