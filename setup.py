@@ -21,6 +21,7 @@ CORE = [
     "etils",
     "gin-config>=0.5",
     "clu",
+    "tensorboard",
     "matplotlib",
 ]
 # seqio tasks, TFDS, metrics, vocabularies (TensorFlow).

@@ -1,0 +1,214 @@
+"""Gin flags the T5X way, for the entry points (the only place that imports gin).
+
+  --gin_file=FILE           (repeatable) a gin file, found on the search path
+  --gin_search_paths=A,B    (repeatable) extra directories to look files up in
+  --gin.NAME=VALUE          one binding, e.g. --gin.MODEL_DIR="'/tmp/run'"
+  --gin_bindings=BINDING    (repeatable) one binding, e.g. --gin_bindings="TRAIN_STEPS=100"
+
+The repository's gin/ directory and the working directory are on the search path by default.
+The gin files register what they configure dynamically (`from __gin__ import
+dynamic_registration`), so library code carries no gin decorators.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import List, Optional, Sequence, Tuple
+
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+class GinConfigError(ValueError):
+  """A gin file, binding or REQUIRED macro problem, with what to do about it."""
+
+
+def default_search_paths() -> List[str]:
+  paths = []
+  if os.path.isdir(REPO_GIN_DIR):
+    paths.append(REPO_GIN_DIR)
+  paths.append(os.getcwd())
+  return paths
+
+
+def split_gin_flags(argv: Sequence[str]) -> Tuple[List[str], List[str], List[str], List[str]]:
+  """(gin files, bindings, search paths, other args) from a command line (T5X's flags)."""
+  files, bindings, paths, rest = [], [], [], []
+  args = list(argv)
+  i = 0
+
+  def value_of(arg: str, name: str):
+    nonlocal i
+    if arg == name:
+      if i + 1 >= len(args):
+        raise GinConfigError(f"{name} needs a value")
+      i += 1
+      return args[i]
+    return arg[len(name) + 1:]
+
+  while i < len(args):
+    arg = args[i]
+    if arg == "--gin_file" or arg.startswith("--gin_file="):
+      files.append(value_of(arg, "--gin_file"))
+    elif arg == "--gin_bindings" or arg.startswith("--gin_bindings="):
+      bindings.append(value_of(arg, "--gin_bindings"))
+    elif arg == "--gin_search_paths" or arg.startswith("--gin_search_paths="):
+      paths.extend(p for p in value_of(arg, "--gin_search_paths").split(",") if p)
+    elif arg.startswith("--gin."):
+      name, sep, value = arg[len("--gin."):].partition("=")
+      if not sep:
+        if i + 1 >= len(args):
+          raise GinConfigError(f"{arg} needs a value (--gin.NAME=VALUE)")
+        i += 1
+        value = args[i]
+      bindings.append(f"{name}={value}")
+    else:
+      rest.append(arg)
+    i += 1
+  return files, bindings, paths, rest
+
+
+class _DropMessages(logging.Filter):
+
+  def __init__(self, prefixes: Tuple[str, ...]):
+    super().__init__()
+    self.prefixes = prefixes
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self.prefixes)
+
+
+def _required_macros_left() -> List[str]:
+  from gin import config as gin_config  # pylint: disable=g-import-not-at-top
+  missing = []
+  for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
+    if selector != "gin.macro":
+      continue
+    if repr(params.get("value")) == "%gin.REQUIRED":
+      missing.append(scope)
+  return sorted(missing)
+
+
+def parse(files: Sequence[str], bindings: Sequence[str],
+          search_paths: Sequence[str] = ()) -> None:
+  """Clears gin, parses `files` then `bindings`, and checks no REQUIRED macro is left."""
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.clear_config(clear_constants=False)
+  for path in list(search_paths) + default_search_paths():
+    gin.add_config_file_search_path(path)
+  if not files:
+    raise GinConfigError("no --gin_file given: name a run file, e.g. "
+                         "--gin_file=runs/finetune.gin (see gin/README.md)")
+  # gin logs every search-path miss as an error; only a file found nowhere matters.
+  quiet = _DropMessages(("Path not found", "system_path_file_exists"))
+  logging.getLogger().addFilter(quiet)
+  try:
+    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False,
+                                        skip_unknown=False)
+  except (ValueError, IOError, ImportError, SyntaxError) as error:
+    raise GinConfigError(f"gin configuration error: {error}") from error
+  finally:
+    logging.getLogger().removeFilter(quiet)
+  missing = _required_macros_left()
+  if missing:
+    flags = " ".join(f"--gin.{m}=..." for m in missing)
+    raise GinConfigError(
+        f"REQUIRED gin macro(s) not set: {', '.join(missing)}. Set them on the command line "
+        f"({flags}) or in a gin file; each run file lists its REQUIRED macros in its header. "
+        f"Model files declare DROPOUT_RATE REQUIRED and run files set it: give the model file "
+        f"before the run file.")
+  try:
+    gin.finalize()
+  except ValueError as error:
+    raise GinConfigError(f"gin configuration error: {error}") from error
+
+
+def parse_flags(argv: Sequence[str]) -> List[str]:
+  """Parses the gin flags in `argv`; returns the remaining arguments."""
+  files, bindings, paths, rest = split_gin_flags(argv)
+  parse(files, bindings, paths)
+  return rest
+
+
+def write_operative_config(model_dir: Optional[str]) -> Optional[str]:
+  """Writes gin's operative configuration to MODEL_DIR/config.gin (process 0, atomically)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  if not model_dir or jax.process_index() != 0:
+    return None
+  os.makedirs(model_dir, exist_ok=True)
+  path = os.path.join(model_dir, "config.gin")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(gin.operative_config_str())
+  os.replace(tmp, path)
+  return path
+
+
+def macro_value(name: str):
+  """The value a macro evaluates to (None if it is not bound)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    return gin.query_parameter(f"{name}/macro.value")
+  except ValueError:
+    return None
+
+
+def is_run_file(path: str) -> bool:
+  return bool(re.search(r"(^|/)runs/", path))
+
+
+def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
+                    description: str, add_flags=None, call=None) -> int:
+  """Shared `main` of train/eval/infer: flags, distributed start-up, gin, then the run.
+
+  `target_name` is 'module.function' of the library function the gin files configure;
+  `call(fn, args)` runs it (default: fn()). Returns a process exit status; configuration
+  errors print one clear message (exit status 2) instead of a traceback.
+  """
+  import argparse  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv[1:] if argv is None else argv)
+  files, bindings, paths, rest = split_gin_flags(argv)
+  parser = argparse.ArgumentParser(
+      prog=prog, description=description,
+      epilog="Gin flags: --gin_file=FILE --gin_search_paths=DIRS --gin.NAME=VALUE "
+             "--gin_bindings=BINDING (T5X's conventions; gin/ is on the search path).")
+  parser.add_argument("--coordinator_address", default=None,
+                      help="host:port of process 0 for a multi-process run (jax.distributed)")
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
+  if add_flags:
+    add_flags(parser)
+  args = parser.parse_args(rest)
+  if getattr(args, "dry_run_devices", None):
+    # Simulated host devices must be requested before JAX initialises its backends.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.dry_run_devices}")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  import logging  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax", "orbax", "tensorflow", "etils"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from gqa_t5 import partitioning  # pylint: disable=g-import-not-at-top
+  module_name, function_name = target_name.rsplit(".", 1)
+  try:
+    partitioning.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
+                                              args.process_id)
+    module = importlib.import_module(module_name)
+    parse(files, bindings, paths)
+    fn = gin.get_configurable(getattr(module, function_name))
+    if call is None:
+      fn()
+    else:
+      call(fn, args)
+  except (GinConfigError, ValueError, FileNotFoundError, KeyError) as error:
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+  except FloatingPointError as error:
+    print(f"{prog}: stopped: {error}", file=sys.stderr)
+    return 3
+  return 0

@@ -1,0 +1,154 @@
+"""INITIAL_CHECKPOINT_PATH: open any format the checkpoint readers know, check every tensor's
+shape against the configured model before anything is computed, and read it.
+
+A multi-head checkpoint can start a GQA/MQA run directly when `kv_conversion` is set ('mean'
+is the paper's mean pooling of each group's key/value heads); the converter does the pooling.
+Parameters only are taken from the checkpoint: the optimizer state starts fresh (its shapes
+differ for converted key/value kernels, and checkpoints from other tools do not carry ours).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+
+class InitialCheckpointError(ValueError):
+  """The initial checkpoint does not fit the configured model."""
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, name))
+    else:
+      out[name] = value
+  return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
+  tree: Dict[str, Any] = {}
+  for name, value in flat.items():
+    node = tree
+    parts = name.split("/")
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = value
+  return tree
+
+
+def resolve_path(path: str) -> str:
+  """A MODEL_DIR of ours stands for its latest checkpoint (MODEL_DIR/checkpoints/<step>)."""
+  import os  # pylint: disable=g-import-not-at-top
+  ckpt_root = os.path.join(path, "checkpoints")
+  if os.path.isdir(ckpt_root):
+    steps = sorted(int(d) for d in os.listdir(ckpt_root) if d.isdigit())
+    if not steps:
+      raise InitialCheckpointError(f"{path} has a checkpoints/ directory but no checkpoint")
+    return os.path.join(ckpt_root, str(steps[-1]))
+  return path
+
+
+def _open_source(path: str):
+  import os  # pylint: disable=g-import-not-at-top
+  path = resolve_path(path)
+  if not os.path.exists(path) and "://" not in path:
+    raise InitialCheckpointError(f"initial checkpoint {path} does not exist")
+  try:
+    from gqa_t5.checkpoints import detect  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    detect = None
+  if detect is not None:
+    return detect.open_checkpoint(path, config=None, validate=False)
+  # Without the format detector: Orbax directories, else T5X's msgpack checkpoints.
+  from gqa_t5.checkpoints import orbax_format, t5x_legacy  # pylint: disable=g-import-not-at-top
+  if orbax_format.is_orbax_dir(path):
+    return orbax_format.open_orbax(path, config=None, validate=False)
+  return t5x_legacy.open_t5x(path, config=None, validate=False)
+
+
+def open_for_model(path: str, config, kv_conversion: Optional[str] = None):
+  """Opens `path` lazily (metadata only); converts key/value heads if asked and needed."""
+  if kv_conversion is not None:
+    from gqa_t5.convert import pooling  # pylint: disable=g-import-not-at-top
+    if kv_conversion not in pooling.METHODS:
+      raise InitialCheckpointError(f"unknown kv_conversion {kv_conversion!r}; use one of "
+                                   f"{tuple(pooling.METHODS)} or None")
+  try:
+    source = _open_source(path)
+  except (FileNotFoundError, OSError) as error:
+    raise InitialCheckpointError(f"INITIAL_CHECKPOINT_PATH {path}: {error}") from error
+  if kv_conversion and config is not None and _needs_kv_conversion(source, config):
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    from gqa_t5.convert import converter  # pylint: disable=g-import-not-at-top
+    spec = converter.ConversionSpec(num_kv_heads=config.self_attention_kv_heads,
+                                    num_cross_kv_heads=config.cross_attention_kv_heads,
+                                    method=kv_conversion)
+    tensors, out_config, _ = converter.plan(source, spec)
+    source = dataclasses.replace(source, tensors=tensors, config=out_config)
+  return source
+
+
+def _needs_kv_conversion(source, config) -> bool:
+  src = source.config
+  if src is None:
+    return False
+  return (src.self_attention_kv_heads != config.self_attention_kv_heads
+          or src.cross_attention_kv_heads != config.cross_attention_kv_heads)
+
+
+def shape_problems(found: Mapping[str, Tuple[int, ...]],
+                   expected: Mapping[str, Tuple[int, ...]]) -> List[str]:
+  problems = []
+  for name in sorted(expected):
+    if name not in found:
+      problems.append(f"tensor {name} {tuple(expected[name])} is missing from the checkpoint")
+    elif tuple(found[name]) != tuple(expected[name]):
+      problems.append(f"tensor {name} has shape {tuple(found[name])} in the checkpoint but the "
+                      f"configured model needs {tuple(expected[name])}")
+  for name in sorted(set(found) - set(expected)):
+    problems.append(f"tensor {name} {tuple(found[name])} in the checkpoint is not a parameter "
+                    f"of the configured model")
+  return problems
+
+
+def check_against(source, abstract_params) -> None:
+  """Raises InitialCheckpointError naming each tensor whose shape differs."""
+  expected = {k: tuple(v.shape) for k, v in _flatten(abstract_params).items()}
+  found = {k: tuple(v) for k, v in source.shapes().items()}
+  problems = shape_problems(found, expected)
+  if problems:
+    shown = problems[:8]
+    more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+    hint = ""
+    if any("key/kernel" in p or "value/kernel" in p for p in problems):
+      hint = (" If the checkpoint is multi-head and the model GQA/MQA, convert it first "
+              "(gqa-t5 convert) or set kv_conversion='mean'.")
+    raise InitialCheckpointError(
+        f"initial checkpoint {source.path} does not match the configured model: "
+        + "; ".join(shown) + more + "." + hint)
+
+
+def read_params(source, abstract_params) -> Dict[str, Any]:
+  """The parameters as a nested dict of numpy arrays in the model's dtypes."""
+  expected = _flatten(abstract_params)
+  flat = {}
+  for name, tensor in source.tensors.items():
+    if name in expected:
+      flat[name] = np.asarray(tensor.read(), dtype=expected[name].dtype)
+  return _unflatten(flat)
+
+
+def load_for_model(path: str, config, abstract_params, shardings,
+                   kv_conversion: Optional[str] = None):
+  """(device parameters placed with `shardings`, step) from any checkpoint format."""
+  source = open_for_model(path, config, kv_conversion)
+  check_against(source, abstract_params)
+  params = read_params(source, abstract_params)
+
+  def place(value, sharding):
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+  return jax.tree.map(place, params, shardings), source.step

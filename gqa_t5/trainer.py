@@ -1,0 +1,249 @@
+"""The compiled, sharded train and eval steps (T5X's `Trainer`), on the model wrapper's loss.
+
+`Trainer` works out the parameter and optimizer-state shapes abstractly (nothing is allocated
+until `init_state`/`restore`), derives their shardings from the logical axes, and jits
+  train_step(state, batch) -> (state, metrics)   dropout, z-loss and the loss normalising
+                                                  factor come from the model; gradients are
+                                                  accumulated over `num_microbatches`;
+  eval_step(params, batch) -> metrics             teacher-forced, no dropout.
+Dropout randomness is `fold_in(PRNGKey(seed), step)`: a step's result depends only on the
+state and the batch, which is what makes resumed runs bitwise equal to uninterrupted ones.
+Metrics are sums over the batch (loss, z_loss, weight_sum, accuracy_count, num_sequences);
+`summarize` turns them into per-token figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gqa_t5 import optim
+from gqa_t5 import partitioning as partitioning_lib
+from gqa_t5 import train_state as train_state_lib
+from gqa_t5.train_state import TrainState
+
+Batch = Mapping[str, Any]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Builds and runs the jitted steps for `model` on `partitioner`'s mesh.
+
+  model: an `EncoderDecoderModel` (loss_fn, get_initial_variables, module.config).
+  optimizer: `optim.Adafactor` hyper-parameters (with its learning-rate schedule).
+  partitioner: mesh + logical rules.
+  batch_spec: {feature: (global shape, dtype)} of a train batch.
+  num_microbatches: gradient accumulation (None or 1: off).
+  seed: dropout and initialisation seed.
+  """
+  model: Any
+  optimizer: optim.Adafactor
+  partitioner: partitioning_lib.Partitioner
+  batch_spec: Mapping[str, Tuple[Tuple[int, ...], Any]]
+  num_microbatches: Optional[int] = None
+  seed: int = 0
+
+  def __post_init__(self):
+    config = getattr(self.model.module, "config", None)
+    if config is not None:
+      self.partitioner.setup_for(config)
+    input_shapes = {k: tuple(s) for k, (s, _) in self.batch_spec.items()}
+    input_types = {k: d for k, (_, d) in self.batch_spec.items()}
+    init_shapes = {k: (1,) + tuple(v[1:]) for k, v in input_shapes.items()}
+    variables = jax.eval_shape(
+        lambda rng: self.model.get_initial_variables(rng, init_shapes, input_types),
+        jax.random.PRNGKey(0))
+    self.abstract_params = variables["params"]
+    if "params_axes" in variables:
+      self.params_axes = partitioning_lib.params_logical_axes(variables["params_axes"])
+    else:
+      logging.warning("the model declares no logical axes: parameters are replicated")
+      self.params_axes = jax.tree.map(lambda p: (None,) * len(p.shape), self.abstract_params)
+    self.tx = self.optimizer.transform(self.params_axes)
+    self.state_axes = train_state_lib.logical_axes(self.optimizer, self.abstract_params,
+                                                   self.params_axes)
+    self.state_shardings = self.partitioner.shardings(self.state_axes)
+    self.params_shardings = self.state_shardings.params
+    abstract_state = jax.eval_shape(
+        lambda p: train_state_lib.create(p, self.tx), self.abstract_params)
+    self.abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        abstract_state, self.state_shardings)
+    self.batch_shardings = {k: self.partitioner.data_sharding(len(s))
+                            for k, (s, _) in self.batch_spec.items()}
+    self._train_step = None
+    self._eval_step = None
+
+  # --- state ------------------------------------------------------------------------------
+
+  def init_state(self, step: int = 0) -> TrainState:
+    """Randomly initialised parameters (seed `self.seed`), created already sharded."""
+    input_shapes = {k: (1,) + tuple(s[1:]) for k, (s, _) in self.batch_spec.items()}
+    input_types = {k: d for k, (_, d) in self.batch_spec.items()}
+
+    def init(rng):
+      params = self.model.get_initial_variables(rng, input_shapes, input_types)["params"]
+      return train_state_lib.create(params, self.tx, step)
+
+    with self.partitioner.mesh, self.partitioner.axis_rules():
+      return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.seed))
+
+  def state_from_params(self, params, step: int = 0) -> TrainState:
+    """Places host `params` (numpy tree) on the mesh and starts a fresh optimizer state."""
+    def place(value, abstract, sharding):
+      value = np.asarray(value, dtype=abstract.dtype)
+      return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+    device_params = jax.tree.map(place, params, self.abstract_params, self.params_shardings)
+    with self.partitioner.mesh:
+      return jax.jit(lambda p: train_state_lib.create(p, self.tx, step),
+                     out_shardings=self.state_shardings)(device_params)
+
+  # --- steps ------------------------------------------------------------------------------
+
+  def _grads_and_metrics(self, params, batch, rng):
+    def loss_fn(p, b, r):
+      loss, metrics = self.model.loss_fn(p, b, r)
+      return loss, metrics
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    micro = self.num_microbatches or 1
+    if micro == 1:
+      (_, metrics), grads = grad_fn(params, batch, rng)
+      return grads, metrics
+    # Micro-batch i takes rows i, i+M, i+2M, ...: every data shard holds part of each one.
+    def split(x):
+      b = x.shape[0]
+      x = x.reshape((b // micro, micro) + x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(
+          x, NamedSharding(self.partitioner.mesh,
+                           PartitionSpec(None, partitioning_lib.DATA,
+                                         *([None] * (x.ndim - 2)))))
+    micro_batches = jax.tree.map(split, dict(batch))
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    (_, m_shape), g_shape = jax.eval_shape(grad_fn, params, first, rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g_shape, m_shape))
+
+    def body(carry, inputs):
+      index, mb = inputs
+      (_, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+    (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(micro), micro_batches))
+    return grads, metrics
+
+  def _train_step_fn(self, state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
+    grads, metrics = self._grads_and_metrics(state.params, batch, rng)
+    lr = self.optimizer.learning_rate
+    metrics = dict(metrics)
+    metrics["learning_rate"] = (lr(state.step) if callable(lr) else jnp.float32(lr))
+    new_state = train_state_lib.apply_gradients(state, grads, self.tx)
+    return new_state, metrics
+
+  def _eval_step_fn(self, params, batch: Batch):
+    _, metrics = self.model.loss_fn(params, batch, None)
+    return metrics
+
+  def _jit_train_step(self):
+    replicated = self.partitioner.replicated()
+    return jax.jit(self._train_step_fn,
+                   in_shardings=(self.state_shardings, self.batch_shardings),
+                   out_shardings=(self.state_shardings, replicated),
+                   donate_argnums=(0,))
+
+  def train_step(self, state: TrainState, batch: Batch) -> Tuple[TrainState, Dict[str, Any]]:
+    """One optimizer step on a global batch (dict of sharded arrays)."""
+    if self._train_step is None:
+      self._train_step = self._jit_train_step()
+    with self.partitioner.mesh, self.partitioner.axis_rules():
+      return self._train_step(state, batch)
+
+  def eval_step(self, params, batch: Batch) -> Dict[str, Any]:
+    if self._eval_step is None:
+      self._eval_step = jax.jit(
+          self._eval_step_fn, in_shardings=(self.params_shardings, self.batch_shardings),
+          out_shardings=self.partitioner.replicated())
+    with self.partitioner.mesh, self.partitioner.axis_rules():
+      return self._eval_step(params, batch)
+
+  def shard_batch(self, host_batch: Batch) -> Dict[str, jax.Array]:
+    """This host's rows -> global arrays (only the features the step uses)."""
+    return self.partitioner.shard_batch({k: host_batch[k] for k in self.batch_spec})
+
+  # --- dry run ----------------------------------------------------------------------------
+
+  def compile_train_step(self):
+    """Lowers and compiles the train step from shapes alone (no parameters allocated)."""
+    abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k])
+                      for k, (s, d) in self.batch_spec.items()}
+    with self.partitioner.mesh, self.partitioner.axis_rules():
+      lowered = self._jit_train_step().lower(self.abstract_state, abstract_batch)
+      return lowered.compile()
+
+  def state_bytes_per_device(self) -> Dict[str, float]:
+    """Bytes of parameters and optimizer state held by one device under the shardings."""
+    def per_device(s):
+      shard = s.sharding.shard_shape(s.shape)
+      return float(np.prod(shard, dtype=np.float64) * np.dtype(s.dtype).itemsize)
+    params = sum(per_device(s) for s in jax.tree.leaves(self.abstract_state.params))
+    opt = sum(per_device(s) for s in jax.tree.leaves(self.abstract_state.opt_state))
+    return {"params": params, "optimizer": opt}
+
+
+def summarize(metrics: Mapping[str, Any], loss_normalizing_factor=None) -> Dict[str, float]:
+  """Summed step/eval metrics -> T5X-style scalars."""
+  m = {k: float(np.asarray(v)) for k, v in metrics.items()}
+  out = {}
+  weight = m.get("weight_sum", 0.0)
+  if "loss" in m:
+    out["loss"] = m["loss"]
+  if "z_loss" in m:
+    out["z_loss"] = m["z_loss"]
+    if "loss" in m:
+      out["cross_ent_loss"] = m["loss"] - m["z_loss"]
+  if weight > 0 and "loss" in m:
+    if loss_normalizing_factor is None:
+      total = m["loss"]
+    elif isinstance(loss_normalizing_factor, (int, float)):
+      total = m["loss"] * float(loss_normalizing_factor)
+    else:
+      total = None  # normalised per batch by a data-dependent factor: loss is already a mean
+    if total is not None:
+      out["loss_per_nonpadding_target_token"] = total / weight
+  if weight > 0 and "accuracy_count" in m:
+    out["accuracy"] = m["accuracy_count"] / weight
+  if "learning_rate" in m:
+    out["learning_rate"] = m["learning_rate"]
+  for key in ("weight_sum", "num_sequences"):
+    if key in m:
+      out[key] = m[key]
+  return out
+
+
+def add_metrics(total: Optional[Dict[str, float]], metrics: Mapping[str, Any]) -> Dict[str, float]:
+  """Host-side running sums (learning_rate keeps its latest value)."""
+  values = {k: float(np.asarray(v)) for k, v in metrics.items()}
+  if total is None:
+    return values
+  out = dict(total)
+  for k, v in values.items():
+    out[k] = v if k == "learning_rate" else out.get(k, 0.0) + v
+  return out
+
+
+def check_finite(metrics: Mapping[str, Any], step: int) -> None:
+  loss = float(np.asarray(metrics["loss"]))
+  if not np.isfinite(loss):
+    raise NonFiniteLossError(
+        f"the loss is {loss} at step {step}: training stopped. The last checkpoint before it "
+        f"is intact. Usual causes: a learning rate too high for this model, float16 "
+        f"activations (use bfloat16 or float32), or corrupt input data.")

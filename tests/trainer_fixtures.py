@@ -1,0 +1,94 @@
+"""Shared pieces of the trainer tests: a learnable toy seqio task and a tiny model.
+
+The toy task copies a short random string over 8 letters (byte vocabulary, EOS = 1): a tiny
+model's loss falls within a few dozen steps. Examples are a fixed function of the index, so every process and
+every run sees the same data.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+TOY_TASK = "gqa_t5_test_toy_copy"
+VOCAB = 320  # seqio.ByteVocabulary's 259 ids, padded to a multiple of 64
+ALPHABET = "abcdefgh"
+LENGTHS = {"inputs": 16, "targets": 16}
+NUM_EXAMPLES = {"train": 512, "validation": 64}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _examples(split: str):
+  rng = np.random.default_rng(0 if split == "train" else 1)
+  out = []
+  for _ in range(NUM_EXAMPLES[split]):
+    length = int(rng.integers(3, 9))
+    out.append("".join(rng.choice(list(ALPHABET), size=length)))
+  return out
+
+
+def register_toy_task(name: str = TOY_TASK):
+  """Registers (idempotently) the copy task over bytes; returns its name."""
+  import seqio
+  import tensorflow as tf
+
+  def dataset_fn(split, shuffle_files=False, seed=None):
+    del shuffle_files, seed
+    texts = _examples(split)
+    return tf.data.Dataset.from_tensor_slices({"inputs": texts, "targets": texts})
+
+  def sequence_accuracy(targets, predictions):
+    hits = [t == p for t, p in zip(targets, predictions)]
+    return {"sequence_accuracy": 100.0 * float(np.mean(hits))}
+
+  vocab = seqio.ByteVocabulary()
+  seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(
+      name,
+      source=seqio.FunctionDataSource(dataset_fn, splits=("train", "validation")),
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+      output_features={"inputs": seqio.Feature(vocab, add_eos=True),
+                       "targets": seqio.Feature(vocab, add_eos=True)},
+      metric_fns=[sequence_accuracy])
+  return name
+
+
+def tiny_config(num_kv_heads=None, dtype="float32", dropout_rate=0.0, **overrides):
+  from gqa_t5.model.config import T5Config
+  kwargs = dict(vocab_size=VOCAB, dtype=dtype, emb_dim=32, num_heads=4, num_encoder_layers=2,
+                num_decoder_layers=2, head_dim=8, mlp_dim=64, dropout_rate=dropout_rate,
+                num_kv_heads=num_kv_heads)
+  kwargs.update(overrides)
+  return T5Config(**kwargs)
+
+
+def tiny_model(num_kv_heads=None, **overrides):
+  from gqa_t5 import models
+  from gqa_t5.model import network
+  return models.EncoderDecoderModel(network.Transformer(tiny_config(num_kv_heads, **overrides)))
+
+
+def dataset_cfg(split="train", batch_size=8, shuffle=True, pack=True, seed=0):
+  from gqa_t5.input_pipeline import DatasetConfig
+  return DatasetConfig(TOY_TASK, dict(LENGTHS), split=split, batch_size=batch_size,
+                       shuffle=shuffle, seed=seed, pack=pack,
+                       module="trainer_fixtures:register_toy_task")
+
+
+def subprocess_env(num_devices=None):
+  """Environment for a child Python that imports gqa_t5 and this module."""
+  env = dict(os.environ)
+  paths = [REPO, os.path.join(REPO, "tests")]
+  if env.get("PYTHONPATH"):
+    paths.append(env["PYTHONPATH"])
+  env["PYTHONPATH"] = os.pathsep.join(paths)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  if num_devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  return env
+
+
+PYTHON = sys.executable
