@@ -1,0 +1,199 @@
+"""Figures 3-6 of the paper, redrawn from a run's results.json (matplotlib, Agg backend).
+
+Every function takes the results dict `outputs.collect` builds and a path, and writes the PNG
+through a temporary file (a reader never sees half an image).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+from gqa_t5.reproduce import paper
+
+_COLORS = {"MHA": "#1f77b4", "MQA": "#d62728", "GQA": "#2ca02c"}
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg", force=True)
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _save(fig, path: str) -> None:
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110, bbox_inches="tight")
+  os.replace(tmp, path)
+
+
+def _color(attention: str) -> str:
+  return _COLORS["GQA"] if attention.startswith("GQA") else _COLORS.get(attention, "#555555")
+
+
+def _scale_note(results: Dict) -> str:
+  s = results["scale"]
+  return (f"{results['preset']['name']} preset: {s['params'] / 1e6:.1f}M params, "
+          f"{s['pretrain_steps']} pretraining steps, {s['eval_examples']} test examples/task")
+
+
+def _noise_bar(results: Dict) -> Optional[float]:
+  return results["noise"].get("average")
+
+
+def figure3(results: Dict, path: str) -> None:
+  """Average quality vs time per sample (this run) beside the paper's Table 1 points."""
+  plt = _pyplot()
+  fig, (ax, ax_paper) = plt.subplots(1, 2, figsize=(11, 4.2))
+  noise = _noise_bar(results)
+  for v in results["headline"]:
+    ax.errorbar(v["time_per_sample"] * 1e3, v["average"], yerr=noise, fmt="o", capsize=3,
+                color=_color(v["attention"]), ms=8)
+    ax.annotate(v["short_label"], (v["time_per_sample"] * 1e3, v["average"]),
+                textcoords="offset points", xytext=(6, 4), fontsize=9)
+  ax.set_xlabel("time per sample (ms, this machine)")
+  ax.set_ylabel("average quality (R1, BLEU, F1)")
+  title = "This run" + (f" (error bar: seed noise {noise:.2f})" if noise is not None else "")
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  for name, row in paper.TABLE1.items():
+    ax_paper.plot(row["time"], row["average"], "o", color=_color(name.split("-XXL")[0]
+                                                                  .split("-Large")[0]), ms=8)
+    ax_paper.annotate(name, (row["time"], row["average"]), textcoords="offset points",
+                      xytext=(6, 4), fontsize=9)
+  ax_paper.set_xlabel("time per sample (s, TPU v4)")
+  ax_paper.set_ylabel("average quality")
+  ax_paper.set_title("Paper, Table 1 (Ainslie et al. 2023)", fontsize=10)
+  ax_paper.grid(alpha=0.3)
+  fig.suptitle(f"Figure 3: quality vs time per sample -- {_scale_note(results)}", fontsize=10,
+               y=1.03)
+  _save(fig, path)
+  plt.close(fig)
+
+
+def _bars(ax, names, values, noise, ylabel, lower_is_better=False):
+  bars = ax.bar(names, values, yerr=[noise] * len(values) if noise is not None else None,
+                capsize=4, color=["#2ca02c" if n == "mean" else "#7f7f7f" for n in names])
+  for bar, value in zip(bars, values):
+    ax.annotate(f"{value:.2f}" if not lower_is_better else f"{value:.3f}",
+                (bar.get_x() + bar.get_width() / 2, value), textcoords="offset points",
+                xytext=(0, 3), ha="center", fontsize=9)
+  low, high = min(values), max(values)
+  span = max(high - low, 1e-6)
+  ax.set_ylim(max(0.0, low - 1.5 * span), high + 0.8 * span)
+  ax.set_ylabel(ylabel)
+  ax.grid(axis="y", alpha=0.3)
+
+
+def _has_loss(rows) -> bool:
+  return all(r.get("loss") is not None for r in rows)
+
+
+def figure4(results: Dict, path: str) -> None:
+  """Conversion methods: MQA uptrained with alpha = method_alpha (quality, and loss)."""
+  plt = _pyplot()
+  rows = results["methods"]
+  with_loss = _has_loss(rows)
+  fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(11 if with_loss else 7, 4.2),
+                           squeeze=False)
+  names = [r["method"] for r in rows]
+  _bars(axes[0][0], names, [r["average"] for r in rows], _noise_bar(results),
+        "average quality (higher is better)")
+  if with_loss:
+    _bars(axes[0][1], names, [r["loss"] for r in rows], results["noise"].get("loss"),
+          "validation loss per token (lower is better)", lower_is_better=True)
+  alpha = results["preset"]["method_alpha"]
+  fig.suptitle(f"Figure 4: conversion methods, MQA uptrained alpha={alpha:g} (paper: mean > "
+               f"first > random)\n{_scale_note(results)}", fontsize=10, y=1.06)
+  _save(fig, path)
+  plt.close(fig)
+
+
+def figure5(results: Dict, path: str) -> None:
+  """Quality (and loss) vs uptraining proportion alpha for MQA and GQA; MHA as a line."""
+  plt = _pyplot()
+  curves = results["alpha_curves"]
+  with_loss = all(_has_loss(points) for points in curves.values()) and \
+      results["mha"].get("loss") is not None
+  fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(11 if with_loss else 7, 4.2),
+                           squeeze=False)
+  panels = [("average", "average quality (higher is better)", _noise_bar(results))]
+  if with_loss:
+    panels.append(("loss", "validation loss per token (lower is better)",
+                   results["noise"].get("loss")))
+  for ax, (field, label, noise) in zip(axes[0], panels):
+    for attention, points in curves.items():
+      ax.errorbar([pt["alpha"] for pt in points], [pt[field] for pt in points], yerr=noise,
+                  marker="o", capsize=3, label=attention, color=_color(attention))
+    ax.axhline(results["mha"][field], color=_COLORS["MHA"], ls="--", label="MHA")
+    ax.set_xlabel("uptraining proportion alpha")
+    ax.set_ylabel(label)
+    ax.set_xticks(results["preset"]["alphas"])
+    ax.legend()
+    ax.grid(alpha=0.3)
+  fig.suptitle(f"Figure 5: quality vs uptraining proportion -- {_scale_note(results)}",
+               fontsize=10, y=1.03)
+  _save(fig, path)
+  plt.close(fig)
+
+
+def figure6(results: Dict, path: str) -> None:
+  """Time per sample vs number of groups (this machine), MHA as a line; beside it the roofline
+  prediction for T5.1.1-XXL on TPU v4 (scripts/simulate_paper_timing.py)."""
+  plt = _pyplot()
+  fig, (ax, ax_paper) = plt.subplots(1, 2, figsize=(11, 4.2))
+  timing = results["timing"]
+  ks = sorted(int(k) for k in timing["kv_heads"])
+  n = results["scale"]["num_heads"]
+  groups = [k for k in ks if k < n]
+  times = [timing["kv_heads"][str(k)]["time_per_sample"] * 1e3 for k in groups]
+  ax.plot(groups, times, "o-", color=_COLORS["GQA"], label="GQA / MQA (K groups)")
+  ax.axhline(timing["kv_heads"][str(n)]["time_per_sample"] * 1e3, color=_COLORS["MHA"],
+             ls="--", label=f"MHA (K={n})")
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(groups)
+  ax.set_xticklabels([str(k) for k in groups])
+  ax.set_xlabel("number of key/value groups K")
+  ax.set_ylabel("time per sample (ms)")
+  shape = timing["shape"]
+  ax.set_title(f"This machine: batch {shape['batch']}, input {shape['input_length']}, "
+               f"output {shape['output_length']}", fontsize=9)
+  ax.legend()
+  ax.grid(alpha=0.3)
+  sim = results.get("paper_scale_roofline")
+  if sim:
+    sim_groups = sorted(int(k) for k in sim["groups_xxl"])
+    mha_k = sim_groups[-1]
+    values = [sim["groups_xxl"][str(k)] * 1e3 for k in sim_groups if k < mha_k]
+    ax_paper.plot([k for k in sim_groups if k < mha_k], values, "o-", color=_COLORS["GQA"],
+                  label="GQA / MQA")
+    ax_paper.axhline(sim["groups_xxl"][str(mha_k)] * 1e3, color=_COLORS["MHA"], ls="--",
+                     label=f"MHA (K={mha_k})")
+    ax_paper.set_xscale("log", base=2)
+    ticks = [k for k in sim_groups if k < mha_k]
+    ax_paper.set_xticks(ticks)
+    ax_paper.set_xticklabels([str(k) for k in ticks])
+    ax_paper.set_xlabel("number of key/value groups K")
+    ax_paper.set_ylabel("chip-ms per sample (roofline)")
+    ax_paper.set_title("Paper scale: roofline for T5.1.1-XXL on 8 TPU v4,\n"
+                       "input 2048, output 512 (scripts/simulate_paper_timing.py)", fontsize=9)
+    ax_paper.legend()
+    ax_paper.grid(alpha=0.3)
+  else:
+    ax_paper.axis("off")
+  fig.suptitle(f"Figure 6: time per sample vs number of groups -- {_scale_note(results)}",
+               fontsize=10, y=1.06)
+  _save(fig, path)
+  plt.close(fig)
+
+
+FIGURES = {"fig3.png": figure3, "fig4.png": figure4, "fig5.png": figure5, "fig6.png": figure6}
+
+
+def write_figures(results: Dict, out_dir: str) -> List[str]:
+  paths = []
+  for name, fn in FIGURES.items():
+    path = os.path.join(out_dir, name)
+    fn(results, path)
+    paths.append(path)
+  return paths

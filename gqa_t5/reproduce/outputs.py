@@ -1,0 +1,219 @@
+"""Stage 6: gather every stage's numbers into results.json, then write table1.md, fig3-6.png and
+REPORT.md from it (`write_all` needs nothing but that dict, so outputs can be redrawn from a
+results.json alone: `gqa-t5 reproduce --redraw DIR`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Any, Callable, Dict, List, Optional
+
+from gqa_t5.reproduce import presets as presets_lib
+
+RESULTS_FILE = "results.json"
+
+
+def average(main_scores: Dict[str, float]) -> float:
+  """The unweighted mean of the tasks' main metrics (the paper's 'Average')."""
+  return sum(main_scores[t] for t in presets_lib.TASKS) / len(presets_lib.TASKS)
+
+
+def main_scores(scores: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+  out = {}
+  for task in presets_lib.TASKS:
+    metric = presets_lib.MAIN_METRIC[task]
+    if task not in scores or metric not in scores[task]:
+      raise KeyError(f"evaluation of {task} has no {metric!r}; it has "
+                     f"{sorted(scores.get(task, {}))}")
+    out[task] = float(scores[task][metric])
+  return out
+
+
+def mean_loss(scores: Dict[str, Dict[str, float]]) -> Optional[float]:
+  """The mean over tasks of the teacher-forced cross-entropy per token (None if not measured)."""
+  values = [scores[t]["loss"] for t in presets_lib.TASKS if "loss" in scores.get(t, {})]
+  return sum(values) / len(values) if len(values) == len(presets_lib.TASKS) else None
+
+
+def machine_description() -> str:
+  cores = os.cpu_count() or 0
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    backend = jax.default_backend()
+  except Exception:  # pylint: disable=broad-except
+    backend = "unknown"
+  return f"{platform.machine()} with {cores} CPU core{'s' if cores != 1 else ''} (JAX {backend})"
+
+
+def model_params(dims: presets_lib.ModelDims, vocab_size: int) -> int:
+  from gqa_t5.reproduce import roofline  # pylint: disable=g-import-not-at-top
+  shape = roofline.ModelShape("mha", dims.emb_dim, dims.num_heads, dims.head_dim, dims.mlp_dim,
+                              dims.num_layers, dims.num_layers, vocab_size)
+  return roofline.total_params(shape)
+
+
+def noise_summary(variants: List[Dict], preset: presets_lib.Preset) -> Dict[str, Any]:
+  """Seed-to-seed changes of the repeated comparison's averages."""
+  by_key = {(v["kv_heads"], v["method"], v["alpha"], v["seed"]): v for v in variants}
+  pairs, diffs, loss_changes = [], [], []
+  for seed in preset.noise_seeds:
+    for k in (1, preset.gqa_kv_heads):
+      base, other = by_key.get((k, "mean", 0.0, 0)), by_key.get((k, "mean", 0.0, seed))
+      if base is None or other is None:
+        continue
+      pairs.append({"label": f"{base['short_label']} alpha 0 seed 0 vs seed {seed}",
+                    "seed0": base["average"], "other": other["average"],
+                    "change": abs(base["average"] - other["average"])})
+      if base.get("loss") is not None and other.get("loss") is not None:
+        loss_changes.append(abs(base["loss"] - other["loss"]))
+    mqa0, gqa0 = by_key.get((1, "mean", 0.0, 0)), by_key.get((preset.gqa_kv_heads, "mean",
+                                                               0.0, 0))
+    mqa, gqa = by_key.get((1, "mean", 0.0, seed)), by_key.get((preset.gqa_kv_heads, "mean",
+                                                              0.0, seed))
+    if None not in (mqa0, gqa0, mqa, gqa):
+      diffs.append({"seed": seed, "gqa_minus_mqa_seed0": gqa0["average"] - mqa0["average"],
+                    "gqa_minus_mqa": gqa["average"] - mqa["average"]})
+  return {"average": max((p["change"] for p in pairs), default=None), "pairs": pairs,
+          "differences": diffs, "loss": max(loss_changes, default=None)}
+
+
+def short_label(kv_heads: int, num_heads: int) -> str:
+  return "MHA" if kv_heads == num_heads else ("MQA" if kv_heads == 1 else f"GQA-{kv_heads}")
+
+
+def assemble(*, preset: presets_lib.Preset, dims: presets_lib.ModelDims, vocab_size: int,
+             pretrain: Dict, pretrain_origin: str, evaluations: List[Dict], timing: Dict,
+             stages: Dict[str, Dict], wall_seconds: float,
+             machine: Optional[str] = None, data_fingerprint: str = "",
+             paper_scale: Optional[Dict] = None) -> Dict[str, Any]:
+  """The results dict from plain numbers (the pipeline and the tests both build it here).
+
+  evaluations: [{'variant': presets.Variant, 'scores': {task: {metric: value}},
+                 'finetune': {...}}].
+  """
+  from gqa_t5.reproduce import report  # pylint: disable=g-import-not-at-top
+  n = dims.num_heads
+  variants = []
+  for item in evaluations:
+    v = item["variant"]
+    mains = main_scores(item["scores"])
+    t = timing["kv_heads"][str(v.kv_heads)]
+    variants.append({
+        "key": v.key(n), "label": v.label(n), "short_label": short_label(v.kv_heads, n),
+        "attention": v.attention_name(n), "kv_heads": v.kv_heads,
+        "method": v.method, "alpha": v.alpha, "seed": v.seed,
+        "uptrain_steps": preset.uptrain_steps(v.alpha) if v.kv_heads != n else 0,
+        "finetune": item.get("finetune", {}), "scores": item["scores"], "main_scores": mains,
+        "average": average(mains), "loss": mean_loss(item["scores"]),
+        "time_per_sample": t["time_per_sample"],
+        "time_per_step": t["time_per_step"]})
+
+  def find(k, method="mean", alpha=0.0, seed=0):
+    for v in variants:
+      if (v["kv_heads"], v["seed"]) == (k, seed) and (
+          k == n or (v["method"] == method and abs(v["alpha"] - alpha) < 1e-9)):
+        return v
+    return None
+
+  a = preset.method_alpha
+  headline = [x for x in [find(n), find(1, "mean", a), find(preset.gqa_kv_heads, "mean", a)]
+              + [find(k, "mean", a) for k in preset.extra_kv_heads] if x is not None]
+  methods = [{"method": m, "average": find(1, m, a)["average"], "loss": find(1, m, a)["loss"],
+              "main_scores": find(1, m, a)["main_scores"]}
+             for m in presets_lib.METHODS if find(1, m, a) is not None]
+  curves = {}
+  for k in (1, preset.gqa_kv_heads):
+    points = [{"alpha": al, "average": find(k, "mean", al)["average"],
+               "loss": find(k, "mean", al)["loss"]}
+              for al in preset.alphas if find(k, "mean", al) is not None]
+    curves[short_label(k, n)] = points
+  params = model_params(dims, vocab_size)
+  results = {
+      "preset": preset.to_dict(),
+      "scale": {"description": preset.description, "num_heads": n, "num_layers": dims.num_layers,
+                "emb_dim": dims.emb_dim, "head_dim": dims.head_dim, "mlp_dim": dims.mlp_dim,
+                "vocab_size": vocab_size, "params": params,
+                "pretrain_steps": int(pretrain.get("step", preset.pretrain_steps)),
+                "pretrain_origin": pretrain_origin, "eval_examples": preset.eval_examples,
+                "data_fingerprint": data_fingerprint},
+      "pretrain": pretrain,
+      "variants": variants, "headline": headline, "mha": find(n), "methods": methods,
+      "alpha_curves": curves, "timing": timing,
+      "noise": noise_summary(variants, preset),
+      "paper_scale_roofline": paper_scale,
+      "stages": stages, "wall_seconds": wall_seconds,
+      "stage_seconds": sum(s["seconds"] for s in stages.values()),
+      "machine": {"description": machine or machine_description(),
+                  "cpu_count": os.cpu_count()},
+  }
+  results["claims"] = report.evaluate_claims(results)
+  return results
+
+
+def paper_scale_summary() -> Dict[str, Any]:
+  """The roofline predictions for the figures (T5.1.1-XXL on TPU v4, default setup)."""
+  from gqa_t5.reproduce import paper_timing, roofline  # pylint: disable=g-import-not-at-top
+  sim = paper_timing.simulate(roofline.Setup())
+  return {"groups_xxl": {str(k): r["total"] for k, r in sim["groups_xxl"].items()},
+          "table1": {name: r["total"] for name, r in sim["table1"].items()}}
+
+
+def collect(pipeline, pre, evaluations, timed, wall_seconds: float) -> Dict[str, Any]:
+  """The results dict of a pipeline run (see `assemble`)."""
+  p = pipeline.preset
+  items = []
+  for variant, ev in evaluations.items():
+    tuned = pipeline.stage_results.get(f"finetune-{variant.key(pipeline.dims.num_heads)}")
+    items.append({"variant": variant, "scores": ev.result["scores"],
+                  "finetune": tuned.result if tuned is not None else {}})
+  origin = (f"initialised from {pipeline.o.initial_checkpoint} (step {pre.result['step']})"
+            if pipeline.o.initial_checkpoint else
+            f"pretrained here for {p.pretrain_steps} steps of span corruption on the demo "
+            f"corpus (batch {p.pretrain_batch}, inputs {p.pretrain_inputs_length} tokens)")
+  stages = {name: {"seconds": r.seconds, "cached": r.cached}
+            for name, r in pipeline.stage_results.items()}
+  return assemble(preset=p, dims=pipeline.dims, vocab_size=pipeline.vocab_size,
+                  pretrain=pre.result, pretrain_origin=origin, evaluations=items,
+                  timing=timed.result, stages=stages, wall_seconds=wall_seconds,
+                  data_fingerprint=pipeline.data["fingerprint"],
+                  paper_scale=paper_scale_summary())
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_all(results: Dict[str, Any], out_dir, log: Callable[[str], None] = print
+              ) -> List[str]:
+  """results.json, table1.md, fig3-6.png and REPORT.md in `out_dir`."""
+  from gqa_t5.reproduce import figures, report  # pylint: disable=g-import-not-at-top
+  out_dir = str(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  path = os.path.join(out_dir, RESULTS_FILE)
+  _write_text(path, json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
+  written.append(path)
+  path = os.path.join(out_dir, "table1.md")
+  _write_text(path, report.table1_markdown(results))
+  written.append(path)
+  written += figures.write_figures(results, out_dir)
+  path = os.path.join(out_dir, "REPORT.md")
+  _write_text(path, report.report_markdown(results))
+  written.append(path)
+  for path in written:
+    log(f"wrote {path}")
+  return written
+
+
+def read_results(out_dir) -> Dict[str, Any]:
+  path = os.path.join(str(out_dir), RESULTS_FILE)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path} does not exist: run `gqa-t5 reproduce --out "
+                            f"{out_dir}` first") from None

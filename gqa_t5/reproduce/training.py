@@ -1,0 +1,166 @@
+"""The reproduction's training, conversion and evaluation steps, on the project's own APIs:
+`train_loop.train` (checkpointed and resumable), `convert.converter.convert` and
+`evaluation.inference_eval`. Each function works inside a stage's work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from gqa_t5.reproduce import presets as presets_lib
+
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def model_config(dims: presets_lib.ModelDims, vocab_size: int, kv_heads: Optional[int],
+                 dropout_rate: float = 0.0):
+  from gqa_t5.model.config import T5Config  # pylint: disable=g-import-not-at-top
+  return T5Config(vocab_size=vocab_size, dtype="float32", emb_dim=dims.emb_dim,
+                  num_heads=dims.num_heads, head_dim=dims.head_dim, mlp_dim=dims.mlp_dim,
+                  num_encoder_layers=dims.num_layers, num_decoder_layers=dims.num_layers,
+                  dropout_rate=dropout_rate,
+                  num_kv_heads=None if kv_heads in (None, dims.num_heads) else kv_heads)
+
+
+def make_model(config, vocabulary=None):
+  from gqa_t5 import models  # pylint: disable=g-import-not-at-top
+  from gqa_t5.model import network  # pylint: disable=g-import-not-at-top
+  return models.EncoderDecoderModel(network.Transformer(config), input_vocabulary=vocabulary,
+                                    output_vocabulary=vocabulary)
+
+
+def dims_of(config) -> presets_lib.ModelDims:
+  """The preset-style dimensions of a checkpoint's inferred T5Config (equal stack depths)."""
+  if config.num_encoder_layers != config.num_decoder_layers:
+    raise ValueError(f"the reproduction needs equal encoder and decoder depths; the checkpoint "
+                     f"has {config.num_encoder_layers} and {config.num_decoder_layers}")
+  return presets_lib.ModelDims(config.emb_dim, config.num_heads, config.head_dim,
+                               config.mlp_dim, config.num_encoder_layers)
+
+
+def latest_metrics(model_dir: Path, split: str = "train") -> Dict[str, Any]:
+  """The last record of `split` in MODEL_DIR/metrics.jsonl (empty when none)."""
+  path = Path(model_dir) / "metrics.jsonl"
+  last: Dict[str, Any] = {}
+  if path.exists():
+    with open(path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue  # a line cut short by a kill
+        if record.get("split") == split:
+          last = record
+  return last
+
+
+def train(work: Path, *, config, vocabulary, task: str, feature_lengths: Mapping[str, int],
+          batch_size: int, total_steps: int, learning_rate,
+          initial_checkpoint: Optional[str] = None, seed: int = 0,
+          checkpoint_period: int = 200, progress: bool = True) -> Dict[str, Any]:
+  """Trains in `work/model` (resuming from its checkpoints) up to `total_steps`.
+
+  learning_rate: a float or an `optim` schedule of the global step. Starting from
+  `initial_checkpoint` the optimizer state is fresh (a conversion changes the key/value shapes),
+  so Adafactor's second-moment decay restarts there while the schedule continues.
+  """
+  from gqa_t5 import checkpointing  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import input_pipeline  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import optim  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import partitioning  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import train_loop  # pylint: disable=g-import-not-at-top
+  model_dir = work / MODEL_DIR
+  dataset = input_pipeline.DatasetConfig(
+      mixture_or_task_name=task, task_feature_lengths=dict(feature_lengths), split="train",
+      batch_size=batch_size, shuffle=True, seed=seed, pack=True)
+  optimizer = optim.Adafactor(learning_rate=learning_rate)
+  train_loop.train(
+      model=make_model(config, vocabulary), train_dataset_cfg=dataset,
+      model_dir=str(model_dir), total_steps=total_steps, optimizer=optimizer,
+      partitioner=partitioning.Partitioner(),
+      checkpoint_cfg=checkpointing.CheckpointConfig(period=checkpoint_period, keep=1,
+                                                    async_save=False),
+      initial_checkpoint_path=initial_checkpoint, eval_period=0,
+      log_period=max(1, min(50, total_steps // 4 or 1)), random_seed=seed, progress=progress)
+  metrics = latest_metrics(model_dir)
+  out = {"model_dir": MODEL_DIR, "step": total_steps}
+  for name in ("loss_per_nonpadding_target_token", "accuracy", "tokens_per_second"):
+    if name in metrics:
+      out[name] = metrics[name]
+  return out
+
+
+def copy_model_dir(source: Path, work: Path) -> None:
+  """Starts `work/model` as a copy of a finished training's MODEL_DIR (to continue it)."""
+  target = work / MODEL_DIR
+  if target.exists():
+    return  # an earlier attempt already copied it (and may have trained further)
+  tmp = work / (MODEL_DIR + ".copying")
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(source, tmp)
+  os.replace(tmp, target)
+
+
+def convert(work: Path, source: str, kv_heads: int, method: str, seed: int = 0
+            ) -> Dict[str, Any]:
+  """Converts the multi-head checkpoint `source` into `work/checkpoint` (T5X format)."""
+  from gqa_t5 import initial_checkpoint  # pylint: disable=g-import-not-at-top
+  from gqa_t5.convert import converter  # pylint: disable=g-import-not-at-top
+  spec = converter.ConversionSpec(num_kv_heads=kv_heads, method=method, seed=seed)
+  record = converter.convert(initial_checkpoint.resolve_path(source),
+                             str(work / CHECKPOINT_DIR), spec, output_format="t5x",
+                             overwrite=True)
+  return {"checkpoint": CHECKPOINT_DIR, "step": int(record["source_step"]),
+          "changed_tensors": len(record["changed_tensors"])}
+
+
+def evaluate(work: Path, *, config, vocabulary, checkpoint: str, tasks: Mapping[str, int],
+             inputs_length: int, num_examples: int, batch_size: int,
+             split: str = "test") -> Dict[str, Dict[str, float]]:
+  """Greedy decoding of `num_examples` of each task's split; {task: {metric: value}}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import evaluation  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import initial_checkpoint  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import input_pipeline  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import partitioning  # pylint: disable=g-import-not-at-top
+  model = make_model(config, vocabulary)
+  partitioner = partitioning.Partitioner()
+  variables = jax.eval_shape(
+      lambda rng: model.get_initial_variables(
+          rng, {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}),
+      jax.random.PRNGKey(0))
+  abstract = variables["params"]
+  partitioner.setup_for(config)
+  axes = partitioning.params_logical_axes(variables["params_axes"])
+  params, step = initial_checkpoint.load_for_model(checkpoint, config, abstract,
+                                                   partitioner.shardings(axes))
+  loss_fn = jax.jit(lambda p, b: model.loss_fn(p, b, None)[1])
+  scores: Dict[str, Dict[str, float]] = {}
+  for task, targets_length in tasks.items():
+    cfg = input_pipeline.DatasetConfig(
+        mixture_or_task_name=task,
+        task_feature_lengths={"inputs": inputs_length, "targets": targets_length},
+        split=split, batch_size=batch_size, shuffle=False, seed=42, pack=False)
+    metrics = evaluation.inference_eval(
+        model, partitioner, params, cfg, step, evaluation.DecodingConfig(method="greedy"),
+        num_examples=num_examples, log_dir=str(work / "predictions"))
+    prefix = task + "/"
+    scores[task] = {k[len(prefix):]: float(v) for k, v in metrics.items()
+                    if k.startswith(prefix)}
+    # Teacher-forced cross-entropy per target token over the same examples: a far less noisy
+    # measure than decoded-text metrics on a few examples.
+    cross_entropy, tokens = 0.0, 0.0
+    batches = -(-num_examples // batch_size)
+    dataset = input_pipeline.get_dataset(cfg, num_epochs=1, drop_remainder=False)
+    for batch in dataset.take(batches).as_numpy_iterator():
+      batch = input_pipeline.pad_batch(batch, batch_size)  # padding rows weigh nothing
+      m = jax.device_get(loss_fn(params, batch))
+      cross_entropy += float(m["loss"]) - float(m["z_loss"])
+      tokens += float(m["weight_sum"])
+    scores[task]["loss"] = cross_entropy / max(tokens, 1.0)
+  return scores

@@ -1,0 +1,191 @@
+"""The reproduction's outputs on synthetic results: claims verdicts, table1.md, REPORT.md,
+figures, results.json and --redraw; the presets' variant lists."""
+
+import dataclasses
+import json
+import struct
+
+import pytest
+
+from gqa_t5.reproduce import outputs
+from gqa_t5.reproduce import presets
+from gqa_t5.reproduce import report
+
+# The mini preset plus a second GQA (K=4) at the uptraining alpha, as a preset may add.
+PRESET = dataclasses.replace(presets.PRESETS["mini"], extra_kv_heads=(4,))
+N = PRESET.num_heads
+G = PRESET.gqa_kv_heads
+
+
+def scores_for(average):
+  """Per-task scores whose main metrics average to `average`; loss falls as quality rises."""
+  loss = 10.0 - average / 10.0
+  return {"demo_summarize": {"rouge1": average + 1.0, "rouge2": 1.0, "rougeL": 2.0,
+                             "rougeLsum": 2.0, "loss": loss},
+          "demo_translate_en_de": {"bleu": average - 2.0, "loss": loss + 0.5},
+          "demo_qa": {"em": 3.0, "f1": average + 1.0, "loss": loss - 0.5}}
+
+
+def synthetic(quality, times, noise_seed_shift=0.1):
+  """results via outputs.assemble; quality: {(K, method, alpha): average} for seed 0."""
+  evaluations = []
+  for v in PRESET.quality_variants():
+    base = quality[(v.kv_heads, v.method if v.kv_heads != N else "mean",
+                    v.alpha if v.kv_heads != N else 0.0)]
+    value = base + (noise_seed_shift if v.seed else 0.0)
+    evaluations.append({"variant": v, "scores": scores_for(value), "finetune": {"step": 1}})
+  timing = {"kv_heads": {str(k): {"time_per_sample": t, "time_per_step": t / 10}
+                         for k, t in times.items()},
+            "shape": {"batch": 8, "input_length": 256, "output_length": 64}}
+  stages = {"pretrain": {"seconds": 12.0, "cached": False},
+            "timing": {"seconds": 3.0, "cached": True}}
+  return outputs.assemble(
+      preset=PRESET, dims=PRESET.model, vocab_size=8192, pretrain={"step": 2000},
+      pretrain_origin="pretrained here", evaluations=evaluations, timing=timing,
+      stages=stages, wall_seconds=90.0, machine="test machine",
+      paper_scale=outputs.paper_scale_summary())
+
+
+def paper_like_quality():
+  """Numbers shaped like the paper's findings."""
+  q = {(N, "mean", 0.0): 30.0}
+  for a, mqa, gqa in ((0.0, 20.0, 27.0), (0.05, 28.0, 29.6), (0.10, 28.6, 29.8)):
+    q[(1, "mean", a)] = mqa
+    q[(G, "mean", a)] = gqa
+  q[(4, "mean", 0.05)] = 29.7
+  q[(1, "first", 0.05)] = 27.0
+  q[(1, "random", 0.05)] = 25.0
+  q[(1, "aligned", 0.05)] = 28.1
+  return q
+
+
+PAPER_LIKE_TIMES = {1: 1.0, 2: 1.05, 4: 1.2, 8: 2.0}
+
+
+def verdicts(results):
+  return {c["id"]: c["verdict"] for c in results["claims"]}
+
+
+def test_paper_like_numbers_hold_every_claim():
+  results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES)
+  assert results["noise"]["average"] == pytest.approx(0.1)
+  assert verdicts(results) == {"a": report.HELD, "b": report.HELD, "c": report.HELD,
+                               "d": report.HELD}
+  # The loss moves with quality here, so the loss verdicts agree.
+  assert results["noise"]["loss"] == pytest.approx(0.01)
+  assert [c.get("loss_verdict") for c in results["claims"]] == [report.HELD] * 3 + [None]
+  assert results["mha"]["loss"] == pytest.approx(7.0)
+  b = next(c for c in results["claims"] if c["id"] == "b")
+  assert b["numbers"]["recovered_share"] == pytest.approx(0.8)
+  assert [v["short_label"] for v in results["headline"]] == ["MHA", "MQA", "GQA-2", "GQA-4"]
+
+
+def test_contrary_numbers_fail_the_claims():
+  q = paper_like_quality()
+  q[(1, "first", 0.05)] = 29.0          # first beats mean
+  q[(G, "mean", 0.0)] = 18.0            # GQA worse than MQA at alpha 0
+  q[(G, "mean", 0.05)] = 26.0           # GQA far from MHA
+  times = {1: 1.0, 2: 1.9, 4: 1.95, 8: 2.0}  # 1 -> 2 groups takes most of the rise
+  results = synthetic(q, times)
+  v = verdicts(results)
+  assert v == {"a": report.NOT_HELD, "b": report.NOT_HELD, "c": report.NOT_HELD,
+               "d": report.NOT_HELD}
+  assert [c.get("loss_verdict") for c in results["claims"]][:3] == [report.NOT_HELD] * 3
+
+
+def test_differences_within_noise_are_inconclusive():
+  q = paper_like_quality()
+  q[(1, "mean", 0.05)] = 27.05          # mean only 0.05 above first: below the noise
+  results = synthetic(q, PAPER_LIKE_TIMES, noise_seed_shift=0.5)
+  assert verdicts(results)["a"] == report.WITHIN_NOISE
+  assert "seed noise 0.50" in next(c for c in results["claims"] if c["id"] == "a")["evidence"]
+
+
+def test_time_that_falls_with_more_groups_breaks_claim_d():
+  results = synthetic(paper_like_quality(), {1: 1.0, 2: 0.8, 4: 1.2, 8: 2.0})
+  assert verdicts(results)["d"] == report.NOT_HELD
+  assert "do not always grow" in next(c for c in results["claims"] if c["id"] == "d")[
+      "evidence"]
+
+
+def test_without_a_noise_measurement_the_report_says_so(tmp_path):
+  quick = presets.PRESETS["quick"]
+  assert quick.noise_seeds == ()
+  results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES)
+  results["noise"] = {"average": None, "pairs": [], "differences": []}
+  results["claims"] = report.evaluate_claims(results)
+  text = report.report_markdown(results)
+  assert "Not measured at this preset" in text
+  assert "noise not measured" in text
+
+
+def _png_size(path):
+  data = path.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n"
+  return struct.unpack(">II", data[16:24])
+
+
+def test_write_all_and_redraw(tmp_path):
+  from gqa_t5.reproduce import cli
+  results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES)
+  written = outputs.write_all(results, tmp_path, log=lambda line: None)
+  names = sorted(p.split("/")[-1] for p in written)
+  assert names == ["REPORT.md", "fig3.png", "fig4.png", "fig5.png", "fig6.png", "results.json",
+                   "table1.md"]
+  for fig in ("fig3.png", "fig4.png", "fig5.png", "fig6.png"):
+    width, height = _png_size(tmp_path / fig)
+    assert width > 300 and height > 200
+  table = (tmp_path / "table1.md").read_text()
+  assert "| MHA-XXL | 1.51 | 47.2 |" in table            # the paper's table beside ours
+  mha = results["mha"]
+  assert f"| MHA | {mha['time_per_sample'] * 1e3:.2f} | {mha['average']:.2f} |" in table
+  gqa_rows = [line for line in table.splitlines() if line.startswith("| GQA-2 (alpha ")]
+  assert len(gqa_rows) == 3 + len(PRESET.noise_seeds)  # every alpha, and the noise repeat
+  report_text = (tmp_path / "REPORT.md").read_text()
+  assert "| (a) " in report_text and "**held**" in report_text
+  assert "![Figure 6](fig6.png)" in report_text
+  stored = json.loads((tmp_path / "results.json").read_text())
+  assert stored["claims"] == json.loads(json.dumps(results["claims"]))
+  # --redraw rebuilds everything from results.json alone.
+  (tmp_path / "table1.md").unlink()
+  (tmp_path / "fig4.png").unlink()
+  assert cli.main(["--redraw", str(tmp_path)]) == 0
+  assert (tmp_path / "table1.md").read_text() == table
+  assert (tmp_path / "fig4.png").exists()
+
+
+def test_redraw_without_results_names_the_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match="results.json"):
+    outputs.read_results(tmp_path)
+
+
+def test_missing_metric_is_named():
+  with pytest.raises(KeyError, match="demo_qa has no 'f1'"):
+    outputs.main_scores({"demo_summarize": {"rouge1": 1.0},
+                         "demo_translate_en_de": {"bleu": 1.0}, "demo_qa": {"em": 1.0}})
+
+
+@pytest.mark.parametrize("name", ["quick", "mini", "test"])
+def test_presets_list_every_variant_the_figures_need(name):
+  p = presets.PRESETS[name]
+  variants = p.quality_variants()
+  keys = [v.key(p.num_heads) for v in variants]
+  assert len(keys) == len(set(keys))
+  for method in presets.METHODS:  # Fig. 4
+    assert any(v.kv_heads == 1 and v.method == method and v.alpha == p.method_alpha
+               for v in variants)
+  for k in (1, p.gqa_kv_heads):  # Fig. 5
+    assert sorted(v.alpha for v in variants if v.kv_heads == k and v.method == "mean"
+                  and v.seed == 0) == sorted(p.alphas)
+  assert (1, "aligned") in p.conversions() and (p.gqa_kv_heads, "mean") in p.conversions()
+  assert p.timing_kv_heads()[0] == 1 and p.timing_kv_heads()[-1] == p.num_heads
+
+
+def test_bad_presets_are_refused():
+  base = presets.PRESETS["test"]
+  with pytest.raises(ValueError, match="GQA key/value heads 3 must divide"):
+    presets.Preset(**{**base.__dict__, "gqa_kv_heads": 3})
+  with pytest.raises(ValueError, match="method_alpha 0.2 is not one of"):
+    presets.Preset(**{**base.__dict__, "method_alpha": 0.2})
+  with pytest.raises(ValueError, match="unknown preset 'huge'"):
+    presets.get_preset("huge")
