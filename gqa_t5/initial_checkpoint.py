@@ -14,30 +14,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import jax
 import numpy as np
 
+from gqa_t5.checkpoints import tree as tree_lib
+
 class InitialCheckpointError(ValueError):
   """The initial checkpoint does not fit the configured model."""
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, name))
-    else:
-      out[name] = value
-  return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  tree: Dict[str, Any] = {}
-  for name, value in flat.items():
-    node = tree
-    parts = name.split("/")
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = value
-  return tree
+# One flatten/unflatten for the whole project: the checkpoint readers' (slash-joined names).
+_flatten, _unflatten = tree_lib.flatten, tree_lib.unflatten
 
 
 def resolve_path(path: str) -> str:
