@@ -33,8 +33,13 @@ def synthetic(quality, times, noise_seed_shift=0.1):
     base = quality[(v.kv_heads, v.method if v.kv_heads != N else "mean",
                     v.alpha if v.kv_heads != N else 0.0)]
     value = base + (noise_seed_shift if v.seed else 0.0)
-    evaluations.append({"variant": v, "scores": scores_for(value), "finetune": {"step": 1}})
-  timing = {"kv_heads": {str(k): {"time_per_sample": t, "time_per_step": t / 10}
+    evaluations.append({"variant": v, "scores": scores_for(value), "finetune": {"step": 1},
+                        "start_loss": 5.0 - base / 20.0})
+  # Bytes per step: 1000 of weights plus 100 of caches per key/value head.
+  timing = {"kv_heads": {str(k): {"time_per_sample": t, "time_per_step": t / 10,
+                                  "bytes_per_step": {"weights": 1000, "cross_kv": 80 * k,
+                                                     "self_cache": 20 * k,
+                                                     "total": 1000 + 100 * k}}
                          for k, t in times.items()},
             "shape": {"batch": 8, "input_length": 256, "output_length": 64}}
   stages = {"pretrain": {"seconds": 12.0, "cached": False},
@@ -43,7 +48,9 @@ def synthetic(quality, times, noise_seed_shift=0.1):
       preset=PRESET, dims=PRESET.model, vocab_size=8192, pretrain={"step": 2000},
       pretrain_origin="pretrained here", evaluations=evaluations, timing=timing,
       stages=stages, wall_seconds=90.0, machine="test machine",
-      paper_scale=outputs.paper_scale_summary())
+      paper_scale=outputs.paper_scale_summary(),
+      conversions=[{"kv_heads": 1, "method": m, "start_loss": loss}
+                   for m, loss in (("mean", 6.5), ("first", 7.25), ("random", 9.0))])
 
 
 def paper_like_quality():
@@ -74,6 +81,10 @@ def test_paper_like_numbers_hold_every_claim():
   # The loss moves with quality here, so the loss verdicts agree.
   assert results["noise"]["loss"] == pytest.approx(0.01)
   assert [c.get("loss_verdict") for c in results["claims"]] == [report.HELD] * 3 + [None]
+  assert [c.get("start_loss_verdict") for c in results["claims"]] == [report.HELD] * 3 + [None]
+  a = next(c for c in results["claims"] if c["id"] == "a")
+  assert ("Straight after conversion, before uptraining: mean 6.50, first 7.25, random 9.00 "
+          "(MHA before conversion: 3.50)") in a["start_loss_evidence"]
   assert results["mha"]["loss"] == pytest.approx(7.0)
   b = next(c for c in results["claims"] if c["id"] == "b")
   assert b["numbers"]["recovered_share"] == pytest.approx(0.8)
@@ -99,6 +110,26 @@ def test_differences_within_noise_are_inconclusive():
   results = synthetic(q, PAPER_LIKE_TIMES, noise_seed_shift=0.5)
   assert verdicts(results)["a"] == report.WITHIN_NOISE
   assert "seed noise 0.50" in next(c for c in results["claims"] if c["id"] == "a")["evidence"]
+
+
+def test_scores_at_the_floor_decide_nothing():
+  q = {key: value / 10.0 for key, value in paper_like_quality().items()}  # all below 3.0
+  results = synthetic(q, PAPER_LIKE_TIMES, noise_seed_shift=0.01)
+  v = verdicts(results)
+  assert v["a"] == v["b"] == v["c"] == report.AT_FLOOR and v["d"] == report.HELD
+  assert "barely produce task outputs" in report.report_markdown(results)
+  # The loss still decides.
+  assert [c["loss_verdict"] for c in results["claims"][:3]] == [report.HELD] * 3
+
+
+def test_no_lead_of_mha_leaves_nothing_to_recover():
+  q = paper_like_quality()
+  q[(N, "mean", 0.0)] = 19.0  # MHA below MQA at alpha 0
+  results = synthetic(q, PAPER_LIKE_TIMES)
+  b = next(c for c in results["claims"] if c["id"] == "b")
+  assert b["verdict"] == report.NOT_HELD
+  assert "there is no gap to recover" in b["evidence"]
+  assert b["numbers"]["recovered_share"] is None
 
 
 def test_time_that_falls_with_more_groups_breaks_claim_d():
@@ -144,6 +175,9 @@ def test_write_all_and_redraw(tmp_path):
   report_text = (tmp_path / "REPORT.md").read_text()
   assert "| (a) " in report_text and "**held**" in report_text
   assert "![Figure 6](fig6.png)" in report_text
+  # K=8: 800 of 1800 bytes are caches; K=1: 100 of 1100.
+  assert "Key/value caches are 44% of the bytes an MHA step reads and 9% of an MQA" in report_text
+  assert f"learning rate equal to the pretraining schedule's final rate ({PRESET.finetune_lr:.3g})" in report_text
   stored = json.loads((tmp_path / "results.json").read_text())
   assert stored["claims"] == json.loads(json.dumps(results["claims"]))
   # --redraw rebuilds everything from results.json alone.

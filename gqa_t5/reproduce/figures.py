@@ -85,23 +85,31 @@ def _bars(ax, names, values, noise, ylabel, lower_is_better=False):
   ax.grid(axis="y", alpha=0.3)
 
 
-def _has_loss(rows) -> bool:
-  return all(r.get("loss") is not None for r in rows)
+_PANELS = (("average", "average quality (higher is better)"),
+           ("loss", "fine-tuned loss per token (lower is better)"),
+           ("start_loss", "span-corruption loss before fine-tuning\n(lower is better)"))
+
+
+def _panels(results: Dict, rows) -> List:
+  """The measures every row has: quality always, the two losses when measured."""
+  out = []
+  for field, label in _PANELS:
+    if field == "average" or all(r.get(field) is not None for r in rows):
+      noise = results["noise"].get(field) if field != "start_loss" else None
+      out.append((field, label, noise))
+  return out
 
 
 def figure4(results: Dict, path: str) -> None:
-  """Conversion methods: MQA uptrained with alpha = method_alpha (quality, and loss)."""
+  """Conversion methods: MQA uptrained with alpha = method_alpha, on every measure."""
   plt = _pyplot()
   rows = results["methods"]
-  with_loss = _has_loss(rows)
-  fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(11 if with_loss else 7, 4.2),
-                           squeeze=False)
+  panels = _panels(results, rows)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
   names = [r["method"] for r in rows]
-  _bars(axes[0][0], names, [r["average"] for r in rows], _noise_bar(results),
-        "average quality (higher is better)")
-  if with_loss:
-    _bars(axes[0][1], names, [r["loss"] for r in rows], results["noise"].get("loss"),
-          "validation loss per token (lower is better)", lower_is_better=True)
+  for ax, (field, label, noise) in zip(axes[0], panels):
+    _bars(ax, names, [r[field] for r in rows], noise, label,
+          lower_is_better=field != "average")
   alpha = results["preset"]["method_alpha"]
   fig.suptitle(f"Figure 4: conversion methods, MQA uptrained alpha={alpha:g} (paper: mean > "
                f"first > random)\n{_scale_note(results)}", fontsize=10, y=1.06)
@@ -110,17 +118,12 @@ def figure4(results: Dict, path: str) -> None:
 
 
 def figure5(results: Dict, path: str) -> None:
-  """Quality (and loss) vs uptraining proportion alpha for MQA and GQA; MHA as a line."""
+  """Each measure vs uptraining proportion alpha for MQA and GQA; MHA as a line."""
   plt = _pyplot()
   curves = results["alpha_curves"]
-  with_loss = all(_has_loss(points) for points in curves.values()) and \
-      results["mha"].get("loss") is not None
-  fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(11 if with_loss else 7, 4.2),
-                           squeeze=False)
-  panels = [("average", "average quality (higher is better)", _noise_bar(results))]
-  if with_loss:
-    panels.append(("loss", "validation loss per token (lower is better)",
-                   results["noise"].get("loss")))
+  rows = [pt for points in curves.values() for pt in points] + [results["mha"]]
+  panels = _panels(results, rows)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
   for ax, (field, label, noise) in zip(axes[0], panels):
     for attention, points in curves.items():
       ax.errorbar([pt["alpha"] for pt in points], [pt[field] for pt in points], yerr=noise,

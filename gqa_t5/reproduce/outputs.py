@@ -86,11 +86,15 @@ def assemble(*, preset: presets_lib.Preset, dims: presets_lib.ModelDims, vocab_s
              pretrain: Dict, pretrain_origin: str, evaluations: List[Dict], timing: Dict,
              stages: Dict[str, Dict], wall_seconds: float,
              machine: Optional[str] = None, data_fingerprint: str = "",
-             paper_scale: Optional[Dict] = None) -> Dict[str, Any]:
+             paper_scale: Optional[Dict] = None,
+             conversions: Optional[List[Dict]] = None) -> Dict[str, Any]:
   """The results dict from plain numbers (the pipeline and the tests both build it here).
 
   evaluations: [{'variant': presets.Variant, 'scores': {task: {metric: value}},
-                 'finetune': {...}}].
+                 'finetune': {...}, 'start_loss': pretraining-objective loss of the
+                 checkpoint fine-tuning started from (optional)}].
+  conversions: [{'kv_heads', 'method', 'start_loss'}]: the pretraining-objective loss of each
+    converted checkpoint before any uptraining (optional).
   """
   from gqa_t5.reproduce import report  # pylint: disable=g-import-not-at-top
   n = dims.num_heads
@@ -106,6 +110,7 @@ def assemble(*, preset: presets_lib.Preset, dims: presets_lib.ModelDims, vocab_s
         "uptrain_steps": preset.uptrain_steps(v.alpha) if v.kv_heads != n else 0,
         "finetune": item.get("finetune", {}), "scores": item["scores"], "main_scores": mains,
         "average": average(mains), "loss": mean_loss(item["scores"]),
+        "start_loss": item.get("start_loss"),
         "time_per_sample": t["time_per_sample"],
         "time_per_step": t["time_per_step"]})
 
@@ -120,12 +125,14 @@ def assemble(*, preset: presets_lib.Preset, dims: presets_lib.ModelDims, vocab_s
   headline = [x for x in [find(n), find(1, "mean", a), find(preset.gqa_kv_heads, "mean", a)]
               + [find(k, "mean", a) for k in preset.extra_kv_heads] if x is not None]
   methods = [{"method": m, "average": find(1, m, a)["average"], "loss": find(1, m, a)["loss"],
+              "start_loss": find(1, m, a)["start_loss"],
               "main_scores": find(1, m, a)["main_scores"]}
              for m in presets_lib.METHODS if find(1, m, a) is not None]
   curves = {}
   for k in (1, preset.gqa_kv_heads):
     points = [{"alpha": al, "average": find(k, "mean", al)["average"],
-               "loss": find(k, "mean", al)["loss"]}
+               "loss": find(k, "mean", al)["loss"],
+               "start_loss": find(k, "mean", al)["start_loss"]}
               for al in preset.alphas if find(k, "mean", al) is not None]
     curves[short_label(k, n)] = points
   params = model_params(dims, vocab_size)
@@ -139,7 +146,7 @@ def assemble(*, preset: presets_lib.Preset, dims: presets_lib.ModelDims, vocab_s
                 "data_fingerprint": data_fingerprint},
       "pretrain": pretrain,
       "variants": variants, "headline": headline, "mha": find(n), "methods": methods,
-      "alpha_curves": curves, "timing": timing,
+      "alpha_curves": curves, "conversions": conversions or [], "timing": timing,
       "noise": noise_summary(variants, preset),
       "paper_scale_roofline": paper_scale,
       "stages": stages, "wall_seconds": wall_seconds,
@@ -159,14 +166,18 @@ def paper_scale_summary() -> Dict[str, Any]:
           "table1": {name: r["total"] for name, r in sim["table1"].items()}}
 
 
-def collect(pipeline, pre, evaluations, timed, wall_seconds: float) -> Dict[str, Any]:
+def collect(pipeline, pre, evaluations, timed, wall_seconds: float,
+            probes=None, conversion_probes=None) -> Dict[str, Any]:
   """The results dict of a pipeline run (see `assemble`)."""
   p = pipeline.preset
   items = []
   for variant, ev in evaluations.items():
     tuned = pipeline.stage_results.get(f"finetune-{variant.key(pipeline.dims.num_heads)}")
-    items.append({"variant": variant, "scores": ev.result["scores"],
-                  "finetune": tuned.result if tuned is not None else {}})
+    item = {"variant": variant, "scores": ev.result["scores"],
+            "finetune": tuned.result if tuned is not None else {}}
+    if probes and variant in probes:
+      item["start_loss"] = probes[variant].result["loss"]
+    items.append(item)
   origin = (f"initialised from {pipeline.o.initial_checkpoint} (step {pre.result['step']})"
             if pipeline.o.initial_checkpoint else
             f"pretrained here for {p.pretrain_steps} steps of span corruption on the demo "
@@ -177,7 +188,9 @@ def collect(pipeline, pre, evaluations, timed, wall_seconds: float) -> Dict[str,
                   pretrain=pre.result, pretrain_origin=origin, evaluations=items,
                   timing=timed.result, stages=stages, wall_seconds=wall_seconds,
                   data_fingerprint=pipeline.data["fingerprint"],
-                  paper_scale=paper_scale_summary())
+                  paper_scale=paper_scale_summary(),
+                  conversions=[{"kv_heads": k, "method": method, "start_loss": r.result["loss"]}
+                               for (k, method), r in (conversion_probes or {}).items()])
 
 
 def _write_text(path: str, text: str) -> None:

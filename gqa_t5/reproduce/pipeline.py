@@ -5,8 +5,10 @@
   2. convert    to MQA and GQA with several K, by mean / first / random / aligned
   3. uptrain    alpha x the pretraining steps, same objective and data (alpha = 0.10 continues
                 the alpha = 0.05 run: same schedule, optimizer state and data order)
-  4. finetune   on the mixture of the demo summarisation, translation and QA tasks, then
-     + eval     greedy decoding of each task's test split: ROUGE, BLEU, F1
+  4. probe      every converted and every starting checkpoint's loss on the pretraining
+                objective's validation split (what conversion damages and uptraining repairs)
+     finetune   on the mixture of the demo summarisation, translation and QA tasks, then
+     + eval     greedy decoding of each task's test split: ROUGE, BLEU, F1, and the loss
   5. timing     decode time per sample and per step for every K
   6. outputs    results.json, table1.md, fig3-6.png, REPORT.md (rewritten on every run)
 """
@@ -67,6 +69,8 @@ class Pipeline:
   # ---- helpers -------------------------------------------------------------------------------
 
   def _run(self, name, config, fn, deps=()) -> stages_lib.StageResult:
+    if name in self.stage_results:  # asked for again in this run (e.g. a shared checkpoint)
+      return self.stage_results[name]
     result = self.store.run(name, config, fn, deps)
     self.stage_results[name] = result
     return result
@@ -169,6 +173,19 @@ class Pipeline:
     deps = [start] + ([previous] if previous is not None else [])
     return self._run(name, config, fn, deps)
 
+  def probe(self, source: stages_lib.StageResult, path: Path,
+            kv_heads: int) -> stages_lib.StageResult:
+    """The pretraining objective's validation loss of a checkpoint, before fine-tuning."""
+    from gqa_t5.reproduce import tasks, training  # pylint: disable=g-import-not-at-top
+    p = self.preset
+    lengths = tasks.pretrain_lengths(p.pretrain_inputs_length)
+    config = {"batches": p.probe_batches, "batch": p.pretrain_batch, "lengths": lengths,
+              "split": "validation", "data": self.data}
+    return self._run(f"probe-{source.name}", config, lambda work: training.objective_loss(
+        config=self._config(kv_heads), vocabulary=self.vocabulary, checkpoint=str(path),
+        task=tasks.PRETRAIN_TASK, feature_lengths=lengths, batch_size=p.pretrain_batch,
+        num_batches=p.probe_batches), deps=[source])
+
   # ---- stage 4 -------------------------------------------------------------------------------
 
   def finetune_and_eval(self, variant: presets_lib.Variant, start: stages_lib.StageResult,
@@ -181,7 +198,7 @@ class Pipeline:
     lengths = {"inputs": p.inputs_length, "targets": max(p.targets_lengths.values())}
     config = {"kv_heads": variant.kv_heads, "seed": variant.seed,
               "total_steps": begin + p.finetune_steps, "batch": p.finetune_batch,
-              "lengths": lengths, "learning_rate": p.finetune_learning_rate,
+              "lengths": lengths, "learning_rate": p.finetune_lr,
               "dropout": p.finetune_dropout, "data": self.data}
 
     def tune(work: Path):
@@ -189,7 +206,7 @@ class Pipeline:
           work, config=self._config(variant.kv_heads, p.finetune_dropout),
           vocabulary=self.vocabulary, task=tasks.FINETUNE_MIXTURE, feature_lengths=lengths,
           batch_size=p.finetune_batch, total_steps=begin + p.finetune_steps,
-          learning_rate=optim.constant(p.finetune_learning_rate),
+          learning_rate=optim.constant(p.finetune_lr),
           initial_checkpoint=str(start_path), seed=variant.seed,
           checkpoint_period=p.checkpoint_period, progress=self.o.progress)
 
@@ -237,10 +254,12 @@ class Pipeline:
                          f"{n} heads")
     # Stages 2-3, for every (K, method) the variants need, smallest alpha first.
     starts: Dict[Tuple[int, str, float], Tuple[stages_lib.StageResult, Path]] = {}
+    conversion_probes = {}
     for k, method in p.conversions():
       conv = self.convert(pre, pre_path, k, method)
       conv_path = conv.directory / conv.result["checkpoint"]
       starts[(k, method, 0.0)] = (conv, conv_path)
+      conversion_probes[(k, method)] = self.probe(conv, conv_path, k)
       needed = max(v.alpha for v in variants if (v.kv_heads, v.method) == (k, method))
       previous = None
       for alpha in p.alphas:
@@ -248,18 +267,20 @@ class Pipeline:
           continue
         previous = self.uptrain(pre, conv, conv_path, k, method, alpha, previous)
         starts[(k, method, alpha)] = (previous, previous.directory / "model")
-    # Stage 4.
-    evaluations = {}
+    # Stage 4, after scoring every starting checkpoint on the pretraining objective.
+    evaluations, probes = {}, {}
     for v in variants:
       if v.kv_heads == n:
         start, path = pre, pre_path
       else:
         start, path = starts[(v.kv_heads, v.method, v.alpha)]
+      probes[v] = self.probe(start, path, v.kv_heads)
       evaluations[v] = self.finetune_and_eval(v, start, path)
     # Stage 5.
     timed = self.timing()
     # Stage 6.
     from gqa_t5.reproduce import outputs  # pylint: disable=g-import-not-at-top
-    results = outputs.collect(self, pre, evaluations, timed, time.time() - start_time)
+    results = outputs.collect(self, pre, evaluations, timed, time.time() - start_time, probes,
+                              conversion_probes)
     outputs.write_all(results, self.out_dir, log=self.o.log)
     return results

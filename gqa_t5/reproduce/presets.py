@@ -80,14 +80,17 @@ class Preset:
   # Stage 4: fine-tuning on the mixture of TASKS, then greedy evaluation.
   finetune_steps: int
   finetune_batch: int
-  finetune_learning_rate: float
+  # Constant; None: the pretraining schedule's final rate, as in the paper (T5's rsqrt schedule
+  # ends its 1M steps at 0.001, the paper's fine-tuning rate).
+  finetune_learning_rate: Optional[float]
   finetune_dropout: float
   inputs_length: int
   targets_lengths: Dict[str, int]
   eval_examples: int
   eval_batch: int
   noise_seeds: Tuple[int, ...]     # extra fine-tuning seeds of the cheapest comparison
-  # Stage 5: decode timing.
+  # Stage 5: decode timing, at the paper's 4:1 input:output ratio and a batch large enough
+  # that, as at paper scale, the key/value bytes of a step outweigh the weights'.
   timing_batch: int
   timing_input_length: int
   timing_output_length: int
@@ -100,6 +103,9 @@ class Preset:
   # the base sets the step size: 0.3 trained better than 1.0 at these scales (loss 4.94 vs
   # 5.43 after 300 steps of `quick`'s model).
   pretrain_learning_rate: float = 0.3
+  # Batches of the pretraining task's validation split on which every checkpoint (pretrained,
+  # converted, uptrained) is scored before fine-tuning.
+  probe_batches: int = 8
 
   def __post_init__(self):
     n = self.model.num_heads
@@ -126,6 +132,12 @@ class Preset:
   @property
   def num_heads(self) -> int:
     return self.model.num_heads
+
+  @property
+  def finetune_lr(self) -> float:
+    if self.finetune_learning_rate is not None:
+      return self.finetune_learning_rate
+    return self.pretrain_learning_rate / max(self.pretrain_steps, self.pretrain_warmup_steps) ** 0.5
 
   def uptrain_steps(self, alpha: float) -> int:
     return int(round(alpha * self.pretrain_steps))
@@ -158,7 +170,7 @@ class Preset:
     return [k for k in range(1, n + 1) if n % k == 0]
 
   def to_dict(self) -> Dict:
-    return dataclasses.asdict(self)
+    return dict(dataclasses.asdict(self), finetune_lr=self.finetune_lr)
 
 
 PRESETS: Dict[str, Preset] = {}
@@ -178,11 +190,11 @@ _register(Preset(
     pretrain_steps=200, pretrain_batch=16, pretrain_inputs_length=64,
     pretrain_warmup_steps=100,
     gqa_kv_heads=2, extra_kv_heads=(), alphas=(0.0, 0.05, 0.10), method_alpha=0.05,
-    finetune_steps=30, finetune_batch=16, finetune_learning_rate=0.05, finetune_dropout=0.1,
+    finetune_steps=30, finetune_batch=16, finetune_learning_rate=None, finetune_dropout=0.1,
     inputs_length=128,
     targets_lengths={"demo_summarize": 32, "demo_translate_en_de": 32, "demo_qa": 32},
     eval_examples=32, eval_batch=32, noise_seeds=(),
-    timing_batch=8, timing_input_length=128, timing_output_length=32, timing_repeats=3,
+    timing_batch=32, timing_input_length=512, timing_output_length=128, timing_repeats=5,
     checkpoint_period=100))
 
 _register(Preset(
@@ -193,11 +205,11 @@ _register(Preset(
     pretrain_steps=1200, pretrain_batch=16, pretrain_inputs_length=96,
     pretrain_warmup_steps=200,
     gqa_kv_heads=2, extra_kv_heads=(), alphas=(0.0, 0.05, 0.10), method_alpha=0.05,
-    finetune_steps=120, finetune_batch=16, finetune_learning_rate=0.05, finetune_dropout=0.1,
+    finetune_steps=300, finetune_batch=16, finetune_learning_rate=None, finetune_dropout=0.1,
     inputs_length=128,
     targets_lengths={"demo_summarize": 32, "demo_translate_en_de": 32, "demo_qa": 32},
     eval_examples=128, eval_batch=64, noise_seeds=(1,),
-    timing_batch=8, timing_input_length=128, timing_output_length=32, timing_repeats=7,
+    timing_batch=32, timing_input_length=512, timing_output_length=128, timing_repeats=5,
     checkpoint_period=300))
 
 # Tests: a 2-layer model and a handful of steps on the tiny data set the test builds.
@@ -212,7 +224,7 @@ _register(Preset(
     targets_lengths={"demo_summarize": 8, "demo_translate_en_de": 8, "demo_qa": 8},
     eval_examples=4, eval_batch=4, noise_seeds=(1,),
     timing_batch=2, timing_input_length=16, timing_output_length=4, timing_repeats=2,
-    checkpoint_period=10, timing_bandwidth_gb=0.01))
+    checkpoint_period=10, timing_bandwidth_gb=0.01, probe_batches=2))
 
 
 def get_preset(name: str) -> Preset:

@@ -9,7 +9,11 @@ weights of the preset's shape; every fine-tuned variant with that K shares its t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
+import subprocess
+import sys
 from typing import Dict, Sequence
 
 from gqa_t5.reproduce import presets as presets_lib
@@ -18,7 +22,25 @@ from gqa_t5.reproduce import presets as presets_lib
 def measure(dims: presets_lib.ModelDims, vocab_size: int, kv_heads: Sequence[int], *,
             batch: int, input_length: int, output_length: int, repeats: int,
             bandwidth_gb: float = 0.25) -> Dict:
-  """{'kv_heads': {K: {...}}, 'bandwidth_bytes_per_s': ...} for each K in `kv_heads`."""
+  """{'kv_heads': {K: {...}}, 'bandwidth_bytes_per_s': ...} for each K in `kv_heads`.
+
+  Runs in a fresh Python process: after training and evaluation this one holds tf.data worker
+  threads and a fragmented heap, which made one K's steps twice as slow as in a clean process.
+  """
+  request = {"dims": dataclasses.asdict(dims), "vocab_size": vocab_size,
+             "kv_heads": list(kv_heads), "batch": batch, "input_length": input_length,
+             "output_length": output_length, "repeats": repeats, "bandwidth_gb": bandwidth_gb}
+  done = subprocess.run([sys.executable, "-m", __name__], input=json.dumps(request),
+                        capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    raise RuntimeError(f"the decode-timing process failed (exit {done.returncode}):\n"
+                       f"{done.stderr[-4000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _measure_here(dims: presets_lib.ModelDims, vocab_size: int, kv_heads: Sequence[int], *,
+                  batch: int, input_length: int, output_length: int, repeats: int,
+                  bandwidth_gb: float) -> Dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from gqa_t5.benchmarks import decode  # pylint: disable=g-import-not-at-top
   shape = dict(emb_dim=dims.emb_dim, num_heads=dims.num_heads, head_dim=dims.head_dim,
@@ -48,3 +70,15 @@ def measure(dims: presets_lib.ModelDims, vocab_size: int, kv_heads: Sequence[int
   return {"kv_heads": out, "bandwidth_bytes_per_s": bandwidth,
           "bandwidth_before": before, "bandwidth_after": after,
           "shape": shape, "repeats": repeats, "dtype": "float32"}
+
+
+def main() -> None:
+  """The child process: a JSON request on stdin, the measurements as one JSON line on stdout."""
+  request = json.loads(sys.stdin.read())
+  dims = presets_lib.ModelDims(**request.pop("dims"))
+  result = _measure_here(dims, request.pop("vocab_size"), request.pop("kv_heads"), **request)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -119,14 +119,10 @@ def convert(work: Path, source: str, kv_heads: int, method: str, seed: int = 0
           "changed_tensors": len(record["changed_tensors"])}
 
 
-def evaluate(work: Path, *, config, vocabulary, checkpoint: str, tasks: Mapping[str, int],
-             inputs_length: int, num_examples: int, batch_size: int,
-             split: str = "test") -> Dict[str, Dict[str, float]]:
-  """Greedy decoding of `num_examples` of each task's split; {task: {metric: value}}."""
+def _load(config, vocabulary, checkpoint: str):
+  """(model, partitioner, device parameters, step) of a checkpoint of `config`'s shapes."""
   import jax  # pylint: disable=g-import-not-at-top
-  from gqa_t5 import evaluation  # pylint: disable=g-import-not-at-top
   from gqa_t5 import initial_checkpoint  # pylint: disable=g-import-not-at-top
-  from gqa_t5 import input_pipeline  # pylint: disable=g-import-not-at-top
   from gqa_t5 import partitioning  # pylint: disable=g-import-not-at-top
   model = make_model(config, vocabulary)
   partitioner = partitioning.Partitioner()
@@ -134,12 +130,49 @@ def evaluate(work: Path, *, config, vocabulary, checkpoint: str, tasks: Mapping[
       lambda rng: model.get_initial_variables(
           rng, {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}),
       jax.random.PRNGKey(0))
-  abstract = variables["params"]
   partitioner.setup_for(config)
   axes = partitioning.params_logical_axes(variables["params_axes"])
-  params, step = initial_checkpoint.load_for_model(checkpoint, config, abstract,
+  params, step = initial_checkpoint.load_for_model(checkpoint, config, variables["params"],
                                                    partitioner.shardings(axes))
+  return model, partitioner, params, step
+
+
+def _cross_entropy(model, params, cfg, num_batches: int) -> float:
+  """Teacher-forced cross-entropy per target token (z-loss excluded) over `num_batches`
+  batches of `cfg`'s split (the last one zero-padded; padding rows weigh nothing)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import input_pipeline  # pylint: disable=g-import-not-at-top
   loss_fn = jax.jit(lambda p, b: model.loss_fn(p, b, None)[1])
+  total, tokens = 0.0, 0.0
+  dataset = input_pipeline.get_dataset(cfg, num_epochs=1, drop_remainder=False)
+  for batch in dataset.take(num_batches).as_numpy_iterator():
+    m = jax.device_get(loss_fn(params, input_pipeline.pad_batch(batch, cfg.batch_size)))
+    total += float(m["loss"]) - float(m["z_loss"])
+    tokens += float(m["weight_sum"])
+  return total / max(tokens, 1.0)
+
+
+def objective_loss(*, config, vocabulary, checkpoint: str, task: str,
+                   feature_lengths: Mapping[str, int], batch_size: int, num_batches: int,
+                   split: str = "validation") -> Dict[str, float]:
+  """A checkpoint's loss on the pretraining objective's held-out split, before any
+  fine-tuning: what conversion damages and uptraining repairs, free of fine-tuning noise."""
+  from gqa_t5 import input_pipeline  # pylint: disable=g-import-not-at-top
+  model, _, params, step = _load(config, vocabulary, checkpoint)
+  cfg = input_pipeline.DatasetConfig(
+      mixture_or_task_name=task, task_feature_lengths=dict(feature_lengths), split=split,
+      batch_size=batch_size, shuffle=False, seed=42, pack=True)
+  return {"loss": _cross_entropy(model, params, cfg, num_batches), "step": int(step)}
+
+
+def evaluate(work: Path, *, config, vocabulary, checkpoint: str, tasks: Mapping[str, int],
+             inputs_length: int, num_examples: int, batch_size: int,
+             split: str = "test") -> Dict[str, Dict[str, float]]:
+  """Greedy decoding of `num_examples` of each task's split, scored with the task's metrics,
+  plus the teacher-forced loss of the same examples; {task: {metric: value}}."""
+  from gqa_t5 import evaluation  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import input_pipeline  # pylint: disable=g-import-not-at-top
+  model, partitioner, params, step = _load(config, vocabulary, checkpoint)
   scores: Dict[str, Dict[str, float]] = {}
   for task, targets_length in tasks.items():
     cfg = input_pipeline.DatasetConfig(
@@ -152,15 +185,6 @@ def evaluate(work: Path, *, config, vocabulary, checkpoint: str, tasks: Mapping[
     prefix = task + "/"
     scores[task] = {k[len(prefix):]: float(v) for k, v in metrics.items()
                     if k.startswith(prefix)}
-    # Teacher-forced cross-entropy per target token over the same examples: a far less noisy
-    # measure than decoded-text metrics on a few examples.
-    cross_entropy, tokens = 0.0, 0.0
-    batches = -(-num_examples // batch_size)
-    dataset = input_pipeline.get_dataset(cfg, num_epochs=1, drop_remainder=False)
-    for batch in dataset.take(batches).as_numpy_iterator():
-      batch = input_pipeline.pad_batch(batch, batch_size)  # padding rows weigh nothing
-      m = jax.device_get(loss_fn(params, batch))
-      cross_entropy += float(m["loss"]) - float(m["z_loss"])
-      tokens += float(m["weight_sum"])
-    scores[task]["loss"] = cross_entropy / max(tokens, 1.0)
+    # A far less noisy measure than decoded-text metrics on a few examples.
+    scores[task]["loss"] = _cross_entropy(model, params, cfg, -(-num_examples // batch_size))
   return scores
