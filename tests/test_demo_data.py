@@ -269,6 +269,15 @@ def test_second_run_reuses_the_data(prepared, tiny):
   assert before == after
 
 
+def test_preparing_again_gives_the_same_bytes(prepared, tiny, tmp_path):
+  # The vocabulary too: a reproduction's stages are keyed on the data's checksums.
+  again = prepare.prepare(tmp_path / "again", archives=tiny.paths, specs=tiny.specs,
+                          vocab_size=VOCAB_SIZE, log=lambda message: None)
+  marker = lambda root: json.loads((root / layout.MARKER).read_text())["files"]
+  assert marker(again) == marker(prepared)
+  assert layout.VOCAB_MODEL in marker(again)
+
+
 def test_interrupted_runs_never_look_complete(tiny, tmp_path, monkeypatch):
   root = tmp_path / "data"
 
@@ -455,3 +464,26 @@ def test_preparing_needs_no_tensorflow():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
   assert result.stdout.strip() == "[]"
+
+
+_TRAIN_IN_A_NEW_PROCESS = """
+import hashlib, random, sys
+from gqa_t5.demo_data import spm_training
+rng = random.Random(0)
+words = ["w%d" % i for i in range(3000)]
+# More lines than the trainer samples, so the sampling is exercised.
+texts = [" ".join(rng.choice(words) for _ in range(8))
+         for _ in range(spm_training.INPUT_SENTENCE_SIZE + 5000)]
+path = spm_training.train_vocabulary(texts, sys.argv[1], vocab_size=500)
+print(hashlib.sha256(path.read_bytes()).hexdigest())
+"""
+
+
+def test_the_vocabulary_is_the_same_in_every_process(tmp_path):
+  # SentencePiece's own sampling of input lines differed between processes despite its seed.
+  import subprocess
+  import sys
+  digests = {subprocess.run([sys.executable, "-c", _TRAIN_IN_A_NEW_PROCESS,
+                             str(tmp_path / f"spm{i}")], capture_output=True, text=True,
+                            check=True).stdout.strip() for i in range(2)}
+  assert len(digests) == 1 and len(next(iter(digests))) == 64
