@@ -11,42 +11,28 @@ from gqa_t5.checkpoints import orbax_format, synthetic
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.errors import CheckpointError
 from gqa_t5.checkpoints.lazy import LazyTensor
-from gqa_t5.model.config import T5Config
 
-
-def _config(**overrides):
-  fields = dict(vocab_size=50, emb_dim=16, num_heads=4, head_dim=8, mlp_dim=24,
-                num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0)
-  fields.update(overrides)
-  return T5Config(**fields)
-
-
-def _assert_trees_equal(a, b):
-  fa, fb = tree_lib.flatten(a), tree_lib.flatten(b)
-  assert sorted(fa) == sorted(fb)
-  for name in fa:
-    assert np.asarray(fb[name]).dtype == np.asarray(fa[name]).dtype, name
-    assert np.array_equal(fa[name], fb[name]), name
+from checkpoint_fixtures import assert_trees_equal, small_config
 
 
 def test_round_trip_in_t5x_layout(tmp_path):
-  params = synthetic.random_params(_config(num_kv_heads=2))
+  params = synthetic.random_params(small_config(num_kv_heads=2))
   path = str(tmp_path / "checkpoint_5")
   orbax_format.save_orbax(path, params, step=5)
   # t5x's layout: the step directory holds a 'state' item with {'target', 'state': {'step'}}.
   assert os.path.isfile(os.path.join(path, "state", "_METADATA"))
   source = orbax_format.open_orbax(path)
   assert source.step == 5 and source.config.self_attention_kv_heads == 2
-  _assert_trees_equal(params, source.read_all())
+  assert_trees_equal(params, source.read_all())
   # The item directory itself opens too.
   assert orbax_format.open_orbax(os.path.join(path, "state")).step == 5
   loaded, step, extra = orbax_format.load_orbax(path, validate=True)
   assert step == 5 and extra is None
-  _assert_trees_equal(params, loaded)
+  assert_trees_equal(params, loaded)
 
 
 def test_extra_state_round_trips_with_its_structure(tmp_path):
-  params = synthetic.random_params(_config())
+  params = synthetic.random_params(small_config())
   optimizer = optax.adam(1e-3)
   opt_state = optimizer.init(params)
   opt_state = jax.tree_util.tree_map(lambda x: x + 1, opt_state)
@@ -58,14 +44,14 @@ def test_extra_state_round_trips_with_its_structure(tmp_path):
           jax.tree_util.tree_structure(opt_state))
   for got, want in zip(jax.tree_util.tree_leaves(extra), jax.tree_util.tree_leaves(opt_state)):
     assert np.array_equal(np.asarray(got), np.asarray(want))
-  _assert_trees_equal(params, loaded)
+  assert_trees_equal(params, loaded)
   # Without a target, extra comes back as plain containers.
   _, _, plain = orbax_format.load_orbax(path)
   assert isinstance(plain, dict) and "opt_state" in plain
 
 
 def test_lazy_tensors_are_written_one_at_a_time(tmp_path):
-  config = _config()
+  config = small_config()
   lazy = synthetic.lazy_params(config)
   live, peak = [0], [0]
 
@@ -98,26 +84,26 @@ def test_lazy_tensors_are_written_one_at_a_time(tmp_path):
     type(handler)._open_and_write = orig_open_and_write
   assert peak[0] == 1 and live[0] == 0, (peak, live)
   source = orbax_format.open_orbax(str(tmp_path / "lazy"))
-  _assert_trees_equal({k: v.read() for k, v in lazy.items()},
+  assert_trees_equal({k: v.read() for k, v in lazy.items()},
                       {k: v.read() for k, v in source.tensors.items()})
 
 
 def test_reads_our_trainers_layout(tmp_path):
   import orbax.checkpoint as ocp
-  params = synthetic.random_params(_config())
+  params = synthetic.random_params(small_config())
   state = {"step": np.asarray(42, np.int32), "params": params,
            "opt_state": {"count": np.asarray(42, np.int32)}}
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ck:
     ck.save(str(tmp_path / "42" / "state"), args=ocp.args.StandardSave(state))
   source = orbax_format.open_orbax(str(tmp_path / "42"))
   assert source.step == 42
-  _assert_trees_equal(params, source.read_all())
+  assert_trees_equal(params, source.read_all())
 
 
 def test_bad_orbax_input(tmp_path):
   with pytest.raises(CheckpointError, match="not an Orbax checkpoint"):
     orbax_format.open_orbax(str(tmp_path))
-  params = tree_lib.flatten(synthetic.random_params(_config()))
+  params = tree_lib.flatten(synthetic.random_params(small_config()))
   params["decoder/layers_1/mlp/wo/kernel"] = np.zeros((24, 15), np.float32)
   path = str(tmp_path / "bad")
   orbax_format.save_orbax(path, tree_lib.unflatten(params))

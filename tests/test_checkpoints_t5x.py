@@ -12,7 +12,8 @@ import pytest
 from gqa_t5.checkpoints import msgpack_codec, synthetic, t5x_legacy
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.errors import CheckpointError
-from gqa_t5.model.config import T5Config
+
+from checkpoint_fixtures import assert_trees_equal, small_config
 
 FIXTURE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                         "shared", "fixtures", "t5x_tiny"))
@@ -21,19 +22,6 @@ needs_fixture = pytest.mark.skipif(not os.path.isdir(FIXTURE_CKPT),
                                    reason=f"t5x fixture not found at {FIXTURE}")
 
 
-def _small_config(**overrides):
-  fields = dict(vocab_size=50, emb_dim=16, num_heads=4, head_dim=8, mlp_dim=24,
-                num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0)
-  fields.update(overrides)
-  return T5Config(**fields)
-
-
-def _assert_trees_equal(a, b):
-  fa, fb = tree_lib.flatten(a), tree_lib.flatten(b)
-  assert sorted(fa) == sorted(fb)
-  for name in fa:
-    assert fa[name].dtype == fb[name].dtype, name
-    assert np.array_equal(fa[name], fb[name]), name
 
 
 @needs_fixture
@@ -109,12 +97,12 @@ def test_fixture_bfloat16_copy_reads_back(tmp_path):
 
 def test_round_trip_is_exact_and_msgpack_matches_flax(tmp_path):
   import flax.serialization
-  params = synthetic.random_params(_small_config(num_kv_heads=2))
+  params = synthetic.random_params(small_config(num_kv_heads=2))
   path = str(tmp_path / "ckpt")
   t5x_legacy.save_t5x(path, params, step=7)
   back, step = t5x_legacy.load_t5x(path)
   assert step == 7
-  _assert_trees_equal(params, back)
+  assert_trees_equal(params, back)
   # flax reads our msgpack file (the step is an int32 array as t5x writes it) ...
   state = flax.serialization.msgpack_restore(open(os.path.join(path, "checkpoint"), "rb").read())
   assert state["version"] == 3 and int(state["optimizer"]["state"]["step"]) == 7
@@ -129,11 +117,11 @@ def test_round_trip_is_exact_and_msgpack_matches_flax(tmp_path):
 
 
 def test_zstd_and_uncompressed_round_trip(tmp_path):
-  params = synthetic.random_params(_small_config())
+  params = synthetic.random_params(small_config())
   for compression in ("zstd", "none"):
     path = str(tmp_path / compression)
     t5x_legacy.save_t5x(path, params, compression=compression)
-    _assert_trees_equal(params, t5x_legacy.load_t5x(path)[0])
+    assert_trees_equal(params, t5x_legacy.load_t5x(path)[0])
 
 
 def _rewrite_specs(path, transform):
@@ -153,7 +141,7 @@ def _rewrite_specs(path, transform):
 
 
 def test_gcs_style_and_old_tensorstore_specs_resolve_locally(tmp_path):
-  params = synthetic.random_params(_small_config())
+  params = synthetic.random_params(small_config())
   path = str(tmp_path / "ckpt")
   t5x_legacy.save_t5x(path, params, step=3)
 
@@ -163,7 +151,7 @@ def test_gcs_style_and_old_tensorstore_specs_resolve_locally(tmp_path):
                                "path": spec["kvstore"]["path"]})
 
   _rewrite_specs(path, to_gcs)
-  _assert_trees_equal(params, t5x_legacy.load_t5x(path)[0])
+  assert_trees_equal(params, t5x_legacy.load_t5x(path)[0])
 
   def to_old(spec):
     # tensorstore < 0.1.14: the path sits at the top of the spec.
@@ -173,13 +161,13 @@ def test_gcs_style_and_old_tensorstore_specs_resolve_locally(tmp_path):
     return spec
 
   _rewrite_specs(path, to_old)
-  _assert_trees_equal(params, t5x_legacy.load_t5x(path)[0])
+  assert_trees_equal(params, t5x_legacy.load_t5x(path)[0])
 
 
 @pytest.fixture
 def small_ckpt(tmp_path):
   path = str(tmp_path / "ckpt")
-  t5x_legacy.save_t5x(path, synthetic.random_params(_small_config()), step=1)
+  t5x_legacy.save_t5x(path, synthetic.random_params(small_config()), step=1)
   return path
 
 
@@ -226,7 +214,7 @@ def test_spec_shape_disagreeing_with_zarr_metadata(small_ckpt):
 
 
 def test_missing_extra_and_wrongly_shaped_tensors(tmp_path):
-  config = _small_config()
+  config = small_config()
   params = tree_lib.flatten(synthetic.random_params(config))
   del params["decoder/layers_1/pre_mlp_layer_norm/scale"]
   params["decoder/layers_0/self_attention/value/kernel"] = np.zeros((16, 31), np.float32)
@@ -256,7 +244,7 @@ def test_not_a_t5x_checkpoint(tmp_path):
 
 
 def test_existing_output_refused_and_failed_write_leaves_nothing(tmp_path, small_ckpt):
-  params = synthetic.random_params(_small_config())
+  params = synthetic.random_params(small_config())
   with pytest.raises(CheckpointError, match="already exists"):
     t5x_legacy.save_t5x(small_ckpt, params)
   t5x_legacy.save_t5x(small_ckpt, params, step=9, overwrite=True)
