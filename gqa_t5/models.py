@@ -54,13 +54,18 @@ class EncoderDecoderModel:
 
   def get_initial_variables(self, rng: jnp.ndarray, input_shapes: Mapping[str, Tuple[int, ...]],
                             input_types: Optional[Mapping[str, Any]] = None) -> PyTree:
-    """`params` and `params_axes` for inputs of the given shapes (T5X's signature)."""
-    input_types = input_types or {}
-    def zeros(name):
-      return jnp.ones(input_shapes[name], input_types.get(name, jnp.int32))
-    target_shape = input_shapes["decoder_input_tokens"]
-    return self.module.init(rng, zeros("encoder_input_tokens"), zeros("decoder_input_tokens"),
-                            jnp.ones(target_shape, jnp.int32), enable_dropout=False)
+    """`params` and `params_axes` (T5X's signature).
+
+    No parameter's shape depends on the batch size or the lengths, so the module is initialised
+    on [1, 1] token inputs whatever `input_shapes` says: initialising never runs (or compiles) a
+    full-size forward pass. `input_shapes` must still name the token features, as in T5X.
+    """
+    del input_types  # token ids are int32 here whatever the batch will hold
+    for name in ("encoder_input_tokens", "decoder_input_tokens"):
+      if name not in input_shapes:
+        raise KeyError(f"input_shapes lacks {name!r}; it has {sorted(input_shapes)}")
+    tokens = jnp.ones((1, 1), jnp.int32)
+    return self.module.init(rng, tokens, tokens, tokens, enable_dropout=False)
 
   # ---- training and scoring ---------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ STANDARD_FACTOR_RULES: Mapping[str, str] = {
     "heads": COLUMN,
     "kv": COLUMN,
     "joined_kv": COLUMN,
-    "kv_joined": COLUMN,
+    "grouped_kv": COLUMN,
     "kv_heads": COLUMN,
     "relpos_buckets": NONE,
     "abspos_buckets": NONE,

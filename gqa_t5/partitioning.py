@@ -4,7 +4,7 @@ The mesh has two axes, 'data' (batch) and 'model' (heads, MLP and vocabulary), a
 `PjitPartitioner`. Parameters and activations carry logical axis names (T5X's: 'embed', 'mlp',
 'heads', 'joined_kv', 'kv', 'vocab', 'relpos_buckets', ...); `standard_logical_axis_rules`
 maps them to mesh axes. Grouped-query attention adds two names for its K key/value heads:
-  'kv_joined'  the K*H output dim of the decoder's key/value kernels (parameters),
+  'grouped_kv'  the K*H output dim of the decoder's key/value kernels (parameters),
   'kv_heads'   the K dim of key/value activations.
 They shard over 'model' only when K is a multiple of the model axis size: each device then
 holds the key/value heads of exactly its own query heads (query head n uses key/value head
@@ -59,7 +59,7 @@ def standard_logical_axis_rules(num_kv_heads: Optional[int] = None,
       ("heads", MODEL),
       ("kv", None),
       ("joined_kv", MODEL),
-      ("kv_joined", kv_axis),
+      ("grouped_kv", kv_axis),
       ("kv_heads", kv_axis),
       ("relpos_buckets", None),
       ("abspos_buckets", None),
@@ -168,6 +168,32 @@ def params_logical_axes(params_axes) -> Any:
   """The `params_axes` collection (flax `param_with_axes`) as a tree of name tuples."""
   specs = flax.core.unfreeze(nn_partitioning.get_axis_names(params_axes))
   return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+_INIT_SHAPES = {"encoder_input_tokens": (1, 1), "decoder_input_tokens": (1, 1)}
+
+
+def abstract_params_and_axes(model) -> Tuple[Any, Any]:
+  """(parameter ShapeDtypeStructs, logical-axis tuples) of an `EncoderDecoderModel`.
+
+  The one place that works out a model's parameters without allocating them. A module that
+  declares no logical axes gets fully replicated ones (with a warning).
+  """
+  variables = jax.eval_shape(lambda rng: model.get_initial_variables(rng, _INIT_SHAPES),
+                             jax.random.PRNGKey(0))
+  abstract = variables["params"]
+  if "params_axes" in variables:
+    return abstract, params_logical_axes(variables["params_axes"])
+  logging.warning("the model declares no logical axes: parameters are replicated")
+  return abstract, jax.tree.map(lambda p: (None,) * len(p.shape), abstract)
+
+
+def init_params(model, rng, shardings=None) -> Any:
+  """Random parameters created on the devices by one jitted initialiser (T5X's partitioned
+  init): nothing runs at full input size and nothing is placed twice. `shardings`: a tree of
+  shardings as `Partitioner.shardings` gives (None: default placement)."""
+  init = lambda r: model.get_initial_variables(r, _INIT_SHAPES)["params"]
+  return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def _is_axes(x) -> bool:

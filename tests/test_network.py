@@ -70,9 +70,9 @@ def test_mha_tree_equals_the_tree_t5x_wrote():
   assert sorted(ours) == sorted(t5x)
   for path, (shape, axes) in t5x.items():
     assert ours[path][0] == shape, path
-    # MHA key/value kernels are named 'kv_joined' in the decoder so they can be replicated when
+    # MHA key/value kernels are named 'grouped_kv' in the decoder so they can be replicated when
     # K does not divide the model axis; everything else carries T5X's names.
-    assert tuple("joined_kv" if a == "kv_joined" else a for a in ours[path][1]) == axes, path
+    assert tuple("joined_kv" if a == "grouped_kv" else a for a in ours[path][1]) == axes, path
 
 
 def decode_step_by_step(module, params, batch, encoded_override=None):

@@ -25,14 +25,14 @@ def test_standard_rules_follow_t5x_and_shard_kv_heads_only_when_divisible():
     assert rules[name] == "model"
   for name in ("embed", "kv", "length", "relpos_buckets", "layers"):
     assert rules[name] is None
-  assert rules["kv_joined"] == "model" and rules["kv_heads"] == "model"
+  assert rules["grouped_kv"] == "model" and rules["kv_heads"] == "model"
   # K = 2 on a model axis of 4: replicated; the query heads stay sharded.
   rules = dict(partitioning.standard_logical_axis_rules(2, 2, model_axis_size=4))
-  assert rules["kv_joined"] is None and rules["kv_heads"] is None
+  assert rules["grouped_kv"] is None and rules["kv_heads"] is None
   assert rules["joined_kv"] == "model"
   # Cross-attention K that does not divide replicates both (one logical name serves both).
   rules = dict(partitioning.standard_logical_axis_rules(4, 1, model_axis_size=4))
-  assert rules["kv_joined"] is None
+  assert rules["grouped_kv"] is None
 
 
 def test_partitioner_maps_logical_axes_to_specs():

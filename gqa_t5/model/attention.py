@@ -40,7 +40,7 @@ class GroupedAttention(nn.Module):
     num_heads: N query heads.
     num_kv_heads: K key/value heads (must divide N).
     head_dim: H.
-    kv_kernel_axis: logical name of the key/value kernels' output dim. The decoder uses 'kv_joined'
+    kv_kernel_axis: logical name of the key/value kernels' output dim. The decoder uses 'grouped_kv'
       so that the partitioner can replicate the K heads when K does not divide the model axis.
   """
 

@@ -90,14 +90,14 @@ class DecoderLayer(nn.Module):
     x = RMSNorm(dtype=cfg.dtype, name="pre_self_attention_layer_norm")(inputs)
     x = GroupedAttention(cfg.emb_dim, cfg.num_heads, cfg.self_attention_kv_heads, cfg.head_dim,
                          cfg.dtype, cfg.dropout_rate, cfg.float32_attention_logits,
-                         kv_kernel_axis="kv_joined", name="self_attention")(
+                         kv_kernel_axis="grouped_kv", name="self_attention")(
                              x, x, self_mask, bias, deterministic=deterministic, decode=decode,
                              position_bias_fn=position_bias_fn)
     x = _dropout(cfg)(x, deterministic=deterministic) + inputs
     y = RMSNorm(dtype=cfg.dtype, name="pre_cross_attention_layer_norm")(x)
     y = GroupedAttention(cfg.emb_dim, cfg.num_heads, cfg.cross_attention_kv_heads, cfg.head_dim,
                          cfg.dtype, cfg.dropout_rate, cfg.float32_attention_logits,
-                         kv_kernel_axis="kv_joined", name="encoder_decoder_attention")(
+                         kv_kernel_axis="grouped_kv", name="encoder_decoder_attention")(
                              y, encoded, cross_mask, None, deterministic=deterministic,
                              decode=decode, cross_attention=True,
                              cross_kv_cached=cross_kv_cached)
