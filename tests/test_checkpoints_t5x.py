@@ -9,22 +9,18 @@ import msgpack
 import numpy as np
 import pytest
 
+import fixture_paths
+
 from gqa_t5.checkpoints import msgpack_codec, synthetic, t5x_legacy
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.errors import CheckpointError
 
 from checkpoint_fixtures import assert_trees_equal, small_config
 
-FIXTURE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                                        "shared", "fixtures", "t5x_tiny"))
+FIXTURE = fixture_paths.T5X_TINY
 FIXTURE_CKPT = os.path.join(FIXTURE, "checkpoint_f32", "checkpoint_20")
-needs_fixture = pytest.mark.skipif(not os.path.isdir(FIXTURE_CKPT),
-                                   reason=f"t5x fixture not found at {FIXTURE}")
 
 
-
-
-@needs_fixture
 def test_fixture_reads_with_the_fixture_config():
   source = t5x_legacy.open_t5x(FIXTURE_CKPT)
   config = source.config
@@ -68,7 +64,6 @@ def _loss_per_token(config, params, batch):
   return float((nll * weights).sum() / weights.sum())
 
 
-@needs_fixture
 def test_fixture_loss_matches_what_t5x_reports():
   source = t5x_legacy.open_t5x(FIXTURE_CKPT)
   batch = _fixture_batch()
@@ -80,7 +75,6 @@ def test_fixture_loss_matches_what_t5x_reports():
   assert _loss_per_token(source.config, shuffled, batch) > 6.0
 
 
-@needs_fixture
 def test_fixture_bfloat16_copy_reads_back(tmp_path):
   params, step = t5x_legacy.load_t5x(FIXTURE_CKPT)
   t5x_legacy.save_t5x(str(tmp_path / "bf16"), params, step=step, dtype="bfloat16")

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fixture_paths
+
 from gqa_t5.checkpoints import orbax_format, synthetic, t5x_legacy
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.convert import cli, converter, pooling
@@ -289,11 +291,9 @@ def test_input_grams_cover_every_layer_and_skip_padding(params):
     np.testing.assert_allclose(padded_grams[name], grams[name], rtol=1e-5, atol=1e-7)
 
 
-FIXTURE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                                        "shared", "fixtures", "t5x_tiny"))
+FIXTURE = fixture_paths.T5X_TINY
 
 
-@pytest.mark.skipif(not os.path.isdir(FIXTURE), reason=f"t5x fixture not found at {FIXTURE}")
 def test_cli_calibrated_alignment_on_the_fixture(tmp_path, capsys):
   source = os.path.join(FIXTURE, "checkpoint_f32", "checkpoint_20")
   common = ["--input", source, "--num-kv-heads", 2, "--calibration-data",

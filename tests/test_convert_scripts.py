@@ -6,8 +6,10 @@ import re
 
 import pytest
 
+import fixture_paths
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.normpath(os.path.join(REPO, "..", "shared", "fixtures", "t5x_tiny"))
+FIXTURE = fixture_paths.T5X_TINY
 
 
 def _script(name):
@@ -17,7 +19,6 @@ def _script(name):
   return module
 
 
-@pytest.mark.skipif(not os.path.isdir(FIXTURE), reason=f"t5x fixture not found at {FIXTURE}")
 def test_conversion_quality_on_the_fixture(capsys):
   script = _script("conversion_quality")
   assert script.main(["--checkpoint", os.path.join(FIXTURE, "checkpoint_f32", "checkpoint_20"),

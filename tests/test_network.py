@@ -7,13 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import fixture_paths
 from flax import traverse_util
 
 from gqa_t5.model import T5Config, Transformer
 from model_fixtures import KV_HEADS, forward, init_params, tiny_batch, tiny_config
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "goldens")
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "t5x_tiny")
+FIXTURE = fixture_paths.T5X_TINY
 
 
 def param_table(config: T5Config) -> str:
@@ -47,7 +49,6 @@ def test_parameter_tree_matches_golden(name, kv_heads, cross_kv_heads):
     assert table == f.read()
 
 
-@pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="shared/fixtures/t5x_tiny not laid out")
 def test_mha_tree_equals_the_tree_t5x_wrote():
   """Paths, shapes and logical axes as t5x's own model-info.txt of the fixture checkpoint."""
   config = T5Config(vocab_size=1152, emb_dim=128, num_heads=8, head_dim=32, mlp_dim=256,

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import fixture_paths
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -17,15 +19,13 @@ from gqa_t5.tasks import paper
 from gqa_t5.tasks import preprocessors
 from gqa_t5.tasks import vocab
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "t5x_tiny"
+FIXTURE = Path(fixture_paths.T5X_TINY)
 EOS = 1
 SHORT = {"inputs": 12, "targets": 16}
 
 
 @pytest.fixture(scope="module")
 def tiny_vocab():
-  if not (FIXTURE / "spm.model").exists():
-    pytest.skip(f"t5x_tiny fixture not found at {FIXTURE}")
   vocabulary = vocab.get_vocabulary(str(FIXTURE / "spm.model"))
   paper.register_paper_tasks(vocabulary=vocabulary)
   yield vocabulary

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import fixture_paths
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -13,7 +15,7 @@ from gqa_t5.tasks import paper
 from gqa_t5.tasks import registration
 from gqa_t5.tasks import span_corruption
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "t5x_tiny"
+FIXTURE = Path(fixture_paths.T5X_TINY)
 VOCAB_SIZE = 1100  # The fixture's 1000 pieces + 100 sentinels.
 
 TEXT = (
@@ -26,8 +28,6 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def vocabulary():
-  if not (FIXTURE / "spm.model").exists():
-    pytest.skip(f"t5x_tiny fixture not found at {FIXTURE}")
   return seqio.SentencePieceVocabulary(str(FIXTURE / "spm.model"), extra_ids=100)
 
 

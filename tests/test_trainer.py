@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fixture_paths
+
 import trainer_fixtures as fx
 from gqa_t5 import checkpointing, initial_checkpoint, input_pipeline, optim, partitioning
 from gqa_t5 import train_loop
 from gqa_t5 import trainer as trainer_lib
 
-FIXTURE = os.path.join(fx.REPO, "..", "shared", "fixtures", "t5x_tiny")
+FIXTURE = fixture_paths.T5X_TINY
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -169,7 +171,6 @@ def test_uptraining_from_a_multi_head_run_with_mean_pooling(tmp_path):
   assert np.sqrt(np.mean((after - before) ** 2)) <= 0.05 * rms * 1.01
 
 
-@pytest.mark.skipif(not os.path.isdir(FIXTURE), reason="t5x_tiny fixture not found beside repo")
 def test_fine_tuning_starts_from_a_t5x_checkpoint(tmp_path):
   from gqa_t5 import models
   from gqa_t5.model import network
