@@ -50,9 +50,10 @@ setup(
     extras_require={
         "data": DATA,
         "test": TEST,
-        # t5x is not on PyPI: install it from its repository yourself; gqa_t5 then plugs in
-        # (see README, "Using the network from t5x"). Nothing here imports it eagerly.
-        "t5x": [],
+        # t5x's own imports that its repository does not pin compatibly with ours. t5x itself and
+        # airio are not on PyPI: install them from their repositories with `pip install
+        # --no-deps` after this extra (gin/t5x/README.md has the recipe). Nothing here imports t5x.
+        "t5x": ["grain", "fiddle", "jaxtyping", "cached_property", "jestimator"],
     },
     entry_points={"console_scripts": ["gqa-t5=gqa_t5.cli:main"]},
 )
