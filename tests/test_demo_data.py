@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from gqa_t5.demo_data import card
 from gqa_t5.demo_data import extract
 from gqa_t5.demo_data import fetch
 from gqa_t5.demo_data import layout
@@ -408,9 +409,9 @@ def test_fetch_reports_pip_failure(tmp_path, monkeypatch):
 
 def test_input_formats_match_the_task_prefixes():
   from gqa_t5.tasks import preprocessors
-  assert prepare.INPUT_FORMATS["summarize"]({"document": "d"}) == (
+  assert card.INPUT_FORMATS["summarize"]({"document": "d"}) == (
       preprocessors.SUMMARIZE_PREFIX + "d")
-  assert prepare.INPUT_FORMATS["translate_en_de"]({"en": "e"}) == (
+  assert card.INPUT_FORMATS["translate_en_de"]({"en": "e"}) == (
       preprocessors.TRANSLATE_EN_DE_PREFIX + "e")
 
 

@@ -37,22 +37,6 @@ STAGING = ".staging"
 DOWNLOADS = ".downloads"
 LOCK = ".lock"
 
-# How the demo tasks format their inputs (kept equal to gqa_t5.tasks.preprocessors'
-# prefixes by a test); used here only to report token lengths.
-INPUT_FORMATS = {
-    "summarize": lambda r: "summarize: " + r["document"],
-    "translate_en_de": lambda r: "translate English to German: " + r["en"],
-    "qa": lambda r: f"question: {r['question']} context: {r['context']}",
-}
-TARGET_FORMATS = {
-    "summarize": lambda r: r["summary"],
-    "translate_en_de": lambda r: r["de"],
-    "qa": lambda r: r["answers"][0],
-}
-TASK_OF = {"summarize": "demo_summarize", "translate_en_de": "demo_translate_en_de",
-           "qa": "demo_qa"}
-
-
 class DemoDataError(RuntimeError):
   """Preparing the demo data failed; the message says why and what to do."""
 
@@ -107,23 +91,6 @@ def _resolve_archives(root: Path, archives: Optional[Mapping[str, os.PathLike]],
   return resolved
 
 
-def _token_length_stats(model_path: Path, datasets: Mapping[str, Mapping[str, list]]
-                        ) -> dict:
-  """Token counts (with EOS) of every demo example against the default lengths."""
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  processor = spm.SentencePieceProcessor(model_file=str(model_path))
-  stats = {}
-  for feature, formats in (("inputs", INPUT_FORMATS), ("targets", TARGET_FORMATS)):
-    for name, to_text in formats.items():
-      records = [r for split in datasets[name].values() for r in split]
-      counts = [len(ids) + 1 for ids in processor.encode([to_text(r) for r in records])]
-      limit = layout.DEMO_FEATURE_LENGTHS[TASK_OF[name]][feature]
-      stats.setdefault(name, {})[feature] = {
-          "default_length": limit, "mean": sum(counts) / len(counts), "max": max(counts),
-          "share_over": sum(c > limit for c in counts) / len(counts)}
-  return stats
-
-
 def _build(staging: Path, archive_paths: Mapping[str, Path],
            specs: Sequence[sources.ArchiveSpec], vocab_size: int,
            log: Callable[[str], None]) -> dict:
@@ -135,30 +102,9 @@ def _build(staging: Path, archive_paths: Mapping[str, Path],
   log(f"extracted {len(wiki)} Wikipedia pairs, {len(bible)} verse pairs, {len(qa)} "
       f"questions, {len(passages)} passages ({time.time() - start:.0f} s)")
 
-  datasets = {
-      "summarize": splits.split_records(wiki, lambda r: r["id"], "summarize"),
-      # Whole chapters go to one split: neighbouring verses share wording.
-      "translate_en_de": splits.split_records(
-          bible, lambda r: r["id"].rsplit(".", 1)[0], "translate_en_de"),
-      # All questions on one context go to one split.
-      "qa": splits.split_records(qa, lambda r: r["context"], "qa"),
-  }
-  evaluation_texts = []
-  for split in ("validation", "test"):
-    evaluation_texts += [r["document"] for r in datasets["summarize"][split]]
-    evaluation_texts += [r["summary"] for r in datasets["summarize"][split]]
-    evaluation_texts += [r["en"] for r in datasets["translate_en_de"][split]]
-    evaluation_texts += [r["de"] for r in datasets["translate_en_de"][split]]
-    evaluation_texts += [r["context"] for r in datasets["qa"][split]]
-  overlap = splits.OverlapFilter(evaluation_texts)
-  candidates = ([{"id": f"wikipedia/{r['id']}", "source": "wikipedia", "text": r["document"]}
-                 for r in datasets["summarize"]["train"]] + passages)
-  pretrain, dropped = overlap.keep(candidates, lambda r: r["text"])
-  datasets["pretrain"] = splits.split_records(
-      pretrain, lambda r: r["text"], "pretrain",
-      {"validation": splits.PRETRAIN_VALIDATION_FRACTION})
-  log(f"pretraining text: {len(pretrain)} documents, {dropped} dropped for overlapping "
-      "evaluation documents")
+  datasets, dropped = splits.split_datasets(wiki, bible, qa, passages)
+  log(f"pretraining text: {len(datasets['pretrain']['train'])} training documents, {dropped} "
+      "dropped for overlapping evaluation documents")
 
   for dataset, by_split in datasets.items():
     for split, records in by_split.items():
@@ -173,43 +119,8 @@ def _build(staging: Path, archive_paths: Mapping[str, Path],
       vocab_texts, staging / Path(layout.VOCAB_MODEL).with_suffix(""), vocab_size)
   log(f"trained a {vocab_size}-piece SentencePiece vocabulary ({time.time() - start:.0f} s)")
 
-  counts = {d: {s: len(r) for s, r in by_split.items()} for d, by_split in datasets.items()}
-  return {
-      "format_version": layout.FORMAT_VERSION,
-      "inputs": {spec.key: {"requirement": spec.requirement, "filename": spec.filename,
-                            "sha256": spec.sha256, "licence": spec.licence,
-                            "content": spec.description}
-                 for spec in specs},
-      "counts": counts,
-      "vocabulary": {"path": layout.VOCAB_MODEL, "pieces": vocab_size,
-                     "extra_ids": 100, "model_type": "unigram",
-                     "trained_on": "pretrain/train text + translate_en_de/train (both "
-                                   "sides)"},
-      "token_lengths": _token_length_stats(model_path, datasets),
-      "processing": [
-          "whitespace collapsed to single spaces; World English Bible backticks -> "
-          "apostrophes; Natural Instructions passages lightly detokenized "
-          "(' ,' -> ',', \"do n't\" -> \"don't\"), MultiRC sentence numbers removed, "
-          f"passages under {extract.MIN_PASSAGE_WORDS} words dropped, duplicates dropped",
-          "splits fixed by a sha256 of the group key: Wikipedia title, Bible chapter, "
-          f"QA context; validation {splits.EVAL_FRACTIONS['validation']:.0%}, test "
-          f"{splits.EVAL_FRACTIONS['test']:.0%}; pretraining validation "
-          f"{splits.PRETRAIN_VALIDATION_FRACTION:.0%}",
-          "pretraining text = Wikipedia leads of the summarization train split + "
-          "Natural Instructions passages, minus every text sharing a "
-          f"{splits.OVERLAP_NGRAM}-word sequence with a validation/test document "
-          f"of any task ({dropped} dropped)",
-      ],
-      "caveats": [
-          "Summaries are Wikipedia's short descriptions (a few words), not abstracts: "
-          "ROUGE on them is a smoke test of the pipeline, not a benchmark.",
-          "The German side is the Elberfelder in pre-1996 orthography, a literal "
-          "translation; BLEU against it is low even for good translations.",
-          "BIG-bench files carry a canary string asking that benchmark data not appear "
-          "in training corpora. Train on this demo data only to try the code; do not "
-          "publish such models or evaluate them on BIG-bench.",
-      ],
-  }
+  return card.card_dict(specs, datasets, vocab_size, dropped,
+                        card.token_length_stats(model_path, datasets))
 
 
 def _install(staging: Path, root: Path) -> None:

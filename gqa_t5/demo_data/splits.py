@@ -74,3 +74,36 @@ class OverlapFilter:
     """(records without overlap, number dropped)."""
     kept = [r for r in records if not self.overlaps(text_of(r))]
     return kept, len(records) - len(kept)
+
+
+def split_datasets(wiki: Sequence[Mapping], bible: Sequence[Mapping], qa: Sequence[Mapping],
+                   passages: Sequence[Mapping]):
+  """(datasets {name: {split: records}}, number of pretraining texts dropped for overlap).
+
+  The three tasks are split by group key; pretraining text is the summarization train split's
+  documents plus the passages, minus whatever overlaps a validation or test document.
+  """
+  datasets = {
+      "summarize": split_records(wiki, lambda r: r["id"], "summarize"),
+      # Whole chapters go to one split: neighbouring verses share wording.
+      "translate_en_de": split_records(
+          bible, lambda r: r["id"].rsplit(".", 1)[0], "translate_en_de"),
+      # All questions on one context go to one split.
+      "qa": split_records(qa, lambda r: r["context"], "qa"),
+  }
+  evaluation_texts = []
+  for split in ("validation", "test"):
+    evaluation_texts += [r["document"] for r in datasets["summarize"][split]]
+    evaluation_texts += [r["summary"] for r in datasets["summarize"][split]]
+    evaluation_texts += [r["en"] for r in datasets["translate_en_de"][split]]
+    evaluation_texts += [r["de"] for r in datasets["translate_en_de"][split]]
+    evaluation_texts += [r["context"] for r in datasets["qa"][split]]
+  overlap = OverlapFilter(evaluation_texts)
+  candidates = ([{"id": f"wikipedia/{r['id']}", "source": "wikipedia", "text": r["document"]}
+                 for r in datasets["summarize"]["train"]] + passages)
+  pretrain, dropped = overlap.keep(candidates, lambda r: r["text"])
+  datasets["pretrain"] = split_records(
+      pretrain, lambda r: r["text"], "pretrain",
+      {"validation": PRETRAIN_VALIDATION_FRACTION})
+
+  return datasets, dropped
