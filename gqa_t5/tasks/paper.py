@@ -67,6 +67,32 @@ def register_paper_tasks(vocabulary: Optional[seqio.Vocabulary] = None,
       seqio.TfdsDataSource(tfds_name=TFDS_NAMES["c4_span_corruption"]),
       vocabulary, _inputs_length("c4_span_corruption"))
 
+  _register_summarization(features, mediasum_dir)
+
+  registration.add_task(
+      "wmt14_en_de",
+      source=seqio.TfdsDataSource(tfds_name=TFDS_NAMES["wmt14_en_de"]),
+      preprocessors=[
+          functools.partial(preprocessors.translate, source_key="en", target_key="de"),
+          *registration.tokenize_and_trim()],
+      output_features=features,
+      metric_fns=list(registration.TRANSLATION_METRICS))
+
+  registration.add_task(
+      "trivia_qa",
+      source=seqio.TfdsDataSource(tfds_name=TFDS_NAMES["trivia_qa"]),
+      preprocessors=[
+          functools.partial(preprocessors.trivia_qa,
+                            default_inputs_length=_inputs_length("trivia_qa")),
+          *registration.tokenize_and_trim()],
+      output_features=features,
+      postprocess_fn=preprocessors.qa_answers,
+      metric_fns=[metrics.trivia_qa])
+  return list(PAPER_TASK_NAMES)
+
+
+def _register_summarization(features, mediasum_dir: Optional[str]) -> None:
+  """The five TFDS summarization tasks and MediaSum (JSON files), scored with ROUGE."""
   for name, (document, summary) in _SUMMARY_FIELDS.items():
     registration.add_task(
         name,
@@ -90,24 +116,3 @@ def register_paper_tasks(vocabulary: Optional[seqio.Vocabulary] = None,
           *registration.tokenize_and_trim()],
       output_features=features,
       metric_fns=list(registration.SUMMARY_METRICS))
-
-  registration.add_task(
-      "wmt14_en_de",
-      source=seqio.TfdsDataSource(tfds_name=TFDS_NAMES["wmt14_en_de"]),
-      preprocessors=[
-          functools.partial(preprocessors.translate, source_key="en", target_key="de"),
-          *registration.tokenize_and_trim()],
-      output_features=features,
-      metric_fns=list(registration.TRANSLATION_METRICS))
-
-  registration.add_task(
-      "trivia_qa",
-      source=seqio.TfdsDataSource(tfds_name=TFDS_NAMES["trivia_qa"]),
-      preprocessors=[
-          functools.partial(preprocessors.trivia_qa,
-                            default_inputs_length=_inputs_length("trivia_qa")),
-          *registration.tokenize_and_trim()],
-      output_features=features,
-      postprocess_fn=preprocessors.qa_answers,
-      metric_fns=[metrics.trivia_qa])
-  return list(PAPER_TASK_NAMES)
