@@ -8,6 +8,7 @@ import os
 
 import jax
 import pytest
+pytest.importorskip("gin")  # the data extra; absent on a TensorFlow-free GPU box
 from gin import config as gin_config
 
 import trainer_fixtures as fx

@@ -4,6 +4,9 @@ import math
 
 import pytest
 
+pytest.importorskip("seqio")  # the data extra; absent on a TensorFlow-free GPU box
+pytest.importorskip("rouge_score")  # the data extra; absent on a TensorFlow-free GPU box
+pytest.importorskip("sacrebleu")  # the data extra; absent on a TensorFlow-free GPU box
 from gqa_t5.tasks import metrics
 
 

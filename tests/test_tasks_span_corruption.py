@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 import fixture_paths
+pytest.importorskip("tensorflow")  # the data extra; absent on a TensorFlow-free GPU box
+pytest.importorskip("seqio")  # the data extra; absent on a TensorFlow-free GPU box
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
