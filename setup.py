@@ -50,10 +50,11 @@ setup(
     extras_require={
         "data": DATA,
         "test": TEST,
-        # t5x's own imports that its repository does not pin compatibly with ours. t5x itself and
-        # airio are not on PyPI: install them from their repositories with `pip install
-        # --no-deps` after this extra (gin/t5x/README.md has the recipe). Nothing here imports t5x.
-        "t5x": ["grain", "fiddle", "jaxtyping", "cached_property", "jestimator"],
+        # t5x's own imports that its repository does not pin compatibly with ours. t5x, airio and
+        # jestimator (PyPI's 0.3.3 fails to import on jax 0.10) come from their repositories with
+        # `pip install --no-deps` after this extra: gin/t5x/README.md has the recipe. Nothing
+        # here imports t5x.
+        "t5x": ["grain", "fiddle", "jaxtyping", "cached_property"],
     },
     entry_points={"console_scripts": ["gqa-t5=gqa_t5.cli:main"]},
 )
