@@ -67,7 +67,9 @@ def _deferred_signals() -> Iterator[None]:
   if threading.current_thread() is not threading.main_thread():
     yield  # only the main thread receives signals
     return
-  previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
+  # A signal the process ignores (nohup) stays ignored.
+  previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS
+              if signal.getsignal(s) is not signal.SIG_IGN}
   _StopRequest.signum = None
 
   def restore() -> Optional[int]:

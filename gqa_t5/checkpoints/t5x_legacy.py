@@ -80,7 +80,8 @@ def _resolve_store_dir(ckpt_dir: str, spec: Mapping[str, Any], name: str) -> str
     if os.path.isdir(candidate):
       return os.path.abspath(candidate)  # tensorstore refuses paths with '..'
   raise CheckpointError(f"tensor {name!r}: its zarr directory {candidates[-1]} is missing "
-                        f"(spec path {relative!r})")
+                        f"(spec path {relative!r}: a damaged 'checkpoint' file, or a tensor "
+                        "directory that was not copied)")
 
 
 def _zarr_chunk_keys(shape, chunks, separator: str):
