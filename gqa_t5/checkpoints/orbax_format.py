@@ -21,7 +21,7 @@ import numpy as np
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.atomic import Interrupted, atomic_directory, raise_if_interrupted
-from gqa_t5.checkpoints.errors import CheckpointError
+from gqa_t5.checkpoints.errors import CheckpointError, describe
 from gqa_t5.checkpoints.lazy import LazyTensor
 
 FORMAT = "orbax"
@@ -53,12 +53,9 @@ def is_orbax_dir(path: str) -> bool:
 
 
 def _orbax():
-  """(orbax.checkpoint, jax, etils.epath), imported when an Orbax checkpoint is first touched.
-
-  The one lazy import here: Orbax takes about half a second to import, and readers of the
-  other formats (and conversions to t5x) should not pay for it. jax, whose pytree utilities
-  go with Orbax's trees, and etils come with it (Orbax imports both itself).
-  """
+  """(orbax.checkpoint, jax, etils.epath), imported when an Orbax checkpoint is first touched:
+  Orbax takes about half a second to import, and other formats should not pay for it. jax (its
+  pytree utilities) and etils come with it; Orbax imports both itself."""
   import orbax.checkpoint as ocp
   import jax
   from etils import epath
@@ -70,9 +67,9 @@ def _metadata_tree(pytree_dir: str) -> Dict[str, Any]:
   try:
     metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(pytree_dir))
   except Exception as error:
-    raise CheckpointError(f"cannot read Orbax metadata of {pytree_dir}: {error}") from error
-  tree = getattr(metadata, "tree", metadata)
-  return tree
+    raise CheckpointError(f"cannot read Orbax metadata of {pytree_dir}: "
+                          f"{describe(error)}") from error
+  return getattr(metadata, "tree", metadata)
 
 
 def _restore_subtree(pytree_dir: str, item: Mapping[str, Any], what: str) -> Dict[str, Any]:
@@ -92,29 +89,27 @@ def _restore_subtree(pytree_dir: str, item: Mapping[str, Any], what: str) -> Dic
 
 def _placeholder_array(meta) -> Any:
   """A restore template for a metadata leaf (np.empty: no memory is touched)."""
-  shape = getattr(meta, "shape", None)
-  dtype = getattr(meta, "dtype", None)
+  shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
   if shape is None or dtype is None:
     return 0
-  return np.zeros(tuple(shape), np.dtype(dtype)) if tuple(shape) == () else \
-      np.empty(tuple(shape), np.dtype(dtype))
+  return (np.zeros if tuple(shape) == () else np.empty)(tuple(shape), np.dtype(dtype))
+
+
+def _restore_leaf(pytree_dir: str, path: Tuple[str, ...], meta, what: str) -> np.ndarray:
+  """One leaf, by its path in the tree and its metadata."""
+  item: Dict[str, Any] = {}
+  node = item
+  for key in path[:-1]:
+    node = node.setdefault(key, {})
+  node[path[-1]] = _placeholder_array(meta)  # Orbax needs the structure and dtype
+  restored = _restore_subtree(pytree_dir, item, what)
+  for key in path:
+    restored = restored[key]
+  return np.asarray(restored)
 
 
 def _leaf_reader(pytree_dir: str, path: Tuple[str, ...], meta):
-  name = "/".join(path[1:])
-
-  def read():
-    item: Dict[str, Any] = {}
-    node = item
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = _placeholder_array(meta)  # Orbax needs the structure and dtype
-    restored = _restore_subtree(pytree_dir, item, f"tensor {name!r}")
-    for key in path:
-      restored = restored[key]
-    return np.asarray(restored)
-
-  return read
+  return lambda: _restore_leaf(pytree_dir, path, meta, f"tensor {'/'.join(path[1:])!r}")
 
 
 def _lazy_leaves(pytree_dir: str, node: Any, path: Tuple[str, ...]) -> Dict[str, LazyTensor]:
@@ -159,15 +154,7 @@ def _read_step(pytree_dir: str, metadata: Mapping[str, Any]) -> int:
   meta = metadata
   for key in path:
     meta = meta[key]
-  item: Dict[str, Any] = {}
-  node = item
-  for key in path[:-1]:
-    node = node.setdefault(key, {})
-  node[path[-1]] = _placeholder_array(meta)
-  restored = _restore_subtree(pytree_dir, item, "the step")
-  for key in path:
-    restored = restored[key]
-  return int(np.asarray(restored).reshape(()))
+  return int(_restore_leaf(pytree_dir, path, meta, "the step").reshape(()))
 
 
 def open_orbax(path: str, config=None, validate: bool = True) -> source_lib.CheckpointSource:

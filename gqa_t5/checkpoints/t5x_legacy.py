@@ -27,7 +27,7 @@ from gqa_t5.checkpoints import msgpack_codec
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.atomic import atomic_directory, raise_if_interrupted
-from gqa_t5.checkpoints.errors import CheckpointError
+from gqa_t5.checkpoints.errors import CheckpointError, describe
 from gqa_t5.checkpoints.lazy import LazyTensor
 
 FORMAT = "t5x"
@@ -178,12 +178,6 @@ def read_state(path: str) -> Tuple[str, Dict[str, Any]]:
     raise CheckpointError(f"{ckpt_file} is not a T5X checkpoint: no 'optimizer' entry "
                           f"(keys: {sorted(state) if isinstance(state, dict) else type(state)})")
   return os.path.dirname(ckpt_file), state
-
-
-def describe(error: BaseException) -> str:
-  """'Type: message' of an exception, never empty (msgpack's ExtraData has no message)."""
-  return f"{type(error).__name__}: {error}" if str(error) else \
-      f"{type(error).__name__} (raised without a message)"
 
 
 def scalar_step(value: Any, where: str) -> int:

@@ -63,8 +63,8 @@ def _gram(values, mask) -> np.ndarray:
 
 def input_grams(config, params, batch: Batch, batch_size: int = 32) -> Dict[str, np.ndarray]:
   """{'decoder/layers_i/<attention>': X^T X / tokens} of the key/value inputs of each layer."""
-  # Only calibration runs the network: importing jax/flax (seconds) here keeps every other
-  # conversion, and the import of gqa_t5.convert, free of them.
+  # Only calibration runs the network: flax and the network load here, so every other
+  # conversion (and importing gqa_t5.convert) goes without them; convert/ imports no jax itself.
   import jax
   from gqa_t5.model.network import Transformer
   config = config.replace(dropout_rate=0.0)
