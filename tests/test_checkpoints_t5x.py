@@ -232,7 +232,8 @@ def test_not_a_t5x_checkpoint(tmp_path):
   ckpt_file = tmp_path / "checkpoint"
   ckpt_file.write_bytes(b"\xc1\xc1 not msgpack")
   # msgpack's FormatError has an empty message: the reason still names the type and the file.
-  with pytest.raises(CheckpointError, match="not readable msgpack: FormatError: raised without a message") as error:
+  with pytest.raises(CheckpointError,
+                     match="not readable msgpack: FormatError: raised without a message") as error:
     t5x_legacy.open_t5x(str(tmp_path))
   assert str(ckpt_file) in str(error.value) and "damaged T5X checkpoint" in str(error.value)
   ckpt_file.write_bytes(b"")

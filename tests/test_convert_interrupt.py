@@ -27,7 +27,8 @@ def source(tmp_path):
 
 
 def _start(argv, delay=0.3):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT, os.environ.get("PYTHONPATH", "")]))
+  path = os.pathsep.join([TESTS, ROOT, os.environ.get("PYTHONPATH", "")])
+  env = dict(os.environ, PYTHONPATH=path)
   code = "import sys, checkpoint_fixtures as f; sys.exit(f.slow_convert(sys.argv[1:], %r))" % delay
   return subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -157,3 +158,26 @@ def test_in_process_interrupt_between_tensors_removes_the_partial_output(tmp_pat
   assert signal.getsignal(signal.SIGTERM) is not atomic._on_signal  # handlers restored
   orbax_format.save_orbax(str(out), params)  # and a later write works
   assert entries(tmp_path) == ["ckpt"]
+
+
+def test_signal_before_publishing_discards_and_during_publishing_keeps(tmp_path, monkeypatch):
+  out = tmp_path / "ckpt"
+  with pytest.raises(atomic.Interrupted) as error:
+    with atomic.atomic_directory(str(out)) as tmp:
+      assert os.path.exists(os.path.join(tmp, atomic.MARKER))  # ours from the start
+      os.kill(os.getpid(), signal.SIGINT)  # after the last tensor, before the rename
+  assert error.value.exit_code == 130 and not error.value.completed
+  assert entries(tmp_path) == []
+  publish = atomic._publish
+
+  def publish_then_signal(*args):
+    publish(*args)
+    os.kill(os.getpid(), signal.SIGTERM)  # too late to undo: the output is whole
+
+  monkeypatch.setattr(atomic, "_publish", publish_then_signal)
+  with pytest.raises(atomic.Interrupted) as error:
+    with atomic.atomic_directory(str(out)) as tmp:
+      with open(os.path.join(tmp, "data"), "w") as f:
+        f.write("complete")
+  assert error.value.exit_code == 143 and error.value.completed
+  assert entries(tmp_path) == ["ckpt"] and entries(out) == ["data"]  # marker removed

@@ -8,14 +8,13 @@ raise CheckpointError with the same words.
 
 import dataclasses
 import os
-import shutil
 from typing import Callable, Sequence
 
 import numpy as np
 import pytest
 
 from checkpoint_fixtures import entries, small_config, write_hf
-from gqa_t5.checkpoints import detect, orbax_format, synthetic, t5x_legacy
+from gqa_t5.checkpoints import detect, msgpack_codec, orbax_format, synthetic, t5x_legacy
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.errors import CheckpointError
 from gqa_t5.convert import cli, converter
@@ -284,11 +283,9 @@ def test_in_memory_conversion_checks_finiteness_too():
 
 
 def test_bfloat16_nonfinite_values_are_counted(tmp_path):
-  flat = {name: value.astype(t5x_legacy.msgpack_codec.dtype_from_name("bfloat16"))
-          for name, value in _params(**{WO: lambda a: a.__setitem__((0, slice(0, 3)), np.nan)}
-                                     ).items()}
-  source = _t5x(str(tmp_path), flat)
+  bfloat16 = msgpack_codec.dtype_from_name("bfloat16")
+  flat = _params(**{WO: lambda a: a.__setitem__((0, slice(0, 3)), np.nan)})
+  source = _t5x(str(tmp_path), {name: value.astype(bfloat16) for name, value in flat.items()})
   with pytest.raises(CheckpointError, match="3 non-finite value"):
     converter.convert(source, str(tmp_path / "gqa"), converter.ConversionSpec(2))
   assert entries(tmp_path) == ["src"]
-  shutil.rmtree(source)

@@ -33,12 +33,16 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(KeyboardInterrupt):
-  """A write stopped by SIGINT/SIGTERM; `exit_code` is the shell's 128 + signal number."""
+  """A write stopped by SIGINT/SIGTERM; `exit_code` is the shell's 128 + signal number.
 
-  def __init__(self, signum: int):
+  `completed`: the signal came after the last tensor, and the destination was written whole.
+  """
+
+  def __init__(self, signum: int, completed: bool = False):
     super().__init__(f"interrupted by {signal.Signals(signum).name}")
     self.signum = signum
     self.exit_code = 128 + signum
+    self.completed = completed
 
 
 class _StopRequest:
@@ -85,7 +89,7 @@ def _deferred_signals() -> Iterator[None]:
     raise
   pending = restore()
   if pending is not None:  # came after the last check: the write is complete, still stop
-    raise Interrupted(pending)
+    raise Interrupted(pending, completed=True)
 
 
 def _process_start(pid: int) -> Optional[str]:

@@ -92,8 +92,10 @@ def main(argv: Optional[List[str]] = None) -> int:
       return _run(parser, args)
   except KeyboardInterrupt as error:  # Interrupted (SIGINT/SIGTERM) or a plain Ctrl-C
     code = getattr(error, "exit_code", 128 + signal.SIGINT)
-    print(f"gqa-t5 convert: stopped by {signal.Signals(code - 128).name}; {args.output} was "
-          "not written", file=sys.stderr)
+    done = "was written completely first" if getattr(error, "completed", False) else \
+        "was not written"
+    print(f"gqa-t5 convert: stopped by {signal.Signals(code - 128).name}; {args.output} {done}",
+          file=sys.stderr)
     return code
 
 

@@ -257,7 +257,8 @@ def convert(input_path: str, output_path: str, spec: ConversionSpec,
   grams = None if calibration is None else _calibration_grams(source, calibration)
   tensors, out_config, changed = plan(source, spec, grams)
   if not allow_nonfinite:
-    tensors = {name: lazy.finite_checked(t, source.path, _NONFINITE_HINT) for name, t in tensors.items()}
+    tensors = {name: lazy.finite_checked(t, source.path, _NONFINITE_HINT)
+               for name, t in tensors.items()}
   record = _provenance(source, spec, output_format, out_config, changed, calibration)
   record["allow_nonfinite"] = allow_nonfinite
   with atomic_directory(output_path, overwrite=overwrite) as tmp:
@@ -276,5 +277,6 @@ def convert_params(params: Dict, config: T5Config, spec: ConversionSpec,
   source = CheckpointSource(path="<memory>", format="memory", tensors=tensors, config=config)
   out, out_config, _ = plan(source, spec, grams)
   if not allow_nonfinite:
-    out = {name: lazy.finite_checked(t, "the parameters", _NONFINITE_HINT) for name, t in out.items()}
+    out = {name: lazy.finite_checked(t, "the parameters", _NONFINITE_HINT)
+           for name, t in out.items()}
   return tree_lib.unflatten({name: t.read() for name, t in out.items()}), out_config
