@@ -92,6 +92,18 @@ def _deferred_signals() -> Iterator[None]:
     raise Interrupted(pending, completed=True)
 
 
+def wait_or_cancel(future) -> None:
+  """A writer's future (tensorstore's): its result; if the wait is cut short (a forced stop),
+  the write is cancelled and waited for, so no thread writes into a directory being removed."""
+  try:
+    future.result()
+  except BaseException:
+    future.cancel()
+    with contextlib.suppress(BaseException):  # already unwinding: only settle the write
+      future.exception(timeout=60)
+    raise
+
+
 def _process_start(pid: int) -> Optional[str]:
   """The start time of a process (Linux /proc), which tells a reused pid from the original."""
   try:

@@ -26,7 +26,7 @@ import tensorstore as ts
 from gqa_t5.checkpoints import msgpack_codec
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints import tree as tree_lib
-from gqa_t5.checkpoints.atomic import atomic_directory, raise_if_interrupted
+from gqa_t5.checkpoints.atomic import atomic_directory, raise_if_interrupted, wait_or_cancel
 from gqa_t5.checkpoints.errors import CheckpointError, describe
 from gqa_t5.checkpoints.lazy import LazyTensor
 
@@ -273,7 +273,7 @@ class T5XWriter:
     try:
       store = ts.open(local, create=True, open=False, context=_write_context()).result()
       # Referencing the source (we wait for the write) spares tensorstore a full copy.
-      store.write(value, can_reference_source_data_indefinitely=True).result()
+      wait_or_cancel(store.write(value, can_reference_source_data_indefinitely=True))
     except Exception as error:
       raise CheckpointError(f"tensor {name!r}: cannot write {local['kvstore']['path']}: "
                             f"{error}") from error
