@@ -9,7 +9,9 @@ leaves one behind) and never touches a directory without our marker.
 SIGINT and SIGTERM during the write do not interrupt it mid-tensor: the first one is noted, the
 writers stop before their next tensor (`raise_if_interrupted`), every write in flight (Orbax's and
 tensorstore's threads included) finishes, then the temporary directory is removed and
-`Interrupted` (exit status 128 + signal) is raised. A second signal stops at once.
+`Interrupted` (exit status 128 + signal) is raised. A second signal stops at once: a tensorstore
+write in flight is cancelled and waited for (`wait_or_cancel`); whatever else it leaves, the next
+write to the same destination removes.
 """
 
 from __future__ import annotations
