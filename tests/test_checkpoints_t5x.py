@@ -229,8 +229,15 @@ def test_missing_extra_and_wrongly_shaped_tensors(tmp_path):
 def test_not_a_t5x_checkpoint(tmp_path):
   with pytest.raises(CheckpointError, match="no 'checkpoint' file"):
     t5x_legacy.open_t5x(str(tmp_path))
-  (tmp_path / "checkpoint").write_bytes(b"\xc1\xc1 not msgpack")
-  with pytest.raises(CheckpointError, match="not a readable T5X msgpack"):
+  ckpt_file = tmp_path / "checkpoint"
+  ckpt_file.write_bytes(b"\xc1\xc1 not msgpack")
+  # msgpack's FormatError has an empty message: the reason still names the type and the file.
+  with pytest.raises(CheckpointError,
+                     match="not readable msgpack: FormatError: raised without a message") as error:
+    t5x_legacy.open_t5x(str(tmp_path))
+  assert str(ckpt_file) in str(error.value) and "damaged T5X checkpoint" in str(error.value)
+  ckpt_file.write_bytes(b"")
+  with pytest.raises(CheckpointError, match=f"damaged T5X checkpoint: .*{ckpt_file} is empty"):
     t5x_legacy.open_t5x(str(tmp_path))
   (tmp_path / "checkpoint").write_bytes(msgpack.packb({"version": 3}))
   with pytest.raises(CheckpointError, match="no 'optimizer'"):

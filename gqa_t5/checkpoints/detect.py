@@ -9,10 +9,15 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Tuple
 
+from gqa_t5.checkpoints import hf, mesh_tf, orbax_format, t5x_legacy
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints.errors import CheckpointError
 
 FORMATS = ("t5x", "orbax", "hf", "mesh-tf")
+_TF_STATE_START = b"model_checkpoint_path"
+_OPENERS = {"t5x": t5x_legacy.open_t5x, "orbax": orbax_format.open_orbax, "hf": hf.open_hf,
+            "mesh-tf": mesh_tf.open_mesh_tf, "mesh_tf": mesh_tf.open_mesh_tf,
+            "tf": mesh_tf.open_mesh_tf}
 
 
 def _is_msgpack_file(path: str) -> bool:
@@ -25,9 +30,42 @@ def _is_msgpack_file(path: str) -> bool:
   return bool(first) and (0x80 <= first[0] <= 0x8f or first[0] in (0xDE, 0xDF))
 
 
+def _is_tf_state_file(path: str) -> bool:
+  try:
+    with open(path, "rb") as f:
+      return f.read(len(_TF_STATE_START)) == _TF_STATE_START
+  except OSError:
+    return False
+
+
+def _damaged_t5x_file(path: str) -> str:
+  """The `checkpoint` file of a path that looks like T5X but does not read as msgpack ('')."""
+  if os.path.isfile(path):
+    candidates = [path] if os.path.basename(path) == t5x_legacy.CHECKPOINT_FILE else []
+  else:
+    candidates = [os.path.join(path, t5x_legacy.CHECKPOINT_FILE),
+                  os.path.join(path, "state", t5x_legacy.CHECKPOINT_FILE)]
+  for candidate in candidates:
+    # TensorFlow's text 'checkpoint' file (a Mesh TF directory) is no damaged T5X file.
+    if os.path.isfile(candidate) and not _is_tf_state_file(candidate):
+      return candidate
+  return ""
+
+
+def _describe_damage(ckpt_file: str) -> str:
+  try:
+    with open(ckpt_file, "rb") as f:
+      head = f.read(16)
+  except OSError as error:
+    return f"cannot be read ({error})"
+  if not head:
+    return "is empty (0 bytes)"
+  return (f"is not msgpack ({os.path.getsize(ckpt_file)} bytes, starting {head!r}; a T5X "
+          "checkpoint file starts with a msgpack map)")
+
+
 def detect_format(path: str) -> str:
   """'t5x', 'orbax', 'hf' or 'mesh-tf'; CheckpointError naming the path otherwise."""
-  from gqa_t5.checkpoints import hf, mesh_tf, orbax_format
   if not os.path.exists(path) and not os.path.exists(path + ".index"):
     raise CheckpointError(f"checkpoint path {path} does not exist")
   if os.path.isfile(path) and _is_msgpack_file(path):
@@ -43,6 +81,10 @@ def detect_format(path: str) -> str:
       return "orbax"
   if mesh_tf.is_mesh_tf(path):
     return "mesh-tf"
+  damaged = _damaged_t5x_file(path)
+  if damaged:  # a 'checkpoint' file and no other format: a T5X checkpoint whose file is broken
+    raise CheckpointError(f"damaged T5X checkpoint {path}: its checkpoint file {damaged} "
+                          f"{_describe_damage(damaged)}")
   raise CheckpointError(
       f"cannot detect the checkpoint format of {path}: expected a T5X checkpoint directory "
       "(msgpack 'checkpoint' file), an Orbax checkpoint ('state/_METADATA'), a Hugging Face "
@@ -55,15 +97,8 @@ def open_checkpoint(path: str, format: str = "auto", config=None,
   """Opens a checkpoint lazily (metadata only) in the given or detected format."""
   if format in (None, "auto"):
     format = detect_format(path)
-  if format == "t5x":
-    from gqa_t5.checkpoints.t5x_legacy import open_t5x as opener
-  elif format == "orbax":
-    from gqa_t5.checkpoints.orbax_format import open_orbax as opener
-  elif format == "hf":
-    from gqa_t5.checkpoints.hf import open_hf as opener
-  elif format in ("mesh-tf", "mesh_tf", "tf"):
-    from gqa_t5.checkpoints.mesh_tf import open_mesh_tf as opener
-  else:
+  opener = _OPENERS.get(format)
+  if opener is None:
     raise CheckpointError(f"unknown checkpoint format {format!r}; known: "
                           f"{', '.join(FORMATS)} or 'auto'")
   if not os.path.exists(path) and not os.path.exists(path + ".index"):

@@ -170,7 +170,7 @@ def _safetensors_tensors(path: str) -> Dict[str, Tuple[Tuple[int, ...], np.dtype
 
 def _torch_tensors(path: str) -> Dict[str, Tuple[Tuple[int, ...], np.dtype, Callable]]:
   try:
-    import torch
+    import torch  # optional extra (tests only), seconds to import: only for .bin files
   except ImportError:
     raise CheckpointError(f"{path} is a PyTorch file; install torch to read it, or convert "
                           "it to model.safetensors") from None

@@ -12,6 +12,12 @@ from typing import Callable, Tuple
 
 import numpy as np
 
+from gqa_t5.checkpoints.errors import CheckpointError
+from gqa_t5.checkpoints.msgpack_codec import dtype_from_name
+
+_BFLOAT16 = dtype_from_name("bfloat16")
+_FINITE_BLOCK = 1 << 24  # elements checked at a time: the mask costs 16 MiB, not a tensor's size
+
 
 class LazyTensor:
   """A named tensor of known shape and dtype whose values come from `reader()` on demand."""
@@ -36,7 +42,6 @@ class LazyTensor:
 
   def read(self) -> np.ndarray:
     """Reads the values; raises CheckpointError (naming the tensor) on a shape/dtype mismatch."""
-    from gqa_t5.checkpoints.errors import CheckpointError  # local: keeps this module standalone
     value = np.asarray(self._reader())
     if value.shape != self.shape:
       raise CheckpointError(f"tensor {self.name!r}: read shape {value.shape}, "
@@ -62,3 +67,30 @@ def from_array(name: str, value: np.ndarray) -> LazyTensor:
 def derived(name: str, shape, dtype, compute: Callable[[], np.ndarray]) -> LazyTensor:
   """A tensor computed from others (e.g. pooled key heads) when first read."""
   return LazyTensor(name, shape, dtype, compute)
+
+
+def count_nonfinite(value: np.ndarray) -> int:
+  """How many NaN/inf values a tensor holds (0 for integer tensors), in bounded memory."""
+  value = np.asarray(value)
+  if value.dtype.kind not in "fc" and value.dtype != _BFLOAT16:
+    return 0
+  flat = value.reshape(-1)
+  bad = 0
+  for start in range(0, flat.size, _FINITE_BLOCK):
+    finite = np.isfinite(flat[start:start + _FINITE_BLOCK])
+    bad += finite.size - int(np.count_nonzero(finite))
+  return bad
+
+
+def finite_checked(tensor: LazyTensor, source: str, hint: str = "") -> LazyTensor:
+  """`tensor`, whose read raises CheckpointError naming it and the count of NaN/inf values."""
+
+  def read():
+    value = tensor.read()
+    bad = count_nonfinite(value)
+    if bad:
+      raise CheckpointError(f"tensor {tensor.name!r} of {source} has {bad} non-finite value(s) "
+                            f"(NaN or inf) out of {value.size}" + (f"; {hint}" if hint else ""))
+    return value
+
+  return LazyTensor(tensor.name, tensor.shape, tensor.dtype, read)

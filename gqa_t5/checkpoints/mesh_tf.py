@@ -20,6 +20,7 @@ import numpy as np
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints.errors import CheckpointError
 from gqa_t5.checkpoints.lazy import LazyTensor
+from gqa_t5.checkpoints.msgpack_codec import dtype_from_name
 
 FORMAT = "mesh-tf"
 
@@ -80,7 +81,6 @@ def t5x_name(mtf_name: str) -> Optional[str]:
 
 def _numpy_dtype(tf_dtype) -> np.dtype:
   if tf_dtype.name == "bfloat16":
-    from gqa_t5.checkpoints.msgpack_codec import dtype_from_name
     return dtype_from_name("bfloat16")
   return np.dtype(tf_dtype.as_numpy_dtype)
 
@@ -89,7 +89,7 @@ def open_mesh_tf(path: str, config=None, validate: bool = True) -> source_lib.Ch
   """Opens a Mesh TF checkpoint (directory or prefix) lazily, under T5X names."""
   if not is_mesh_tf(path):
     raise CheckpointError(f"{path} is not a TensorFlow checkpoint (no .index file)")
-  import tensorflow as tf  # heavy: only here
+  import tensorflow as tf  # optional extra ('data'), seconds to import: only for this format
   try:
     reader = tf.train.load_checkpoint(path)
     shapes = reader.get_variable_to_shape_map()

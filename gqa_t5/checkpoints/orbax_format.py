@@ -20,8 +20,8 @@ import numpy as np
 
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints import tree as tree_lib
-from gqa_t5.checkpoints.atomic import atomic_directory
-from gqa_t5.checkpoints.errors import CheckpointError
+from gqa_t5.checkpoints.atomic import Interrupted, atomic_directory, raise_if_interrupted
+from gqa_t5.checkpoints.errors import CheckpointError, describe
 from gqa_t5.checkpoints.lazy import LazyTensor
 
 FORMAT = "orbax"
@@ -52,26 +52,29 @@ def is_orbax_dir(path: str) -> bool:
     return False
 
 
-def _ocp():
-  import orbax.checkpoint as ocp  # heavy: imported only when an Orbax checkpoint is touched
-  return ocp
+def _orbax():
+  """(orbax.checkpoint, jax, etils.epath), imported when an Orbax checkpoint is first touched:
+  Orbax takes about half a second to import, and other formats should not pay for it. jax (its
+  pytree utilities) and etils come with it; Orbax imports both itself."""
+  import orbax.checkpoint as ocp
+  import jax
+  from etils import epath
+  return ocp, jax, epath
 
 
 def _metadata_tree(pytree_dir: str) -> Dict[str, Any]:
-  from etils import epath
-  ocp = _ocp()
+  ocp, _, epath = _orbax()
   try:
     metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(pytree_dir))
   except Exception as error:
-    raise CheckpointError(f"cannot read Orbax metadata of {pytree_dir}: {error}") from error
-  tree = getattr(metadata, "tree", metadata)
-  return tree
+    raise CheckpointError(f"cannot read Orbax metadata of {pytree_dir}: "
+                          f"{describe(error)}") from error
+  return getattr(metadata, "tree", metadata)
 
 
 def _restore_subtree(pytree_dir: str, item: Mapping[str, Any], what: str) -> Dict[str, Any]:
   """Restores only the leaves present in `item` (arrays as numpy, on the host)."""
-  import jax
-  ocp = _ocp()
+  ocp, jax, _ = _orbax()
   restore_args = jax.tree_util.tree_map(
       lambda x: ocp.RestoreArgs(restore_type=np.ndarray) if isinstance(x, np.ndarray)
       else ocp.RestoreArgs(), item)
@@ -86,29 +89,27 @@ def _restore_subtree(pytree_dir: str, item: Mapping[str, Any], what: str) -> Dic
 
 def _placeholder_array(meta) -> Any:
   """A restore template for a metadata leaf (np.empty: no memory is touched)."""
-  shape = getattr(meta, "shape", None)
-  dtype = getattr(meta, "dtype", None)
+  shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
   if shape is None or dtype is None:
     return 0
-  return np.zeros(tuple(shape), np.dtype(dtype)) if tuple(shape) == () else \
-      np.empty(tuple(shape), np.dtype(dtype))
+  return (np.zeros if tuple(shape) == () else np.empty)(tuple(shape), np.dtype(dtype))
+
+
+def _restore_leaf(pytree_dir: str, path: Tuple[str, ...], meta, what: str) -> np.ndarray:
+  """One leaf, by its path in the tree and its metadata."""
+  item: Dict[str, Any] = {}
+  node = item
+  for key in path[:-1]:
+    node = node.setdefault(key, {})
+  node[path[-1]] = _placeholder_array(meta)  # Orbax needs the structure and dtype
+  restored = _restore_subtree(pytree_dir, item, what)
+  for key in path:
+    restored = restored[key]
+  return np.asarray(restored)
 
 
 def _leaf_reader(pytree_dir: str, path: Tuple[str, ...], meta):
-  name = "/".join(path[1:])
-
-  def read():
-    item: Dict[str, Any] = {}
-    node = item
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = _placeholder_array(meta)  # Orbax needs the structure and dtype
-    restored = _restore_subtree(pytree_dir, item, f"tensor {name!r}")
-    for key in path:
-      restored = restored[key]
-    return np.asarray(restored)
-
-  return read
+  return lambda: _restore_leaf(pytree_dir, path, meta, f"tensor {'/'.join(path[1:])!r}")
 
 
 def _lazy_leaves(pytree_dir: str, node: Any, path: Tuple[str, ...]) -> Dict[str, LazyTensor]:
@@ -153,15 +154,7 @@ def _read_step(pytree_dir: str, metadata: Mapping[str, Any]) -> int:
   meta = metadata
   for key in path:
     meta = meta[key]
-  item: Dict[str, Any] = {}
-  node = item
-  for key in path[:-1]:
-    node = node.setdefault(key, {})
-  node[path[-1]] = _placeholder_array(meta)
-  restored = _restore_subtree(pytree_dir, item, "the step")
-  for key in path:
-    restored = restored[key]
-  return int(np.asarray(restored).reshape(()))
+  return int(_restore_leaf(pytree_dir, path, meta, "the step").reshape(()))
 
 
 def open_orbax(path: str, config=None, validate: bool = True) -> source_lib.CheckpointSource:
@@ -183,8 +176,7 @@ def load_orbax(path: str, extra_target: Any = None, validate: bool = False
   from `optimizer.init(params)`), else as Orbax's plain nested containers; None if absent.
   `validate` checks the params against the T5.1.1 layout (off: trainer trees may be scanned).
   """
-  import jax
-  ocp = _ocp()
+  ocp, jax, _ = _orbax()
   pytree_dir = find_pytree_dir(path)
   metadata = _metadata_tree(pytree_dir)
   key = _params_key(metadata, pytree_dir)
@@ -228,14 +220,14 @@ def load_orbax(path: str, extra_target: Any = None, validate: bool = False
 
 def _serial_handler_registry():
   """A type-handler registry that writes numpy arrays and LazyTensors one at a time."""
-  import jax
-  ocp = _ocp()
+  ocp, jax, _ = _orbax()
 
   class SerialNumpyHandler(ocp.type_handlers.NumpyHandler):
     """Orbax writes all leaves concurrently; this reads and writes them one at a time.
 
-    A failed read (e.g. a corrupt source chunk) is recorded, not raised inside Orbax's event
-    loop: the remaining leaves are skipped and `write_orbax_item` raises it afterwards.
+    A failed read (e.g. a corrupt source chunk) or a stop request (SIGINT/SIGTERM) is recorded,
+    not raised inside Orbax's event loop: the remaining leaves are skipped, Orbax finishes and
+    joins what it has in flight, and `write_orbax_item` raises it afterwards.
     """
 
     def __init__(self):
@@ -250,10 +242,11 @@ def _serial_handler_registry():
         if self.errors:
           return
         try:
+          raise_if_interrupted()
           array = value.read() if isinstance(value, LazyTensor) else np.asarray(value)
           await super()._open_and_write(array, tspec, ts_context)
           del array
-        except Exception as error:  # re-raised by write_orbax_item
+        except (Exception, Interrupted) as error:  # re-raised by write_orbax_item
           self.errors.append(error)
 
   serial = SerialNumpyHandler()
@@ -269,7 +262,7 @@ def write_orbax_item(directory: str, params: Mapping[str, Any], step: int,
 
   Leaves may be numpy arrays or LazyTensors (read one at a time while writing).
   """
-  ocp = _ocp()
+  ocp, _, _ = _orbax()
   directory = os.path.abspath(directory)
   item: Dict[str, Any] = {"target": dict(params), "state": {"step": np.asarray(step, np.int32)}}
   if extra is not None:
@@ -284,7 +277,7 @@ def write_orbax_item(directory: str, params: Mapping[str, Any], step: int,
     raise CheckpointError(f"cannot write Orbax checkpoint {directory}: {error}") from error
   if serial.errors:
     error = serial.errors[0]
-    if isinstance(error, CheckpointError):
+    if isinstance(error, (CheckpointError, Interrupted)):
       raise error
     raise CheckpointError(f"cannot write Orbax checkpoint {directory}: {error}") from error
 
@@ -296,7 +289,7 @@ def save_orbax(path: str, params: Mapping[str, Any], step: int = 0, extra: Any =
   `params` is the nested parameter tree (numpy/jax arrays or LazyTensors); `extra` any pytree
   (e.g. optimizer state) stored beside it and returned by `load_orbax`.
   """
-  import jax
+  _, jax, _ = _orbax()
   to_host = lambda x: x if isinstance(x, LazyTensor) else np.asarray(x)
   params = jax.tree_util.tree_map(to_host, dict(params), is_leaf=lambda x: isinstance(x, LazyTensor))
   if extra is not None:

@@ -12,7 +12,9 @@ from typing import Dict
 import numpy as np
 
 from gqa_t5.checkpoints import tree as tree_lib
+from gqa_t5.checkpoints.atomic import atomic_directory
 from gqa_t5.checkpoints.lazy import LazyTensor
+from gqa_t5.checkpoints.t5x_legacy import T5XWriter
 from gqa_t5.model.config import T5Config
 
 # The public T5.1.1 sizes (vocab 32128, gated GELU, untied logits).
@@ -65,8 +67,6 @@ def random_params(config: T5Config, seed: int = 0, dtype=np.float32) -> Dict:
 def write_t5x(path: str, config: T5Config, seed: int = 0, dtype=np.float32, step: int = 0,
               overwrite: bool = False, compression: str = "gzip") -> None:
   """Writes a synthetic T5X legacy checkpoint, generating one tensor at a time."""
-  from gqa_t5.checkpoints.atomic import atomic_directory
-  from gqa_t5.checkpoints.t5x_legacy import T5XWriter
   with atomic_directory(path, overwrite=overwrite) as tmp:
     writer = T5XWriter(tmp, compression=compression)
     for name, tensor in lazy_params(config, seed, dtype).items():

@@ -21,12 +21,13 @@ import os
 from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
+import tensorstore as ts
 
 from gqa_t5.checkpoints import msgpack_codec
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints import tree as tree_lib
-from gqa_t5.checkpoints.atomic import atomic_directory
-from gqa_t5.checkpoints.errors import CheckpointError
+from gqa_t5.checkpoints.atomic import atomic_directory, raise_if_interrupted, wait_or_cancel
+from gqa_t5.checkpoints.errors import CheckpointError, describe
 from gqa_t5.checkpoints.lazy import LazyTensor
 
 FORMAT = "t5x"
@@ -57,18 +58,19 @@ def _is_ts_spec(node: Any) -> bool:
   return isinstance(node, Mapping) and "driver" in node and ("kvstore" in node or "path" in node)
 
 
-def _relative_store_path(spec: Mapping[str, Any]) -> str:
+def _relative_store_path(spec: Mapping[str, Any], name: str) -> str:
   kvstore = spec.get("kvstore")
   if isinstance(kvstore, Mapping) and "path" in kvstore:
     return str(kvstore["path"])
   if "path" in spec:  # tensorstore < 0.1.14 put the path at the top of the spec
     return str(spec["path"])
-  raise CheckpointError(f"tensorstore spec has no path: {spec}")
+  raise CheckpointError(f"tensor {name!r}: its tensorstore spec in the msgpack file has no "
+                        f"kvstore path (damaged checkpoint?): {spec}")
 
 
 def _resolve_store_dir(ckpt_dir: str, spec: Mapping[str, Any], name: str) -> str:
   """The local zarr directory of a spec; gcs/gfile/file paths are relative to the checkpoint."""
-  relative = _relative_store_path(spec)
+  relative = _relative_store_path(spec, name)
   if relative.startswith("gs://"):
     relative = relative[len("gs://"):].split("/", 1)[-1]
   relative = relative.rstrip("/")
@@ -78,7 +80,8 @@ def _resolve_store_dir(ckpt_dir: str, spec: Mapping[str, Any], name: str) -> str
     if os.path.isdir(candidate):
       return os.path.abspath(candidate)  # tensorstore refuses paths with '..'
   raise CheckpointError(f"tensor {name!r}: its zarr directory {candidates[-1]} is missing "
-                        f"(spec path {relative!r})")
+                        f"(spec path {relative!r}: a damaged 'checkpoint' file, or a tensor "
+                        "directory that was not copied)")
 
 
 def _zarr_chunk_keys(shape, chunks, separator: str):
@@ -126,7 +129,6 @@ def _zarr_dtype(meta: Mapping[str, Any], version: int) -> np.dtype:
 
 def read_zarr(store_dir: str, name: str, dtype: np.dtype) -> np.ndarray:
   """Reads one zarr array with tensorstore, naming the tensor and path on failure."""
-  import tensorstore as ts
   spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": store_dir + "/"}}
   try:
     store = ts.open(spec, open=True, read=True).result()
@@ -162,12 +164,16 @@ def read_state(path: str) -> Tuple[str, Dict[str, Any]]:
   ckpt_file = find_checkpoint_file(path)
   try:
     with open(ckpt_file, "rb") as f:
-      state = msgpack_codec.decode(f.read())
-  except CheckpointError:
-    raise
-  except Exception as error:
-    raise CheckpointError(f"{ckpt_file} is not a readable T5X msgpack checkpoint: "
-                          f"{error}") from error
+      data = f.read()
+  except OSError as error:
+    raise CheckpointError(f"cannot read T5X checkpoint file {ckpt_file}: {error}") from error
+  if not data:
+    raise CheckpointError(f"damaged T5X checkpoint: its msgpack file {ckpt_file} is empty")
+  try:
+    state = msgpack_codec.decode(data)
+  except Exception as error:  # msgpack raises many types, some with an empty message
+    raise CheckpointError(f"damaged T5X checkpoint: {ckpt_file} ({len(data)} bytes) is not "
+                          f"readable msgpack: {describe(error)}") from error
   if not isinstance(state, dict) or "optimizer" not in state:
     raise CheckpointError(f"{ckpt_file} is not a T5X checkpoint: no 'optimizer' entry "
                           f"(keys: {sorted(state) if isinstance(state, dict) else type(state)})")
@@ -231,7 +237,6 @@ def _ts_dtype_name(dtype: np.dtype) -> str:
 
 
 def _write_context():
-  import tensorstore as ts
   # No fsync per chunk (it made writing I/O-bound); atomic_directory syncs once before the
   # final rename, which is what makes the checkpoint durable.
   return ts.Context({"file_io_sync": False})
@@ -253,7 +258,7 @@ class T5XWriter:
     self._specs: Dict[str, Any] = {}
 
   def write(self, name: str, value: np.ndarray) -> None:
-    import tensorstore as ts
+    raise_if_interrupted()  # SIGINT/SIGTERM: stop between tensors, never inside one
     value = np.asarray(value)
     if name in self._specs:
       raise CheckpointError(f"tensor {name!r} written twice")
@@ -268,7 +273,7 @@ class T5XWriter:
     try:
       store = ts.open(local, create=True, open=False, context=_write_context()).result()
       # Referencing the source (we wait for the write) spares tensorstore a full copy.
-      store.write(value, can_reference_source_data_indefinitely=True).result()
+      wait_or_cancel(store.write(value, can_reference_source_data_indefinitely=True))
     except Exception as error:
       raise CheckpointError(f"tensor {name!r}: cannot write {local['kvstore']['path']}: "
                             f"{error}") from error

@@ -7,6 +7,7 @@ tensor is reported by name with both shapes before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -190,7 +191,6 @@ def infer_config(found: Mapping[str, Shape], source: str = "checkpoint",
 
 def config_to_dict(config: T5Config) -> Dict[str, Any]:
   """A JSON-friendly view of a config (for provenance records)."""
-  import dataclasses
   out = {}
   for field in dataclasses.fields(config):
     value = getattr(config, field.name)

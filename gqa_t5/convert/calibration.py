@@ -28,7 +28,7 @@ def load_tsv_examples(path: str, vocab: str, input_prefix: str = "", input_lengt
   Tokenised with a SentencePiece model, truncated with EOS appended after the cut and padded
   with 0, as seqio's `append_eos_after_trim` and T5X's feature converter do.
   """
-  import sentencepiece
+  import sentencepiece  # optional extra ('data'): only calibrated conversions tokenise text
   try:
     processor = sentencepiece.SentencePieceProcessor(model_file=vocab)
   except (OSError, RuntimeError) as error:
@@ -63,6 +63,8 @@ def _gram(values, mask) -> np.ndarray:
 
 def input_grams(config, params, batch: Batch, batch_size: int = 32) -> Dict[str, np.ndarray]:
   """{'decoder/layers_i/<attention>': X^T X / tokens} of the key/value inputs of each layer."""
+  # Only calibration runs the network: flax and the network load here, so every other
+  # conversion (and importing gqa_t5.convert) goes without them; convert/ imports no jax itself.
   import jax
   from gqa_t5.model.network import Transformer
   config = config.replace(dropout_rate=0.0)

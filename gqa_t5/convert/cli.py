@@ -3,24 +3,30 @@
   gqa-t5 convert --input PATH [--input-format auto|t5x|orbax|hf|mesh-tf] --output PATH
       [--output-format t5x|orbax] --num-kv-heads K [--num-cross-kv-heads K2]
       [--method mean|first|random|aligned] [--seed S] [--compression gzip|zstd|none]
-      [--calibration-data TSV --vocab SPM [--input-prefix P]] [--overwrite]
+      [--calibration-data TSV --vocab SPM [--input-prefix P]] [--overwrite] [--allow-nonfinite]
+
+Exit status: 0 done, 1 checkpoint error, 2 bad usage, 130/143 stopped by SIGINT/SIGTERM (the
+partial output removed, the destination untouched).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import time
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
+from gqa_t5.checkpoints.atomic import Interrupted, prepare_destination
 from gqa_t5.checkpoints.errors import CheckpointError
+from gqa_t5.convert.converter import OUTPUT_FORMATS, CalibrationSpec, ConversionSpec, convert
+from gqa_t5.convert.pooling import METHODS
 
 INPUT_FORMATS = ("auto", "t5x", "orbax", "hf", "mesh-tf")
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from gqa_t5.convert.converter import OUTPUT_FORMATS
-  from gqa_t5.convert.pooling import METHODS
   parser = argparse.ArgumentParser(
       prog="gqa-t5 convert",
       description="Convert a multi-head T5 checkpoint to grouped-query attention: only the "
@@ -52,18 +58,48 @@ def build_parser() -> argparse.ArgumentParser:
                       help="zarr compression of --output-format t5x (gzip: as t5x writes; "
                            "zstd: several times faster, also read by t5x)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  parser.add_argument("--allow-nonfinite", action="store_true",
+                      help="write tensors holding NaN/inf values (refused by default: the error "
+                           "names the tensor and the count)")
   parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
   return parser
 
 
+def _raise_interrupted(signum, frame):
+  del frame
+  raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+  """SIGTERM outside the write (reading, calibrating) stops like Ctrl-C: status 143, no trace."""
+  previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-  """Runs the conversion; returns 0 on success, 1 on a checkpoint error, 2 on bad usage."""
+  """Runs the conversion; returns 0 done, 1 checkpoint error, 2 bad usage, 128 + signal."""
   parser = build_parser()
   try:
     args = parser.parse_args(argv)
   except SystemExit as exit_:
     return int(exit_.code or 0)
-  from gqa_t5.convert.converter import CalibrationSpec, ConversionSpec, convert
+  try:
+    with _sigterm_raises():
+      return _run(parser, args)
+  except KeyboardInterrupt as error:  # Interrupted (SIGINT/SIGTERM) or a plain Ctrl-C
+    code = getattr(error, "exit_code", 128 + signal.SIGINT)
+    done = "was written completely first" if getattr(error, "completed", False) else \
+        "was not written"
+    print(f"gqa-t5 convert: stopped by {signal.Signals(code - 128).name}; {args.output} {done}",
+          file=sys.stderr)
+    return code
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   spec = ConversionSpec(num_kv_heads=args.num_kv_heads,
                         num_cross_kv_heads=args.num_cross_kv_heads,
                         method=args.method, seed=args.seed)
@@ -78,9 +114,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   args.calibration_examples)
   start = time.time()
   try:
+    for stale in prepare_destination(args.output, args.overwrite):
+      if not args.quiet:
+        print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
     record = convert(args.input, args.output, spec, input_format=args.input_format,
                      output_format=args.output_format, overwrite=args.overwrite,
-                     compression=args.compression, calibration=calibration)
+                     compression=args.compression, calibration=calibration,
+                     allow_nonfinite=args.allow_nonfinite)
   except CheckpointError as error:
     print(f"gqa-t5 convert: error: {error}", file=sys.stderr)
     return 1

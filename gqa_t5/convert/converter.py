@@ -13,24 +13,32 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import operator
 import os
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
 import gqa_t5
+from gqa_t5.checkpoints import lazy
 from gqa_t5.checkpoints import tree as tree_lib
-from gqa_t5.checkpoints.atomic import atomic_directory, check_destination
+from gqa_t5.checkpoints.atomic import atomic_directory, prepare_destination, raise_if_interrupted
 from gqa_t5.checkpoints.detect import open_checkpoint
 from gqa_t5.checkpoints.errors import CheckpointError
 from gqa_t5.checkpoints.lazy import LazyTensor
+from gqa_t5.checkpoints.orbax_format import write_orbax_item
 from gqa_t5.checkpoints.source import CheckpointSource
+from gqa_t5.checkpoints.t5x_legacy import T5XWriter
+from gqa_t5.convert import calibration as calibration_lib
 from gqa_t5.convert import pooling
+from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
 
 OUTPUT_FORMATS = ("t5x", "orbax")
 PROVENANCE_FILE = "gqa_provenance.json"
 _DECODER_ATTENTION = ("self_attention", "encoder_decoder_attention")
+_NONFINITE_HINT = ("nothing was written. If they are meant to be there, pass --allow-nonfinite "
+                   "(allow_nonfinite=True)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +64,22 @@ class CalibrationSpec:
   max_examples: int = 64
 
 
+def _groups_evenly(num_heads: int, num_kv_heads) -> bool:
+  """Whether `num_kv_heads` key/value heads can serve `num_heads` heads (grouping.py's rule)."""
+  try:
+    grouping.group_size(num_heads, operator.index(num_kv_heads))
+  except (TypeError, ValueError):
+    return False
+  return not isinstance(num_kv_heads, bool)
+
+
 def _check_target(label: str, target: int, config: T5Config, source_kv: int) -> None:
   n = config.num_heads
-  if not isinstance(target, int) or target <= 0 or n % target:
-    divisors = [k for k in range(1, n + 1) if n % k == 0]
-    raise CheckpointError(f"{label}={target} does not divide the {n} query heads of the "
+  if not _groups_evenly(n, target):
+    divisors = [k for k in range(1, n + 1) if _groups_evenly(n, k)]
+    raise CheckpointError(f"{label}={target!r} does not divide the {n} query heads of the "
                           f"checkpoint; use one of {divisors}")
-  if source_kv % target:
+  if not _groups_evenly(source_kv, target):
     raise CheckpointError(f"{label}={target}: the checkpoint already has {source_kv} key/value "
                           f"heads, and {target} does not divide {source_kv}")
 
@@ -180,9 +197,9 @@ def write_tensors(directory: str, tensors: Dict[str, LazyTensor], step: int,
                   compression: str = "gzip") -> None:
   """Writes lazy tensors into an (empty, temporary) directory, one tensor at a time."""
   if output_format == "t5x":
-    from gqa_t5.checkpoints.t5x_legacy import T5XWriter
     writer = T5XWriter(directory, compression=compression)
     for name, tensor in tensors.items():
+      raise_if_interrupted()  # before reading: a stop request should not wait for a read
       if progress:
         progress(name)
       value = tensor.read()
@@ -190,41 +207,60 @@ def write_tensors(directory: str, tensors: Dict[str, LazyTensor], step: int,
       del value
     writer.finalize(step)
   elif output_format == "orbax":
-    from gqa_t5.checkpoints.orbax_format import write_orbax_item
     write_orbax_item(directory, tree_lib.unflatten(tensors), step)
   else:
     raise CheckpointError(f"unknown output format {output_format!r}; known: "
                           f"{', '.join(OUTPUT_FORMATS)}")
 
 
+def _check_paths(input_path: str, output_path: str) -> None:
+  """Refuses an output that is, holds, or lies inside the input checkpoint."""
+  source, target = os.path.realpath(input_path), os.path.realpath(output_path)
+  if source == target:
+    raise CheckpointError(f"output path {output_path} is the input path")
+  if target.startswith(source.rstrip(os.sep) + os.sep):
+    raise CheckpointError(f"output path {output_path} is inside the input checkpoint "
+                          f"{input_path}: writing there would change the source")
+  if source.startswith(target.rstrip(os.sep) + os.sep):
+    raise CheckpointError(f"input checkpoint {input_path} is inside the output path "
+                          f"{output_path}: replacing the output would delete the source")
+
+
+def _calibration_grams(source: CheckpointSource, calibration: CalibrationSpec):
+  batch = calibration_lib.load_tsv_examples(
+      calibration.data, calibration.vocab, calibration.input_prefix, calibration.input_length,
+      calibration.target_length, calibration.max_examples)
+  return calibration_lib.input_grams(source.config, source.read_all(), batch)
+
+
 def convert(input_path: str, output_path: str, spec: ConversionSpec,
             input_format: str = "auto", output_format: str = "t5x", overwrite: bool = False,
             progress: Optional[Callable[[str], None]] = None, compression: str = "gzip",
-            calibration: Optional[CalibrationSpec] = None) -> Dict:
+            calibration: Optional[CalibrationSpec] = None, allow_nonfinite: bool = False
+            ) -> Dict:
   """Converts a checkpoint and returns its provenance record (also written beside it).
 
   Streams one tensor at a time, except that `calibration` first loads the whole model once to
-  measure the key/value inputs of each decoder attention layer.
+  measure the key/value inputs of each decoder attention layer. Every tensor written is checked
+  finite unless `allow_nonfinite`. Temporary directories that interrupted runs left beside
+  `output_path` are removed first (see `checkpoints.atomic`).
   """
   if output_format not in OUTPUT_FORMATS:
     raise CheckpointError(f"unknown output format {output_format!r}; known: "
                           f"{', '.join(OUTPUT_FORMATS)}")
-  check_destination(output_path, overwrite)  # fail before reading anything
-  if os.path.abspath(output_path) == os.path.abspath(input_path):
-    raise CheckpointError(f"output path {output_path} is the input path")
+  _check_paths(input_path, output_path)
+  prepare_destination(output_path, overwrite)  # fail before reading anything
   if calibration is not None and spec.method != "aligned":
     raise CheckpointError(f"calibration data only applies to --method aligned, not "
                           f"{spec.method!r}")
   source = open_checkpoint(input_path, format=input_format)
-  grams = None
-  if calibration is not None:
-    from gqa_t5.convert import calibration as calibration_lib
-    batch = calibration_lib.load_tsv_examples(
-        calibration.data, calibration.vocab, calibration.input_prefix,
-        calibration.input_length, calibration.target_length, calibration.max_examples)
-    grams = calibration_lib.input_grams(source.config, source.read_all(), batch)
+  grams = None if calibration is None else _calibration_grams(source, calibration)
   tensors, out_config, changed = plan(source, spec, grams)
+  if not allow_nonfinite:
+    tensors = {name: lazy.finite_checked(t, source.path, _NONFINITE_HINT)
+               for name, t in tensors.items()}
   record = _provenance(source, spec, output_format, out_config, changed, calibration)
+  record["allow_nonfinite"] = allow_nonfinite
   with atomic_directory(output_path, overwrite=overwrite) as tmp:
     write_tensors(tmp, tensors, source.step, output_format, progress, compression)
     with open(os.path.join(tmp, PROVENANCE_FILE), "w") as f:
@@ -233,11 +269,14 @@ def convert(input_path: str, output_path: str, spec: ConversionSpec,
 
 
 def convert_params(params: Dict, config: T5Config, spec: ConversionSpec,
-                   grams: Optional[Dict[str, np.ndarray]] = None) -> Tuple[Dict, T5Config]:
+                   grams: Optional[Dict[str, np.ndarray]] = None,
+                   allow_nonfinite: bool = False) -> Tuple[Dict, T5Config]:
   """In-memory conversion of a parameter tree (for experiments and tests)."""
-  from gqa_t5.checkpoints import lazy
   flat = tree_lib.flatten(params)
   tensors = {name: lazy.from_array(name, np.asarray(value)) for name, value in flat.items()}
   source = CheckpointSource(path="<memory>", format="memory", tensors=tensors, config=config)
   out, out_config, _ = plan(source, spec, grams)
+  if not allow_nonfinite:
+    out = {name: lazy.finite_checked(t, "the parameters", _NONFINITE_HINT)
+           for name, t in out.items()}
   return tree_lib.unflatten({name: t.read() for name, t in out.items()}), out_config

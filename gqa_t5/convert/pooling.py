@@ -1,7 +1,7 @@
 """Turning the key/value heads of a multi-head attention layer into K grouped heads (numpy only).
 
-Grouping follows `gqa_t5.model.grouping`: query head n uses key/value head n // G (G = N/K), so
-a key kernel [D, N*H] reshapes to [D, K, G, H] and pooling reduces the G axis.
+Which heads form a group is `gqa_t5.model.grouping`'s to say (`query_heads_of`); a key kernel
+[D, N*H] is gathered into [D, K, G, H] by it, and pooling reduces the G axis.
 
 Methods (Ainslie et al. 2023, Sec. 2.1 and Fig. 4):
   mean:    average the G heads of each group (the paper's method).
@@ -19,30 +19,41 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from gqa_t5.model import grouping
+
 METHODS = ("mean", "first", "random", "aligned")
 
 
 def _check_heads(width: int, num_heads: int, num_kv_heads: int, what: str) -> Tuple[int, int]:
-  if num_kv_heads <= 0 or num_heads % num_kv_heads:
-    raise ValueError(f"{what}: num_kv_heads={num_kv_heads} does not divide the "
-                     f"{num_heads} heads")
+  """(head_dim H, group size G) of a [D, N*H] kernel; ValueError naming `what` otherwise."""
+  try:
+    group = grouping.group_size(num_heads, num_kv_heads)
+  except ValueError as error:
+    raise ValueError(f"{what}: {error}") from None
   if width % num_heads:
     raise ValueError(f"{what}: width {width} is not a multiple of {num_heads} heads")
-  return width // num_heads, num_heads // num_kv_heads
+  return width // num_heads, group
+
+
+def group_members(num_heads: int, num_kv_heads: int) -> np.ndarray:
+  """[K, G] query head indices: row k holds the heads that share key/value head k."""
+  return np.array([list(grouping.query_heads_of(k, num_heads, num_kv_heads))
+                   for k in range(num_kv_heads)], dtype=np.int64)
 
 
 def grouped(kernel: np.ndarray, num_heads: int, num_kv_heads: int, what: str = "kernel"
             ) -> np.ndarray:
-  """[D, N*H] -> [D, K, G, H] (a view: adjacent heads form a group)."""
-  head_dim, group = _check_heads(kernel.shape[1], num_heads, num_kv_heads, what)
-  return kernel.reshape(kernel.shape[0], num_kv_heads, group, head_dim)
+  """[D, N*H] -> [D, K, G, H]: the heads of each group, as `grouping` assigns them."""
+  head_dim, _ = _check_heads(kernel.shape[1], num_heads, num_kv_heads, what)
+  heads = kernel.reshape(kernel.shape[0], num_heads, head_dim)
+  return heads[:, group_members(num_heads, num_kv_heads)]
 
 
 def mean_pool(kernel: np.ndarray, num_heads: int, num_kv_heads: int, what: str = "kernel"
               ) -> np.ndarray:
   """The mean of each group's heads: [D, N*H] -> [D, K*H] (accumulated in float32)."""
   heads = grouped(kernel, num_heads, num_kv_heads, what)
-  pooled = heads.astype(np.float32).mean(axis=2)
+  pooled = heads.astype(np.float32, copy=False).mean(axis=2)  # `grouped` already copied
   return pooled.reshape(kernel.shape[0], -1).astype(kernel.dtype)
 
 
@@ -121,10 +132,11 @@ def head_rotations(kernel: np.ndarray, num_heads: int, num_kv_heads: int,
                    gram: Optional[np.ndarray] = None, iterations: int = 8) -> np.ndarray:
   """Per query head rotations [N, H, H] aligning the heads of each group of `kernel` [D, N*H]."""
   heads = grouped(kernel, num_heads, num_kv_heads)  # [D, K, G, H]
-  rotations = []
-  for k in range(num_kv_heads):
-    rotations.append(group_rotations(np.moveaxis(heads[:, k], 1, 0), gram, iterations))
-  return np.concatenate(rotations, axis=0)
+  head_dim = heads.shape[-1]
+  rotations = np.empty((num_heads, head_dim, head_dim))
+  for k, members in enumerate(group_members(num_heads, num_kv_heads)):
+    rotations[members] = group_rotations(np.moveaxis(heads[:, k], 1, 0), gram, iterations)
+  return rotations
 
 
 def rotate_columns(kernel: np.ndarray, rotations: np.ndarray) -> np.ndarray:
