@@ -126,9 +126,9 @@ def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
   `beam_search`: only beams that produced EOS are returned, scored by log-likelihood divided by
   `brevity_penalty(alpha, length through EOS)`; an example with fewer than W finished beams fills
   the lowest slots with score NEG_INF (here with zero tokens and never a placeholder beam; t5x
-  may leave an arbitrary sequence there); an example with no finished beam at all returns its live beams, scored by their raw
-  log-likelihood (no length penalty), as t5x does. alpha = 0 gives plain log-likelihoods, as
-  `score_batch`.
+  may leave an arbitrary sequence there); an example with no finished beam at all returns its
+  live beams, scored by their raw log-likelihood (no length penalty), as t5x does. alpha = 0
+  gives plain log-likelihoods, as `score_batch`.
   """
   b, w, length = batch_size, beam_size, max_decode_length
   # Only beam 0 is live at the start, so the first step does not pick W copies of one token.
@@ -192,12 +192,17 @@ def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
                    initial_log_probs, jnp.zeros((b, w, length), jnp.int32),
                    jnp.full((b, w), NEG_INF, jnp.float32), jnp.full((b, w), NEG_INF, jnp.float32),
                    jnp.zeros((b, w), bool), cache)
-  final = jax.lax.while_loop(cond, body, init)
+  return _finished_or_live(jax.lax.while_loop(cond, body, init))
+
+
+def _finished_or_live(final: BeamState) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """t5x's result: the finished beams (empty slots: zeros, NEG_INF), or the live beams with
+  their raw log-likelihood for an example where none finished; best last."""
   flags = final.finished_flags
   finished_seqs = jnp.where(flags[:, :, None], final.finished_seqs, 0)
   finished_scores = jnp.where(flags, final.finished_scores, NEG_INF)
   any_finished = flags.any(axis=1)
-  # Both sets are sorted best first inside the loop; t5x returns them best last.
+  # Both sets are sorted best first inside the loop.
   seqs = jnp.where(any_finished[:, None, None], finished_seqs, final.live_seqs)[:, ::-1]
   scores = jnp.where(any_finished[:, None], finished_scores, final.live_log_probs)[:, ::-1]
   return seqs, scores

@@ -22,8 +22,8 @@ from gqa_t5 import decoding, losses
 
 Batch = Mapping[str, jnp.ndarray]
 PyTree = Any
-# (inputs=, cache=, tokens_to_logits=, eos_id=, num_decodes=, decode_rng=, **decoder_params)
-#   -> (sequences [B, num_decodes, L], scores [B, num_decodes]) sorted best last.
+# (inputs=, cache=, tokens_to_logits=, eos_id=, num_decodes=, decode_rng=, **decoder_params) ->
+# (sequences [B, num_decodes, L], scores [B, num_decodes]) best last: see gqa_t5/decoding.py.
 DecodeFn = Callable[..., Tuple[jnp.ndarray, jnp.ndarray]]
 
 _REQUIRED_TRAIN_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
@@ -36,7 +36,9 @@ _FEATURE_GROUPS = (("encoder_input_tokens", "encoder_segment_ids", "encoder_posi
 
 def _min_max(x) -> Tuple[int, int]:
   """Smallest and largest id, reduced where the data lies (the shards this process holds)."""
-  parts = [s.data for s in x.addressable_shards] if isinstance(x, jax.Array) else [np.asarray(x)]
+  if not isinstance(x, jax.Array):
+    return int(np.min(x)), int(np.max(x))
+  parts = [x] if x.is_fully_addressable else [s.data for s in x.addressable_shards]
   lows, highs = jax.device_get(([p.min() for p in parts], [p.max() for p in parts]))
   return int(min(lows)), int(max(highs))
 
@@ -133,20 +135,17 @@ class EncoderDecoderModel:
     self._with_decode_fns: Dict[Any, "EncoderDecoderModel"] = {}
 
   @property
-  def vocab_size(self) -> Optional[int]:
-    """The module config's vocabulary size (None for a module without `config.vocab_size`)."""
+  def vocab_size(self) -> Optional[int]:  # None for a module without `config.vocab_size`
     return getattr(getattr(self.module, "config", None), "vocab_size", None)
 
   def with_decode_fn(self, decode_fn: DecodeFn) -> "EncoderDecoderModel":
     """This model decoding with `decode_fn` (one copy per function, so its compiled prediction
     is reused by every caller that asks for the same function)."""
-    if decode_fn is self.decode_fn:
-      return self
-    if decode_fn not in self._with_decode_fns:
+    if decode_fn is not self.decode_fn and decode_fn not in self._with_decode_fns:
       other = copy.copy(self)
       other.decode_fn, other._with_decode_fns = decode_fn, {}
       self._with_decode_fns[decode_fn] = other
-    return self._with_decode_fns[decode_fn]
+    return self._with_decode_fns.get(decode_fn, self)
 
   def get_initial_variables(self, rng: jnp.ndarray, input_shapes: Mapping[str, Tuple[int, ...]],
                             input_types: Optional[Mapping[str, Any]] = None) -> PyTree:

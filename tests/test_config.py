@@ -1,4 +1,4 @@
-"""T5Config: defaults, the head-count rule (from grouping.py), and every refusal naming its field."""
+"""T5Config: defaults, the head-count rule (from grouping.py), every refusal naming its field."""
 
 import numpy as np
 import pytest

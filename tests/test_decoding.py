@@ -81,8 +81,8 @@ def test_beam_without_finished_beam_returns_live_beams_with_raw_log_likelihood()
   assert np.all(np.diff(scores, axis=1) >= 0)  # best last
   for example in range(2):
     for w in range(2):  # t5x: raw log-likelihood, no length penalty, for live beams
-      np.testing.assert_allclose(scores[example, w], log_likelihood(table, example, seqs[example, w]),
-                                 rtol=1e-5)
+      np.testing.assert_allclose(scores[example, w],
+                                 log_likelihood(table, example, seqs[example, w]), rtol=1e-5)
 
 
 def test_one_beam_is_greedy_when_no_eos_competes_before_greedy_ends():

@@ -1,4 +1,4 @@
-"""The model wrapper: loss and scoring, t5x's prediction API, and the batch checks at its boundary."""
+"""The model wrapper: loss, scoring, t5x's prediction API and the batch check at its boundary."""
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,10 @@ def test_defaults_are_greedy_decoding_and_t5x_z_loss(model_and_params):
   model, params, batch = model_and_params
   assert model.decode_fn is decoding.greedy and model.z_loss == 0.0
   assert float(model.loss_fn(params, batch)[1]["z_loss"]) == 0.0
+  # One copy per decode function, so its compiled prediction is reused.
+  assert model.with_decode_fn(decoding.greedy) is model
+  beam = model.with_decode_fn(decoding.beam)
+  assert beam is model.with_decode_fn(decoding.beam) and beam.decode_fn is decoding.beam
 
 
 def test_greedy_scores_equal_score_batch(model_and_params):
