@@ -4,6 +4,10 @@ Decoding knows nothing of the network: it sees `tokens_to_logits(tokens [B, 1], 
 (logits [B, vocab], cache)`. Every loop is a `lax.while_loop` that stops as soon as every sequence
 has produced EOS (or the length limit is reached), so a batch that finishes early costs no more
 steps. The decoder's first input is token 0 (T5's BOS is the pad id).
+
+`greedy`, `sample` and `beam` are the loops with the interface of an `EncoderDecoderModel`'s
+`decode_fn` (t5x's `DecodeFnCallable`, keyword arguments): they return `[B, num_decodes, L]`
+sequences and `[B, num_decodes]` scores sorted best LAST, as t5x's decoding functions do.
 """
 
 from __future__ import annotations
@@ -115,11 +119,16 @@ class BeamState(NamedTuple):
 def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
                 max_decode_length: int, beam_size: int = 4, alpha: float = 0.6,
                 eos_id: int = 1) -> Tuple[jnp.ndarray, jnp.ndarray]:
-  """Beam search with T5X's length penalty.
+  """Beam search with T5X's length penalty and T5X's finished/live handling.
 
   `cache` must already be expanded to B*W rows (`expand_to_beams`).
-  Returns sequences [B, W, L] best first and their scores [B, W]: log-likelihood divided by
-  `brevity_penalty(alpha, length)` (alpha = 0: plain log-likelihood, as `score_batch`).
+  Returns sequences [B, W, L] and scores [B, W] sorted best LAST (t5x's order). As t5x's
+  `beam_search`: only beams that produced EOS are returned, scored by log-likelihood divided by
+  `brevity_penalty(alpha, length through EOS)`; an example with fewer than W finished beams fills
+  the lowest slots with score NEG_INF (here with zero tokens and never a placeholder beam; t5x
+  may leave an arbitrary sequence there); an example with no finished beam at all returns its
+  live beams, scored by their raw log-likelihood (no length penalty), as t5x does. alpha = 0
+  gives plain log-likelihoods, as `score_batch`.
   """
   b, w, length = batch_size, beam_size, max_decode_length
   # Only beam 0 is live at the start, so the first step does not pick W copies of one token.
@@ -158,7 +167,9 @@ def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
     top_beams, top_tokens = top_ids // vocab, (top_ids % vocab).astype(jnp.int32)
     top_seqs = gather(state.live_seqs, top_beams)                            # [B, 2W, L]
     top_seqs = jax.lax.dynamic_update_slice(top_seqs, top_tokens[:, :, None], (0, 0, state.step))
-    ends = top_tokens == eos_id
+    # A placeholder beam (log-prob at NEG_INF: the first steps, a forced prompt) never finishes;
+    # t5x would keep it as finished with a score near NEG_INF.
+    ends = (top_tokens == eos_id) & (top_log_probs > NEG_INF / 2)
 
     # Live: the best W candidates that did not just end.
     live_candidates = jnp.where(ends, NEG_INF, top_log_probs)
@@ -181,11 +192,85 @@ def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
                    initial_log_probs, jnp.zeros((b, w, length), jnp.int32),
                    jnp.full((b, w), NEG_INF, jnp.float32), jnp.full((b, w), NEG_INF, jnp.float32),
                    jnp.zeros((b, w), bool), cache)
-  final = jax.lax.while_loop(cond, body, init)
-  # Beams that hit the length limit without EOS compete with the finished ones for the W slots.
-  live_scores = final.live_log_probs / brevity_penalty(alpha, length)
-  all_seqs = jnp.concatenate([final.finished_seqs, final.live_seqs], axis=1)
-  all_scores = jnp.concatenate(
-      [jnp.where(final.finished_flags, final.finished_scores, NEG_INF), live_scores], axis=1)
-  scores, pick = jax.lax.top_k(all_scores, w)
-  return gather(all_seqs, pick), scores
+  return _finished_or_live(jax.lax.while_loop(cond, body, init))
+
+
+def _finished_or_live(final: BeamState) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """t5x's result: the finished beams (empty slots: zeros, NEG_INF), or the live beams with
+  their raw log-likelihood for an example where none finished; best last."""
+  flags = final.finished_flags
+  finished_seqs = jnp.where(flags[:, :, None], final.finished_seqs, 0)
+  finished_scores = jnp.where(flags, final.finished_scores, NEG_INF)
+  any_finished = flags.any(axis=1)
+  # Both sets are sorted best first inside the loop.
+  seqs = jnp.where(any_finished[:, None, None], finished_seqs, final.live_seqs)[:, ::-1]
+  scores = jnp.where(any_finished[:, None], finished_scores, final.live_log_probs)[:, ::-1]
+  return seqs, scores
+
+
+# ---- decode functions (an EncoderDecoderModel's `decode_fn`) ------------------------------------
+
+
+def _force_prompt(tokens_to_logits: TokensToLogits, cache: Cache, inputs: jnp.ndarray):
+  """(tokens_to_logits, cache) that force output position j to `inputs[:, j + 1]` where non-zero.
+
+  t5x's prompt convention: `inputs` [R, L] are decoder inputs (shifted right, BOS 0 first) and
+  their non-zero entries are kept. The forced token gets log-probability 0, so a prompt adds
+  nothing to the scores (as in t5x). The step counter rides in the cache as a scalar, which beam
+  search's cache gathering leaves alone.
+  """
+  forced = jnp.pad(inputs[:, 1:], ((0, 0), (0, 1))).astype(jnp.int32)          # [R, L]
+
+  def forcing(tokens, state):
+    inner, step = state
+    logits, inner = tokens_to_logits(tokens, inner)                             # [R, V]
+    token = jax.lax.dynamic_index_in_dim(forced, step, axis=1, keepdims=False)  # [R]
+    one_hot = jnp.where(jnp.arange(logits.shape[-1]) == token[:, None], 0.0, NEG_INF)
+    logits = jnp.where((token > 0)[:, None], one_hot.astype(logits.dtype), logits)
+    return logits, (inner, step + 1)
+
+  return forcing, (cache, jnp.zeros((), jnp.int32))
+
+
+def _best_last(sequences: jnp.ndarray, scores: jnp.ndarray):
+  order = jnp.argsort(scores, axis=1)
+  return (jnp.take_along_axis(sequences, order[:, :, None], axis=1),
+          jnp.take_along_axis(scores, order, axis=1))
+
+
+def sample(*, inputs: jnp.ndarray, cache: Cache, tokens_to_logits: TokensToLogits, eos_id: int,
+           num_decodes: int = 1, decode_rng: Optional[jnp.ndarray] = None,
+           temperature: float = 1.0, topk: int = 0) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """`num_decodes` sampled sequences per example (t5x's `temperature_sample` interface).
+
+  `inputs` [B, L]: the decoder prompt (zeros: none) and the decode length. Unlike t5x, `cache`
+  and `tokens_to_logits` come already expanded to B * num_decodes rows (an example's rows
+  adjacent), because the model fills the cross-attention caches before the loop.
+  Returns [B, num_decodes, L] and log-likelihoods [B, num_decodes], best last.
+  """
+  b, length = inputs.shape
+  fn, state = _force_prompt(tokens_to_logits, cache, expand_to_beams(inputs, num_decodes))
+  seqs, scores = temperature_sample(state, fn, b * num_decodes, length, eos_id, decode_rng,
+                                    temperature=temperature, topk=topk)
+  return _best_last(seqs.reshape(b, num_decodes, length), scores.reshape(b, num_decodes))
+
+
+def greedy(*, inputs: jnp.ndarray, cache: Cache, tokens_to_logits: TokensToLogits, eos_id: int,
+           num_decodes: int = 1, decode_rng: Optional[jnp.ndarray] = None):
+  """The paper's decoding (argmax at every step) as a decode function (see `sample`)."""
+  return sample(inputs=inputs, cache=cache, tokens_to_logits=tokens_to_logits, eos_id=eos_id,
+                num_decodes=num_decodes, decode_rng=decode_rng, temperature=0.0)
+
+
+def beam(*, inputs: jnp.ndarray, cache: Cache, tokens_to_logits: TokensToLogits, eos_id: int,
+         num_decodes: int = 4, decode_rng: Optional[jnp.ndarray] = None, alpha: float = 0.6):
+  """`beam_search` with `num_decodes` beams as a decode function (t5x's `beam_search`
+  interface; `cache` comes expanded to B * num_decodes rows, see `sample`)."""
+  del decode_rng  # beam search is deterministic
+  b, length = inputs.shape
+  fn, state = _force_prompt(tokens_to_logits, cache, expand_to_beams(inputs, num_decodes))
+  return beam_search(state, fn, b, length, num_decodes, alpha, eos_id)
+
+
+# By `evaluation.DecodingConfig.method`.
+DECODE_FNS = {"greedy": greedy, "sample": sample, "beam": beam}

@@ -18,13 +18,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from gqa_t5 import decoding as decoding_lib
 from gqa_t5 import input_pipeline
 from gqa_t5 import trainer as trainer_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodingConfig:
-  """How inference decodes: 'greedy' (the paper's), 'beam' or 'sample'."""
+  """How inference decodes: 'greedy' (the paper's), 'beam' (`num_decodes` beams) or 'sample'
+  (one sample). The method picks the model's `decode_fn`, whatever the model was built with."""
   method: str = "greedy"
   max_decode_length: Optional[int] = None
   num_decodes: int = 4
@@ -32,12 +34,20 @@ class DecodingConfig:
   temperature: float = 1.0
   topk: int = 0
 
+  def decode_fn(self):
+    if self.method not in decoding_lib.DECODE_FNS:
+      raise ValueError(f"unknown decoding method {self.method!r}: use one of "
+                       f"{sorted(decoding_lib.DECODE_FNS)}")
+    return decoding_lib.DECODE_FNS[self.method]
+
   def kwargs(self) -> Dict[str, Any]:
-    out = dict(method=self.method, num_decodes=self.num_decodes, alpha=self.alpha,
-               temperature=self.temperature, topk=self.topk)
+    """`predict_batch_with_aux`'s keyword arguments."""
+    params = {"beam": dict(alpha=self.alpha),
+              "sample": dict(temperature=self.temperature, topk=self.topk)}.get(self.method, {})
     if self.max_decode_length is not None:
-      out["max_decode_length"] = self.max_decode_length
-    return out
+      params["max_decode_length"] = self.max_decode_length
+    return dict(decoder_params=params,
+                num_decodes=self.num_decodes if self.method == "beam" else 1)
 
 
 class TeacherForcedEvaluator:
@@ -74,7 +84,7 @@ class Predictor:
 
   def __init__(self, model, partitioner, params, batch_size: int,
                decoding: DecodingConfig = DecodingConfig()):
-    self.model = model
+    self.model = model.with_decode_fn(decoding.decode_fn())
     self.partitioner = partitioner
     self.params = params
     self.batch_size = batch_size

@@ -6,12 +6,15 @@ t5x-compatible one) and adds what training and evaluation need; it imports no Te
 
 from __future__ import annotations
 
+import copy
 import functools
-from typing import Any, Mapping, Optional, Tuple
+import numbers
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
@@ -19,38 +22,130 @@ from gqa_t5 import decoding, losses
 
 Batch = Mapping[str, jnp.ndarray]
 PyTree = Any
+# (inputs=, cache=, tokens_to_logits=, eos_id=, num_decodes=, decode_rng=, **decoder_params) ->
+# (sequences [B, num_decodes, L], scores [B, num_decodes]) best last: see gqa_t5/decoding.py.
+DecodeFn = Callable[..., Tuple[jnp.ndarray, jnp.ndarray]]
 
 _REQUIRED_TRAIN_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
+_TOKEN_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
+# Features that share a length with the first of their group.
+_FEATURE_GROUPS = (("encoder_input_tokens", "encoder_segment_ids", "encoder_positions"),
+                   ("decoder_target_tokens", "decoder_input_tokens", "decoder_segment_ids",
+                    "decoder_positions", "decoder_loss_weights"))
 
 
-def _check_batch(batch: Batch, keys) -> None:
-  missing = [k for k in keys if k not in batch]
+def _min_max(x) -> Tuple[int, int]:
+  """Smallest and largest id, reduced where the data lies (the shards this process holds)."""
+  if not isinstance(x, jax.Array):
+    return int(np.min(x)), int(np.max(x))
+  parts = [x] if x.is_fully_addressable else [s.data for s in x.addressable_shards]
+  lows, highs = jax.device_get(([p.min() for p in parts], [p.max() for p in parts]))
+  return int(min(lows)), int(max(highs))
+
+
+def _check_feature(name: str, x, vocab_size: Optional[int]) -> Tuple[int, int]:
+  """Rank, dtype, emptiness and (when concrete) id range of one feature; returns its shape."""
+  if not hasattr(x, "dtype"):
+    raise TypeError(f"batch feature {name!r} must be an array, got {type(x).__name__}")
+  if x.ndim != 2:
+    raise ValueError(f"batch feature {name!r} must have rank 2 [batch, length], got shape "
+                     f"{tuple(x.shape)} (rank {x.ndim})")
+  weights = name == "decoder_loss_weights"
+  integer, floating = (jnp.issubdtype(x.dtype, kind) for kind in (jnp.integer, jnp.floating))
+  if not (integer or weights and floating):
+    raise TypeError(f"batch feature {name!r} must hold {'numbers' if weights else 'integer ids'}, "
+                    f"got dtype {x.dtype} (ids are not cast: a float id would be truncated)")
+  if 0 in x.shape:
+    raise ValueError(f"batch feature {name!r} is empty: shape {tuple(x.shape)}, expected at least "
+                     f"one example and one position")
+  if name in _TOKEN_FEATURES and not isinstance(x, jax.core.Tracer):  # no values under tracing
+    low, high = _min_max(x)
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+      raise ValueError(f"batch feature {name!r} has ids outside [0, {vocab_size or 'inf'}) "
+                       f"(vocab_size): min {low}, max {high}")
+  return tuple(x.shape)
+
+
+def check_batch(batch: Batch, required: Sequence[str], vocab_size: Optional[int] = None) -> None:
+  """The model's one check of a batch, before any loss, score or decode (every message names
+  the feature, the expected and the actual value).
+
+  `required` features must be present (KeyError). Known features must be rank 2, non-empty,
+  integer (TypeError: a float id would be truncated; `decoder_loss_weights` may be float), share
+  one batch size, and share one length per side (encoder, decoder). Token ids must lie in
+  [0, vocab_size): checked on the host when the arrays are concrete, skipped under tracing.
+  """
+  missing = [k for k in required if k not in batch]
   if missing:
     raise KeyError(f"batch lacks feature(s) {missing}; it has {sorted(batch)}")
+  first = None  # (name, batch size)
+  for group in _FEATURE_GROUPS:
+    reference = None  # (name, length)
+    for name in (k for k in group if k in batch):
+      size, length = _check_feature(name, batch[name], vocab_size)
+      first = first or (name, size)
+      reference = reference or (name, length)
+      if size != first[1]:
+        raise ValueError(f"batch feature {name!r} has batch size {size}, expected {first[1]} "
+                         f"(the batch size of {first[0]!r})")
+      if length != reference[1]:
+        raise ValueError(f"batch feature {name!r} has length {length}, expected "
+                         f"{reference[1]} (the length of {reference[0]!r})")
+
+
+def _loss_weights(batch: Batch) -> jnp.ndarray:
+  """`decoder_loss_weights`, or 1 on every non-padding target token (T5X's default)."""
+  if "decoder_loss_weights" in batch:
+    return batch["decoder_loss_weights"]
+  return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+
+
+def _positive_int(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return int(value)
 
 
 class EncoderDecoderModel:
-  """Loss, `score_batch` and `predict_batch` for an encoder-decoder module.
+  """Loss, `score_batch` and `predict_batch` for an encoder-decoder module, as t5x's class.
 
   Args:
     module: a flax module with `encode`, `decode` and `__call__` as T5X's `EncoderDecoder`.
     input_vocabulary / output_vocabulary: seqio vocabularies (optional; only kept for callers).
-    z_loss, label_smoothing, loss_normalizing_factor: as T5X's `EncoderDecoderModel`.
-    eos_id: the end-of-sequence id (T5: 1).
+    decode_fn: how `predict_batch` decodes (t5x's `decode_fn`): `decoding.greedy` (the default:
+      the paper's decoding; t5x defaults to beam search), `decoding.sample`, `decoding.beam`, or
+      any function with their keyword interface.
+    z_loss, label_smoothing, loss_normalizing_factor: as T5X's `EncoderDecoderModel` (z_loss
+      defaults to 0.0 as there; T5.1.1's gin files set 1e-4).
+    eos_id: the end-of-sequence id (T5: 1; t5x reads it from `output_vocabulary`).
   """
 
   def __init__(self, module: nn.Module, input_vocabulary=None, output_vocabulary=None,
-               z_loss: float = 1e-4, label_smoothing: float = 0.0,
-               loss_normalizing_factor: losses.LossNormalizingFactor = None, eos_id: int = 1):
+               decode_fn: DecodeFn = decoding.greedy, label_smoothing: float = 0.0,
+               z_loss: float = 0.0, loss_normalizing_factor: losses.LossNormalizingFactor = None,
+               eos_id: int = 1):
     self.module = module
     self.input_vocabulary = input_vocabulary
     self.output_vocabulary = output_vocabulary
+    self.decode_fn = decode_fn
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
     self.loss_normalizing_factor = loss_normalizing_factor
     self.eos_id = eos_id
+    self._with_decode_fns: Dict[Any, "EncoderDecoderModel"] = {}
 
-  # ---- parameters ------------------------------------------------------------------------------
+  @property
+  def vocab_size(self) -> Optional[int]:  # None for a module without `config.vocab_size`
+    return getattr(getattr(self.module, "config", None), "vocab_size", None)
+
+  def with_decode_fn(self, decode_fn: DecodeFn) -> "EncoderDecoderModel":
+    """This model decoding with `decode_fn` (one copy per function, so its compiled prediction
+    is reused by every caller that asks for the same function)."""
+    if decode_fn is not self.decode_fn and decode_fn not in self._with_decode_fns:
+      other = copy.copy(self)
+      other.decode_fn, other._with_decode_fns = decode_fn, {}
+      self._with_decode_fns[decode_fn] = other
+    return self._with_decode_fns.get(decode_fn, self)
 
   def get_initial_variables(self, rng: jnp.ndarray, input_shapes: Mapping[str, Tuple[int, ...]],
                             input_types: Optional[Mapping[str, Any]] = None) -> PyTree:
@@ -67,10 +162,8 @@ class EncoderDecoderModel:
     tokens = jnp.ones((1, 1), jnp.int32)
     return self.module.init(rng, tokens, tokens, tokens, enable_dropout=False)
 
-  # ---- training and scoring ---------------------------------------------------------------------
-
   def _logits(self, params, batch: Batch, dropout_rng=None):
-    _check_batch(batch, _REQUIRED_TRAIN_KEYS)
+    check_batch(batch, _REQUIRED_TRAIN_KEYS, self.vocab_size)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return self.module.apply(
         {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
@@ -84,9 +177,7 @@ class EncoderDecoderModel:
     """(loss, metrics): summed weighted cross-entropy (+ z-loss), T5X's conventions."""
     logits = self._logits(params, batch, dropout_rng)
     targets = batch["decoder_target_tokens"]
-    weights = batch.get("decoder_loss_weights")
-    if weights is None:
-      weights = (targets > 0).astype(jnp.float32)
+    weights = _loss_weights(batch)
     loss, z_loss, weight_sum = losses.weighted_cross_entropy(
         logits, targets, weights, self.label_smoothing, self.z_loss,
         self.loss_normalizing_factor)
@@ -99,64 +190,73 @@ class EncoderDecoderModel:
     """Log-likelihood of each target sequence [B] (non-padding or `decoder_loss_weights` tokens)."""
     logits = self._logits(params, batch)
     targets = batch["decoder_target_tokens"]
-    weights = batch.get("decoder_loss_weights")
-    if weights is None:
-      weights = (targets > 0).astype(jnp.float32)
+    weights = _loss_weights(batch)
     return losses.sequence_log_likelihood(logits, targets, weights)
 
-  # ---- prediction --------------------------------------------------------------------------------
-
   def predict_batch(self, params, batch: Batch, rng: Optional[jnp.ndarray] = None,
-                    **decoder_params) -> jnp.ndarray:
-    """Decoded tokens [B, L] (the best beam for beam search)."""
-    return self.predict_batch_with_aux(params, batch, rng, **decoder_params)[0]
+                    **kwargs) -> jnp.ndarray:
+    """The decoded tokens of `predict_batch_with_aux` (same arguments)."""
+    return self.predict_batch_with_aux(params, batch, rng, **kwargs)[0]
 
-  def predict_batch_with_aux(self, params, batch: Batch, rng: Optional[jnp.ndarray] = None, *,
-                             method: str = "greedy", max_decode_length: Optional[int] = None,
-                             temperature: float = 1.0, topk: int = 0, num_decodes: int = 4,
-                             alpha: float = 0.6, return_all_decodes: bool = False):
-    """(tokens, {'scores': ...}) with method 'greedy' (the paper's), 'sample' or 'beam'.
+  def predict_batch_with_aux(self, params, batch: Batch, rng: Optional[jnp.ndarray] = None,
+                             decoder_params: Optional[Mapping[str, Any]] = None,
+                             return_all_decodes: bool = False, num_decodes: int = 1,
+                             prompt_with_targets: bool = False):
+    """(tokens, {'scores': ...}) decoded with `self.decode_fn`: t5x's signature and conventions.
 
-    Greedy and sampled scores are log-likelihoods; beam scores are length-penalised
-    (alpha = 0 gives log-likelihoods). `max_decode_length` defaults to the length of
-    `decoder_input_tokens` when the batch has it.
+    Tokens [B, L] (the best decode) or, with `return_all_decodes`, [B, num_decodes, L] sorted
+    best LAST, scores [B, num_decodes]. `num_decodes`: beams of `decoding.beam`, samples of
+    `decoding.sample`. `decoder_params` go to the decode function as keyword arguments (e.g.
+    {'alpha': 0.6}, {'temperature': 0.7, 'topk': 40}); `rng` becomes its `decode_rng` (giving
+    both is an error, as in t5x). L is the length of `decoder_input_tokens`, whose non-zero
+    tokens (EOS removed) are forced as a prompt with `prompt_with_targets` (t5x without prefill).
+    On purpose unlike t5x: `decoder_params['max_decode_length']` (ours) sets L and lets a batch
+    lack `decoder_input_tokens`; decoder params are Python values compiled into the loop (a new
+    value recompiles); the prediction is jitted here.
     """
-    _check_batch(batch, ("encoder_input_tokens",))
-    if max_decode_length is None:
-      if "decoder_input_tokens" not in batch:
-        raise ValueError("predict_batch needs max_decode_length or decoder_input_tokens")
-      max_decode_length = batch["decoder_input_tokens"].shape[1]
-    if method not in ("greedy", "sample", "beam"):
-      raise ValueError(f"unknown decoding method {method!r}: use 'greedy', 'sample' or 'beam'")
-    if rng is None:
-      rng = jax.random.PRNGKey(0)
-    tokens, scores = self._predict_jit(params, batch["encoder_input_tokens"], rng, method,
-                                       int(max_decode_length), float(temperature), int(topk),
-                                       int(num_decodes), float(alpha))
-    if method == "beam" and not return_all_decodes:
-      tokens, scores = tokens[:, 0], scores[:, 0]
-    return tokens, {"scores": scores}
+    decoder_params = dict(decoder_params or {})
+    length = decoder_params.pop("max_decode_length", None)
+    if length is not None:
+      length = _positive_int("decoder_params['max_decode_length']", length)
+    needs_targets = length is None or prompt_with_targets
+    check_batch(batch, ("encoder_input_tokens",) + ("decoder_input_tokens",) * needs_targets,
+                self.vocab_size)
+    num_decodes = _positive_int("num_decodes", num_decodes)
+    inputs = batch["encoder_input_tokens"]
+    prompt = jnp.zeros((inputs.shape[0], length or batch["decoder_input_tokens"].shape[1]),
+                       jnp.int32)
+    if prompt_with_targets:
+      targets = jnp.asarray(batch["decoder_input_tokens"], jnp.int32)
+      if targets.shape != prompt.shape:
+        raise ValueError(f"decoder_params['max_decode_length']={length} differs from the length "
+                         f"{targets.shape[1]} of the prompt 'decoder_input_tokens'")
+      prompt = targets * (targets != self.eos_id)
+    if rng is not None:
+      if decoder_params.get("decode_rng") is not None:
+        raise ValueError("got an rng both as `rng` and as decoder_params['decode_rng']; give one")
+      decoder_params["decode_rng"] = rng
+    rng = decoder_params.pop("decode_rng", None)
+    tokens, scores = self._predict_jit(params, inputs, prompt,
+                                       jax.random.PRNGKey(0) if rng is None else rng,
+                                       num_decodes, tuple(sorted(decoder_params.items())))
+    if return_all_decodes:
+      return tokens, {"scores": scores}
+    return tokens[:, -1], {"scores": scores[:, -1]}
 
-  @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
-  def _predict_jit(self, params, encoder_input_tokens, rng, method, max_decode_length,
-                   temperature, topk, num_decodes, alpha):
-    batch_size = encoder_input_tokens.shape[0]
-    beams = num_decodes if method == "beam" else 1
+  @functools.partial(jax.jit, static_argnums=(0, 5, 6))
+  def _predict_jit(self, params, encoder_input_tokens, prompt, rng, num_decodes, decoder_params):
+    rows = encoder_input_tokens.shape[0] * num_decodes
     encoded = self.module.apply({"params": params}, encoder_input_tokens, enable_dropout=False,
                                 method=self.module.encode)
-    cache = self.init_cache(params, batch_size * beams, encoder_input_tokens.shape[1],
-                            max_decode_length)
-    if beams > 1:
+    cache = self.init_cache(params, rows, encoder_input_tokens.shape[1], prompt.shape[1])
+    if num_decodes > 1:
       encoded, encoder_input_tokens = decoding.expand_to_beams(
-          (encoded, encoder_input_tokens), beams)
+          (encoded, encoder_input_tokens), num_decodes)
     cache = self.prefill_cross_attention(params, cache, encoded, encoder_input_tokens)
-    tokens_to_logits = self.tokens_to_logits_fn(params, encoded, encoder_input_tokens)
-    if method == "beam":
-      return decoding.beam_search(cache, tokens_to_logits, batch_size, max_decode_length,
-                                  beams, alpha, self.eos_id)
-    return decoding.temperature_sample(
-        cache, tokens_to_logits, batch_size, max_decode_length, self.eos_id, rng,
-        temperature=0.0 if method == "greedy" else temperature, topk=topk)
+    return self.decode_fn(
+        inputs=prompt, cache=cache,
+        tokens_to_logits=self.tokens_to_logits_fn(params, encoded, encoder_input_tokens),
+        eos_id=self.eos_id, num_decodes=num_decodes, decode_rng=rng, **dict(decoder_params))
 
   def init_cache(self, params, batch_size: int, input_length: int, max_decode_length: int):
     """Zeroed decoding caches (shapes only: no forward pass is run)."""

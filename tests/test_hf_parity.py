@@ -71,6 +71,6 @@ def test_greedy_decodes_are_identical(hf_and_ours):
         use_cache=False).numpy()[:, 1:]  # drop BOS
   model = EncoderDecoderModel(Transformer(config))
   ours = np.asarray(model.predict_batch(params, {"encoder_input_tokens": jnp.asarray(inputs)},
-                                        max_decode_length=TARGET_LENGTH))
+                                        decoder_params={"max_decode_length": TARGET_LENGTH}))
   theirs = np.pad(theirs, ((0, 0), (0, TARGET_LENGTH - theirs.shape[1])))
   np.testing.assert_array_equal(ours, theirs)

@@ -7,11 +7,17 @@ A T5X user's gin overrides (`network.T5Config.emb_dim = 1024`, ...) carry over u
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
 
+from gqa_t5.model import grouping
+
 _KNOWN_ACTIVATIONS = ("relu", "gelu", "linear", "silu", "swish", "gelu_new", "tanh")
+_INT_FIELDS = ("vocab_size", "emb_dim", "num_heads", "num_encoder_layers", "num_decoder_layers",
+               "head_dim", "mlp_dim", "num_kv_heads", "num_cross_kv_heads",
+               "relative_attention_num_buckets", "relative_attention_max_distance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +64,21 @@ class T5Config:
   remat_policy: str = "none"
 
   def __post_init__(self):
+    # numpy integers (e.g. read from an array) become ints: the config stays hashable and prints
+    # plainly. Other types are left for `validate` to refuse by name.
+    for name in _INT_FIELDS:
+      value = getattr(self, name)
+      if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        object.__setattr__(self, name, int(value))
+    if isinstance(self.mlp_activations, str):  # tuple('gelu') would be ('g', 'e', 'l', 'u')
+      raise ValueError(f"T5Config.mlp_activations must be a sequence of activation names, got the "
+                       f"string {self.mlp_activations!r}; write ({self.mlp_activations!r},)")
     # Tuples keep the config hashable (it is a static argument of jitted functions).
-    object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+    try:
+      object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+    except TypeError:
+      raise ValueError(f"T5Config.mlp_activations must be a sequence of activation names, got "
+                       f"{self.mlp_activations!r}") from None
     validate(self)
 
   @property
@@ -83,24 +102,24 @@ def _require_positive(name: str, value) -> None:
 
 def validate(config: T5Config) -> None:
   """Raises ValueError naming the field and value of any inconsistent setting."""
-  for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
-               "relative_attention_num_buckets", "relative_attention_max_distance"):
+  # Zero layers are refused too: a stack without layers has no cache to decode with.
+  for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_encoder_layers",
+               "num_decoder_layers", "relative_attention_num_buckets",
+               "relative_attention_max_distance"):
     _require_positive(name, getattr(config, name))
-  for name in ("num_encoder_layers", "num_decoder_layers"):
-    value = getattr(config, name)
-    if not isinstance(value, int) or value < 0:
-      raise ValueError(f"T5Config.{name} must be a non-negative integer, got {value!r}")
   for name in ("num_kv_heads", "num_cross_kv_heads"):
     value = getattr(config, name)
     if value is None:
       continue
     _require_positive(name, value)
-    if config.num_heads % value:
-      divisors = [k for k in range(1, config.num_heads + 1) if config.num_heads % k == 0]
+    try:
+      grouping.group_size(config.num_heads, value)
+    except ValueError:
       raise ValueError(
-          f"T5Config.{name}={value} does not divide num_heads={config.num_heads}: "
-          f"each group of query heads shares one key/value head; use one of {divisors}")
-  if not 0.0 <= config.dropout_rate < 1.0:
+          f"T5Config.{name}={value} does not divide num_heads={config.num_heads}: each group of "
+          f"query heads shares one key/value head; use one of "
+          f"{grouping.kv_head_choices(config.num_heads)}") from None
+  if not isinstance(config.dropout_rate, numbers.Real) or not 0.0 <= config.dropout_rate < 1.0:
     raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {config.dropout_rate!r}")
   if not config.mlp_activations:
     raise ValueError("T5Config.mlp_activations must name at least one activation")

@@ -30,8 +30,9 @@ def model_config(dims: presets_lib.ModelDims, vocab_size: int, kv_heads: Optiona
 def make_model(config, vocabulary=None):
   from gqa_t5 import models  # pylint: disable=g-import-not-at-top
   from gqa_t5.model import network  # pylint: disable=g-import-not-at-top
+  # T5.1.1's z-loss (gin/t5_1_1/base.gin); the class defaults to t5x's 0.0.
   return models.EncoderDecoderModel(network.Transformer(config), input_vocabulary=vocabulary,
-                                    output_vocabulary=vocabulary)
+                                    output_vocabulary=vocabulary, z_loss=1e-4)
 
 
 def dims_of(config) -> presets_lib.ModelDims:
