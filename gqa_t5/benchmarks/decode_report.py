@@ -42,8 +42,10 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant]
              "device": common.device_facts(), "config": _config_facts(base),
              "run": {"batch": shape.batch, "batch_how": batch_how,
                      "input_length": shape.input_length, "output_length": shape.output_length,
-                     "timed_steps": shape.timed_steps, "kv_heads": [v.num_kv_heads for v in variants],
-                     "repeats": args.repeats}, "startup": startup}
+                     "timed_steps": shape.timed_steps,
+                     "kv_heads": [v.num_kv_heads for v in variants], "repeats": args.repeats}, "startup": startup}
+  results["checks"] = checks(results, args)
+  common.write_json(args.json, results)  # partial: kept if a later stage is killed
   if args.startup_only:
     return results, inputs
   startup["compile_rest_s"] = run_lib.compile_variants(variants[1:], encoder.encoded_shape, inputs)
@@ -136,7 +138,8 @@ def checks(results: Dict[str, Any], args) -> List[Dict[str, Any]]:
       ", ".join(f"K={r['kv_heads']}: {r['step_ms_min']:.3f} ms" for r in per_k)))
   hf = results.get("hf")
   if hf and "skipped" not in hf:
-    where = "" if results["shape"] == "L" else f" (the target is set at shape L; this is {results['shape']})"
+    where = ("" if results["shape"] == "L" else
+             f" (the target is set at shape L; this is {results['shape']})")
     out.append(common.check(
         f"ours >= 5x faster per decode step than HF eager generate{where}",
         hf["speedup_ours_vs_hf"] >= 5.0,

@@ -8,8 +8,9 @@ shapes. torch and transformers are optional: they are imported only here, on use
 
 from __future__ import annotations
 
+import importlib.util
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import jax
 import numpy as np
@@ -20,12 +21,8 @@ from gqa_t5.model.config import T5Config
 
 
 def available() -> bool:
-  try:
-    import torch  # noqa: F401  (only probing)
-    import transformers  # noqa: F401  (only probing)
-  except ImportError:
-    return False
-  return True
+  """Whether torch and transformers are installed (without importing them)."""
+  return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
 
 
 def torch_device() -> str:

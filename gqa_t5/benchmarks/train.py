@@ -59,6 +59,8 @@ def parse_args(argv=None):
   size, s, t, b, kv, dtype = PRESETS["smoke" if args.smoke else args.shape]
   overrides = {"dtype": args.dtype or dtype, "dropout_rate": 0.0,
                "scan_layers": args.scan_layers}
+  if args.smoke and not args.layers:
+    args.layers = 1  # the smoke run compiles three train steps: keep them small
   if args.layers:
     overrides.update(num_encoder_layers=args.layers, num_decoder_layers=args.layers)
   args.config = sizes.t5_1_1(size, **overrides)
