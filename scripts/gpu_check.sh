@@ -52,7 +52,7 @@ if [ "$SMOKE" = 1 ]; then
   T_DECODE_XXL="${T_DECODE_XXL:-90}" T_TRAIN="${T_TRAIN:-120}"
   TEST_ARGS=(--collect-only -q)  # on a CPU the suite's own run checks them; here: they import
   DECODE_L=(--smoke --compare-hf)
-  DECODE_XXL=(--smoke --shape XXL --output-length 16 --timed-steps 4)
+  DECODE_XXL=(--smoke --shape XXL --output-length 16 --timed-steps 4 --kv-heads 8,1)
   TRAIN=(--smoke --compare-hf --peak-tflops 1)
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 else

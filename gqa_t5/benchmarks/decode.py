@@ -119,15 +119,13 @@ def run_shape(args, config, kv_heads, params_bytes: int) -> Tuple[run_lib.RunSha
     # The pooled key/value kernels (self and cross) of every GQA/MQA variant.
     params_bytes += sum(4 * config.num_decoder_layers * config.emb_dim * k * config.head_dim
                         * itemsize for k in kv_heads if k != config.num_heads)
-    # Prefilling may hold a second copy of the caches; the encoded batch stays alive.
+    # Prefilling may hold a second copy of the caches; the encoded batch stays alive. The
+    # encoder's attention buffers (chunks of --encode-batch rows) are gone by then.
     per_sequence = (2 * roofline.cache_bytes_per_sequence(mha, s, t)
                     + s * config.emb_dim * itemsize)
-    encoder_buffers = 6 * min(args.encode_batch, 8) * config.num_heads * s * s * 2
-    batch = roofline.fit_batch(per_sequence, params_bytes + encoder_buffers, limit,
-                               args.memory_fraction)
+    batch = roofline.fit_batch(per_sequence, params_bytes, limit, args.memory_fraction)
     how = (f"fitted: {limit / 2**30:.1f} GiB limit, {params_bytes / 2**30:.1f} GiB weights, "
-           f"{encoder_buffers / 2**30:.1f} GiB encoder buffers, {per_sequence / 2**30:.2f} "
-           f"GiB per sequence, {args.memory_fraction:.0%} usable")
+           f"{per_sequence / 2**30:.2f} GiB per sequence, {args.memory_fraction:.0%} usable")
   return run_lib.RunShape(batch, s, t, steps, args.encode_batch), how
 
 
@@ -143,21 +141,17 @@ def main(argv=None) -> int:
                   f"{config.num_heads}x{config.head_dim} heads, mlp {config.mlp_dim}, "
                   f"{config.num_decoder_layers} layers, {np.dtype(config.dtype).name}; K "
                   f"{kv_heads}; compilation cache {cache_dir} ({cached} entries)")
-  common.progress("initialising parameters ...")
-  start = common.since_start()
-  mha_params = run_lib.init_mha_params(config.replace(num_kv_heads=None))
-  jax.block_until_ready(mha_params)
-  init_s = common.since_start() - start
-  params_bytes = sum(x.nbytes for x in jax.tree.leaves(mha_params))
+  base = config.replace(num_kv_heads=None)
+  init = run_lib.mha_initializer(base)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
   shape, how = run_shape(args, config, kv_heads, params_bytes)
   common.progress(f"batch {shape.batch} ({how}), input {shape.input_length}, caches for "
                   f"{shape.output_length} steps, {shape.timed_steps} timed steps per loop")
-  base = config.replace(num_kv_heads=None)
-  variants = [run_lib.Variant(base, k, shape, mha_params) for k in kv_heads]
+  variants = [run_lib.Variant(base, k, shape, abstract) for k in kv_heads]
   results, inputs = decode_report.measure(
-      args, base, shape, variants, mha_params, batch_how=how,
-      startup={"init_params_s": init_s, "cache_dir": cache_dir, "cache_entries_before": cached,
-               "cache_warm": cached > 0})
+      args, base, shape, variants, init, batch_how=how,
+      startup={"cache_dir": cache_dir, "cache_entries_before": cached, "cache_warm": cached > 0})
   if args.compare_hf and not args.startup_only:
     results["hf"] = decode_report.compare_hf(base, variants[0], shape, args, inputs)
   results["checks"] = decode_report.checks(results, args)

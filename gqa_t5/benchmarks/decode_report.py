@@ -19,17 +19,24 @@ STARTUP_TARGETS = {("L", False): 60.0, ("L", True): 20.0, ("XXL", False): 120.0,
 MONOTONE_TOLERANCE = 0.03
 
 
-def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant], mha_params,
+def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant], init,
             startup: Dict[str, Any], batch_how: str):
-  """Runs everything in order; returns (results, input tokens)."""
+  """Runs everything in order; returns (results, input tokens). The initialiser, encoder and
+  first K's functions compile together, from shapes, before any parameter exists."""
   inputs = jax.random.randint(jax.random.PRNGKey(1), (shape.batch, shape.input_length), 2,
                               base.vocab_size)
-  encoder = run_lib.Encoder(base, shape, mha_params)
-  extra = {"encoder": encoder.lowered}
+  rng = jax.random.PRNGKey(0)
+  encoder = run_lib.Encoder(base, shape, variants[0].params)
+  extra = {"initialiser": init.lower(rng), "encoder": encoder.lowered}
   first = variants[0]
   startup["compile_first_s"] = run_lib.compile_variants([first], encoder.encoded_shape, inputs,
                                                         extra)
   encoder.compiled = extra["encoder"]
+  common.progress("initialising parameters ...")
+  start = time.perf_counter()
+  mha_params = jax.block_until_ready(extra["initialiser"](rng))
+  first.set_params(mha_params)
+  startup["init_params_s"] = time.perf_counter() - start
   common.progress("encoding ...")
   encoded = jax.block_until_ready(encoder(mha_params, inputs))
   common.progress(f"timing K={first.num_kv_heads} (first timed decode loop) ...")
@@ -43,17 +50,20 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant]
              "run": {"batch": shape.batch, "batch_how": batch_how,
                      "input_length": shape.input_length, "output_length": shape.output_length,
                      "timed_steps": shape.timed_steps,
-                     "kv_heads": [v.num_kv_heads for v in variants], "repeats": args.repeats}, "startup": startup}
+                     "kv_heads": [v.num_kv_heads for v in variants], "repeats": args.repeats},
+             "startup": startup}
   results["checks"] = checks(results, args)
   common.write_json(args.json, results)  # partial: kept if a later stage is killed
   if args.startup_only:
     return results, inputs
+  for variant in variants[1:]:
+    variant.set_params(mha_params)  # the paper's conversion of the MHA weights
   startup["compile_rest_s"] = run_lib.compile_variants(variants[1:], encoder.encoded_shape, inputs)
   probe = (args.bandwidth_mib * 2**20 if args.bandwidth_mib else
            roofline.probe_bytes(results["device"]["memory_bytes_limit"], args.smoke))
   common.progress(f"measuring memory bandwidth ({probe / 2**20:.0f} MiB probe) ...")
   before = roofline.measure_bandwidth(probe)
-  encode_times = [common.timed(lambda: encoder(mha_params, inputs)) for _ in range(args.repeats)]
+  encode_times = [common.timed(lambda: encoder(first.params, inputs)) for _ in range(args.repeats)]
   for r in range(args.repeats):
     common.progress(f"timing round {r + 1}/{args.repeats}: K = "
                     + ", ".join(str(v.num_kv_heads) for v in variants) + " ...")
@@ -90,8 +100,11 @@ def compare_hf(base, mha: run_lib.Variant, shape, args, inputs) -> Dict[str, Any
   if not hf_reference.available():
     return {"skipped": "torch and transformers are not installed"}
   dtype = np.dtype(base.dtype).name
-  common.progress(f"building HF T5 with the same weights ({dtype}, "
-                  f"{hf_reference.torch_device()}) ...")
+  try:
+    device = hf_reference.torch_device()
+  except RuntimeError as error:
+    return {"skipped": str(error)}
+  common.progress(f"building HF T5 with the same weights ({dtype}, {device}) ...")
   model = hf_reference.model_from_params(base, mha.params, dtype)
   common.progress(f"timing HF generate ({shape.timed_steps} steps x {args.repeats * 2 + 1}) ...")
   start = time.perf_counter()

@@ -19,28 +19,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gqa_t5 import decoding, partitioning
+from gqa_t5 import decoding
 from gqa_t5.benchmarks import common, roofline
 from gqa_t5.model import Transformer, grouping
 from gqa_t5.model.config import T5Config
 from gqa_t5.models import EncoderDecoderModel
 
 
+# get_initial_variables initialises on [1, 1] tokens whatever it is told; it needs the names.
+_INIT_SHAPES = {"encoder_input_tokens": (1, 1), "decoder_input_tokens": (1, 1)}
+
+
 def _model(config: T5Config) -> EncoderDecoderModel:
   return EncoderDecoderModel(Transformer(config), eos_id=-1)  # -1: never stop early
 
 
-def init_mha_params(config: T5Config, seed: int = 0):
-  """Random MHA parameters at the activation dtype, the logits kernel tied to the embedding
-  (transposed) so HF's T5, which ties them, can hold the very same weights."""
-  params = partitioning.init_params(_model(config), jax.random.PRNGKey(seed))
+def mha_initializer(config: T5Config):
+  """A function rng -> random MHA parameters at the activation dtype, as `partitioning.
+  init_params` draws them (T5X's initialisers, [1, 1] inputs: no full-size forward pass), with
+  the logits kernel tied to the embedding (transposed) so HF's T5, which ties them, can hold the
+  very same weights. Jitted whole, so no float32 copy outlives it and it can be lowered and
+  compiled beside the decode functions."""
+  model = _model(config)
 
-  def cast_and_tie(params):
+  def init(rng):
+    params = model.get_initial_variables(rng, _INIT_SHAPES)["params"]
     params = jax.tree.map(lambda x: x.astype(config.dtype), params)
     params["decoder"]["logits_dense"]["kernel"] = params["token_embedder"]["embedding"].T
     return params
 
-  return jax.jit(cast_and_tie)(params)
+  return jax.jit(init)
+
+
+def init_mha_params(config: T5Config, seed: int = 0):
+  return mha_initializer(config)(jax.random.PRNGKey(seed))
 
 
 def pool_kv_heads(mha_params, config: T5Config, num_kv_heads: int):
@@ -80,14 +92,23 @@ class Variant:
     self.num_kv_heads = num_kv_heads
     self.config = base.replace(num_kv_heads=num_kv_heads)
     self.model = _model(self.config)
-    self.params = (mha_params if num_kv_heads == base.num_heads
-                   else pool_kv_heads(mha_params, base, num_kv_heads))
+    self.params = None
+    self.set_params(mha_params)
     self.shape = shape
     self.bytes = roofline.decode_step_bytes(self.config, shape.batch, shape.input_length,
                                             shape.output_length)
     self.loop_times: List[float] = []
     self.tokens: Optional[np.ndarray] = None
     self.prepare = self.loop = None
+
+  def set_params(self, mha_params) -> None:
+    """This K's parameters from the MHA ones (abstract ShapeDtypeStructs before they exist)."""
+    if self.num_kv_heads == self.config.num_heads:
+      self.params = mha_params
+      return
+    pool = lambda p: pool_kv_heads(p, self.config, self.num_kv_heads)
+    abstract = isinstance(jax.tree.leaves(mha_params)[0], jax.ShapeDtypeStruct)
+    self.params = jax.eval_shape(pool, mha_params) if abstract else pool(mha_params)
 
   def lower(self, encoded, inputs) -> Dict[str, Any]:
     model, s = self.model, self.shape

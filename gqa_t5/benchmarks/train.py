@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from typing import Any, Dict, List, Optional
 
 import jax
@@ -31,7 +32,7 @@ from gqa_t5.model import Transformer, sizes
 # name: (size, input length, target length, batch, K values, activation dtype)
 PRESETS = {
     "large": ("large", 512, 128, 32, (16, 8, 1), "bfloat16"),
-    "smoke": ("tiny", 32, 8, 2, (8, 2, 1), "float32"),
+    "smoke": ("tiny", 32, 8, 2, (8, 1), "float32"),
 }
 # Dense bfloat16 peak TFLOP/s by device-kind substring, for MFU.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "v5e": 197.0,
@@ -49,7 +50,7 @@ def parse_args(argv=None):
   parser.add_argument("--kv-heads", default=None, help="comma-separated K (default: N, 8, 1)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
   parser.add_argument("--steps", type=int, default=None, help="timed steps per model")
-  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
   parser.add_argument("--scan-layers", action="store_true",
                       help="scan each stack (shorter compile; XLA may count FLOPs of one layer)")
   parser.add_argument("--peak-tflops", type=float, default=None)
@@ -70,7 +71,8 @@ def parse_args(argv=None):
       parser.error(f"--kv-heads value {k} does not divide num_heads={args.config.num_heads}")
   args.lengths = (s, t)
   args.batch = args.batch or b
-  args.steps = args.steps or (3 if args.smoke else 10)
+  args.steps = args.steps or (2 if args.smoke else 10)
+  args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
   return args
 
 
@@ -98,7 +100,8 @@ class Ours:
     abstract_batch = {name: jax.ShapeDtypeStruct(s, d, sharding=self.trainer.batch_shardings[name])
                       for name, (s, d) in spec.items()}
     partitioner = self.trainer.partitioner
-    with partitioner.mesh, partitioner.axis_rules():
+    with warnings.catch_warnings(), partitioner.mesh, partitioner.axis_rules():
+      warnings.simplefilter("ignore", DeprecationWarning)  # `with mesh:`, as the Trainer's own
       # The Trainer's own jitted step, lowered here and compiled with the others in threads.
       self.lowered = self.trainer._jit_train_step().lower(  # pylint: disable=protected-access
           self.trainer.abstract_state, abstract_batch)
@@ -180,6 +183,19 @@ def checks(results: Dict[str, Any]) -> List[Dict[str, Any]]:
   return out
 
 
+def _hf_step(args, config, batch):
+  """(HF's step function or None, None or {'skipped': why})."""
+  if not hf_reference.available():
+    return None, {"skipped": "torch and transformers are not installed"}
+  try:
+    device = hf_reference.torch_device()
+  except RuntimeError as error:
+    return None, {"skipped": str(error)}
+  common.progress(f"building HF T5 ({device}) ...")
+  return hf_reference.train_step_fn(config, batch, np.dtype(config.dtype).name,
+                                    args.hf_optimizer), None
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   cache_dir = common.enable_compilation_cache(args.jax_cache_dir)
@@ -199,15 +215,10 @@ def main(argv=None) -> int:
   ours[0].step()  # counts as a warm-up step
   first_step_s = common.since_start()
   fns, labels = [o.step for o in ours], [o.name for o in ours]
-  hf = None
-  if args.compare_hf:
-    if hf_reference.available():
-      common.progress(f"building HF T5 ({hf_reference.torch_device()}) ...")
-      fns.append(hf_reference.train_step_fn(config, batch, np.dtype(config.dtype).name,
-                                            args.hf_optimizer))
-      labels.append("HF")
-    else:
-      hf = {"skipped": "torch and transformers are not installed"}
+  hf_step, hf = _hf_step(args, config, batch) if args.compare_hf else (None, None)
+  if hf_step:
+    fns.append(hf_step)
+    labels.append("HF")
   times = time_interleaved(fns, args.steps, args.warmup, labels)
   tokens, peak = args.batch * (s + t), peak_tflops(args.peak_tflops)
   results = {"benchmark": "train", "smoke": bool(args.smoke), "device": facts,
