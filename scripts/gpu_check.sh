@@ -11,7 +11,7 @@
 # It installs nothing: the package runs from this checkout (PYTHONPATH), so a box without
 # TensorFlow, seqio or gin-config needs only jax, flax, optax, orbax (and torch/transformers
 # for the HF comparisons). Budgets (seconds) can be overridden: T_TESTS, T_DECODE_L, T_WARM,
-# T_DECODE_XXL, T_TRAIN.
+# T_DECODE_XXL, T_TRAIN; PYTEST_FLAGS (default "-q -x") sets the tests' flags.
 set -u -o pipefail
 
 SMOKE=0
@@ -58,7 +58,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   T_TESTS="${T_TESTS:-75}" T_DECODE_L="${T_DECODE_L:-100}" T_WARM="${T_WARM:-35}"
   T_DECODE_XXL="${T_DECODE_XXL:-150}" T_TRAIN="${T_TRAIN:-110}"
-  TEST_ARGS=(-q -x)
+  read -r -a TEST_ARGS <<< "${PYTEST_FLAGS:--q -x}"
   DECODE_L=(--shape L --compare-hf)
   DECODE_XXL=(--shape XXL)
   TRAIN=(--compare-hf)
