@@ -23,7 +23,11 @@ SUBCOMMANDS: Dict[str, Tuple[str, str, str]] = {
     "reproduce": ("gqa_t5.reproduce", "main",
                   "reproduce the paper's Table 1 and Figures 3-6 (--preset quick|mini|paper)"),
     "benchmark-decode": ("gqa_t5.benchmarks.decode", "main",
-                         "decode speed per K against the memory roofline"),
+                         "decode speed per K against the memory roofline (and HF generate)"),
+    "benchmark-train": ("gqa_t5.benchmarks.train", "main",
+                        "train-step speed and MFU for MHA, GQA and MQA (and HF transformers)"),
+    "benchmark-convert": ("gqa_t5.benchmarks.convert", "main",
+                          "conversion peak memory and throughput on a synthetic checkpoint"),
 }
 
 

@@ -35,12 +35,14 @@ class SamplingState(NamedTuple):
 def temperature_sample(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
                        max_decode_length: int, eos_id: int = 1,
                        rng: Optional[jnp.ndarray] = None, temperature: float = 0.0,
-                       topk: int = 0) -> Tuple[jnp.ndarray, jnp.ndarray]:
+                       topk: int = 0, return_cache: bool = False):
   """Greedy (temperature 0) or sampled decoding.
 
   Returns:
     sequences [B, L] (EOS included, zeros after it) and their log-likelihoods [B] under the
-    model (unscaled by temperature, so they equal `score_batch` on the same sequences).
+    model (unscaled by temperature, so they equal `score_batch` on the same sequences); with
+    `return_cache`, also the final cache (so a caller that donates the cache lets XLA run the
+    loop in the donated buffers).
   """
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -80,6 +82,8 @@ def temperature_sample(cache: Cache, tokens_to_logits: TokensToLogits, batch_siz
                        jnp.zeros((batch_size,), bool), jnp.zeros((batch_size,), jnp.float32),
                        cache, rng)
   final = jax.lax.while_loop(cond, body, init)
+  if return_cache:
+    return final.sequences, final.log_prob, final.cache
   return final.sequences, final.log_prob
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
+import os
 import subprocess
 import sys
+import tempfile
 from typing import Dict, Sequence
 
+from gqa_t5.benchmarks import decode
 from gqa_t5.reproduce import presets as presets_lib
 
 
@@ -41,35 +43,38 @@ def measure(dims: presets_lib.ModelDims, vocab_size: int, kv_heads: Sequence[int
 def _measure_here(dims: presets_lib.ModelDims, vocab_size: int, kv_heads: Sequence[int], *,
                   batch: int, input_length: int, output_length: int, repeats: int,
                   bandwidth_gb: float) -> Dict:
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from gqa_t5.benchmarks import decode  # pylint: disable=g-import-not-at-top
-  shape = dict(emb_dim=dims.emb_dim, num_heads=dims.num_heads, head_dim=dims.head_dim,
-               mlp_dim=dims.mlp_dim, layers=dims.num_layers, vocab=vocab_size,
-               input_length=input_length, output_length=output_length, batch=batch)
-  variants = [decode.Variant(shape, k, jnp.float32) for k in kv_heads]
-  before = decode.measure_bandwidth(bandwidth_gb)
-  for _ in range(repeats):
-    for variant in variants:
-      variant.run_once()
-  after = decode.measure_bandwidth(bandwidth_gb)
-  bandwidth = max(before, after)
+  # The decode benchmark itself, on the preset's dimensions (it prints its table to stdout first).
+  with tempfile.TemporaryDirectory() as scratch:
+    path = os.path.join(scratch, "decode.json")
+    decode.main(["--size", "tiny", "--emb-dim", str(dims.emb_dim), "--num-heads",
+                 str(dims.num_heads), "--head-dim", str(dims.head_dim), "--mlp-dim",
+                 str(dims.mlp_dim), "--layers", str(dims.num_layers), "--vocab", str(vocab_size),
+                 "--batch", str(batch), "--input-length", str(input_length), "--output-length",
+                 str(output_length), "--dtype", "float32", "--repeats", str(repeats),
+                 "--kv-heads", ",".join(str(k) for k in kv_heads), "--jax-cache-dir", "",
+                 "--bandwidth-mib", str(int(bandwidth_gb * 1024)), "--json", path])
+    with open(path) as f:
+      result = json.load(f)
   out = {}
-  for v in variants:
-    loop_min, encode_min = min(v.loop_times), min(v.encode_times)
-    step_min = loop_min / output_length
-    out[str(v.num_kv_heads)] = {
-        "kv_heads": v.num_kv_heads,
-        "time_per_sample": (encode_min + loop_min) / batch,
-        "decode_time_per_sample": loop_min / batch,
-        "encode_time_per_sample": encode_min / batch,
-        "time_per_step": step_min,
-        "time_per_step_median": statistics.median(v.loop_times) / output_length,
-        "bytes_per_step": v.bytes,
-        "roofline_fraction": v.bytes["total"] / step_min / bandwidth,
+  encode_per_sample = result["encode_s"] / batch
+  for r in result["per_k"]:
+    step = r["step_ms_min"] / 1e3
+    out[str(r["kv_heads"])] = {
+        "kv_heads": r["kv_heads"],
+        "time_per_sample": encode_per_sample + step * output_length / batch,
+        "decode_time_per_sample": step * output_length / batch,
+        "encode_time_per_sample": encode_per_sample,
+        "time_per_step": step,
+        "time_per_step_median": r["step_ms_median"] / 1e3,
+        "bytes_per_step": r["bytes_per_step"],
+        "roofline_fraction": r["roofline_fraction"],
     }
-  return {"kv_heads": out, "bandwidth_bytes_per_s": bandwidth,
-          "bandwidth_before": before, "bandwidth_after": after,
-          "shape": shape, "repeats": repeats, "dtype": "float32"}
+  bandwidth = result["bandwidth"]
+  return {"kv_heads": out, "bandwidth_bytes_per_s": bandwidth["used_bytes_per_s"],
+          "bandwidth_before": bandwidth["before_bytes_per_s"],
+          "bandwidth_after": bandwidth["after_bytes_per_s"],
+          "shape": dict(result["config"], batch=batch, input_length=input_length,
+                        output_length=output_length), "repeats": repeats, "dtype": "float32"}
 
 
 def main() -> None:

@@ -1,0 +1,165 @@
+"""Streaming benchmark of `gqa-t5 convert`: peak memory and throughput on a synthetic checkpoint.
+
+Writes a random T5.1.1 checkpoint of a named size (gqa_t5/model/sizes.py) in T5X legacy format
+(one tensor at a time), converts it in a child process (`python -m gqa_t5.convert`), and reports
+the child's peak RSS against the target (3 x the largest tensor + 1 GiB), as a PASS/FAIL check,
+and the conversion throughput.
+
+  gqa-t5 benchmark-convert --size large --workdir /tmp/gqa_bench
+  gqa-t5 benchmark-convert --size small --num-kv-heads 1 --output-format orbax
+  gqa-t5 benchmark-convert --smoke --json out.json      (tiny, seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Dict
+
+import numpy as np
+
+import gqa_t5
+from gqa_t5.benchmarks import common
+from gqa_t5.checkpoints import synthetic
+from gqa_t5.checkpoints import tree as tree_lib
+from gqa_t5.checkpoints.msgpack_codec import dtype_from_name
+from gqa_t5.model import sizes
+
+# The converter as `python -m gqa_t5.convert` runs it, reporting its own peak RSS at exit:
+# VmHWM of its address space (ru_maxrss would include the parent's RSS from before exec).
+_CHILD = (
+    "import os, resource, runpy, sys\n"
+    "sys.argv = ['gqa_t5.convert'] + sys.argv[1:]\n"
+    "try:\n"
+    "  runpy.run_module('gqa_t5.convert', run_name='__main__')\n"
+    "finally:\n"
+    "  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    "  if os.path.exists('/proc/self/status'):\n"
+    "    for line in open('/proc/self/status'):\n"
+    "      if line.startswith('VmHWM:'):\n"
+    "        peak = int(line.split()[1])\n"
+    "  print(f'PEAK_RSS_KIB={peak}', file=sys.stderr)\n")
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+# The directory holding the gqa_t5 package: the child imports this very copy.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(gqa_t5.__file__)))
+
+
+def _dir_bytes(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog="gqa-t5 benchmark-convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--size", choices=sizes.NAMES, default="large")
+  parser.add_argument("--smoke", action="store_true", help="size tiny, zstd: seconds")
+  parser.add_argument("--json", default=None, help="also write figures and checks to this file")
+  parser.add_argument("--num-layers", type=int, default=None,
+                      help="override encoder and decoder depth (smaller runs)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--num-kv-heads", type=int, default=None, help="default: N/4")
+  parser.add_argument("--method", default="mean")
+  parser.add_argument("--output-format", choices=("t5x", "orbax"), default="t5x")
+  parser.add_argument("--compression", choices=("gzip", "zstd", "none"), default="gzip",
+                      help="zarr compression of the converted t5x checkpoint")
+  parser.add_argument("--source-compression", choices=("gzip", "zstd", "none"), default="zstd",
+                      help="zarr compression of the synthetic source (zstd: quicker to write)")
+  parser.add_argument("--workdir", default="/tmp/gqa_convert_benchmark")
+  parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.size, args.compression = "tiny", "zstd"
+  return args
+
+
+def _facts(args) -> Dict[str, Any]:
+  overrides = {"dropout_rate": 0.0, "dtype": "float32"}
+  if args.num_layers:
+    overrides.update(num_encoder_layers=args.num_layers, num_decoder_layers=args.num_layers)
+  config = sizes.t5_1_1(args.size, **overrides)
+  itemsize = dtype_from_name(args.dtype).itemsize
+  shapes = tree_lib.expected_shapes(config)
+  largest_name = max(shapes, key=lambda n: int(np.prod(shapes[n])))
+  return {"config": config, "kv": args.num_kv_heads or max(1, config.num_heads // 4),
+          "params": sum(int(np.prod(s)) for s in shapes.values()), "itemsize": itemsize,
+          "largest_name": largest_name, "largest_shape": shapes[largest_name],
+          "largest_bytes": int(np.prod(shapes[largest_name])) * itemsize}
+
+
+def _write_source(args, facts, source: str) -> None:
+  if os.path.exists(source):
+    return
+  common.progress(f"writing the synthetic source {source} ...")
+  start = time.time()
+  synthetic.write_t5x(source, facts["config"], dtype=dtype_from_name(args.dtype),
+                      compression=args.source_compression)
+  common.progress(f"wrote it in {time.time() - start:.0f}s")
+
+
+def _convert(args, facts, source: str, output: str):
+  command = [sys.executable, "-c", _CHILD, "--input", source, "--output", output,
+             "--num-kv-heads", str(facts["kv"]), "--method", args.method,
+             "--output-format", args.output_format, "--compression", args.compression,
+             "--quiet"]
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+  common.progress(f"converting to GQA-{facts['kv']} ({args.method}, {args.output_format}) ...")
+  start = time.time()
+  result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+  return result, time.time() - start
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  facts = _facts(args)
+  data = facts["params"] * facts["itemsize"]
+  os.makedirs(args.workdir, exist_ok=True)
+  name = f"t511_{args.size}" + (f"_{args.num_layers}layers" if args.num_layers else "")
+  source = os.path.join(args.workdir, f"{name}_{args.dtype}_{args.source_compression}")
+  output = os.path.join(args.workdir, f"{name}_{args.dtype}_gqa{facts['kv']}_{args.output_format}")
+  shutil.rmtree(output, ignore_errors=True)
+  print(f"model: T5.1.1-{args.size} ({facts['params'] / 1e6:.0f}M parameters, {args.dtype}); "
+        f"largest tensor {facts['largest_name']} {facts['largest_shape']} = "
+        f"{facts['largest_bytes'] / MIB:.0f} MiB", flush=True)
+  _write_source(args, facts, source)
+  on_disk = _dir_bytes(source)
+  print(f"source on disk: {on_disk / GIB:.2f} GiB ({data / GIB:.2f} GiB of tensor data)",
+        flush=True)
+  result, elapsed = _convert(args, facts, source, output)
+  if result.returncode:
+    print(f"conversion failed with exit status {result.returncode}:\n{result.stderr}")
+    return result.returncode
+  match = re.search(r"^PEAK_RSS_KIB=(\d+)$", result.stderr, re.MULTILINE)
+  peak = int(match.group(1)) * 1024  # the converter's own peak (Linux reports KiB)
+  target = 3 * facts["largest_bytes"] + GIB
+  written = f"t5x, {args.compression}" if args.output_format == "t5x" else "orbax"
+  print(f"converted to {output} ({written}, K={facts['kv']}, {args.method}) in {elapsed:.1f}s "
+        f"(process start included): {data / MIB / elapsed:.0f} MiB/s of tensor data")
+  print(f"peak RSS of the converter: {peak / GIB:.2f} GiB; target 3 x largest + 1 GiB = "
+        f"{target / GIB:.2f} GiB: {'OK' if peak <= target else 'OVER'}")
+  checks = [common.check("converter peak RSS <= 3 x largest tensor + 1 GiB", peak <= target,
+                         f"{peak / GIB:.2f} GiB of {target / GIB:.2f} GiB")]
+  common.print_checks(checks)
+  common.write_json(args.json, {
+      "benchmark": "convert", "smoke": bool(args.smoke), "size": args.size,
+      "params": facts["params"], "dtype": args.dtype, "kv_heads": facts["kv"],
+      "output_format": args.output_format, "seconds": elapsed,
+      "mib_per_s": data / MIB / elapsed, "peak_rss_bytes": peak, "target_bytes": target,
+      "source_bytes_on_disk": on_disk, "checks": checks})
+  if not args.keep:
+    shutil.rmtree(output, ignore_errors=True)
+    shutil.rmtree(source, ignore_errors=True)
+  return 0 if peak <= target else 3
+
+
+if __name__ == "__main__":
+  sys.exit(main())

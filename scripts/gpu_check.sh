@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# One prepared check of the GPU path on one GPU (an H200), in at most 8 minutes wall time:
+#   (a) the GPU-relevant tests, (b) start-up figures (Large cold and warm compilation cache, XXL
+#   cold), (c) benchmark-decode at shapes L (with --compare-hf) and XXL, (d) benchmark-train
+#   (Large, with --compare-hf). Each step has its own timeout and writes JSON (and a log) into
+#   ${OUT:-./gpu_check_out}; a summary table is printed and written as summary.json.
+#
+#   bash scripts/gpu_check.sh            # on the GPU box (jax[cuda], torch, transformers there)
+#   bash scripts/gpu_check.sh --smoke    # the same steps on a CPU, tiny shapes, < 2 minutes
+#
+# It installs nothing: the package runs from this checkout (PYTHONPATH), so a box without
+# TensorFlow, seqio or gin-config needs only jax, flax, optax, orbax (and torch/transformers
+# for the HF comparisons). Budgets (seconds) can be overridden: T_TESTS, T_DECODE_L, T_WARM,
+# T_DECODE_XXL, T_TRAIN; PYTEST_FLAGS (default "-q -x") sets the tests' flags.
+set -u -o pipefail
+
+SMOKE=0
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) SMOKE=1 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (use --smoke or nothing)" >&2; exit 2 ;;
+  esac
+done
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+OUT="${OUT:-./gpu_check_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+CACHE="$OUT/jax_cache"
+rm -rf "$CACHE"  # "cold" must mean cold
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+PY="${PYTHON:-python}"
+GQA=("$PY" -m gqa_t5.cli)
+if ! "$PY" -c "import gqa_t5.benchmarks.common" 2>/dev/null; then
+  echo "gqa_t5 is not importable from $REPO with $PY: check jax/flax/optax are installed" >&2
+  exit 2
+fi
+
+TESTS=()
+for pattern in tests/test_attention.py tests/test_network.py tests/test_models.py \
+               tests/test_decoding.py tests/test_checkpoints_*.py tests/test_convert*.py \
+               tests/test_trainer.py; do
+  for file in $pattern; do
+    if [ -f "$file" ]; then TESTS+=("$file"); else echo "gpu_check.sh: no $file, skipped" >&2; fi
+  done
+done
+if [ "$SMOKE" = 1 ]; then
+  T_TESTS="${T_TESTS:-60}" T_DECODE_L="${T_DECODE_L:-90}" T_WARM="${T_WARM:-45}"
+  T_DECODE_XXL="${T_DECODE_XXL:-90}" T_TRAIN="${T_TRAIN:-120}"
+  TEST_ARGS=(--collect-only -q)  # on a CPU the suite's own run checks them; here: they import
+  DECODE_L=(--smoke --compare-hf)
+  DECODE_XXL=(--smoke --shape XXL --output-length 16 --timed-steps 4 --kv-heads 8,1)
+  TRAIN=(--smoke --compare-hf --peak-tflops 1)
+  export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+else
+  T_TESTS="${T_TESTS:-75}" T_DECODE_L="${T_DECODE_L:-100}" T_WARM="${T_WARM:-35}"
+  T_DECODE_XXL="${T_DECODE_XXL:-150}" T_TRAIN="${T_TRAIN:-110}"
+  read -r -a TEST_ARGS <<< "${PYTEST_FLAGS:--q -x}"
+  DECODE_L=(--shape L --compare-hf)
+  DECODE_XXL=(--shape XXL)
+  TRAIN=(--compare-hf)
+fi
+
+START=$(date +%s)
+# step NAME TIMEOUT MEM_FRACTION COMMAND...: runs it under `timeout`, log in $OUT/NAME.log.
+step() {
+  local name="$1" limit="$2" fraction="$3"; shift 3
+  echo "=== $name (timeout ${limit}s, XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction): $*"
+  local begin=$(date +%s)
+  XLA_PYTHON_CLIENT_MEM_FRACTION="$fraction" timeout --kill-after=10 "$limit" "$@" 2>&1 \
+    | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "{\"rc\": $rc, \"seconds\": $(( $(date +%s) - begin )), \"timeout_s\": $limit}" \
+    > "$OUT/$name.status.json"
+  echo "=== $name: exit $rc after $(( $(date +%s) - begin ))s"
+}
+
+rm -f "$OUT"/*.json "$OUT"/*.log
+# (a) Tests. They share the GPU with nothing else: no preallocation, so their children fit too.
+XLA_PYTHON_CLIENT_PREALLOCATE=false step tests "$T_TESTS" 0.5 \
+  "$PY" -m pytest "${TEST_ARGS[@]}" "${TESTS[@]}"
+# (c)+(b) Decode at L with a cold cache (its start-up is the cold figure), then a fresh process
+# on the warm cache that stops at the first timed step (the warm figure). HF needs memory too.
+step decode_L "$T_DECODE_L" 0.5 "${GQA[@]}" benchmark-decode "${DECODE_L[@]}" \
+  --jax-cache-dir "$CACHE/L" --json "$OUT/decode_L.json"
+step startup_L_warm "$T_WARM" 0.5 "${GQA[@]}" benchmark-decode "${DECODE_L[@]}" --startup-only \
+  --jax-cache-dir "$CACHE/L" --json "$OUT/startup_L_warm.json"
+# XXL, cold: its batch is fitted to the memory JAX may take.
+step decode_XXL "$T_DECODE_XXL" 0.92 "${GQA[@]}" benchmark-decode "${DECODE_XXL[@]}" \
+  --jax-cache-dir "$CACHE/XXL" --json "$OUT/decode_XXL.json"
+# (d) Training, with HF transformers (torch) on the same GPU.
+step train "$T_TRAIN" 0.45 "${GQA[@]}" benchmark-train "${TRAIN[@]}" \
+  --jax-cache-dir "$CACHE/train" --json "$OUT/train.json"
+
+"$PY" -m gqa_t5.benchmarks.gpu_summary "$OUT" --wall-s $(( $(date +%s) - START )) \
+  $([ "$SMOKE" = 1 ] && echo --smoke)
