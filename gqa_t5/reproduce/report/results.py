@@ -9,7 +9,18 @@ import os
 import platform
 from typing import Any, Callable, Dict, List, Optional
 
-from gqa_t5.reproduce import presets as presets_lib
+import jax
+
+from gqa_t5.model.config import T5Config
+from gqa_t5.reproduce.paper_scale import roofline
+from gqa_t5.reproduce.paper_scale import timing_sim
+from gqa_t5.reproduce.pipeline import estimate
+from gqa_t5.reproduce.pipeline import presets as presets_lib
+from gqa_t5.reproduce.pipeline import variants
+from gqa_t5.reproduce.report import claims as claims_lib
+from gqa_t5.reproduce.report import figures
+from gqa_t5.reproduce.report import markdown
+from gqa_t5.reproduce.report import paper
 
 RESULTS_FILE = "results.json"
 
@@ -38,19 +49,60 @@ def mean_loss(scores: Dict[str, Dict[str, float]]) -> Optional[float]:
 
 def machine_description() -> str:
   cores = os.cpu_count() or 0
-  try:
-    import jax  # pylint: disable=g-import-not-at-top
-    backend = jax.default_backend()
-  except Exception:  # pylint: disable=broad-except
-    backend = "unknown"
-  return f"{platform.machine()} with {cores} CPU core{'s' if cores != 1 else ''} (JAX {backend})"
+  backend = jax.default_backend()
+  text = f"{platform.machine()} with {cores} CPU core{'s' if cores != 1 else ''} (JAX {backend}"
+  if backend == "gpu":
+    text += f", {jax.devices()[0].device_kind}"
+  return text + ")"
 
 
-def model_params(dims: presets_lib.ModelDims, vocab_size: int) -> int:
-  from gqa_t5.reproduce import roofline  # pylint: disable=g-import-not-at-top
-  shape = roofline.ModelShape("mha", dims.emb_dim, dims.num_heads, dims.head_dim, dims.mlp_dim,
-                              dims.num_layers, dims.num_layers, vocab_size)
-  return roofline.total_params(shape)
+def model_params(model: T5Config) -> int:
+  return roofline.total_params(roofline.shape_of(model.replace(num_kv_heads=None)))
+
+
+def pretrain_throughput(pretrain: Dict, model: T5Config) -> Dict[str, Any]:
+  """Tokens/s of the pretraining run and its MFU against the backend's assumed peak."""
+  tokens_per_s = pretrain.get("tokens_per_second")
+  machine = estimate.MACHINES["h200" if jax.default_backend() == "gpu" else "cpu"]
+  flops_per_token = 6.0 * model_params(model)
+  mfu = flops_per_token * tokens_per_s / machine.peak_flops if tokens_per_s else None
+  return {"tokens_per_second": tokens_per_s, "flops_per_token": flops_per_token,
+          "peak_flops": machine.peak_flops, "peak_name": machine.name, "mfu": mfu}
+
+
+def _paper_row_name(size: str, k: int, num_heads: int) -> str:
+  label = variants.kv_label(k, num_heads)
+  return f"{label}-{'XXL' if size == 'xxl' else size.capitalize()}"
+
+
+def paper_timing_rows(measured: Optional[Dict], sim: Dict) -> Optional[Dict[str, Any]]:
+  """Per paper-shape model: measured s/sample, the roofline here and on TPU v4, the paper's."""
+  if not measured:
+    return None
+  rows, first = {}, None
+  for size, run in sorted(measured["runs"].items()):  # large, then xxl
+    shape, first = run["shape"], first or run
+    chip = roofline.H200 if jax.default_backend() == "gpu" else None
+    for k, t in sorted(run["kv_heads"].items(), key=lambda item: int(item[0])):
+      name = _paper_row_name(size, int(k), shape["num_heads"])
+      here = None
+      if chip is not None:
+        setup = roofline.Setup(chips=1, model_parallel=1, max_batch_per_chip=shape["batch"],
+                               input_length=shape["input_length"],
+                               output_length=shape["output_length"])
+        model = roofline.ModelShape(name, shape["emb_dim"], shape["num_heads"],
+                                    shape["head_dim"], shape["mlp_dim"], shape["layers"],
+                                    shape["layers"], shape["vocab"], int(k))
+        here = roofline.time_per_sample(model, setup, chip,
+                                        batch_per_chip=shape["batch"])["total"]
+      tpu = sim["groups_xxl"].get(k) if size == "xxl" else sim["table1"].get(name)
+      rows[name] = {"measured": t["time_per_sample"], "roofline_here": here,
+                    "roofline_tpu": tpu, "paper": paper.TABLE1.get(name, {}).get("time"),
+                    "size": size, "kv_heads": int(k)}
+  return {"rows": rows, "batch": first["shape"]["batch"], "dtype": first["dtype"],
+          "input_length": first["shape"]["input_length"],
+          "output_length": first["shape"]["output_length"],
+          "bandwidth_bytes_per_s": measured["bandwidth_bytes_per_s"]}
 
 
 def noise_summary(variants: List[Dict], preset: presets_lib.Preset) -> Dict[str, Any]:
@@ -82,12 +134,12 @@ def short_label(kv_heads: int, num_heads: int) -> str:
   return "MHA" if kv_heads == num_heads else ("MQA" if kv_heads == 1 else f"GQA-{kv_heads}")
 
 
-def assemble(*, preset: presets_lib.Preset, dims: presets_lib.ModelDims, vocab_size: int,
-             pretrain: Dict, pretrain_origin: str, evaluations: List[Dict], timing: Dict,
+def assemble(*, preset: presets_lib.Preset, model: T5Config, pretrain: Dict,
+             pretrain_origin: str, evaluations: List[Dict], timing: Dict,
              stages: Dict[str, Dict], wall_seconds: float,
              machine: Optional[str] = None, data_fingerprint: str = "",
-             paper_scale: Optional[Dict] = None,
-             conversions: Optional[List[Dict]] = None) -> Dict[str, Any]:
+             paper_scale: Optional[Dict] = None, conversions: Optional[List[Dict]] = None,
+             paper_timing: Optional[Dict] = None) -> Dict[str, Any]:
   """The results dict from plain numbers (the pipeline and the tests both build it here).
 
   evaluations: [{'variant': presets.Variant, 'scores': {task: {metric: value}},
@@ -96,8 +148,7 @@ def assemble(*, preset: presets_lib.Preset, dims: presets_lib.ModelDims, vocab_s
   conversions: [{'kv_heads', 'method', 'start_loss'}]: the pretraining-objective loss of each
     converted checkpoint before any uptraining (optional).
   """
-  from gqa_t5.reproduce import report  # pylint: disable=g-import-not-at-top
-  n = dims.num_heads
+  n = model.num_heads
   variants = []
   for item in evaluations:
     v = item["variant"]
@@ -135,16 +186,18 @@ def assemble(*, preset: presets_lib.Preset, dims: presets_lib.ModelDims, vocab_s
                "start_loss": find(k, "mean", al)["start_loss"]}
               for al in preset.alphas if find(k, "mean", al) is not None]
     curves[short_label(k, n)] = points
-  params = model_params(dims, vocab_size)
   results = {
       "preset": preset.to_dict(),
-      "scale": {"description": preset.description, "num_heads": n, "num_layers": dims.num_layers,
-                "emb_dim": dims.emb_dim, "head_dim": dims.head_dim, "mlp_dim": dims.mlp_dim,
-                "vocab_size": vocab_size, "params": params,
+      "scale": {"description": preset.description, "num_heads": n,
+                "num_layers": model.num_encoder_layers, "emb_dim": model.emb_dim,
+                "head_dim": model.head_dim, "mlp_dim": model.mlp_dim,
+                "vocab_size": model.vocab_size, "params": model_params(model),
+                "dtype": variants.config_dict(model)["dtype"],
                 "pretrain_steps": int(pretrain.get("step", preset.pretrain_steps)),
                 "pretrain_origin": pretrain_origin, "eval_examples": preset.eval_examples,
                 "data_fingerprint": data_fingerprint},
-      "pretrain": pretrain,
+      "pretrain": pretrain, "pretrain_throughput": pretrain_throughput(pretrain, model),
+      "paper_timing": paper_timing_rows(paper_timing, paper_scale or paper_scale_summary()),
       "variants": variants, "headline": headline, "mha": find(n), "methods": methods,
       "alpha_curves": curves, "conversions": conversions or [], "timing": timing,
       "noise": noise_summary(variants, preset),
@@ -154,25 +207,24 @@ def assemble(*, preset: presets_lib.Preset, dims: presets_lib.ModelDims, vocab_s
       "machine": {"description": machine or machine_description(),
                   "cpu_count": os.cpu_count()},
   }
-  results["claims"] = report.evaluate_claims(results)
+  results["claims"] = claims_lib.evaluate_claims(results)
   return results
 
 
 def paper_scale_summary() -> Dict[str, Any]:
   """The roofline predictions for the figures (T5.1.1-XXL on TPU v4, default setup)."""
-  from gqa_t5.reproduce import paper_timing, roofline  # pylint: disable=g-import-not-at-top
-  sim = paper_timing.simulate(roofline.Setup())
+  sim = timing_sim.simulate(roofline.Setup())
   return {"groups_xxl": {str(k): r["total"] for k, r in sim["groups_xxl"].items()},
           "table1": {name: r["total"] for name, r in sim["table1"].items()}}
 
 
 def collect(pipeline, pre, evaluations, timed, wall_seconds: float,
-            probes=None, conversion_probes=None) -> Dict[str, Any]:
+            probes=None, conversion_probes=None, paper_timed=None) -> Dict[str, Any]:
   """The results dict of a pipeline run (see `assemble`)."""
   p = pipeline.preset
   items = []
   for variant, ev in evaluations.items():
-    tuned = pipeline.stage_results.get(f"finetune-{variant.key(pipeline.dims.num_heads)}")
+    tuned = pipeline.stage_results.get(f"finetune-{variant.key(pipeline.num_heads)}")
     item = {"variant": variant, "scores": ev.result["scores"],
             "finetune": tuned.result if tuned is not None else {}}
     if probes and variant in probes:
@@ -184,13 +236,14 @@ def collect(pipeline, pre, evaluations, timed, wall_seconds: float,
             f"corpus (batch {p.pretrain_batch}, inputs {p.pretrain_inputs_length} tokens)")
   stages = {name: {"seconds": r.seconds, "cached": r.cached}
             for name, r in pipeline.stage_results.items()}
-  return assemble(preset=p, dims=pipeline.dims, vocab_size=pipeline.vocab_size,
+  return assemble(preset=p, model=pipeline.model.replace(vocab_size=pipeline.vocab_size),
                   pretrain=pre.result, pretrain_origin=origin, evaluations=items,
                   timing=timed.result, stages=stages, wall_seconds=wall_seconds,
                   data_fingerprint=pipeline.data["fingerprint"],
                   paper_scale=paper_scale_summary(),
                   conversions=[{"kv_heads": k, "method": method, "start_loss": r.result["loss"]}
-                               for (k, method), r in (conversion_probes or {}).items()])
+                               for (k, method), r in (conversion_probes or {}).items()],
+                  paper_timing=paper_timed.result if paper_timed is not None else None)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -203,7 +256,6 @@ def _write_text(path: str, text: str) -> None:
 def write_all(results: Dict[str, Any], out_dir, log: Callable[[str], None] = print
               ) -> List[str]:
   """results.json, table1.md, fig3-6.png and REPORT.md in `out_dir`."""
-  from gqa_t5.reproduce import figures, report  # pylint: disable=g-import-not-at-top
   out_dir = str(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   written = []
@@ -211,11 +263,11 @@ def write_all(results: Dict[str, Any], out_dir, log: Callable[[str], None] = pri
   _write_text(path, json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
   written.append(path)
   path = os.path.join(out_dir, "table1.md")
-  _write_text(path, report.table1_markdown(results))
+  _write_text(path, markdown.table1_markdown(results))
   written.append(path)
   written += figures.write_figures(results, out_dir)
   path = os.path.join(out_dir, "REPORT.md")
-  _write_text(path, report.report_markdown(results))
+  _write_text(path, markdown.report_markdown(results))
   written.append(path)
   for path in written:
     log(f"wrote {path}")
