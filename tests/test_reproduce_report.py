@@ -224,3 +224,22 @@ def test_bad_presets_are_refused():
     presets.Preset(**{**base.__dict__, "method_alpha": 0.2})
   with pytest.raises(ValueError, match="unknown preset 'huge'"):
     presets.get_preset("huge")
+
+
+def test_a_fall_inside_the_timing_tolerance_is_within_noise_not_held():
+  # K=4 slightly slower than K=8 (MHA): the shape holds only inside the 5% tolerance.
+  results = synthetic(paper_like_quality(), {1: 1.0, 2: 1.02, 4: 2.02, 8: 2.0})
+  d = next(c for c in results["claims"] if c["id"] == "d")
+  assert d["verdict"] == claims.WITHIN_NOISE
+  assert d["tolerance"] == "timing differences under 5% count as equal"
+  text = markdown.report_markdown(results)
+  assert "**within noise** (tolerance: timing differences under 5% count as equal)" in text
+  assert "(tolerance: seed noise 0.10)" in text  # quality verdicts carry theirs too
+
+
+def test_figures_and_tables_say_their_units():
+  results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES)
+  table = markdown.table1_markdown(results)
+  assert "| Average (%) |" in table and "Scores in %" in table
+  report = markdown.report_markdown(results)
+  assert "Above the floor?" in report and "Stated for this preset: 33 min" in report

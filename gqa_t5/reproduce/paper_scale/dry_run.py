@@ -14,7 +14,7 @@ import os
 import time
 from typing import Callable, List, Optional
 
-import gqa_t5.tasks  # pylint: disable=unused-import  # registers the paper's tasks
+from gqa_t5 import tasks as _tasks  # pylint: disable=unused-import  # registers the tasks
 from gqa_t5.reproduce.paper_scale import checks
 from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
 

@@ -137,7 +137,8 @@ class Pipeline:
     return training.variant_config(self.model, self.vocab_size, kv_heads, dropout)
 
   def _train(self, work: Path, *, config: T5Config, task: str, lengths, batch: int,
-             total_steps: int, learning_rate, initial: Optional[str], seed: int = 0):
+             total_steps: int, learning_rate, initial: Optional[str], seed: int = 0,
+             start_step: Optional[int] = None):
     self.o.log(f"  compiling the training step for {config.emb_dim}-wide K="
                f"{config.self_attention_kv_heads} (the first step waits for it), then "
                f"training to step {total_steps}")
@@ -145,7 +146,7 @@ class Pipeline:
         work, config=config, vocabulary=self.vocabulary, task=task, feature_lengths=lengths,
         batch_size=batch, total_steps=total_steps, learning_rate=learning_rate,
         initial_checkpoint=initial, seed=seed, checkpoint_period=self.preset.checkpoint_period,
-        progress=self.o.progress)
+        progress=self.o.progress, start_step=start_step)
 
   # ---- stage 1 -------------------------------------------------------------------------------
 
@@ -161,7 +162,7 @@ class Pipeline:
         work, config=self._config(None), task=tasks.PRETRAIN_TASK, lengths=lengths,
         batch=p.pretrain_batch, total_steps=p.pretrain_steps,
         learning_rate=optim.rsqrt_decay(p.pretrain_learning_rate, p.pretrain_warmup_steps),
-        initial=None))
+        initial=None, start_step=0))
     return result, result.directory / training.MODEL_DIR
 
   def _take_initial_checkpoint(self, path: str) -> Start:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from gqa_t5.benchmarks import decode
 from gqa_t5.model.config import T5Config
-from gqa_t5.reproduce.pipeline import variants
+from gqa_t5.reproduce.pipeline import variants as variants_lib
 
 PROGRESS_PREFIX = "timing: "
 
@@ -54,13 +54,13 @@ def measure(config: T5Config, kv_heads: Sequence[int], *, batch: int, input_leng
             output_length: int, repeats: int, bandwidth_gb: float = 0.25,
             log: Callable[[str], None] = print) -> Dict:
   """{'kv_heads': {K: {...}}, 'bandwidth_bytes_per_s': ...} for the preset's model."""
-  return _child({"kind": "preset", "config": variants.config_dict(config),
+  return _child({"kind": "preset", "config": variants_lib.config_dict(config),
                  "kv_heads": list(kv_heads), "batch": batch, "input_length": input_length,
                  "output_length": output_length, "repeats": repeats,
                  "bandwidth_gb": bandwidth_gb}, log)
 
 
-def measure_paper_shapes(timings: Sequence[variants.PaperTiming], bandwidth_gb: float,
+def measure_paper_shapes(timings: Sequence[variants_lib.PaperTiming], bandwidth_gb: float,
                          log: Callable[[str], None] = print) -> Dict:
   """{'runs': {size: {'kv_heads': {K: {...}}, 'shape': ...}}, 'bandwidth_bytes_per_s': ...}
   (T5.1.1's vocabulary of 32,128, as at paper scale)."""
@@ -115,7 +115,7 @@ def _measure_paper(request: Dict) -> Dict:
   bandwidth = decode.measure_bandwidth(request["bandwidth_gb"])
   out: Dict = {"bandwidth_bytes_per_s": bandwidth, "runs": {}}
   for spec in request["timings"]:
-    timing = variants.PaperTiming(**{**spec, "kv_heads": tuple(spec["kv_heads"])})
+    timing = variants_lib.PaperTiming(**{**spec, "kv_heads": tuple(spec["kv_heads"])})
     config = timing.config()
     shape = _shape(config, timing.batch, timing.input_length, timing.output_length)
     per_k = {}

@@ -86,12 +86,15 @@ def latest_metrics(model_dir: Path, split: str = "train") -> Dict[str, Any]:
 def train(work: Path, *, config, vocabulary, task: str, feature_lengths: Mapping[str, int],
           batch_size: int, total_steps: int, learning_rate,
           initial_checkpoint: Optional[str] = None, seed: int = 0,
-          checkpoint_period: int = 200, progress: bool = True) -> Dict[str, Any]:
+          checkpoint_period: int = 200, progress: bool = True,
+          start_step: Optional[int] = None) -> Dict[str, Any]:
   """Trains in `work/model` (resuming from its checkpoints) up to `total_steps`.
 
   learning_rate: a float or an `optim` schedule of the global step. Starting from
   `initial_checkpoint` the optimizer state is fresh (a conversion changes the key/value shapes),
   so Adafactor's second-moment decay restarts there while the schedule continues.
+  start_step: the step training starts from (0 from scratch): then the result also has the
+  steady throughput with the compile left out (`steady_tokens_per_second`).
   """
   model_dir = work / MODEL_DIR
   dataset = input_pipeline.DatasetConfig(
@@ -111,7 +114,39 @@ def train(work: Path, *, config, vocabulary, task: str, feature_lengths: Mapping
   for name in ("loss_per_nonpadding_target_token", "accuracy", "tokens_per_second"):
     if name in metrics:
       out[name] = metrics[name]
+  if start_step is not None:
+    steady = steady_tokens_per_second(
+        model_dir, batch_size * (feature_lengths["inputs"] + feature_lengths["targets"]),
+        start_step)
+    if steady is not None:
+      out["steady_tokens_per_second"] = steady
   return out
+
+
+def steady_tokens_per_second(model_dir: Path, tokens_per_step: int,
+                             start_step: int) -> Optional[float]:
+  """Tokens/s between the first and the last logged step of a run that began at `start_step`.
+
+  The logged `tokens_per_second` averages from the loop's start, so it includes compiling the
+  first step: record i was written after (step_i - start_step) x tokens_per_step tokens in
+  that many tokens / rate_i seconds, and the difference of two records leaves the compile out.
+  None with fewer than two records (or a log that restarted, as a resumed run's does)."""
+  path = Path(model_dir) / "metrics.jsonl"
+  records = []
+  for line in path.read_text().splitlines() if path.exists() else []:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if record.get("split") == "train" and record.get("tokens_per_second"):
+      records.append(record)
+  steps = [r["step"] for r in records]
+  if len(records) < 2 or steps != sorted(set(steps)):
+    return None
+  elapsed = [(r["step"] - start_step) * tokens_per_step / r["tokens_per_second"]
+             for r in (records[0], records[-1])]
+  seconds = elapsed[1] - elapsed[0]
+  return (steps[-1] - steps[0]) * tokens_per_step / seconds if seconds > 0 else None
 
 
 def copy_model_dir(source: Path, work: Path) -> None:

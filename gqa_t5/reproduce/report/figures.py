@@ -192,12 +192,12 @@ def figure6(results: Dict, path: str) -> None:
   groups = [k for k in ks if k < n]
   times = [timing["kv_heads"][str(k)]["time_per_sample"] * 1e3 for k in groups]
   ax.plot(groups, times, "o-", color=_COLORS["GQA"], label="GQA / MQA (K groups)")
-  ax.axhline(timing["kv_heads"][str(n)]["time_per_sample"] * 1e3, color=_COLORS["MHA"],
-             ls="--", label=f"MHA (K={n})")
+  mha_ms = timing["kv_heads"][str(n)]["time_per_sample"] * 1e3
+  ax.axhline(mha_ms, color=_COLORS["MHA"], ls="--", label=f"MHA (K={n})")
   ax.set_xscale("log", base=2)
   ax.set_xticks(groups)
   ax.set_xticklabels([str(k) for k in groups])
-  ax.set_ylim(bottom=0.0)
+  ax.set_ylim(0.0, 1.15 * max(times + [mha_ms]))
   ax.set_xlabel("number of key/value groups K")
   ax.set_ylabel("time per sample (ms)")
   shape = timing["shape"]

@@ -114,7 +114,8 @@ def _throughput_text(results: Dict) -> str:
   if not pre or pre.get("tokens_per_second") is None:
     return ""
   mfu = pre.get("mfu")
-  return (f" Pretraining ran at {pre['tokens_per_second']:,.0f} tokens/s"
+  steady = " (compilation excluded)" if pre.get("compile_excluded") else ""
+  return (f" Pretraining ran at {pre['tokens_per_second']:,.0f} tokens/s{steady}"
           + (f", {100 * mfu:.1f}% MFU ({pre['flops_per_token'] / 1e6:.0f} MFLOP per token "
              f"against {pre['peak_flops'] / 1e12:.0f} TFLOP/s, {pre['peak_name']})"
              if mfu is not None else "") + ".")
