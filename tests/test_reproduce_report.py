@@ -178,7 +178,8 @@ def test_write_all_and_redraw(tmp_path):
   assert "![Figure 6](fig6.png)" in report_text
   # K=8: 800 of 1800 bytes are caches; K=1: 100 of 1100.
   assert "Key/value caches are 44% of the bytes an MHA step reads and 9% of an MQA" in report_text
-  assert f"learning rate equal to the pretraining schedule's final rate ({PRESET.finetune_lr:.3g})" in report_text
+  assert (f"learning rate equal to the pretraining schedule's final rate "
+          f"({PRESET.finetune_lr:.3g})") in report_text
   stored = json.loads((tmp_path / "results.json").read_text())
   assert stored["claims"] == json.loads(json.dumps(results["claims"]))
   # --redraw rebuilds everything from results.json alone.

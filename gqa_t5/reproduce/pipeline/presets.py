@@ -7,7 +7,7 @@ the one time figure the docs and `--help` state for it. `smoke` shrinks any pres
 per stage (CI runs the `gpu` preset that way on CPU).
 
 The `gpu` preset's size and its expected time (computed, not yet measured) are worked out in the
-comment above its definition; `estimate.py` computes the same terms and a run prints them at its start.
+comment above its definition; `estimate.py` computes the same terms, printed at a run's start.
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ def _measure_preset(request: Dict) -> Dict:
     variants.append(decode.Variant(shape, k, dtype))
   before = decode.measure_bandwidth(request["bandwidth_gb"])
   for i in range(request["repeats"]):
-    _progress(f"repeat {i + 1}/{request['repeats']}: K = {', '.join(map(str, request['kv_heads']))}")
+    ks = ", ".join(map(str, request["kv_heads"]))
+    _progress(f"timed run {i + 1}/{request['repeats']}: K = {ks}")
     for variant in variants:
       variant.run_once()
   after = decode.measure_bandwidth(request["bandwidth_gb"])

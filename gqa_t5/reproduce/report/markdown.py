@@ -162,40 +162,8 @@ def report_markdown(results: Dict) -> str:
   floor = claims_lib.floor_note(results)
   if floor:
     lines += [f"**Floor.** {floor}", ""]
-  noise = results["noise"]
-  if noise.get("average") is not None:
-    lines += [f"**Noise.** The cheapest comparison (MQA vs GQA-{p['gqa_kv_heads']} straight "
-              f"after conversion, no uptraining) was fine-tuned again with seed(s) "
-              f"{', '.join(map(str, p['noise_seeds']))}: " + "; ".join(
-                  f"{pair['label']}: {pair['seed0']:.2f} vs {pair['other']:.2f}"
-                  for pair in noise["pairs"]) +
-              f". The largest change of an average, {noise['average']:.2f}, is the noise level "
-              f"the verdicts below use. It covers fine-tuning randomness (data order, dropout) "
-              f"only, not pretraining or uptraining seeds.", ""]
-  else:
-    lines += ["**Noise.** Not measured at this preset: the verdicts take every difference at "
-              "face value. Use `--preset mini` for verdicts that account for run-to-run "
-              "noise.", ""]
-  lines += ["## The paper's claims", "",
-            "Verdicts on the paper's measure (the average of ROUGE-1, BLEU and F1 of greedy "
-            "decoding), and as cross-checks on two losses (cross-entropy per target token, "
-            "lower is better): the fine-tuned models' teacher-forced loss on the same test "
-            "examples, and the loss of the checkpoint each model was fine-tuned from on the "
-            "pretraining objective's validation split, the quantity conversion damages and "
-            "uptraining repairs (deterministic for a checkpoint, so taken at face value).", "",
-            "| claim | quality | fine-tuned loss | span loss before fine-tuning |",
-            "|---|---|---|---|"]
-  for claim in results["claims"]:
-    lines.append(f"| ({claim['id']}) {claim['statement']} | {_verdict(claim, '', True)} | "
-                 f"{_verdict(claim, 'loss_')} | {_verdict(claim, 'start_loss_')} |")
-  lines.append("")
-  for claim in results["claims"]:
-    lines += [f"**({claim['id']}) {_verdict(claim, '')}.** {claim['evidence']}", ""]
-    for field, label in (("loss", "By fine-tuned loss"),
-                         ("start_loss", "By span-corruption loss before fine-tuning")):
-      if f"{field}_evidence" in claim:
-        lines += [f"*{label}, {_verdict(claim, field + '_')}:* {claim[f'{field}_evidence']}",
-                  ""]
+  lines += _noise_lines(results)
+  lines += _claims_lines(results)
   if results.get("paper_timing"):
     lines += _paper_timing_lines(results)[1:] + [""]
   lines += [
@@ -221,6 +189,45 @@ def report_markdown(results: Dict) -> str:
     lines.append(f"| {name} | {info['seconds']:.0f} | {'cached' if info['cached'] else 'ran'} |")
   lines.append("")
   return "\n".join(lines)
+
+
+def _noise_lines(results: Dict) -> List[str]:
+  p, noise = results["preset"], results["noise"]
+  if noise.get("average") is not None:
+    return [f"**Noise.** The cheapest comparison (MQA vs GQA-{p['gqa_kv_heads']} straight "
+            f"after conversion, no uptraining) was fine-tuned again with seed(s) "
+            f"{', '.join(map(str, p['noise_seeds']))}: " + "; ".join(
+                f"{pair['label']}: {pair['seed0']:.2f} vs {pair['other']:.2f}"
+                for pair in noise["pairs"]) +
+            f". The largest change of an average, {noise['average']:.2f}, is the noise level "
+            f"the verdicts below use. It covers fine-tuning randomness (data order, dropout) "
+            f"only, not pretraining or uptraining seeds.", ""]
+  return ["**Noise.** Not measured at this preset: the verdicts take every difference at "
+          "face value. Use `--preset mini` for verdicts that account for run-to-run noise.", ""]
+
+
+def _claims_lines(results: Dict) -> List[str]:
+  lines = ["## The paper's claims", "",
+           "Verdicts on the paper's measure (the average of ROUGE-1, BLEU and F1 of greedy "
+           "decoding), and as cross-checks on two losses (cross-entropy per target token, "
+           "lower is better): the fine-tuned models' teacher-forced loss on the same test "
+           "examples, and the loss of the checkpoint each model was fine-tuned from on the "
+           "pretraining objective's validation split, the quantity conversion damages and "
+           "uptraining repairs (deterministic for a checkpoint, so taken at face value).", "",
+           "| claim | quality | fine-tuned loss | span loss before fine-tuning |",
+           "|---|---|---|---|"]
+  for claim in results["claims"]:
+    lines.append(f"| ({claim['id']}) {claim['statement']} | {_verdict(claim, '', True)} | "
+               f"{_verdict(claim, 'loss_')} | {_verdict(claim, 'start_loss_')} |")
+  lines.append("")
+  for claim in results["claims"]:
+    lines += [f"**({claim['id']}) {_verdict(claim, '')}.** {claim['evidence']}", ""]
+    for field, label in (("loss", "By fine-tuned loss"),
+                         ("start_loss", "By span-corruption loss before fine-tuning")):
+      if f"{field}_evidence" in claim:
+        lines += [f"*{label}, {_verdict(claim, field + '_')}:* {claim[f'{field}_evidence']}",
+                  ""]
+  return lines
 
 
 def _verdict(claim: Dict, prefix: str, bold: bool = False) -> str:

@@ -137,6 +137,44 @@ def short_label(kv_heads: int, num_heads: int) -> str:
   return "MHA" if kv_heads == num_heads else ("MQA" if kv_heads == 1 else f"GQA-{kv_heads}")
 
 
+def _variant_record(item: Dict, preset: presets_lib.Preset, timing: Dict, n: int) -> Dict:
+  """One fine-tuned variant's row of results.json: its scores, losses and time."""
+  v = item["variant"]
+  mains = main_scores(item["scores"])
+  t = timing["kv_heads"][str(v.kv_heads)]
+  return {"key": v.key(n), "label": v.label(n), "short_label": short_label(v.kv_heads, n),
+          "attention": v.attention_name(n), "kv_heads": v.kv_heads,
+          "method": v.method, "alpha": v.alpha, "seed": v.seed,
+          "uptrain_steps": preset.uptrain_steps(v.alpha) if v.kv_heads != n else 0,
+          "finetune": item.get("finetune", {}), "scores": item["scores"], "main_scores": mains,
+          "average": average(mains), "loss": mean_loss(item["scores"]),
+          "start_loss": item.get("start_loss"), "time_per_sample": t["time_per_sample"],
+          "time_per_step": t["time_per_step"]}
+
+
+def _summaries(variants: List[Dict], preset: presets_lib.Preset, n: int):
+  """(Table 1's headline rows, Fig. 4's methods, Fig. 5's alpha curves) of seed 0."""
+
+  def find(k, method="mean", alpha=0.0, seed=0):
+    for v in variants:
+      if (v["kv_heads"], v["seed"]) == (k, seed) and (
+          k == n or (v["method"] == method and abs(v["alpha"] - alpha) < 1e-9)):
+        return v
+    return None
+
+  a = preset.method_alpha
+  headline = [x for x in [find(n), find(1, "mean", a), find(preset.gqa_kv_heads, "mean", a)]
+              + [find(k, "mean", a) for k in preset.extra_kv_heads] if x is not None]
+  fields = ("average", "loss", "start_loss")
+  methods = [{"method": m, "main_scores": find(1, m, a)["main_scores"],
+              **{f: find(1, m, a)[f] for f in fields}}
+             for m in presets_lib.METHODS if find(1, m, a) is not None]
+  curves = {short_label(k, n): [{"alpha": al, **{f: find(k, "mean", al)[f] for f in fields}}
+                                for al in preset.alphas if find(k, "mean", al) is not None]
+            for k in (1, preset.gqa_kv_heads)}
+  return headline, methods, curves
+
+
 def assemble(*, preset: presets_lib.Preset, model: T5Config, pretrain: Dict,
              pretrain_origin: str, evaluations: List[Dict], timing: Dict,
              stages: Dict[str, Dict], wall_seconds: float,
@@ -152,43 +190,8 @@ def assemble(*, preset: presets_lib.Preset, model: T5Config, pretrain: Dict,
     converted checkpoint before any uptraining (optional).
   """
   n = model.num_heads
-  variants = []
-  for item in evaluations:
-    v = item["variant"]
-    mains = main_scores(item["scores"])
-    t = timing["kv_heads"][str(v.kv_heads)]
-    variants.append({
-        "key": v.key(n), "label": v.label(n), "short_label": short_label(v.kv_heads, n),
-        "attention": v.attention_name(n), "kv_heads": v.kv_heads,
-        "method": v.method, "alpha": v.alpha, "seed": v.seed,
-        "uptrain_steps": preset.uptrain_steps(v.alpha) if v.kv_heads != n else 0,
-        "finetune": item.get("finetune", {}), "scores": item["scores"], "main_scores": mains,
-        "average": average(mains), "loss": mean_loss(item["scores"]),
-        "start_loss": item.get("start_loss"),
-        "time_per_sample": t["time_per_sample"],
-        "time_per_step": t["time_per_step"]})
-
-  def find(k, method="mean", alpha=0.0, seed=0):
-    for v in variants:
-      if (v["kv_heads"], v["seed"]) == (k, seed) and (
-          k == n or (v["method"] == method and abs(v["alpha"] - alpha) < 1e-9)):
-        return v
-    return None
-
-  a = preset.method_alpha
-  headline = [x for x in [find(n), find(1, "mean", a), find(preset.gqa_kv_heads, "mean", a)]
-              + [find(k, "mean", a) for k in preset.extra_kv_heads] if x is not None]
-  methods = [{"method": m, "average": find(1, m, a)["average"], "loss": find(1, m, a)["loss"],
-              "start_loss": find(1, m, a)["start_loss"],
-              "main_scores": find(1, m, a)["main_scores"]}
-             for m in presets_lib.METHODS if find(1, m, a) is not None]
-  curves = {}
-  for k in (1, preset.gqa_kv_heads):
-    points = [{"alpha": al, "average": find(k, "mean", al)["average"],
-               "loss": find(k, "mean", al)["loss"],
-               "start_loss": find(k, "mean", al)["start_loss"]}
-              for al in preset.alphas if find(k, "mean", al) is not None]
-    curves[short_label(k, n)] = points
+  variants = [_variant_record(item, preset, timing, n) for item in evaluations]
+  headline, methods, curves = _summaries(variants, preset, n)
   results = {
       "preset": preset.to_dict(),
       "scale": {"description": preset.description, "num_heads": n,
@@ -201,7 +204,8 @@ def assemble(*, preset: presets_lib.Preset, model: T5Config, pretrain: Dict,
                 "data_fingerprint": data_fingerprint},
       "pretrain": pretrain, "pretrain_throughput": pretrain_throughput(pretrain, model),
       "paper_timing": paper_timing_rows(paper_timing, paper_scale or paper_scale_summary()),
-      "variants": variants, "headline": headline, "mha": find(n), "methods": methods,
+      "variants": variants, "headline": headline, "methods": methods,
+      "mha": next((v for v in variants if (v["kv_heads"], v["seed"]) == (n, 0)), None),
       "alpha_curves": curves, "conversions": conversions or [], "timing": timing,
       "noise": noise_summary(variants, preset),
       "paper_scale_roofline": paper_scale,
