@@ -265,8 +265,9 @@ def _timing_caveat(results: Dict) -> str:
     share = (f" Key/value caches are {100 * kv_share(mha):.0f}% of the bytes an MHA step "
              f"reads and {100 * kv_share(mqa):.0f}% of an MQA step's; the rest is weights, "
              f"read once per step whatever the batch.")
-  return (f"Decode times are CPU times of the preset's model at batch {shape['batch']}, "
-          f"input {shape['input_length']}, output {shape['output_length']} tokens (the "
-          f"paper's 4:1 input:output ratio), float32, on randomly initialised weights (time "
+  return (f"Decode times are this machine's times of the preset's model at batch "
+          f"{shape['batch']}, input {shape['input_length']}, output {shape['output_length']} "
+          f"tokens (the paper's 4:1 input:output ratio), {timing.get('dtype', 'float32')}, on "
+          f"randomly initialised weights (time "
           f"does not depend on their values).{share} `scripts/simulate_paper_timing.py` "
           f"predicts paper-scale times on TPU v4 from a roofline model.")
