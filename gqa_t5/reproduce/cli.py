@@ -107,6 +107,9 @@ def _quiet_logs() -> None:
   for noisy in ("absl", "jax", "orbax", "tensorflow", "etils"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  # On a GPU the timing stages run in a child process beside this one: neither may take 75%
+  # of the accelerator's memory up front (JAX's default) or the other could not start.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def _prepare_data(args) -> Path:

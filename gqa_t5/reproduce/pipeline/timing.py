@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,8 +34,10 @@ PROGRESS_PREFIX = "timing: "
 
 
 def _child(request: Dict, log: Callable[[str], None]) -> Dict:
+  # The training process still holds its accelerator memory: allocate on demand, not 75%.
+  env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
   process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   process.stdin.write(json.dumps(request))
   process.stdin.close()
   tail: List[str] = []
