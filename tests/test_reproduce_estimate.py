@@ -1,10 +1,12 @@
 """Expected stage times, progress lines, the gpu preset's sizing and the smoke shrink: pure
 arithmetic on the presets (no training)."""
 
+import io
 import json
 
 import pytest
 
+from gqa_t5 import metrics_writer
 from gqa_t5.reproduce.pipeline import estimate
 from gqa_t5.reproduce.pipeline import presets
 from gqa_t5.reproduce.pipeline import progress
@@ -87,3 +89,14 @@ def test_format_seconds():
   assert estimate.format_seconds(42) == "42 s"
   assert estimate.format_seconds(471) == "7:51 min"
   assert estimate.format_seconds(3725) == "1:02:05 h"
+
+
+def test_the_training_bars_eta_leaves_the_compiled_first_step_out(monkeypatch):
+  clock = iter([0.0, 100.0, 101.0])  # start; step 1 after a 100 s compile; step 2 after 1 s
+  monkeypatch.setattr(metrics_writer.time, "perf_counter", lambda: next(clock))
+  stream = io.StringIO()
+  bar = metrics_writer.Progress(0, 1001, stream=stream)
+  bar.update(1, 10.0)
+  assert stream.getvalue().endswith("ETA ?   ")  # no rate yet: not 27 hours
+  bar.update(2, 10.0)
+  assert "ETA 0:16:39" in stream.getvalue()  # 999 steps at 1 s each
