@@ -21,7 +21,7 @@ SUBCOMMANDS: Dict[str, Tuple[str, str, str]] = {
     "eval": ("gqa_t5.eval", "main", "evaluate a checkpoint from gin files"),
     "infer": ("gqa_t5.infer", "main", "decode a task's inputs from gin files"),
     "reproduce": ("gqa_t5.reproduce", "main",
-                  "reproduce the paper's Table 1 and Figures 3-6 (--preset quick|mini|paper)"),
+                  "reproduce the paper's Table 1 and Figures 3-6 (--preset quick|mini|gpu|paper)"),
     "benchmark-decode": ("gqa_t5.benchmarks.decode", "main",
                          "decode speed per K against the memory roofline (and HF generate)"),
     "benchmark-train": ("gqa_t5.benchmarks.train", "main",

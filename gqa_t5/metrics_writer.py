@@ -80,6 +80,7 @@ class Progress:
     self._last_t = self._t0
     self._last_step = first_step
     self._tokens = 0.0
+    self._first = None  # (time, step) of the first update
 
   def update(self, step: int, tokens: float, loss: Optional[float] = None) -> Mapping[str, float]:
     """Records that `step` is done after `tokens` more tokens; returns the rates."""
@@ -89,7 +90,12 @@ class Progress:
     done = step - self.first_step
     steps_per_s = done / elapsed
     tokens_per_s = self._tokens / elapsed
-    remaining = (self.last_step - step) / steps_per_s if steps_per_s > 0 else float("inf")
+    # The ETA counts from the first update on: the first step's time is mostly compilation.
+    if self._first is None:
+      self._first = (now, step)
+    since_t, since_step = self._first
+    rate = (step - since_step) / (now - since_t) if step > since_step else 0.0
+    remaining = (self.last_step - step) / rate if rate > 0 else float("inf")
     if self.enabled:
       eta = _format_seconds(remaining)
       loss_text = f" loss {loss:.4f}" if loss is not None else ""

@@ -2,7 +2,8 @@
 
   python scripts/simulate_paper_timing.py [--chips 8] [--model-parallel 8] [--kv-layout replicated]
 
-See gqa_t5/reproduce/roofline.py for the model and gqa_t5/reproduce/paper_timing.py for the report.
+See gqa_t5/reproduce/paper_scale/roofline.py for the model and
+gqa_t5/reproduce/paper_scale/timing_sim.py for the report.
 """
 
 import os
@@ -10,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gqa_t5.reproduce.paper_timing import main  # pylint: disable=wrong-import-position
+from gqa_t5.reproduce.paper_scale.timing_sim import main  # pylint: disable=wrong-import-position
 
 if __name__ == "__main__":
   raise SystemExit(main())

@@ -6,17 +6,22 @@ import json
 
 import pytest
 
-from gqa_t5.reproduce import paper_scale
+from gqa_t5 import partitioning
+from gqa_t5.model.config import T5Config
+from gqa_t5.reproduce.paper_scale import checks
+from gqa_t5.reproduce.paper_scale import dry_run
+from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
+from gqa_t5.reproduce.pipeline import training
 
 
 def large_gqa8_jobs():
-  return [j for j in paper_scale.build_jobs()
+  return [j for j in jobs_lib.build_jobs()
           if (j.model.size, j.model.attention) == ("large", "gqa8")
           and j.task in ("c4_span_corruption", "cnn_dailymail")]
 
 
 def test_every_paper_job_is_planned():
-  jobs = paper_scale.build_jobs()
+  jobs = jobs_lib.build_jobs()
   # 6 models x 7 tasks x (fine-tune + eval), plus uptraining for the 4 grouped models.
   assert len(jobs) == 6 * 7 * 2 + 4
   names = {j.model.name for j in jobs}
@@ -25,7 +30,7 @@ def test_every_paper_job_is_planned():
   assert all(j.bindings["TRAIN_STEPS"] == 1_050_000 and j.bindings["BATCH_SIZE"] == 2048
              for j in uptrain)
   mha_xxl = [j for j in jobs if j.model.name == "MHA-XXL" and j.kind == "finetune"]
-  assert all(j.bindings["INITIAL_CHECKPOINT_PATH"] == paper_scale.PUBLIC_CHECKPOINTS["xxl"]
+  assert all(j.bindings["INITIAL_CHECKPOINT_PATH"] == jobs_lib.PUBLIC_CHECKPOINTS["xxl"]
              for j in mha_xxl)
 
 
@@ -33,7 +38,7 @@ def test_dry_run_checks_a_paper_model(tmp_path):
   jobs = large_gqa8_jobs()
   assert [j.kind for j in jobs] == ["uptrain", "finetune", "eval"]
   lines = []
-  assert paper_scale.dry_run(out=str(tmp_path), log=lines.append, jobs=jobs) == 0
+  assert dry_run.dry_run(out=str(tmp_path), log=lines.append, jobs=jobs) == 0
   text = "\n".join(lines)
   assert "558 tensors of the public checkpoint, 96 mean-pooled to K=8" in text
   assert "decode cache at input 2048 / output 512: 120.0 MiB per sample" in text
@@ -61,7 +66,7 @@ def test_dry_run_names_what_would_fail(tmp_path):
   bad_file = dataclasses.replace(finetune, gin_files=finetune.gin_files[:1]
                                  + ("paper/finetune/nonexistent.gin",), checks=[])
   lines = []
-  assert paper_scale.dry_run(log=lines.append, jobs=[bad_mesh, bad_lengths, bad_file]) == 2
+  assert dry_run.dry_run(log=lines.append, jobs=[bad_mesh, bad_lengths, bad_file]) == 2
   failures = [line for line in lines if "FAIL" in line]
   assert len(failures) == 3
   assert "MODEL_PARALLEL=3" in failures[0]
@@ -72,16 +77,10 @@ def test_dry_run_names_what_would_fail(tmp_path):
 
 def test_a_checkpoint_that_does_not_fit_is_reported():
   """The public Large checkpoint, pooled to K=8, against a model of other dimensions."""
-  import jax
-  from gqa_t5.reproduce import training
-  from gqa_t5.model.config import T5Config
   config = T5Config(vocab_size=32128, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
                     num_encoder_layers=24, num_decoder_layers=24, num_kv_heads=2)
-  model = training.make_model(config)
-  params = jax.eval_shape(lambda r: model.get_initial_variables(
-      r, {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)}),
-                          jax.random.PRNGKey(0))["params"]
-  spec = paper_scale.ModelSpec("large", "gqa8", 8, (), paper_scale.LARGE_SLICE)
-  with pytest.raises(paper_scale.DryRunError, match="does not match the configured model"):
-    paper_scale.check_conversion(spec, config.replace(emb_dim=1024, num_heads=16, head_dim=64,
+  params, _ = partitioning.abstract_params_and_axes(training.make_model(config))
+  spec = jobs_lib.ModelSpec("large", "gqa8", 8, (), jobs_lib.LARGE_SLICE)
+  with pytest.raises(checks.DryRunError, match="does not match the configured model"):
+    checks.check_conversion(spec, config.replace(emb_dim=1024, num_heads=16, head_dim=64,
                                                       mlp_dim=2816, num_kv_heads=8), params)

@@ -1,8 +1,10 @@
-"""`gqa-t5 reproduce` end to end at toy scale, on a tiny demo-data directory the test writes:
-every kind of stage runs for real (pretraining, conversion, fine-tuning, greedy evaluation,
-timing, outputs; uptraining is the trainer's resume path, covered by its own tests); a rerun
-skips every stage; uptraining to a larger alpha continues the smaller alpha's run. The
---initial-checkpoint path and the CLI's errors are checked too.
+"""`gqa-t5 reproduce --preset gpu --smoke` end to end on CPU, on a tiny demo-data directory the
+test writes: every stage of the GPU preset runs for real at seconds per stage (pretraining,
+conversion, uptraining, probes, fine-tuning, greedy evaluation, decode timing of the preset's
+model and at the paper's (shrunk) XXL/Large shapes, outputs), in the order the plan announced;
+a rerun through the CLI skips every stage; uptraining to a larger alpha continues the smaller
+alpha's run. The --initial-checkpoint path, the default output directory and the CLI's errors
+and help are checked too.
 
 Registers the demo tasks over the tiny directory in this process (seqio's global registry).
 """
@@ -13,7 +15,11 @@ import random
 
 import pytest
 
-from gqa_t5.reproduce import presets
+from gqa_t5.demo_data import layout
+from gqa_t5.demo_data import spm_training
+from gqa_t5.reproduce import cli
+from gqa_t5.reproduce.pipeline import presets
+from gqa_t5.reproduce.pipeline import run as run_lib
 
 WORDS = ("river mountain city old king bread water green small house light stone road "
          "night winter music garden people story learn write island forest bridge").split()
@@ -27,7 +33,6 @@ def _sentence(rng, words, n):
 
 def write_tiny_demo_data(root):
   """A complete demo-data directory (layout.MARKER last) with a 150-piece vocabulary."""
-  from gqa_t5.demo_data import layout, spm_training
   rng = random.Random(0)
   sizes = {"train": 48, "validation": 8, "test": 8}
   records = {}
@@ -67,11 +72,7 @@ def write_tiny_demo_data(root):
   return root
 
 
-# MHA, MQA and GQA-2 straight after conversion: every kind of stage, as few as possible.
-TOY = dataclasses.replace(
-    presets.PRESETS["test"], name="toy", alphas=(0.0,), method_alpha=0.0, methods=("mean",),
-    noise_seeds=(), extra_kv_heads=(), pretrain_steps=4, finetune_steps=2, eval_examples=2,
-    eval_batch=2, timing_repeats=1, checkpoint_period=2)
+SMOKE = presets.get_preset("gpu", smoke_test=True)
 
 
 @pytest.fixture(scope="module")
@@ -79,111 +80,139 @@ def data_dir(tmp_path_factory):
   return write_tiny_demo_data(tmp_path_factory.mktemp("tiny_demo_data"))
 
 
-def make_pipeline(preset, out, data_dir, **kwargs):
-  from gqa_t5.reproduce import pipeline
-  return pipeline.Pipeline(pipeline.Options(preset=preset, out_dir=out, data_dir=str(data_dir),
-                                            progress=False, log=lambda line: None, **kwargs))
+def make_pipeline(preset, out, data_dir, log=None, **kwargs):
+  return run_lib.Pipeline(run_lib.Options(preset=preset, out_dir=out, data_dir=str(data_dir),
+                                          progress=False, log=log or (lambda line: None),
+                                          **kwargs))
 
 
 @pytest.fixture(scope="module")
-def toy_run(data_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp("toy_out")
-  pipe = make_pipeline(TOY, out, data_dir)
-  return out, pipe.run(), pipe
+def smoke_run(data_dir, tmp_path_factory):
+  out = tmp_path_factory.mktemp("smoke_out")
+  lines = []
+  pipe = make_pipeline(SMOKE, out, data_dir, log=lines.append)
+  return out, pipe.run(), pipe, lines
 
 
-def test_every_stage_runs(toy_run):
-  out, results, pipe = toy_run
-  n = TOY.num_heads
+def test_the_gpu_preset_runs_every_stage_in_the_planned_order(smoke_run):
+  out, results, pipe, lines = smoke_run
+  n = SMOKE.num_heads
+  assert SMOKE.paper_timing and SMOKE.model.num_heads == presets.PRESETS["gpu"].num_heads
   assert sorted(v["key"] for v in results["variants"]) == sorted(
-      v.key(n) for v in TOY.quality_variants())
+      v.key(n) for v in SMOKE.quality_variants())
   for name in ("results.json", "table1.md", "fig3.png", "fig4.png", "fig5.png", "fig6.png",
                "REPORT.md"):
     assert (out / name).is_file(), name
-  assert set(pipe.store.executed) == {
-      "pretrain", "convert-mqa-mean", "convert-gqa2-mean", "finetune-mha-s0",
-      "finetune-mqa-mean-a0-s0", "finetune-gqa2-mean-a0-s0", "eval-mha-s0",
-      "eval-mqa-mean-a0-s0", "eval-gqa2-mean-a0-s0", "timing", "probe-pretrain",
-      "probe-convert-mqa-mean", "probe-convert-gqa2-mean"}
+  plan = [name for name, _ in pipe.plan()]
+  assert pipe.store.executed == plan  # the "stage i/N" counter counts exactly these
+  counters = [line for line in lines if line.startswith("stage ")]
+  assert len(counters) == len(plan)
+  assert counters[0].startswith(f"stage 1/{len(plan)} pretrain (expected ~")
+  assert "ETA" in counters[-1] and counters[-1].startswith(f"stage {len(plan)}/{len(plan)} ")
+  assert any(line.startswith("  T5.1.1-xxl K=64: initialising and compiling") for line in lines)
   for v in results["variants"]:
     assert set(v["scores"]) == set(presets.TASKS)
     assert 0.0 <= v["average"] <= 100.0
-    assert v["loss"] > 0.0 and v["start_loss"] > 0.0
-    assert v["time_per_sample"] > 0.0
-  assert sorted(int(k) for k in results["timing"]["kv_heads"]) == [1, 2, 4]
-  # Fine-tuning continues from the converted checkpoint's step (the pretraining's).
+    assert v["loss"] > 0.0 and v["start_loss"] > 0.0 and v["time_per_sample"] > 0.0
+  assert sorted(int(k) for k in results["timing"]["kv_heads"]) == [1, 2, 4, 8]
+  rows = results["paper_timing"]["rows"]
+  assert list(rows) == ["MHA-Large", "MQA-XXL", "GQA-8-XXL", "MHA-XXL"]
+  assert rows["MHA-XXL"]["paper"] == 1.51 and rows["MHA-XXL"]["roofline_tpu"] > 0.0
+  assert results["pretrain_throughput"]["tokens_per_second"] > 0.0
   stage = json.loads((out / "work" / "stages" / "finetune-mqa-mean-a0-s0" /
                       "STAGE.json").read_text())
-  assert stage["result"]["step"] == TOY.pretrain_steps + TOY.finetune_steps
-  verdicts = {c["id"]: c["verdict"] for c in results["claims"]}
-  assert verdicts["a"] == verdicts["b"] == "not run"  # no uptraining at this toy scale
-  assert (out / "table1.md").read_text().startswith("# Table 1, reproduced at `toy` scale")
+  assert stage["result"]["step"] == SMOKE.pretrain_steps + SMOKE.finetune_steps
+  assert {c["id"] for c in results["claims"]} == {"a", "b", "c", "d"}
+  assert all(c["tolerance"] for c in results["claims"])
+  table = (out / "table1.md").read_text()
+  assert table.startswith("# Table 1, reproduced at `gpu-smoke` scale")
+  assert "T_infer at the paper's shapes" in table and "| MHA-XXL |" in table
+  assert "Pretraining ran at" in (out / "REPORT.md").read_text()
 
 
-def test_a_rerun_skips_every_stage(toy_run, data_dir):
-  out, results, _ = toy_run
-  pipe = make_pipeline(TOY, out, data_dir)
-  again = pipe.run()
-  assert pipe.store.executed == []
+def test_a_rerun_through_the_cli_skips_every_stage(smoke_run, data_dir, capsys):
+  out, results, _, _ = smoke_run
+  assert cli.main(["--preset", "gpu", "--smoke", "--out", str(out), "--data-dir",
+                   str(data_dir), "--no-progress"]) == 0
+  printed = capsys.readouterr().out
+  assert "(cached)" in printed and "running" not in printed
+  again = json.loads((out / "results.json").read_text())
   assert all(info["cached"] for info in again["stages"].values())
   assert [v["average"] for v in again["variants"]] == [v["average"] for v in
                                                       results["variants"]]
 
 
-def test_uptraining_continues_the_smaller_alphas_run(toy_run, data_dir):
-  out, _, _ = toy_run
-  preset = dataclasses.replace(TOY, alphas=(0.0, 0.5, 1.0), method_alpha=0.5)
+def test_uptraining_continues_the_smaller_alphas_run(smoke_run, data_dir):
+  out, _, _, _ = smoke_run
+  preset = dataclasses.replace(SMOKE, alphas=(0.0, 0.5, 1.0), method_alpha=0.5)
   pipe = make_pipeline(preset, out, data_dir)
   pipe._setup()  # pylint: disable=protected-access
   pre, pre_path = pipe.pretrain()
   conv = pipe.convert(pre, pre_path, 1, "mean")
-  assert pipe.store.executed == []  # both cached from the toy run
+  assert pipe.store.executed == []  # both cached from the smoke run
   conv_path = conv.directory / conv.result["checkpoint"]
   half = pipe.uptrain(pre, conv, conv_path, 1, "mean", 0.5, None)
   full = pipe.uptrain(pre, conv, conv_path, 1, "mean", 1.0, half)
-  assert half.result["step"] == 4 + 2 and full.result["step"] == 4 + 4
+  steps = SMOKE.pretrain_steps
+  assert half.result["step"] == steps + steps // 2 and full.result["step"] == 2 * steps
   # The alpha 1.0 run is the alpha 0.5 run continued: its log starts with the earlier steps.
-  steps = [json.loads(line)["step"] for line in
-           (full.directory / "model" / "metrics.jsonl").read_text().splitlines()]
-  assert steps[0] <= 6 < steps[-1] == 8
+  logged = [json.loads(line)["step"] for line in
+            (full.directory / "model" / "metrics.jsonl").read_text().splitlines()]
+  assert logged[0] <= steps + steps // 2 < logged[-1] == 2 * steps
   assert pipe.store.executed == ["uptrain-mqa-mean-a0.5", "uptrain-mqa-mean-a1"]
 
 
-def test_the_cli_lists_finished_stages(toy_run, capsys):
-  from gqa_t5.reproduce import cli
-  out, _, _ = toy_run
-  assert cli.main(["--preset", "test", "--out", str(out), "--dry-run"]) == 0
+def test_the_cli_lists_finished_stages(smoke_run, capsys):
+  out, _, _, _ = smoke_run
+  assert cli.main(["--preset", "gpu", "--smoke", "--out", str(out), "--dry-run"]) == 0
   listing = capsys.readouterr().out
   assert "pretrain" in listing and "done" in listing
 
 
-def test_initial_checkpoint_replaces_pretraining(toy_run, data_dir, tmp_path):
-  out, _, _ = toy_run
+def test_initial_checkpoint_replaces_pretraining(smoke_run, data_dir, tmp_path):
+  out, _, _, _ = smoke_run
   checkpoint = out / "work" / "stages" / "pretrain" / "model"
-  pipe = make_pipeline(TOY, tmp_path / "from_checkpoint", data_dir,
+  pipe = make_pipeline(SMOKE, tmp_path / "from_checkpoint", data_dir,
                        initial_checkpoint=str(checkpoint))
   pipe._setup()  # pylint: disable=protected-access
   stage, path = pipe.pretrain()
-  assert path == checkpoint and stage.result["step"] == TOY.pretrain_steps
-  assert pipe.dims == TOY.model
+  assert path == checkpoint and stage.result["step"] == SMOKE.pretrain_steps
+  assert pipe.model.replace(vocab_size=SMOKE.model.vocab_size) == SMOKE.model
   assert not (stage.directory / "model").exists()  # nothing was trained
   grouped = out / "work" / "stages" / "convert-mqa-mean" / "checkpoint"
-  pipe = make_pipeline(TOY, tmp_path / "grouped", data_dir, initial_checkpoint=str(grouped))
+  pipe = make_pipeline(SMOKE, tmp_path / "grouped", data_dir, initial_checkpoint=str(grouped))
   pipe._setup()  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="starts from a multi-head checkpoint"):
     pipe.pretrain()
 
 
+def test_the_default_output_is_outside_the_reference_results(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  out = cli.default_out("quick").absolute()
+  results_dir = (tmp_path / "results").absolute()
+  assert results_dir not in out.parents and out != results_dir
+  assert out == tmp_path / "gqa_t5_runs" / "quick"
+  assert cli.default_out("gpu", smoke=True).name == "gpu-smoke"
+
+
+def test_help_hides_the_tests_preset_and_states_each_time(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["--help"])
+  text = capsys.readouterr().out
+  option = text.split("  --preset PRESET")[1].split("  --smoke")[0]  # the option's help
+  assert "quick, mini, gpu, paper" in " ".join(option.split()) and "test" not in option
+  for name in presets.public_names():
+    assert f"  {name:<6} {presets.PRESETS[name].time_figure}" in text
+  assert "computed estimate" in presets.PRESETS["gpu"].time_figure
+
+
 def test_cli_refuses_paper_without_dry_run(capsys):
-  from gqa_t5.reproduce import cli
   with pytest.raises(SystemExit):
     cli.main(["--preset", "paper"])
   assert "--preset paper --dry-run" in capsys.readouterr().err
 
 
 def test_missing_data_is_reported(tmp_path):
-  from gqa_t5.demo_data import layout
-  from gqa_t5.reproduce import cli
   with pytest.raises(layout.DemoDataMissingError, match="prepare-demo-data"):
     cli.main(["--preset", "test", "--out", str(tmp_path / "o"), "--data-dir",
               str(tmp_path / "none"), "--no-prepare"])

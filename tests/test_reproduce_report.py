@@ -7,9 +7,10 @@ import struct
 
 import pytest
 
-from gqa_t5.reproduce import outputs
-from gqa_t5.reproduce import presets
-from gqa_t5.reproduce import report
+from gqa_t5.reproduce.pipeline import presets
+from gqa_t5.reproduce.report import claims
+from gqa_t5.reproduce.report import markdown
+from gqa_t5.reproduce.report import results as outputs
 
 # The mini preset plus a second GQA (K=4) at the uptraining alpha, as a preset may add.
 PRESET = dataclasses.replace(presets.PRESETS["mini"], extra_kv_heads=(4,))
@@ -45,7 +46,7 @@ def synthetic(quality, times, noise_seed_shift=0.1):
   stages = {"pretrain": {"seconds": 12.0, "cached": False},
             "timing": {"seconds": 3.0, "cached": True}}
   return outputs.assemble(
-      preset=PRESET, dims=PRESET.model, vocab_size=8192, pretrain={"step": 2000},
+      preset=PRESET, model=PRESET.model.replace(vocab_size=8192), pretrain={"step": 2000},
       pretrain_origin="pretrained here", evaluations=evaluations, timing=timing,
       stages=stages, wall_seconds=90.0, machine="test machine",
       paper_scale=outputs.paper_scale_summary(),
@@ -76,12 +77,12 @@ def verdicts(results):
 def test_paper_like_numbers_hold_every_claim():
   results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES)
   assert results["noise"]["average"] == pytest.approx(0.1)
-  assert verdicts(results) == {"a": report.HELD, "b": report.HELD, "c": report.HELD,
-                               "d": report.HELD}
+  assert verdicts(results) == {"a": claims.HELD, "b": claims.HELD, "c": claims.HELD,
+                               "d": claims.HELD}
   # The loss moves with quality here, so the loss verdicts agree.
   assert results["noise"]["loss"] == pytest.approx(0.01)
-  assert [c.get("loss_verdict") for c in results["claims"]] == [report.HELD] * 3 + [None]
-  assert [c.get("start_loss_verdict") for c in results["claims"]] == [report.HELD] * 3 + [None]
+  assert [c.get("loss_verdict") for c in results["claims"]] == [claims.HELD] * 3 + [None]
+  assert [c.get("start_loss_verdict") for c in results["claims"]] == [claims.HELD] * 3 + [None]
   a = next(c for c in results["claims"] if c["id"] == "a")
   assert ("Straight after conversion, before uptraining: mean 6.50, first 7.25, random 9.00 "
           "(MHA before conversion: 3.50)") in a["start_loss_evidence"]
@@ -99,16 +100,16 @@ def test_contrary_numbers_fail_the_claims():
   times = {1: 1.0, 2: 1.9, 4: 1.95, 8: 2.0}  # 1 -> 2 groups takes most of the rise
   results = synthetic(q, times)
   v = verdicts(results)
-  assert v == {"a": report.NOT_HELD, "b": report.NOT_HELD, "c": report.NOT_HELD,
-               "d": report.NOT_HELD}
-  assert [c.get("loss_verdict") for c in results["claims"]][:3] == [report.NOT_HELD] * 3
+  assert v == {"a": claims.NOT_HELD, "b": claims.NOT_HELD, "c": claims.NOT_HELD,
+               "d": claims.NOT_HELD}
+  assert [c.get("loss_verdict") for c in results["claims"]][:3] == [claims.NOT_HELD] * 3
 
 
 def test_differences_within_noise_are_inconclusive():
   q = paper_like_quality()
   q[(1, "mean", 0.05)] = 27.05          # mean only 0.05 above first: below the noise
   results = synthetic(q, PAPER_LIKE_TIMES, noise_seed_shift=0.5)
-  assert verdicts(results)["a"] == report.WITHIN_NOISE
+  assert verdicts(results)["a"] == claims.WITHIN_NOISE
   assert "seed noise 0.50" in next(c for c in results["claims"] if c["id"] == "a")["evidence"]
 
 
@@ -116,10 +117,10 @@ def test_scores_at_the_floor_decide_nothing():
   q = {key: value / 10.0 for key, value in paper_like_quality().items()}  # all below 3.0
   results = synthetic(q, PAPER_LIKE_TIMES, noise_seed_shift=0.01)
   v = verdicts(results)
-  assert v["a"] == v["b"] == v["c"] == report.AT_FLOOR and v["d"] == report.HELD
-  assert "barely produce task outputs" in report.report_markdown(results)
+  assert v["a"] == v["b"] == v["c"] == claims.AT_FLOOR and v["d"] == claims.HELD
+  assert "barely produce task outputs" in markdown.report_markdown(results)
   # The loss still decides.
-  assert [c["loss_verdict"] for c in results["claims"][:3]] == [report.HELD] * 3
+  assert [c["loss_verdict"] for c in results["claims"][:3]] == [claims.HELD] * 3
 
 
 def test_no_lead_of_mha_leaves_nothing_to_recover():
@@ -127,14 +128,14 @@ def test_no_lead_of_mha_leaves_nothing_to_recover():
   q[(N, "mean", 0.0)] = 19.0  # MHA below MQA at alpha 0
   results = synthetic(q, PAPER_LIKE_TIMES)
   b = next(c for c in results["claims"] if c["id"] == "b")
-  assert b["verdict"] == report.NOT_HELD
+  assert b["verdict"] == claims.NOT_HELD
   assert "there is no gap to recover" in b["evidence"]
   assert b["numbers"]["recovered_share"] is None
 
 
 def test_time_that_falls_with_more_groups_breaks_claim_d():
   results = synthetic(paper_like_quality(), {1: 1.0, 2: 0.8, 4: 1.2, 8: 2.0})
-  assert verdicts(results)["d"] == report.NOT_HELD
+  assert verdicts(results)["d"] == claims.NOT_HELD
   assert "do not always grow" in next(c for c in results["claims"] if c["id"] == "d")[
       "evidence"]
 
@@ -144,8 +145,8 @@ def test_without_a_noise_measurement_the_report_says_so(tmp_path):
   assert quick.noise_seeds == ()
   results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES)
   results["noise"] = {"average": None, "pairs": [], "differences": []}
-  results["claims"] = report.evaluate_claims(results)
-  text = report.report_markdown(results)
+  results["claims"] = claims.evaluate_claims(results)
+  text = markdown.report_markdown(results)
   assert "Not measured at this preset" in text
   assert "noise not measured" in text
 
@@ -177,7 +178,8 @@ def test_write_all_and_redraw(tmp_path):
   assert "![Figure 6](fig6.png)" in report_text
   # K=8: 800 of 1800 bytes are caches; K=1: 100 of 1100.
   assert "Key/value caches are 44% of the bytes an MHA step reads and 9% of an MQA" in report_text
-  assert f"learning rate equal to the pretraining schedule's final rate ({PRESET.finetune_lr:.3g})" in report_text
+  assert (f"learning rate equal to the pretraining schedule's final rate "
+          f"({PRESET.finetune_lr:.3g})") in report_text
   stored = json.loads((tmp_path / "results.json").read_text())
   assert stored["claims"] == json.loads(json.dumps(results["claims"]))
   # --redraw rebuilds everything from results.json alone.
@@ -223,3 +225,22 @@ def test_bad_presets_are_refused():
     presets.Preset(**{**base.__dict__, "method_alpha": 0.2})
   with pytest.raises(ValueError, match="unknown preset 'huge'"):
     presets.get_preset("huge")
+
+
+def test_a_fall_inside_the_timing_tolerance_is_within_noise_not_held():
+  # K=4 slightly slower than K=8 (MHA): the shape holds only inside the 5% tolerance.
+  results = synthetic(paper_like_quality(), {1: 1.0, 2: 1.02, 4: 2.02, 8: 2.0})
+  d = next(c for c in results["claims"] if c["id"] == "d")
+  assert d["verdict"] == claims.WITHIN_NOISE
+  assert d["tolerance"] == "timing differences under 5% count as equal"
+  text = markdown.report_markdown(results)
+  assert "**within noise** (tolerance: timing differences under 5% count as equal)" in text
+  assert "(tolerance: seed noise 0.10)" in text  # quality verdicts carry theirs too
+
+
+def test_figures_and_tables_say_their_units():
+  results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES)
+  table = markdown.table1_markdown(results)
+  assert "| Average (%) |" in table and "Scores in %" in table
+  report = markdown.report_markdown(results)
+  assert "Above the floor?" in report and "Stated for this preset: 33 min" in report

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gqa_t5.reproduce import stages
+from gqa_t5.reproduce.pipeline import stages
 
 
 class Counter:

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from gqa_t5.reproduce import paper_timing
-from gqa_t5.reproduce import roofline
+from gqa_t5.reproduce.paper_scale import roofline
+from gqa_t5.reproduce.paper_scale import timing_sim as paper_timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +89,7 @@ def test_self_cache_read_and_kv_layout_options():
 
 
 def test_paper_models_have_t5_sizes_and_table1_order():
-  variants = roofline.paper_variants()
+  variants = paper_timing.paper_variants()
   assert 780e6 < roofline.total_params(variants["MHA-Large"]) < 790e6
   assert 11.0e9 < roofline.total_params(variants["MHA-XXL"]) < 11.3e9
   t = {name: roofline.time_per_sample(shape)["total"] for name, shape in variants.items()}
@@ -97,7 +97,7 @@ def test_paper_models_have_t5_sizes_and_table1_order():
   # GQA-8-XXL below MHA-Large too; the roofline does not: the report prints both.)
   assert t["MQA-XXL"] < t["GQA-8-XXL"] < t["MHA-XXL"]
   assert t["MHA-Large"] < t["MHA-XXL"]
-  groups = [roofline.time_per_sample(roofline.T5_1_1_XXL.with_kv_heads(k))["total"]
+  groups = [roofline.time_per_sample(paper_timing.xxl(k))["total"]
             for k in roofline.group_counts(64)]
   assert groups == sorted(groups)
   # Figure 6's shape: 1 -> 8 groups is a small part of the rise to MHA.

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -45,11 +46,20 @@ def _pip_download(pip_command: Sequence[str], spec: sources.ArchiveSpec,
     requirements = Path(tmp) / "requirements.txt"
     requirements.write_text(f"{spec.requirement} --hash=sha256:{spec.sha256}\n")
     binary = ["--only-binary=:all:"] if spec.kind == "wheel" else ["--no-binary=:all:"]
+    # pip's own output (the archive's size, then a progress bar with the bytes so far, the
+    # speed and the time left) goes to the terminal; only its errors are captured.
     command = [*pip_command, "download", "--no-deps", "--require-hashes", *binary,
-               "--disable-pip-version-check", "--dest", tmp, "-r", str(requirements)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+               "--disable-pip-version-check", "--progress-bar", "on", "--dest", tmp, "-r",
+               str(requirements)]
+    print(f"downloading {spec.filename} ({spec.requirement}) with pip", flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(command, stdout=None, stderr=subprocess.PIPE, text=True,
+                            check=False)
     downloaded = Path(tmp) / spec.filename
     if result.returncode == 0 and downloaded.is_file():
+      size, seconds = downloaded.stat().st_size, time.perf_counter() - start
+      print(f"downloaded {spec.filename}: {size / 1e6:.1f} MB in {seconds:.0f} s "
+            f"({size / 1e6 / max(seconds, 1e-3):.1f} MB/s)")
       os.replace(downloaded, dest / spec.filename)  # Same filesystem: atomic.
     return result
 

@@ -1,22 +1,21 @@
-"""The written outputs: table1.md in the paper's layout and REPORT.md, which checks the paper's
-claims (a)-(d) against a run's numbers. Pure Python over the results dict of `outputs.collect`.
+"""The verdicts on the paper's claims (a)-(d) from a run's results dict (`results.collect`).
 
 A difference counts only when it exceeds the run-to-run noise the run measured (the same
-comparison fine-tuned with other seeds); without a noise measurement a claim's verdict says so.
+comparison fine-tuned with other seeds): inside it the verdict is "within noise", and every
+verdict carries the tolerance it used. Pure Python.
 """
 
 from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from gqa_t5.reproduce import paper
-from gqa_t5.reproduce import presets as presets_lib
+from gqa_t5.reproduce.report import paper
 
 HELD = "held"
 NOT_RUN = "not run"
 AT_FLOOR = "inconclusive (scores at the floor)"
 NOT_HELD = "did not hold"
-WITHIN_NOISE = "inconclusive (within noise)"
+WITHIN_NOISE = "within noise"
 
 # Thresholds of the verdicts (the paper gives none; these say what "most", "close", "barely" mean).
 MOST_OF_GAP = 0.5          # (b) uptraining recovers at least half of MHA's lead at alpha 0
@@ -26,7 +25,7 @@ BARELY = 0.5               # (d) 1 -> a few groups adds under half the MQA -> MH
 TIME_TOLERANCE = 0.05      # (d) timing differences under 5% count as equal
 
 
-def _fmt(x: Optional[float], digits: int = 2) -> str:
+def fmt(x: Optional[float], digits: int = 2) -> str:
   return "n/a" if x is None else f"{x:.{digits}f}"
 
 
@@ -43,6 +42,12 @@ class Measure:
     # The pretraining-objective loss of a checkpoint is deterministic: no seed noise applies.
     self.noise = results["noise"].get(field) if field != "start_loss" else None
     self.name = self.NAMES[field]
+
+  def tolerance_text(self) -> str:
+    """The tolerance a verdict on this measure used, for printing beside it."""
+    if self.field == "start_loss":
+      return "none (deterministic loss)"
+    return f"seed noise {self.noise:.2f}" if self.noise is not None else "none (noise not measured)"
 
   def noise_text(self) -> str:
     if self.field == "start_loss":
@@ -114,7 +119,7 @@ def claim_a(results: Dict, m: Measure) -> Dict:
   if m.field == "start_loss" and converted:
     evidence += (" Straight after conversion, before uptraining: " + ", ".join(
         f"{meth} {loss:.2f}" for meth, loss in sorted(converted.items(), key=lambda x: x[1]))
-        + " (MHA before conversion: " + _fmt(m.raw(results["mha"])) + ").")
+        + " (MHA before conversion: " + fmt(m.raw(results["mha"])) + ").")
   return {"id": "a", "verdict": verdict, "evidence": evidence,
           "numbers": {meth: m.raw(v) for meth, v in rows.items()}}
 
@@ -202,7 +207,12 @@ def claim_d(results: Dict, m: Optional[Measure] = None) -> Dict:
   monotone = all(b >= a * (1 - TIME_TOLERANCE) for a, b in zip(times, times[1:]))
   share = (tg - t1) / (tn - t1) if tn > t1 else None
   barely = share is not None and share <= BARELY
-  verdict = HELD if rises and monotone and barely else NOT_HELD
+  strictly = all(b >= a for a, b in zip(times, times[1:]))
+  if rises and monotone and barely:
+    # A time that falls by less than the tolerance as K grows: the shape holds only within it.
+    verdict = HELD if strictly else WITHIN_NOISE
+  else:
+    verdict = NOT_HELD
   series = ", ".join(f"K={k}: {t * 1e3:.2f} ms" for k, t in zip(ks, times))
   evidence = (
       f"Time per sample {series}. MHA (K={ks[-1]}) is {tn / t1:.2f}x MQA; going from 1 to "
@@ -219,6 +229,7 @@ def claim_d(results: Dict, m: Optional[Measure] = None) -> Dict:
     evidence += (f" At paper scale the roofline model predicts 1 -> 8 groups adds {rise:.0%} "
                  f"of the rise to MHA (scripts/simulate_paper_timing.py).")
   return {"id": "d", "verdict": verdict, "evidence": evidence,
+          "tolerance": f"timing differences under {TIME_TOLERANCE:.0%} count as equal",
           "numbers": {"times": dict(zip(map(str, ks), times)), "share": share}}
 
 
@@ -244,17 +255,19 @@ def evaluate_claims(results: Dict) -> List[Dict]:
   quality = Measure(results, "average")
   extra = [Measure(results, f) for f in ("loss", "start_loss")
            if all(v.get(f) is not None for v in results["variants"])]
-  at_floor = _floor_note(results) is not None
+  at_floor = floor_note(results) is not None
   claims = []
   for fn in (claim_a, claim_b, claim_c, claim_d):
     claim = fn(results, quality)
     claim["statement"] = paper.CLAIMS[claim["id"]]
+    claim.setdefault("tolerance", quality.tolerance_text())
     if at_floor and fn is not claim_d and claim["verdict"] not in (NOT_RUN,):
       claim["verdict"] = AT_FLOOR  # decoded-text scores this low compare nothing
     if fn is not claim_d:
       for m in extra:
         other = fn(results, m)
         claim[f"{m.field}_verdict"] = other["verdict"]
+        claim[f"{m.field}_tolerance"] = m.tolerance_text()
         claim[f"{m.field}_evidence"] = other["evidence"]
     claims.append(claim)
   return claims
@@ -263,183 +276,10 @@ def evaluate_claims(results: Dict) -> List[Dict]:
 FLOOR = 5.0  # an average below this means the models barely produce task outputs
 
 
-def _floor_note(results: Dict) -> Optional[str]:
+def floor_note(results: Dict) -> Optional[str]:
   best = max(v["average"] for v in results["variants"])
   if best >= FLOOR:
     return None
   return (f"The best average quality of any variant is {best:.2f}: at this scale the "
           f"fine-tuned models barely produce task outputs, so the decoded-text comparisons "
           f"are at the floor and the teacher-forced loss is the informative measure.")
-
-
-# ---- table1.md -------------------------------------------------------------------------------
-
-def _task_cells(v: Dict) -> List[str]:
-  return [_fmt(v["main_scores"].get(t)) for t in presets_lib.TASKS]
-
-
-def table1_markdown(results: Dict) -> str:
-  s = results["scale"]
-  labels = [presets_lib.TASK_LABELS[t] for t in presets_lib.TASKS]
-  header = "| Model | T_infer (ms) | Average | " + " | ".join(labels) + " |"
-  rule = "|---" * (3 + len(labels)) + "|"
-  lines = [
-      f"# Table 1, reproduced at `{results['preset']['name']}` scale",
-      "",
-      f"{s['description']}",
-      "",
-      f"Models: T5.1.1-style encoder-decoder, {s['num_layers']}+{s['num_layers']} layers, "
-      f"d_model {s['emb_dim']}, {s['num_heads']} heads of {s['head_dim']}, MLP {s['mlp_dim']}, "
-      f"vocabulary {s['vocab_size']} ({s['params'] / 1e6:.1f}M parameters for MHA), "
-      f"{s['pretrain_origin']}. Uptrained models: alpha = "
-      f"{results['preset']['method_alpha']:g}, mean pooling. Scores: greedy decoding of "
-      f"{s['eval_examples']} test examples per demo task. T_infer: time per sample of greedy "
-      f"decoding on this machine ({results['machine']['description']}), batch "
-      f"{results['timing']['shape']['batch']}, input {results['timing']['shape']['input_length']}"
-      f", output {results['timing']['shape']['output_length']}.",
-      "",
-      header, rule]
-  for v in results["headline"]:
-    lines.append(f"| {v['short_label']} | {v['time_per_sample'] * 1e3:.2f} | "
-                 f"{v['average']:.2f} | " + " | ".join(_task_cells(v)) + " |")
-  floor = _floor_note(results)
-  if floor:
-    lines += ["", floor]
-  noise = results["noise"].get("average")
-  loss_noise = results["noise"].get("loss")
-  lines += ["", ("Run-to-run noise of the average (same comparison, other fine-tuning seeds): "
-                 f"{noise:.2f}" + (f"; of the loss: {loss_noise:.3f}" if loss_noise is not None
-                                   else "") + "." if noise is not None else
-                 "Run-to-run noise was not measured at this preset (the mini preset measures it).")]
-  lines += ["", "## Every variant", "",
-            "| Model | K | method | alpha | seed | T_infer (ms) | Average | R1 | R2 | RL | BLEU "
-            "| QA EM | QA F1 | Loss | Span loss before FT |", "|---" * 15 + "|"]
-  for v in results["variants"]:
-    sc = v["scores"]
-    summ = sc.get("demo_summarize", {})
-    qa = sc.get("demo_qa", {})
-    lines.append(
-        f"| {v['label']} | {v['kv_heads']} | {v['method'] if v['kv_heads'] != s['num_heads'] else '-'}"
-        f" | {v['alpha']:g} | {v['seed']} | {v['time_per_sample'] * 1e3:.2f} | "
-        f"{v['average']:.2f} | {_fmt(summ.get('rouge1'))} | {_fmt(summ.get('rouge2'))} | "
-        f"{_fmt(summ.get('rougeL'))} | {_fmt(sc.get('demo_translate_en_de', {}).get('bleu'))} | "
-        f"{_fmt(qa.get('em'))} | {_fmt(qa.get('f1'))} | {_fmt(v.get('loss'), 3)} | "
-        f"{_fmt(v.get('start_loss'), 3)} |")
-  lines += ["", "## The paper's Table 1 (T5.1.1 on TPU v4, for reference)", "",
-            paper.table1_markdown(), "",
-            "The paper's T_infer is seconds per sample per TPU v4 chip; its average is over the "
-            "seven columns. The columns here are the demo tasks of this repository "
-            "(`gqa-t5 prepare-demo-data`), not the paper's data sets: compare the orderings and "
-            "gaps, not the values.", ""]
-  return "\n".join(lines)
-
-
-# ---- REPORT.md -------------------------------------------------------------------------------
-
-def report_markdown(results: Dict) -> str:
-  s = results["scale"]
-  p = results["preset"]
-  lines = [
-      f"# Reproduction report: `{p['name']}` preset", "",
-      f"**Scale.** {s['description']} A T5.1.1-style model with {s['params'] / 1e6:.1f}M "
-      f"parameters ({s['num_layers']}+{s['num_layers']} layers, d_model {s['emb_dim']}, "
-      f"{s['num_heads']} heads), {s['pretrain_origin']}; uptraining for alpha x "
-      f"{p['pretrain_steps']} steps; fine-tuning {p['finetune_steps']} steps on the mixture of "
-      f"the demo summarisation, translation and QA tasks; {s['eval_examples']} test examples "
-      f"per task, greedy decoding. The paper used T5.1.1-XXL (11B parameters, 1M pretraining "
-      f"steps) and seven public data sets: this is the same recipe several orders of magnitude "
-      f"smaller, so absolute scores are not comparable and small differences may be noise.", "",
-      f"**Run.** {results['wall_seconds'] / 60:.1f} minutes of wall-clock time for this "
-      f"invocation ({results['stage_seconds'] / 60:.1f} minutes of stage time in total, "
-      f"cached stages included), on {results['machine']['description']}.", ""]
-  floor = _floor_note(results)
-  if floor:
-    lines += [f"**Floor.** {floor}", ""]
-  noise = results["noise"]
-  if noise.get("average") is not None:
-    lines += [f"**Noise.** The cheapest comparison (MQA vs GQA-{p['gqa_kv_heads']} straight "
-              f"after conversion, no uptraining) was fine-tuned again with seed(s) "
-              f"{', '.join(map(str, p['noise_seeds']))}: " + "; ".join(
-                  f"{pair['label']}: {pair['seed0']:.2f} vs {pair['other']:.2f}"
-                  for pair in noise["pairs"]) +
-              f". The largest change of an average, {noise['average']:.2f}, is the noise level "
-              f"the verdicts below use. It covers fine-tuning randomness (data order, dropout) "
-              f"only, not pretraining or uptraining seeds.", ""]
-  else:
-    lines += ["**Noise.** Not measured at this preset: the verdicts take every difference at "
-              "face value. Use `--preset mini` for verdicts that account for run-to-run "
-              "noise.", ""]
-  lines += ["## The paper's claims", "",
-            "Verdicts on the paper's measure (the average of ROUGE-1, BLEU and F1 of greedy "
-            "decoding), and as cross-checks on two losses (cross-entropy per target token, "
-            "lower is better): the fine-tuned models' teacher-forced loss on the same test "
-            "examples, and the loss of the checkpoint each model was fine-tuned from on the "
-            "pretraining objective's validation split, the quantity conversion damages and "
-            "uptraining repairs (deterministic for a checkpoint, so taken at face value).", "",
-            "| claim | quality | fine-tuned loss | span loss before fine-tuning |",
-            "|---|---|---|---|"]
-  for claim in results["claims"]:
-    lines.append(f"| ({claim['id']}) {claim['statement']} | **{claim['verdict']}** | "
-                 f"{claim.get('loss_verdict', '-')} | {claim.get('start_loss_verdict', '-')} |")
-  lines.append("")
-  for claim in results["claims"]:
-    lines += [f"**({claim['id']}) {claim['verdict']}.** {claim['evidence']}", ""]
-    for field, label in (("loss", "By fine-tuned loss"),
-                         ("start_loss", "By span-corruption loss before fine-tuning")):
-      if f"{field}_evidence" in claim:
-        lines += [f"*{label}, {claim[f'{field}_verdict']}:* {claim[f'{field}_evidence']}", ""]
-  lines += [
-      "## Figures", "",
-      "![Figure 3](fig3.png)", "", "![Figure 4](fig4.png)", "", "![Figure 5](fig5.png)", "",
-      "![Figure 6](fig6.png)", "",
-      "## Caveats", "",
-      "- The demo summaries are Wikipedia short descriptions (a few words) and the German "
-      "references are the Elberfelder's literal wording, so ROUGE and BLEU are low and noisy; "
-      "compare variants with each other, not with the paper's scores.",
-      "- " + _timing_caveat(results),
-      "- Fine-tuning is one run on the mixture of the three tasks (the paper fine-tunes each "
-      "data set separately), at a constant learning rate equal to the pretraining schedule's "
-      f"final rate ({_finetune_lr(p):.3g}), as the paper's 0.001 is T5's, and for "
-      f"{p['finetune_steps']} steps, far from convergence.",
-      "- Uptrained variants have trained alpha x the pretraining steps more than MHA. While "
-      "pretraining is far from converged, as here, those steps alone lower their loss; the "
-      "paper's MHA checkpoint had converged, so there they only repair the conversion.",
-      "- Timings on a shared machine are pessimistic and vary between runs; each K is timed "
-      "interleaved with the others, best of several repeats.", ""]
-  lines += ["## Stages", "", "| stage | seconds | this run |", "|---|---|---|"]
-  for name, info in results["stages"].items():
-    lines.append(f"| {name} | {info['seconds']:.0f} | {'cached' if info['cached'] else 'ran'} |")
-  lines.append("")
-  return "\n".join(lines)
-
-
-def _finetune_lr(preset: Dict) -> float:
-  """The fine-tuning rate of a results.json preset (older files lack the derived one)."""
-  if preset.get("finetune_lr") is not None:
-    return preset["finetune_lr"]
-  if preset.get("finetune_learning_rate") is not None:
-    return preset["finetune_learning_rate"]
-  return preset["pretrain_learning_rate"] / max(preset["pretrain_steps"],
-                                                preset["pretrain_warmup_steps"]) ** 0.5
-
-
-def _timing_caveat(results: Dict) -> str:
-  """What the decode timing measured, and how its byte mix compares with paper scale."""
-  timing = results["timing"]
-  shape, per_k = timing["shape"], timing["kv_heads"]
-
-  def kv_share(k: str) -> float:
-    b = per_k[k]["bytes_per_step"]
-    return (b["cross_kv"] + b["self_cache"]) / b["total"]
-
-  mha, mqa = str(max(int(k) for k in per_k)), str(min(int(k) for k in per_k))
-  share = ""
-  if all("bytes_per_step" in per_k[k] for k in (mha, mqa)):
-    share = (f" Key/value caches are {100 * kv_share(mha):.0f}% of the bytes an MHA step "
-             f"reads and {100 * kv_share(mqa):.0f}% of an MQA step's; the rest is weights, "
-             f"read once per step whatever the batch.")
-  return (f"Decode times are CPU times of the preset's model at batch {shape['batch']}, "
-          f"input {shape['input_length']}, output {shape['output_length']} tokens (the "
-          f"paper's 4:1 input:output ratio), float32, on randomly initialised weights (time "
-          f"does not depend on their values).{share} `scripts/simulate_paper_timing.py` "
-          f"predicts paper-scale times on TPU v4 from a roofline model.")

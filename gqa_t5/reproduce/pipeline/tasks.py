@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from gqa_t5.reproduce import presets as presets_lib
+from gqa_t5.reproduce.pipeline import presets as presets_lib
 
 PRETRAIN_TASK = "demo_span_corruption"
 FINETUNE_MIXTURE = "gqa_t5_reproduce_finetune"
@@ -14,6 +14,7 @@ FINETUNE_MIXTURE = "gqa_t5_reproduce_finetune"
 def register(data_dir: Optional[str] = None):
   """Registers the demo tasks over `data_dir` and the fine-tuning mixture; returns the
   vocabulary."""
+  # seqio and the task modules load TensorFlow: only when a run registers its tasks.
   import seqio  # pylint: disable=g-import-not-at-top
   from gqa_t5.tasks import demo  # pylint: disable=g-import-not-at-top
   demo.register_demo_tasks(data_dir)
@@ -30,6 +31,6 @@ def padded_vocab_size(vocabulary, multiple: int = 128) -> int:
 
 def pretrain_lengths(inputs_length: int) -> dict:
   """Span-corruption lengths: the targets length the inputs length implies."""
-  from gqa_t5.tasks import span_corruption  # pylint: disable=g-import-not-at-top
+  from gqa_t5.tasks import span_corruption  # pylint: disable=g-import-not-at-top  # TensorFlow
   _, targets = span_corruption.span_corruption_lengths(inputs_length)
   return {"inputs": inputs_length, "targets": targets}

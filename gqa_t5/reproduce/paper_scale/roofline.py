@@ -22,7 +22,9 @@ sharded by batch, as in Pope et al. 2022), or, with `kv_layout='replicated'`, K 
 key/value heads are repeated on every chip of the model axis (what head-sharding alone does).
 The batch per chip is the largest up to `max_batch_per_chip` whose weights and caches fit in HBM.
 
-Pure Python: no JAX, so the arithmetic can be checked by hand.
+Pure Python: no JAX, so the arithmetic can be checked by hand. Model sizes come from a
+`T5Config` (`gqa_t5/model/sizes.py` names them) through `shape_of`, the one place a config
+becomes the light `ModelShape` the arithmetic reads.
 """
 
 from __future__ import annotations
@@ -81,15 +83,21 @@ class Setup:
 
 # Published figures: TPU v4, 1.2 TB/s HBM bandwidth and 275 TFLOP/s bfloat16 per chip, 32 GiB.
 TPU_V4 = Chip("TPU v4", 1.2e12, 275e12, 32 * 2 ** 30)
-
-# T5.1.1 sizes (T5X's gin files); the decoder's K varies.
-T5_1_1_LARGE = ModelShape("T5.1.1-Large", emb_dim=1024, num_heads=16, head_dim=64,
-                          mlp_dim=2816, num_encoder_layers=24, num_decoder_layers=24)
-T5_1_1_XXL = ModelShape("T5.1.1-XXL", emb_dim=4096, num_heads=64, head_dim=64,
-                        mlp_dim=10240, num_encoder_layers=24, num_decoder_layers=24)
+# H200 SXM: 4.8 TB/s HBM3e, 989 TFLOP/s dense bfloat16, 141 GB.
+H200 = Chip("H200", 4.8e12, 989e12, 141e9)
 
 # The paper's Table 1 ("time per sample per TPUv4 chip, measured by xprof"), seconds.
 PAPER_TABLE1_SECONDS = {"MHA-Large": 0.37, "MHA-XXL": 1.51, "MQA-XXL": 0.24, "GQA-8-XXL": 0.28}
+
+
+def shape_of(config, name: str = "model") -> ModelShape:
+  """The `ModelShape` of a `T5Config` (decoder self-attention K; T5.1.1's gated MLP)."""
+  return ModelShape(name, emb_dim=config.emb_dim, num_heads=config.num_heads,
+                    head_dim=config.head_dim, mlp_dim=config.mlp_dim,
+                    num_encoder_layers=config.num_encoder_layers,
+                    num_decoder_layers=config.num_decoder_layers, vocab_size=config.vocab_size,
+                    num_kv_heads=config.num_kv_heads,
+                    mlp_matrices=len(config.mlp_activations) + 1)
 
 
 # ---- parameter counts ------------------------------------------------------------------------
@@ -263,11 +271,3 @@ def dominant_term(result: Dict[str, float]) -> str:
 def group_counts(num_heads: int) -> List[int]:
   """Every K that divides N, 1..N."""
   return [k for k in range(1, num_heads + 1) if num_heads % k == 0]
-
-
-def paper_variants() -> Dict[str, ModelShape]:
-  """The four models of the paper's Table 1."""
-  return {"MHA-Large": T5_1_1_LARGE.with_kv_heads(None, "MHA-Large"),
-          "MHA-XXL": T5_1_1_XXL.with_kv_heads(None, "MHA-XXL"),
-          "MQA-XXL": T5_1_1_XXL.with_kv_heads(1, "MQA-XXL"),
-          "GQA-8-XXL": T5_1_1_XXL.with_kv_heads(8, "GQA-8-XXL")}

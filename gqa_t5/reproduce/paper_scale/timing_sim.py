@@ -7,9 +7,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Dict, List, Optional, Sequence
 
-from gqa_t5.reproduce import roofline
+from gqa_t5.model import sizes
+from gqa_t5.reproduce.paper_scale import roofline
+
+
+def xxl(num_kv_heads: Optional[int] = None, name: str = "T5.1.1-XXL") -> roofline.ModelShape:
+  return roofline.shape_of(sizes.t5_1_1("xxl", num_kv_heads=num_kv_heads), name)
+
+
+def paper_variants() -> Dict[str, roofline.ModelShape]:
+  """The four models of the paper's Table 1, sized by `gqa_t5.model.sizes`."""
+  return {"MHA-Large": roofline.shape_of(sizes.t5_1_1("large"), "MHA-Large"),
+          "MHA-XXL": xxl(None, "MHA-XXL"), "MQA-XXL": xxl(1, "MQA-XXL"),
+          "GQA-8-XXL": xxl(8, "GQA-8-XXL")}
 
 _DESCRIPTION = """Roofline model of greedy decoding for T5.1.1-Large/XXL on TPU v4 (1.2 TB/s HBM,
 275 TFLOP/s bf16 per chip), predicting the paper's time per sample for MHA, MQA, GQA-8 and every
@@ -55,9 +68,10 @@ def setup_from_args(args: argparse.Namespace) -> roofline.Setup:
 def simulate(setup: roofline.Setup, chip: roofline.Chip = roofline.TPU_V4) -> Dict:
   """Every number the report prints: Table 1's four models and XXL for each group count."""
   table = {name: roofline.time_per_sample(shape, setup, chip)
-           for name, shape in roofline.paper_variants().items()}
-  groups = {k: roofline.time_per_sample(roofline.T5_1_1_XXL.with_kv_heads(k), setup, chip)
-            for k in roofline.group_counts(roofline.T5_1_1_XXL.num_heads)}
+           for name, shape in paper_variants().items()}
+  mha = xxl()
+  groups = {k: roofline.time_per_sample(mha.with_kv_heads(k), setup, chip)
+            for k in roofline.group_counts(mha.num_heads)}
   return {"setup": setup.__dict__, "chip": chip.__dict__, "table1": table,
           "groups_xxl": groups}
 
@@ -124,7 +138,7 @@ def explanation_lines(result: Dict) -> List[str]:
         f"{r['step_flops'] / 1e12:.2f} TFLOP per chip per step at batch {r['batch_per_chip']}; "
         f"decode is {r['decode'] / r['total']:.0%} of the time.")
   mha, mqa = table["MHA-XXL"], table["MQA-XXL"]
-  n = roofline.T5_1_1_XXL.num_heads
+  n = xxl().num_heads
   cache_share = (mha["decode_cross_kv"] + mha["decode_self_cache"]) / mha["total"]
   lines.append(
       f"  MHA reads {setup['input_length']}-token cross-attention keys/values and a "
@@ -165,7 +179,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print()
   print("\n".join(explanation_lines(result)))
   if args.json:
-    import os  # pylint: disable=g-import-not-at-top
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:
       json.dump(result, f, indent=2, default=str)

@@ -1,9 +1,13 @@
 """The scales `gqa-t5 reproduce` runs at, and the model variants each one trains.
 
-A preset fixes the stand-in for T5.1.1 (a small multi-head model pretrained on the demo corpus),
-the step counts of each stage, the conversions (key/value head counts and methods), the
-uptraining proportions alpha, fine-tuning and evaluation sizes, and the decode-timing shape.
-Pure Python: importing this module loads nothing heavy.
+A preset fixes the stand-in for T5.1.1 (a `T5Config`: a small multi-head model pretrained on the
+demo corpus), the step counts of each stage, the conversions (key/value head counts and methods),
+the uptraining proportions alpha, fine-tuning and evaluation sizes, the decode-timing shapes, and
+the one time figure the docs and `--help` state for it. `smoke` shrinks any preset to seconds
+per stage (CI runs the `gpu` preset that way on CPU).
+
+The `gpu` preset's size and its expected time (computed, not yet measured) are worked out in the
+comment above its definition; `estimate.py` computes the same terms, printed at a run's start.
 """
 
 from __future__ import annotations
@@ -11,54 +15,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional, Tuple
 
+from gqa_t5.model.config import T5Config
+from gqa_t5.reproduce.pipeline.variants import PaperTiming
+from gqa_t5.reproduce.pipeline.variants import Variant
+from gqa_t5.reproduce.pipeline.variants import config_dict
+from gqa_t5.reproduce.pipeline.variants import small_model
+
 METHODS = ("mean", "first", "random", "aligned")
 TASKS = ("demo_summarize", "demo_translate_en_de", "demo_qa")
-# The metric each task contributes to the average (the paper: ROUGE-1, BLEU, F1).
+# The metric each task contributes to the average (the paper: ROUGE-1, BLEU, F1), in %.
 MAIN_METRIC = {"demo_summarize": "rouge1", "demo_translate_en_de": "bleu", "demo_qa": "f1"}
 TASK_LABELS = {"demo_summarize": "Summarize (R1)", "demo_translate_en_de": "Translate (BLEU)",
                "demo_qa": "QA (F1)"}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelDims:
-  emb_dim: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
-  num_layers: int          # encoder and decoder each
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-  """One fine-tuned model: K key/value heads (K = N: MHA), conversion method, alpha, seed."""
-  kv_heads: int
-  method: str = "mean"
-  alpha: float = 0.0
-  seed: int = 0
-
-  def attention_name(self, num_heads: int) -> str:
-    if self.kv_heads == num_heads:
-      return "MHA"
-    if self.kv_heads == 1:
-      return "MQA"
-    return f"GQA-{self.kv_heads}"
-
-  def label(self, num_heads: int) -> str:
-    """E.g. 'GQA-2 (alpha 0.05)', 'MQA first (alpha 0.05)', 'MHA'."""
-    name = self.attention_name(num_heads)
-    if self.kv_heads == num_heads:
-      text = name
-    else:
-      method = "" if self.method == "mean" else f" {self.method}"
-      text = f"{name}{method} (alpha {self.alpha:g})"
-    return text + (f" seed {self.seed}" if self.seed else "")
-
-  def key(self, num_heads: int) -> str:
-    """A file-name-safe identifier, e.g. 'gqa2-mean-a0.05-s0'."""
-    if self.kv_heads == num_heads:
-      return f"mha-s{self.seed}"
-    name = "mqa" if self.kv_heads == 1 else f"gqa{self.kv_heads}"
-    return f"{name}-{self.method}-a{self.alpha:g}-s{self.seed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +34,8 @@ class Preset:
   """Everything one scale of the reproduction needs (see PRESETS)."""
   name: str
   description: str
-  model: ModelDims
+  time_figure: str                 # the one stated run time, with the machine it is from
+  model: T5Config                  # variants.small_model
   # Stage 1: pretraining (span corruption on the demo corpus).
   pretrain_steps: int
   pretrain_batch: int
@@ -74,7 +43,7 @@ class Preset:
   pretrain_warmup_steps: int       # rsqrt schedule: lr = base / sqrt(max(step, warmup))
   # Stage 2-3: conversion and uptraining.
   gqa_kv_heads: int                # the GQA of the claims (the paper's GQA-8 of 64 heads)
-  extra_kv_heads: Tuple[int, ...]  # more group counts converted and uptrained at alpha 0.05
+  extra_kv_heads: Tuple[int, ...]  # more group counts converted and uptrained at method_alpha
   alphas: Tuple[float, ...]
   method_alpha: float              # the alpha of the conversion-method comparison (Fig. 4)
   # Stage 4: fine-tuning on the mixture of TASKS, then greedy evaluation.
@@ -89,8 +58,8 @@ class Preset:
   eval_examples: int
   eval_batch: int
   noise_seeds: Tuple[int, ...]     # extra fine-tuning seeds of the cheapest comparison
-  # Stage 5: decode timing, at the paper's 4:1 input:output ratio and a batch large enough
-  # that, as at paper scale, the key/value bytes of a step outweigh the weights'.
+  # Stage 5: decode timing of the preset's own model, at the paper's 4:1 input:output ratio
+  # and a batch large enough that the key/value bytes of a step outweigh the weights'.
   timing_batch: int
   timing_input_length: int
   timing_output_length: int
@@ -106,6 +75,10 @@ class Preset:
   # Batches of the pretraining task's validation split on which every checkpoint (pretrained,
   # converted, uptrained) is scored before fine-tuning.
   probe_batches: int = 8
+  # Stage 5b: decode timing at the paper's shapes (None: not run; needs an accelerator).
+  paper_timing: Tuple[PaperTiming, ...] = ()
+  machine: str = "cpu"             # the `estimate.MACHINES` profile its expected times use
+  hidden: bool = False             # not offered by --help (the tests' preset)
 
   def __post_init__(self):
     n = self.model.num_heads
@@ -113,6 +86,9 @@ class Preset:
       if k <= 1 or k >= n or n % k:
         raise ValueError(f"preset {self.name}: GQA key/value heads {k} must divide "
                          f"num_heads={n} and lie strictly between 1 and {n}")
+    if self.model.num_encoder_layers != self.model.num_decoder_layers:
+      raise ValueError(f"preset {self.name}: encoder and decoder depths must be equal, got "
+                       f"{self.model.num_encoder_layers} and {self.model.num_decoder_layers}")
     if self.method_alpha not in self.alphas:
       raise ValueError(f"preset {self.name}: method_alpha {self.method_alpha} is not one of "
                        f"alphas {self.alphas}")
@@ -142,6 +118,14 @@ class Preset:
   def uptrain_steps(self, alpha: float) -> int:
     return int(round(alpha * self.pretrain_steps))
 
+  def uptrain_schedule(self, k: int, method: str) -> List[Tuple[float, int]]:
+    """(alpha, steps of that stage) of each uptraining of (K, method), smallest alpha first:
+    up to the largest alpha a variant of (K, method) uses, each continuing the one before."""
+    needed = max(v.alpha for v in self.quality_variants() if (v.kv_heads, v.method) == (k, method))
+    alphas = [a for a in self.alphas if 0.0 < a <= needed]
+    steps = [self.uptrain_steps(a) for a in alphas]
+    return list(zip(alphas, [s - prev for s, prev in zip(steps, [0] + steps)]))
+
   def mha(self, seed: int = 0) -> Variant:
     return Variant(self.num_heads, "mean", 0.0, seed)
 
@@ -170,7 +154,35 @@ class Preset:
     return [k for k in range(1, n + 1) if n % k == 0]
 
   def to_dict(self) -> Dict:
-    return dict(dataclasses.asdict(self), finetune_lr=self.finetune_lr)
+    out = dataclasses.asdict(self)
+    out["model"] = config_dict(self.model)
+    out["paper_timing"] = [dataclasses.asdict(t) for t in self.paper_timing]
+    out["finetune_lr"] = self.finetune_lr
+    return out
+
+
+def smoke(preset: Preset) -> Preset:
+  """The same preset's stages at seconds per stage: every kind of stage and every code path
+  (alpha continuation, a non-mean conversion, noise seeds, both timings) with the same head
+  structure, on a 1+1-layer model of width 32, a handful of steps and examples, tiny timing
+  shapes; repeats of one path are dropped (the third conversion method; paper-shape K other
+  than 1, 8 and N)."""
+  n = preset.num_heads
+  paper = tuple(dataclasses.replace(
+      t, shrink=True, batch=2, input_length=16, output_length=4, repeats=1, dtype="float32",
+      kv_heads=tuple(k for k in t.kv_heads if k in (1, 8, max(t.kv_heads))))
+                for t in preset.paper_timing)
+  return dataclasses.replace(
+      preset, name=f"{preset.name}-smoke",
+      description=f"{preset.name} at smoke-test size (seconds per stage, meaningless numbers)",
+      time_figure="a minute or two on a CPU (smoke test)",
+      model=small_model(emb_dim=32, num_heads=n, head_dim=4, mlp_dim=64, layers=1),
+      pretrain_steps=20, pretrain_batch=4, pretrain_inputs_length=32, pretrain_warmup_steps=5,
+      finetune_steps=2, finetune_batch=4, finetune_learning_rate=0.003, inputs_length=32,
+      targets_lengths={t: 8 for t in TASKS}, eval_examples=2, eval_batch=2, timing_batch=2,
+      timing_input_length=16, timing_output_length=4, timing_repeats=1, checkpoint_period=10,
+      timing_bandwidth_gb=0.01, probe_batches=1, paper_timing=paper, machine="cpu",
+      methods=preset.methods[:2])
 
 
 PRESETS: Dict[str, Preset] = {}
@@ -184,9 +196,9 @@ def _register(preset: Preset) -> Preset:
 _register(Preset(
     name="quick",
     description="The README's main job: every stage on real text with a small model and few "
-                "steps (budget: 15 minutes on 2 CPU cores); its quality numbers are close to "
-                "noise.",
-    model=ModelDims(emb_dim=128, num_heads=8, head_dim=16, mlp_dim=256, num_layers=2),
+                "steps; its quality numbers are close to noise.",
+    time_figure="7.7 min + 62 s demo-data preparation, measured on a quiet 2-core x86-64 CPU",
+    model=small_model(emb_dim=128, num_heads=8, head_dim=16, mlp_dim=256, layers=2),
     pretrain_steps=200, pretrain_batch=16, pretrain_inputs_length=64,
     pretrain_warmup_steps=100,
     gqa_kv_heads=2, extra_kv_heads=(), alphas=(0.0, 0.05, 0.10), method_alpha=0.05,
@@ -200,8 +212,9 @@ _register(Preset(
 _register(Preset(
     name="mini",
     description="A model and step counts large enough to compare the variants, with the "
-                "run-to-run noise measured (budget: 60 minutes on 2 CPU cores).",
-    model=ModelDims(emb_dim=128, num_heads=8, head_dim=16, mlp_dim=384, num_layers=2),
+                "run-to-run noise measured.",
+    time_figure="33 min + 62 s demo-data preparation, measured on a quiet 2-core x86-64 CPU",
+    model=small_model(emb_dim=128, num_heads=8, head_dim=16, mlp_dim=384, layers=2),
     pretrain_steps=1200, pretrain_batch=16, pretrain_inputs_length=96,
     pretrain_warmup_steps=200,
     gqa_kv_heads=2, extra_kv_heads=(), alphas=(0.0, 0.05, 0.10), method_alpha=0.05,
@@ -212,11 +225,40 @@ _register(Preset(
     timing_batch=32, timing_input_length=512, timing_output_length=128, timing_repeats=5,
     checkpoint_period=300))
 
-# Tests: a 2-layer model and a handful of steps on the tiny data set the test builds.
+# One H200: T5.1.1-Small's width (d_model 512, MLP 1024, 8+8 layers) with 8 heads of 64 (not 6)
+# so that GQA-2 and GQA-4 have real groups, 58.7M parameters, bfloat16. At 30% MFU of 989
+# TFLOP/s: pretraining 1,600 x 14.2 TFLOP (6 x 58.7M x 40.2k tokens) = 79 s; uptraining 41 s;
+# fine-tuning 11 x 200 steps 87 s; evaluation 73 s; probes and conversions 43 s; timing 26 s;
+# the paper-shape timing (XXL x 6 K + Large) 123 s; 46 stages, 471 s = 7.9 min in all, a
+# computed estimate (estimate.py has the assumptions; docs/REPRODUCE.md the table).
+_register(Preset(
+    name="gpu",
+    description="One H200: a T5.1.1-Small-like model (59M parameters, 8 heads) trained long "
+                "enough that decoded scores rank the variants, and decode timing at the "
+                "paper's T5.1.1-XXL and -Large shapes.",
+    time_figure="about 7.9 min on one H200, a computed estimate (not yet measured)",
+    model=small_model(emb_dim=512, num_heads=8, head_dim=64, mlp_dim=1024, layers=8,
+                      dtype="bfloat16"),
+    pretrain_steps=1600, pretrain_batch=128, pretrain_inputs_length=256,
+    pretrain_warmup_steps=300,
+    gqa_kv_heads=2, extra_kv_heads=(), alphas=(0.0, 0.05, 0.10), method_alpha=0.05,
+    finetune_steps=200, finetune_batch=64, finetune_learning_rate=None, finetune_dropout=0.1,
+    inputs_length=256,
+    targets_lengths={"demo_summarize": 32, "demo_translate_en_de": 64, "demo_qa": 32},
+    eval_examples=256, eval_batch=256, noise_seeds=(1,),
+    timing_batch=64, timing_input_length=512, timing_output_length=128, timing_repeats=2,
+    checkpoint_period=800, timing_bandwidth_gb=2.0, probe_batches=4,
+    methods=("mean", "first", "random"),
+    paper_timing=(PaperTiming("xxl", kv_heads=(1, 4, 8, 16, 32, 64), batch=16, repeats=1),
+                  PaperTiming("large", kv_heads=(16,), batch=16, repeats=1)),
+    machine="h200"))
+
+# Tests: a 1-layer model and a handful of steps on the tiny data set the tests build.
 _register(Preset(
     name="test",
     description="for the tests only: seconds per stage, meaningless numbers",
-    model=ModelDims(emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, num_layers=1),
+    time_figure="seconds per stage (tests only)",
+    model=small_model(emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, layers=1),
     pretrain_steps=20, pretrain_batch=4, pretrain_inputs_length=32, pretrain_warmup_steps=5,
     gqa_kv_heads=2, extra_kv_heads=(), alphas=(0.0, 0.05, 0.10), method_alpha=0.05,
     finetune_steps=3, finetune_batch=4, finetune_learning_rate=0.003, finetune_dropout=0.1,
@@ -224,12 +266,18 @@ _register(Preset(
     targets_lengths={"demo_summarize": 8, "demo_translate_en_de": 8, "demo_qa": 8},
     eval_examples=4, eval_batch=4, noise_seeds=(1,),
     timing_batch=2, timing_input_length=16, timing_output_length=4, timing_repeats=2,
-    checkpoint_period=10, timing_bandwidth_gb=0.01, probe_batches=2))
+    checkpoint_period=10, timing_bandwidth_gb=0.01, probe_batches=2, hidden=True))
 
 
-def get_preset(name: str) -> Preset:
+def public_names() -> List[str]:
+  """The presets --help offers (the tests' preset is hidden)."""
+  return [name for name, p in PRESETS.items() if not p.hidden]
+
+
+def get_preset(name: str, smoke_test: bool = False) -> Preset:
   try:
-    return PRESETS[name]
+    preset = PRESETS[name]
   except KeyError:
-    raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))} (and "
+    raise ValueError(f"unknown preset {name!r}; known: {', '.join(public_names())} (and "
                      f"'paper' with --dry-run)") from None
+  return smoke(preset) if smoke_test else preset

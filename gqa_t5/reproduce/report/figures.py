@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from gqa_t5.reproduce import paper
+from gqa_t5.reproduce.report import paper
 
 _COLORS = {"MHA": "#1f77b4", "MQA": "#d62728", "GQA": "#2ca02c"}
 
 
 def _pyplot():
+  # matplotlib is an optional heavy extra: loaded only when figures are drawn.
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg", force=True)
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -51,8 +52,9 @@ def figure3(results: Dict, path: str) -> None:
                 color=_color(v["attention"]), ms=8)
     ax.annotate(v["short_label"], (v["time_per_sample"] * 1e3, v["average"]),
                 textcoords="offset points", xytext=(6, 4), fontsize=9)
+  ax.margins(x=0.25, y=0.2)  # room for the labels beside the outermost points
   ax.set_xlabel("time per sample (ms, this machine)")
-  ax.set_ylabel("average quality (R1, BLEU, F1)")
+  ax.set_ylabel("average quality (%: R1, BLEU, F1)")
   title = "This run" + (f" (error bar: seed noise {noise:.2f})" if noise is not None else "")
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
@@ -61,6 +63,7 @@ def figure3(results: Dict, path: str) -> None:
                                                                   .split("-Large")[0]), ms=8)
     ax_paper.annotate(name, (row["time"], row["average"]), textcoords="offset points",
                       xytext=(6, 4), fontsize=9)
+  ax_paper.margins(x=0.25, y=0.2)
   ax_paper.set_xlabel("time per sample (s, TPU v4)")
   ax_paper.set_ylabel("average quality")
   ax_paper.set_title("Paper, Table 1 (Ainslie et al. 2023)", fontsize=10)
@@ -71,21 +74,23 @@ def figure3(results: Dict, path: str) -> None:
   plt.close(fig)
 
 
-def _bars(ax, names, values, noise, ylabel, lower_is_better=False):
-  bars = ax.bar(names, values, yerr=[noise] * len(values) if noise is not None else None,
-                capsize=4, color=["#2ca02c" if n == "mean" else "#7f7f7f" for n in names])
-  for bar, value in zip(bars, values):
-    ax.annotate(f"{value:.2f}" if not lower_is_better else f"{value:.3f}",
-                (bar.get_x() + bar.get_width() / 2, value), textcoords="offset points",
-                xytext=(0, 3), ha="center", fontsize=9)
-  low, high = min(values), max(values)
-  span = max(high - low, 1e-6)
-  ax.set_ylim(max(0.0, low - 1.5 * span), high + 0.8 * span)
+def _points(ax, names, values, noise, ylabel, lower_is_better=False):
+  """One point per method with its seed-noise error bar (no cut-off bars to mislead)."""
+  xs = list(range(len(names)))
+  for x, name, value in zip(xs, names, values):
+    ax.errorbar([x], [value], yerr=noise, fmt="o", ms=9, capsize=5,
+                color="#2ca02c" if name == "mean" else "#7f7f7f")
+    ax.annotate(f"{value:.3f}" if lower_is_better else f"{value:.2f}", (x, value),
+                textcoords="offset points", xytext=(10, -3), fontsize=9)
+  ax.set_xticks(xs)
+  ax.set_xticklabels(names)
+  ax.set_xlim(-0.5, len(names) - 0.3)
+  ax.margins(y=0.25)
   ax.set_ylabel(ylabel)
   ax.grid(axis="y", alpha=0.3)
 
 
-_PANELS = (("average", "average quality (higher is better)"),
+_PANELS = (("average", "average quality, % (higher is better)"),
            ("loss", "fine-tuned loss per token (lower is better)"),
            ("start_loss", "span-corruption loss before fine-tuning\n(lower is better)"))
 
@@ -108,11 +113,12 @@ def figure4(results: Dict, path: str) -> None:
   fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
   names = [r["method"] for r in rows]
   for ax, (field, label, noise) in zip(axes[0], panels):
-    _bars(ax, names, [r[field] for r in rows], noise, label,
-          lower_is_better=field != "average")
+    _points(ax, names, [r[field] for r in rows], noise, label,
+            lower_is_better=field != "average")
   alpha = results["preset"]["method_alpha"]
-  fig.suptitle(f"Figure 4: conversion methods, MQA uptrained alpha={alpha:g} (paper: mean > "
-               f"first > random)\n{_scale_note(results)}", fontsize=10, y=1.06)
+  fig.suptitle(f"Figure 4: conversion methods, MQA uptrained alpha={alpha:g}; error bars: seed "
+               f"noise (paper, T5-Large: mean > first > random)\n{_scale_note(results)}",
+               fontsize=10, y=1.08)
   _save(fig, path)
   plt.close(fig)
 
@@ -140,9 +146,44 @@ def figure5(results: Dict, path: str) -> None:
   plt.close(fig)
 
 
+def _paper_scale_panel(ax, results: Dict) -> None:
+  """Fig. 6 at paper scale, each time over MHA-XXL's: the roofline for 8 TPU v4 chips, the
+  paper's Table 1 points, and this run's measurement at the XXL shape when it made one."""
+  sim = results.get("paper_scale_roofline")
+  if not sim:
+    ax.axis("off")
+    return
+  ks = sorted(int(k) for k in sim["groups_xxl"])
+  mha = sim["groups_xxl"][str(ks[-1])]
+  ax.plot(ks, [sim["groups_xxl"][str(k)] / mha for k in ks], "o-", color=_COLORS["GQA"],
+          label="roofline, 8 TPU v4 (simulate_paper_timing)")
+  table = paper.TABLE1
+  points = {1: table["MQA-XXL"]["time"], 8: table["GQA-8-XXL"]["time"],
+            ks[-1]: table["MHA-XXL"]["time"]}
+  ax.plot(list(points), [t / table["MHA-XXL"]["time"] for t in points.values()], "s",
+          color="black", ms=8, label="paper, Table 1 (TPU v4)")
+  measured = results.get("paper_timing")
+  if measured:
+    rows = {r["kv_heads"]: r["measured"] for r in measured["rows"].values()
+            if r["size"] == "xxl"}
+    if ks[-1] in rows:
+      mk = sorted(rows)
+      ax.plot(mk, [rows[k] / rows[ks[-1]] for k in mk], "^--", color=_COLORS["MQA"], ms=8,
+              label=f"measured here ({results['machine']['description'][:40]})")
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ks)
+  ax.set_xticklabels([str(k) for k in ks])
+  ax.set_ylim(0.0, 1.1)
+  ax.set_xlabel("number of key/value groups K (T5.1.1-XXL, K=64: MHA)")
+  ax.set_ylabel("time per sample / MHA-XXL's")
+  ax.set_title("Paper scale: input 2048, output 512", fontsize=9)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+
+
 def figure6(results: Dict, path: str) -> None:
-  """Time per sample vs number of groups (this machine), MHA as a line; beside it the roofline
-  prediction for T5.1.1-XXL on TPU v4 (scripts/simulate_paper_timing.py)."""
+  """Time per sample vs number of groups (this machine, the preset's model), MHA as a line;
+  beside it the paper-scale shape: roofline, the paper's points and any measurement here."""
   plt = _pyplot()
   fig, (ax, ax_paper) = plt.subplots(1, 2, figsize=(11, 4.2))
   timing = results["timing"]
@@ -151,39 +192,20 @@ def figure6(results: Dict, path: str) -> None:
   groups = [k for k in ks if k < n]
   times = [timing["kv_heads"][str(k)]["time_per_sample"] * 1e3 for k in groups]
   ax.plot(groups, times, "o-", color=_COLORS["GQA"], label="GQA / MQA (K groups)")
-  ax.axhline(timing["kv_heads"][str(n)]["time_per_sample"] * 1e3, color=_COLORS["MHA"],
-             ls="--", label=f"MHA (K={n})")
+  mha_ms = timing["kv_heads"][str(n)]["time_per_sample"] * 1e3
+  ax.axhline(mha_ms, color=_COLORS["MHA"], ls="--", label=f"MHA (K={n})")
   ax.set_xscale("log", base=2)
   ax.set_xticks(groups)
   ax.set_xticklabels([str(k) for k in groups])
+  ax.set_ylim(0.0, 1.15 * max(times + [mha_ms]))
   ax.set_xlabel("number of key/value groups K")
   ax.set_ylabel("time per sample (ms)")
   shape = timing["shape"]
-  ax.set_title(f"This machine: batch {shape['batch']}, input {shape['input_length']}, "
-               f"output {shape['output_length']}", fontsize=9)
+  ax.set_title(f"This machine, this preset's model: batch {shape['batch']}, input "
+               f"{shape['input_length']}, output {shape['output_length']}", fontsize=9)
   ax.legend()
   ax.grid(alpha=0.3)
-  sim = results.get("paper_scale_roofline")
-  if sim:
-    sim_groups = sorted(int(k) for k in sim["groups_xxl"])
-    mha_k = sim_groups[-1]
-    values = [sim["groups_xxl"][str(k)] * 1e3 for k in sim_groups if k < mha_k]
-    ax_paper.plot([k for k in sim_groups if k < mha_k], values, "o-", color=_COLORS["GQA"],
-                  label="GQA / MQA")
-    ax_paper.axhline(sim["groups_xxl"][str(mha_k)] * 1e3, color=_COLORS["MHA"], ls="--",
-                     label=f"MHA (K={mha_k})")
-    ax_paper.set_xscale("log", base=2)
-    ticks = [k for k in sim_groups if k < mha_k]
-    ax_paper.set_xticks(ticks)
-    ax_paper.set_xticklabels([str(k) for k in ticks])
-    ax_paper.set_xlabel("number of key/value groups K")
-    ax_paper.set_ylabel("chip-ms per sample (roofline)")
-    ax_paper.set_title("Paper scale: roofline for T5.1.1-XXL on 8 TPU v4,\n"
-                       "input 2048, output 512 (scripts/simulate_paper_timing.py)", fontsize=9)
-    ax_paper.legend()
-    ax_paper.grid(alpha=0.3)
-  else:
-    ax_paper.axis("off")
+  _paper_scale_panel(ax_paper, results)
   fig.suptitle(f"Figure 6: time per sample vs number of groups -- {_scale_note(results)}",
                fontsize=10, y=1.06)
   _save(fig, path)

@@ -74,10 +74,13 @@ class StageStore:
   """Runs stages under `root/stages`, skipping finished ones whose key still matches.
 
   log: called with one line per stage event (start, cached, done).
+  progress: an object with `begin(name, cached)` and `end(name, seconds, cached)` (e.g.
+    `progress.Progress`), told about every stage before and after it runs.
   """
 
-  def __init__(self, root: os.PathLike, log: Callable[[str], None] = print):
+  def __init__(self, root: os.PathLike, log: Callable[[str], None] = print, progress=None):
     self.root = Path(root).absolute()
+    self.progress = progress
     self.stages_dir = self.root / "stages"
     self.stages_dir.mkdir(parents=True, exist_ok=True)
     self.log = log
@@ -106,8 +109,13 @@ class StageStore:
     key = stage_key(name, config, deps)
     record = _read_json(final / STAGE_FILE)
     if record is not None and record.get("key") == key:
+      if self.progress is not None:
+        self.progress.begin(name, cached=True)
+        self.progress.end(name, 0.0, cached=True)
       self.log(f"[{name}] cached ({record.get('seconds', 0.0):.0f} s when it ran)")
       return StageResult(name, key, final, record["result"], True, record.get("seconds", 0.0))
+    if self.progress is not None:
+      self.progress.begin(name)
     if final.exists():
       reason = "its configuration changed" if record is not None else "it has no record"
       self.log(f"[{name}] redoing: {reason}")
@@ -142,5 +150,7 @@ class StageStore:
     _write_json_atomic(work / STAGE_FILE, record)
     os.replace(work, final)
     self.executed.append(name)
+    if self.progress is not None:
+      self.progress.end(name, seconds - previous_seconds, cached=False)
     self.log(f"[{name}] done in {seconds:.0f} s")
     return StageResult(name, key, final, result, False, seconds)

@@ -1,0 +1,152 @@
+"""Expected seconds of each stage, from FLOPs and an assumed machine: the "(expected ~X s)" of
+every progress line, the overall ETA, and the `gpu` preset's computed run time.
+
+A stage costs a start-up (data pipeline, tracing) and a compilation (mostly a persistent-cache
+hit after the first stage of a shape) plus its arithmetic: 6 x parameters x tokens per training
+step, 2 x parameters x tokens per forward pass, and a fixed time per greedy decode step (small
+models decode latency-bound). The paper-shape timing stage costs its roofline time on the
+machine (`paper_scale/roofline.py`) at an assumed fraction of it, plus compilation per K.
+Pure arithmetic: nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Tuple
+
+from gqa_t5.model.config import T5Config
+from gqa_t5.reproduce.paper_scale import roofline
+from gqa_t5.reproduce.pipeline import presets as presets_lib
+from gqa_t5.reproduce.pipeline import variants
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+  """What a stage estimate assumes about the machine."""
+  name: str
+  peak_flops: float        # dense matmul peak of the preset's dtype, FLOP/s
+  mfu: float               # the fraction of it training sustains
+  stage_start_s: float     # per stage: start-up (data pipeline, tracing, checkpoint I/O)
+  compile_s: float         # per jitted program of a stage (persistent-cache hits averaged in)
+  decode_step_s: float     # one greedy decode step of the preset's small model, whole batch
+  hbm_bytes_per_s: float = 0.0
+  big_compile_s: float = 0.0  # per K of the paper-shape timing (a 24-layer model)
+
+  @property
+  def flops_per_s(self) -> float:
+    return self.peak_flops * self.mfu
+
+
+MACHINES = {
+    # ~100 GFLOP/s sustained: quick's measured 6,800 tokens/s on 2.9M parameters; start-up and
+    # compilation from the quick run's stage times (2 cores, x86-64).
+    "cpu": Machine("2-core x86-64 CPU", peak_flops=1.3e11, mfu=1.0, stage_start_s=1.5,
+                   compile_s=2.0, decode_step_s=0.01),
+    # H200 SXM: 989 TFLOP/s dense bf16, 4.8 TB/s HBM; 30% MFU as the conservative assumption.
+    "h200": Machine("one NVIDIA H200", peak_flops=989e12, mfu=0.30, stage_start_s=1.5,
+                    compile_s=1.5, decode_step_s=0.004, hbm_bytes_per_s=4.8e12,
+                    big_compile_s=10.0),
+}
+PAPER_TIMING_EFFICIENCY = 0.5  # measured decode reaches about half the roofline (assumed)
+
+
+def params(config: T5Config) -> int:
+  return roofline.total_params(roofline.shape_of(config))
+
+
+def train_flops_per_step(config: T5Config, batch: int, lengths: Dict[str, int]) -> float:
+  return 6.0 * params(config) * batch * (lengths["inputs"] + lengths["targets"])
+
+
+def train_seconds(machine: Machine, config: T5Config, steps: int, batch: int,
+                  lengths: Dict[str, int]) -> float:
+  compute = steps * train_flops_per_step(config, batch, lengths) / machine.flops_per_s
+  return machine.stage_start_s + machine.compile_s + compute
+
+
+def convert_seconds(machine: Machine, config: T5Config) -> float:
+  return machine.stage_start_s + params(config) * 4 * 3 / 1e9  # read, pool, write: ~1 GB/s
+
+
+def probe_seconds(machine: Machine, config: T5Config, batches: int, batch: int,
+                  lengths: Dict[str, int]) -> float:
+  tokens = batches * batch * (lengths["inputs"] + lengths["targets"])
+  return machine.stage_start_s + machine.compile_s + 2.0 * params(config) * tokens / (
+      machine.flops_per_s)
+
+
+def eval_seconds(machine: Machine, config: T5Config, targets_lengths: Dict[str, int],
+                 examples: int, batch: int, inputs_length: int) -> float:
+  batches = math.ceil(examples / batch)
+  decode = sum(batches * t * machine.decode_step_s for t in targets_lengths.values())
+  encode = 2.0 * params(config) * examples * inputs_length * len(targets_lengths) * 2
+  return (machine.stage_start_s + machine.compile_s * len(targets_lengths) + decode
+          + encode / machine.flops_per_s)
+
+
+def timing_seconds(machine: Machine, config: T5Config, num_kv: int, batch: int,
+                   input_length: int, output_length: int, repeats: int) -> float:
+  encode = 2.0 * params(config) * batch * input_length / machine.flops_per_s
+  per_run = encode + output_length * machine.decode_step_s * max(1.0, batch / 32)
+  return machine.stage_start_s + num_kv * (2 * machine.compile_s + (repeats + 1) * per_run)
+
+
+def paper_timing_seconds(machine: Machine, config: T5Config, kv_heads, batch: int,
+                         input_length: int, output_length: int, repeats: int) -> float:
+  """Roofline time of (repeats + 1) batches per K on this machine, at PAPER_TIMING_EFFICIENCY."""
+  if machine.hbm_bytes_per_s <= 0:  # a CPU smoke run of a tiny shape: like `timing`
+    return timing_seconds(machine, config, len(kv_heads), batch, input_length, output_length,
+                          repeats)
+  chip = roofline.Chip(machine.name, machine.hbm_bytes_per_s, machine.peak_flops, 141e9)
+  setup = roofline.Setup(chips=1, model_parallel=1, max_batch_per_chip=batch,
+                         input_length=input_length, output_length=output_length)
+  total = machine.stage_start_s
+  for k in kv_heads:
+    shape = roofline.shape_of(config.replace(num_kv_heads=k))
+    per_sample = roofline.time_per_sample(shape, setup, chip, batch_per_chip=batch)["total"]
+    total += machine.big_compile_s + (repeats + 1) * batch * per_sample / (
+        PAPER_TIMING_EFFICIENCY)
+  return total
+
+
+def plan(p: presets_lib.Preset, cfg: T5Config, m: Machine,
+         lengths: Dict[str, int]) -> List[Tuple[str, float]]:
+  """(name, expected seconds) of every stage `run.Pipeline.run` asks for, in its order (a test
+  checks the order against a run's)."""
+  n = cfg.num_heads
+  train = lambda steps, batch, lens: train_seconds(m, cfg, steps, batch, lens)
+  probe = probe_seconds(m, cfg, p.probe_batches, p.pretrain_batch, lengths)
+  out = [("pretrain", train(p.pretrain_steps, p.pretrain_batch, lengths))]
+  for k, method in p.conversions():
+    name = f"{variants.kv_name(k, n)}-{method}"
+    out += [(f"convert-{name}", convert_seconds(m, cfg)), (f"probe-convert-{name}", probe)]
+    for alpha, steps in p.uptrain_schedule(k, method):
+      out += [(f"uptrain-{name}-a{alpha:g}", train(steps, p.pretrain_batch, lengths)),
+              (f"probe-uptrain-{name}-a{alpha:g}", probe)]
+  ft_lengths = {"inputs": p.inputs_length, "targets": max(p.targets_lengths.values())}
+  for v in p.quality_variants():
+    if v.kv_heads == n and ("probe-pretrain", probe) not in out:
+      out.append(("probe-pretrain", probe))
+    out += [(f"finetune-{v.key(n)}", train(p.finetune_steps, p.finetune_batch, ft_lengths)),
+            (f"eval-{v.key(n)}", eval_seconds(m, cfg, p.targets_lengths, p.eval_examples,
+                                              p.eval_batch, p.inputs_length))]
+  out.append(("timing", timing_seconds(m, cfg, len(p.timing_kv_heads()), p.timing_batch,
+                                       p.timing_input_length, p.timing_output_length,
+                                       p.timing_repeats)))
+  if p.paper_timing:
+    out.append(("paper-timing", sum(paper_timing_seconds(
+        m, t.config(), t.kv_heads, t.batch, t.input_length, t.output_length, t.repeats)
+        for t in p.paper_timing)))
+  return out
+
+
+def format_seconds(seconds: float) -> str:
+  seconds = max(0, int(round(seconds)))
+  if seconds < 90:
+    return f"{seconds} s"
+  minutes, secs = divmod(seconds, 60)
+  if minutes < 60:
+    return f"{minutes}:{secs:02d} min"
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d} h"
