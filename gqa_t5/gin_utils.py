@@ -12,10 +12,20 @@ dynamic_registration`), so library code carries no gin decorators.
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import logging
 import os
 import re
+import sys
 from typing import List, Optional, Sequence, Tuple
+
+import gin
+import jax
+from gin import config as gin_config
+
+from gqa_t5 import partitioning
+from gqa_t5.checkpoints import model_dir as model_dir_lib
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -80,7 +90,6 @@ class _DropMessages(logging.Filter):
 
 
 def _required_macros_left() -> List[str]:
-  from gin import config as gin_config  # pylint: disable=g-import-not-at-top
   missing = []
   for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
     if selector != "gin.macro":
@@ -93,7 +102,6 @@ def _required_macros_left() -> List[str]:
 def parse(files: Sequence[str], bindings: Sequence[str],
           search_paths: Sequence[str] = ()) -> None:
   """Clears gin, parses `files` then `bindings`, and checks no REQUIRED macro is left."""
-  import gin  # pylint: disable=g-import-not-at-top
   gin.clear_config(clear_constants=False)
   for path in list(search_paths) + default_search_paths():
     gin.add_config_file_search_path(path)
@@ -133,12 +141,10 @@ def parse_flags(argv: Sequence[str]) -> List[str]:
 
 def write_operative_config(model_dir: Optional[str]) -> Optional[str]:
   """Writes gin's operative configuration to MODEL_DIR/config.gin (process 0, atomically)."""
-  import gin  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   if not model_dir or jax.process_index() != 0:
     return None
   os.makedirs(model_dir, exist_ok=True)
-  path = os.path.join(model_dir, "config.gin")
+  path = os.path.join(model_dir, model_dir_lib.OPERATIVE_CONFIG_FILE)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(gin.operative_config_str())
@@ -148,7 +154,6 @@ def write_operative_config(model_dir: Optional[str]) -> Optional[str]:
 
 def macro_value(name: str):
   """The value a macro evaluates to (None if it is not bound)."""
-  import gin  # pylint: disable=g-import-not-at-top
   try:
     return gin.query_parameter(f"{name}/macro.value")
   except ValueError:
@@ -167,9 +172,6 @@ def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
   `call(fn, args)` runs it (default: fn()). Returns a process exit status; configuration
   errors print one clear message (exit status 2) instead of a traceback.
   """
-  import argparse  # pylint: disable=g-import-not-at-top
-  import importlib  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv[1:] if argv is None else argv)
   files, bindings, paths, rest = split_gin_flags(argv)
   parser = argparse.ArgumentParser(
@@ -188,12 +190,10 @@ def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.dry_run_devices}")
     os.environ["JAX_PLATFORMS"] = "cpu"
-  import logging  # pylint: disable=g-import-not-at-top
-  import gin  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_platforms", "cpu")  # jax is imported: its flag, not just the env
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax", "orbax", "tensorflow", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from gqa_t5 import partitioning  # pylint: disable=g-import-not-at-top
   module_name, function_name = target_name.rsplit(".", 1)
   try:
     partitioning.maybe_initialize_distributed(args.coordinator_address, args.num_processes,

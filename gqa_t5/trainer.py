@@ -1,4 +1,7 @@
-"""The compiled, sharded train and eval steps (T5X's `Trainer`), on the model wrapper's loss.
+"""The train state and the compiled, sharded steps that update it (T5X's `train_state` and
+`Trainer`), on the model wrapper's loss.
+
+`TrainState` is (step, float32 parameters, Adafactor state); checkpoints store its `to_dict()`.
 
 `Trainer` works out the parameter and optimizer-state shapes abstractly (nothing is allocated
 until `init_state`/`restore`), derives their shardings from the logical axes, and jits
@@ -15,9 +18,9 @@ Metrics are sums over the batch (loss, z_loss, weight_sum, accuracy_count, num_s
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,10 +28,46 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gqa_t5 import optim
 from gqa_t5 import partitioning as partitioning_lib
-from gqa_t5 import train_state as train_state_lib
-from gqa_t5.train_state import TrainState
 
 Batch = Mapping[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """`step` is the global train step (it continues from a pre-trained checkpoint's step, as
+  in T5X) and drives the learning rate; the optimizer's `count` counts the updates since its
+  statistics were initialised (equal to `step` for a run from scratch)."""
+  step: jnp.ndarray
+  params: Any
+  opt_state: optim.AdafactorState
+
+  def to_dict(self) -> Dict[str, Any]:
+    """A plain nested dict (what checkpoints store)."""
+    return {"step": self.step, "params": self.params,
+            "opt_state": {"count": self.opt_state.count, "stats": self.opt_state.stats}}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "TrainState":
+    return cls(step=d["step"], params=d["params"],
+               opt_state=optim.AdafactorState(count=d["opt_state"]["count"],
+                                              stats=d["opt_state"]["stats"]))
+
+
+def create(params, tx, step: int = 0) -> TrainState:
+  """`params` at global step `step` with a fresh optimizer state."""
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def logical_axes(optimizer: optim.Adafactor, params, params_axes) -> TrainState:
+  """A TrainState whose leaves are the logical-axis tuples of the real state's leaves."""
+  return TrainState(step=(), params=params_axes,
+                    opt_state=optimizer.state_logical_axes(params, params_axes))
+
+
+def apply_gradients(state: TrainState, grads, tx) -> TrainState:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
+  params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,25 +96,13 @@ class Trainer:
     config = getattr(self.model.module, "config", None)
     if config is not None:
       self.partitioner.setup_for(config)
-    input_shapes = {k: tuple(s) for k, (s, _) in self.batch_spec.items()}
-    input_types = {k: d for k, (_, d) in self.batch_spec.items()}
-    init_shapes = {k: (1,) + tuple(v[1:]) for k, v in input_shapes.items()}
-    variables = jax.eval_shape(
-        lambda rng: self.model.get_initial_variables(rng, init_shapes, input_types),
-        jax.random.PRNGKey(0))
-    self.abstract_params = variables["params"]
-    if "params_axes" in variables:
-      self.params_axes = partitioning_lib.params_logical_axes(variables["params_axes"])
-    else:
-      logging.warning("the model declares no logical axes: parameters are replicated")
-      self.params_axes = jax.tree.map(lambda p: (None,) * len(p.shape), self.abstract_params)
+    self.abstract_params, self.params_axes = partitioning_lib.abstract_params_and_axes(
+        self.model)
     self.tx = self.optimizer.transform(self.params_axes)
-    self.state_axes = train_state_lib.logical_axes(self.optimizer, self.abstract_params,
-                                                   self.params_axes)
+    self.state_axes = logical_axes(self.optimizer, self.abstract_params, self.params_axes)
     self.state_shardings = self.partitioner.shardings(self.state_axes)
     self.params_shardings = self.state_shardings.params
-    abstract_state = jax.eval_shape(
-        lambda p: train_state_lib.create(p, self.tx), self.abstract_params)
+    abstract_state = jax.eval_shape(lambda p: create(p, self.tx), self.abstract_params)
     self.abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         abstract_state, self.state_shardings)
@@ -87,13 +114,10 @@ class Trainer:
   # --- state ------------------------------------------------------------------------------
 
   def init_state(self, step: int = 0) -> TrainState:
-    """Randomly initialised parameters (seed `self.seed`), created already sharded."""
-    input_shapes = {k: (1,) + tuple(s[1:]) for k, (s, _) in self.batch_spec.items()}
-    input_types = {k: d for k, (_, d) in self.batch_spec.items()}
-
+    """Randomly initialised parameters (seed `self.seed`) and a fresh optimizer state, created
+    already sharded by one jitted function (the [1, 1] initialiser inside it)."""
     def init(rng):
-      params = self.model.get_initial_variables(rng, input_shapes, input_types)["params"]
-      return train_state_lib.create(params, self.tx, step)
+      return create(partitioning_lib.init_params(self.model, rng), self.tx, step)
 
     with self.partitioner.mesh, self.partitioner.axis_rules():
       return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.seed))
@@ -105,7 +129,7 @@ class Trainer:
       return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
     device_params = jax.tree.map(place, params, self.abstract_params, self.params_shardings)
     with self.partitioner.mesh:
-      return jax.jit(lambda p: train_state_lib.create(p, self.tx, step),
+      return jax.jit(lambda p: create(p, self.tx, step),
                      out_shardings=self.state_shardings)(device_params)
 
   # --- steps ------------------------------------------------------------------------------
@@ -146,7 +170,7 @@ class Trainer:
     lr = self.optimizer.learning_rate
     metrics = dict(metrics)
     metrics["learning_rate"] = (lr(state.step) if callable(lr) else jnp.float32(lr))
-    new_state = train_state_lib.apply_gradients(state, grads, self.tx)
+    new_state = apply_gradients(state, grads, self.tx)
     return new_state, metrics
 
   def _eval_step_fn(self, params, batch: Batch):

@@ -188,7 +188,7 @@ def _flat(tree) -> Dict[str, Any]:
 
 def check_conversion(model: ModelSpec, config, abstract_params) -> str:
   """The public MHA checkpoint's tensors, converted as uptraining converts them, fit the model."""
-  from gqa_t5 import initial_checkpoint  # pylint: disable=g-import-not-at-top
+  from gqa_t5.checkpoints import initial as initial_checkpoint  # pylint: disable=g-import-not-at-top
   from gqa_t5.checkpoints import lazy, source as source_lib  # pylint: disable=g-import-not-at-top
   from gqa_t5.checkpoints import tree as tree_lib  # pylint: disable=g-import-not-at-top
   from gqa_t5.convert import converter  # pylint: disable=g-import-not-at-top
@@ -225,7 +225,7 @@ def check_shardings(job: Job, trainer_kwargs: Dict[str, Any], abstract: Dict[str
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import AbstractMesh, NamedSharding  # pylint: disable=g-import-not-at-top
   from gqa_t5 import partitioning  # pylint: disable=g-import-not-at-top
-  from gqa_t5 import train_state  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import trainer as train_state  # pylint: disable=g-import-not-at-top
   sl = job.model.slice
   partitioner = trainer_kwargs["partitioner"]
   if partitioner.model_parallel != sl.model_parallel:
@@ -320,11 +320,11 @@ def check_decode_cache(model_obj, config) -> str:
 
 def check_job(job: Job, abstract: _Abstract) -> Job:
   import gin  # pylint: disable=g-import-not-at-top
-  from gqa_t5 import evaluation  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import eval as evaluation  # pylint: disable=g-import-not-at-top
   from gqa_t5 import gin_utils  # pylint: disable=g-import-not-at-top
   from gqa_t5 import input_pipeline  # pylint: disable=g-import-not-at-top
   from gqa_t5 import partitioning  # pylint: disable=g-import-not-at-top
-  from gqa_t5 import train_loop  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import train as train_loop  # pylint: disable=g-import-not-at-top
   from gqa_t5.tasks import lengths  # pylint: disable=g-import-not-at-top
   bindings = [f"{k}={_gin_literal(v)}" for k, v in job.bindings.items()]
   try:
@@ -473,6 +473,6 @@ def dry_run(out: Optional[str] = None, log: Callable[[str], None] = print,
 
 def _model_for(job: Job):
   import gin  # pylint: disable=g-import-not-at-top
-  from gqa_t5 import evaluation, train_loop  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import eval as evaluation, train as train_loop  # pylint: disable=g-import-not-at-top
   target = train_loop.train if job.entry == "gqa_t5.train" else evaluation.evaluate
   return gin.get_bindings(target)["model"]

@@ -99,7 +99,7 @@ class Pipeline:
 
       def take(work: Path):
         del work
-        from gqa_t5 import initial_checkpoint  # pylint: disable=g-import-not-at-top
+        from gqa_t5.checkpoints import initial as initial_checkpoint  # pylint: disable=g-import-not-at-top
         source = initial_checkpoint.open_for_model(path, None)
         config = source.config
         if config.self_attention_kv_heads != config.num_heads:

@@ -69,11 +69,11 @@ def train(work: Path, *, config, vocabulary, task: str, feature_lengths: Mapping
   `initial_checkpoint` the optimizer state is fresh (a conversion changes the key/value shapes),
   so Adafactor's second-moment decay restarts there while the schedule continues.
   """
-  from gqa_t5 import checkpointing  # pylint: disable=g-import-not-at-top
+  from gqa_t5.checkpoints import model_dir as checkpointing  # pylint: disable=g-import-not-at-top
   from gqa_t5 import input_pipeline  # pylint: disable=g-import-not-at-top
   from gqa_t5 import optim  # pylint: disable=g-import-not-at-top
   from gqa_t5 import partitioning  # pylint: disable=g-import-not-at-top
-  from gqa_t5 import train_loop  # pylint: disable=g-import-not-at-top
+  from gqa_t5 import train as train_loop  # pylint: disable=g-import-not-at-top
   model_dir = work / MODEL_DIR
   dataset = input_pipeline.DatasetConfig(
       mixture_or_task_name=task, task_feature_lengths=dict(feature_lengths), split="train",
@@ -109,7 +109,7 @@ def copy_model_dir(source: Path, work: Path) -> None:
 def convert(work: Path, source: str, kv_heads: int, method: str, seed: int = 0
             ) -> Dict[str, Any]:
   """Converts the multi-head checkpoint `source` into `work/checkpoint` (T5X format)."""
-  from gqa_t5 import initial_checkpoint  # pylint: disable=g-import-not-at-top
+  from gqa_t5.checkpoints import initial as initial_checkpoint  # pylint: disable=g-import-not-at-top
   from gqa_t5.convert import converter  # pylint: disable=g-import-not-at-top
   spec = converter.ConversionSpec(num_kv_heads=kv_heads, method=method, seed=seed)
   record = converter.convert(initial_checkpoint.resolve_path(source),
@@ -122,7 +122,7 @@ def convert(work: Path, source: str, kv_heads: int, method: str, seed: int = 0
 def _load(config, vocabulary, checkpoint: str):
   """(model, partitioner, device parameters, step) of a checkpoint of `config`'s shapes."""
   import jax  # pylint: disable=g-import-not-at-top
-  from gqa_t5 import initial_checkpoint  # pylint: disable=g-import-not-at-top
+  from gqa_t5.checkpoints import initial as initial_checkpoint  # pylint: disable=g-import-not-at-top
   from gqa_t5 import partitioning  # pylint: disable=g-import-not-at-top
   model = make_model(config, vocabulary)
   partitioner = partitioning.Partitioner()
