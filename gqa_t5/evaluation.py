@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gqa_t5 import input_pipeline
+from gqa_t5 import metrics_writer
 from gqa_t5 import partitioning as partitioning_lib
 from gqa_t5 import trainer as trainer_lib
 from gqa_t5.checkpoints import initial
@@ -48,7 +49,7 @@ def teacher_forced_eval(model, params, batches: Iterable[Mapping[str, Any]],
                         eval_step: Optional[Callable[[Any, Any], Any]] = None
                         ) -> Dict[str, float]:
   """THE teacher-forced loss loop: the model's `loss_fn` (losses.py) on every batch, summed,
-  then per-token figures (`trainer.summarize`: loss per non-padding target token, accuracy).
+  then per-token figures (`metrics_writer.summarize`: loss per non-padding target token, accuracy).
 
   eval_step(params, batch) -> summed metrics; default: the jitted `model.loss_fn` without
   dropout on unsharded batches (what scripts/conversion_quality.py uses).
@@ -57,10 +58,10 @@ def teacher_forced_eval(model, params, batches: Iterable[Mapping[str, Any]],
     eval_step = jax.jit(lambda p, b: model.loss_fn(p, b, None)[1])
   total = None
   for batch in batches:
-    total = trainer_lib.add_metrics(total, jax.device_get(eval_step(params, batch)))
+    total = metrics_writer.add_metrics(total, jax.device_get(eval_step(params, batch)))
   if total is None:
     raise ValueError("teacher-forced evaluation got no batch")
-  return trainer_lib.summarize(total, getattr(model, "loss_normalizing_factor", None))
+  return metrics_writer.summarize(total, getattr(model, "loss_normalizing_factor", None))
 
 
 class TeacherForcedEvaluator:

@@ -13,7 +13,12 @@ dynamic_registration`), so library code carries no gin decorators.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import functools
+import glob
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -99,6 +104,95 @@ def _required_macros_left() -> List[str]:
   return sorted(missing)
 
 
+@functools.lru_cache(maxsize=None)
+def repository_macros() -> frozenset:
+  """The macro names the repository's gin files define (the names users set)."""
+  names = set()
+  for path in glob.glob(os.path.join(REPO_GIN_DIR, "**", "*.gin"), recursive=True):
+    with open(path) as f:
+      names.update(re.findall(r"^([A-Z][A-Z0-9_]*)\s*=", f.read(), flags=re.MULTILINE))
+  return frozenset(names)
+
+
+def _macro_name(reference) -> Optional[str]:
+  selector = getattr(reference, "scoped_selector", "")
+  if selector.endswith("gin.macro"):
+    return selector[:-len("gin.macro")].rstrip("/").split("/")[-1] or None
+  return None
+
+
+def _macros_read() -> set:
+  """Macros some binding refers to (`%NAME`), in any value, nested or not."""
+  read = set()
+
+  def walk(value):
+    if isinstance(value, gin_config.ConfigurableReference):
+      name = _macro_name(value)
+      if name:
+        read.add(name)
+    elif isinstance(value, dict):
+      for v in value.values():
+        walk(v)
+    elif isinstance(value, (list, tuple, set)):
+      for v in value:
+        walk(v)
+
+  for params in gin_config._CONFIG.values():  # pylint: disable=protected-access
+    for value in params.values():
+      walk(value)
+  return read
+
+
+def _closest(name: str, known) -> str:
+  close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+  return f"; did you mean {close[0]}?" if close else ""
+
+
+def check_macros_are_read() -> None:
+  """A macro that no binding reads is a typo unless the repository's gin files define it
+  (model files define macros that only some run files read, e.g. OPTIMIZER)."""
+  defined = {scope for scope, selector in gin_config._CONFIG  # pylint: disable=protected-access
+             if selector == "gin.macro"}
+  read = _macros_read() | {"MODEL_DIR"}  # the train entry point reads MODEL_DIR itself
+  unread = sorted(defined - read - repository_macros())
+  if unread:
+    known = read | repository_macros()
+    raise GinConfigError("; ".join(
+        f"gin macro {name} is set but no binding reads it{_closest(name, known)}"
+        for name in unread) + " (a misspelled macro would otherwise be ignored)")
+
+
+_UNKNOWN_PARAMETER = re.compile(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'")
+_UNKNOWN_ATTRIBUTE = re.compile(r"<module '([\w.]+)'.*?> has no attribute (\w+)")
+
+
+def _suggestion(message: str) -> str:
+  """'did you mean ...' for gin's unknown-parameter and unknown-name errors."""
+  match = _UNKNOWN_PARAMETER.search(message)
+  if match:
+    configurable = gin_config._REGISTRY.get_match(match.group(1))  # pylint: disable=protected-access
+    if configurable is not None:
+      known = inspect.signature(configurable.wrapped).parameters
+      return _closest(match.group(2), known)
+  match = _UNKNOWN_ATTRIBUTE.search(message)
+  if match:
+    with contextlib.suppress(ImportError):
+      return _closest(match.group(2), dir(importlib.import_module(match.group(1))))
+  return ""
+
+
+def _safe_check(exists):
+  """gin's Python-package file check crashes (TypeError) when the working directory holds a
+  folder named like the file's folder (runs/, attention/, t5_1_1/): a namespace package
+  without a file. For gin such a path simply does not exist there."""
+  def check(path: str) -> bool:
+    try:
+      return bool(exists(path))
+    except (TypeError, ValueError, ImportError):
+      return False
+  return check
+
+
 def parse(files: Sequence[str], bindings: Sequence[str],
           search_paths: Sequence[str] = ()) -> None:
   """Clears gin, parses `files` then `bindings`, and checks no REQUIRED macro is left."""
@@ -111,13 +205,19 @@ def parse(files: Sequence[str], bindings: Sequence[str],
   # gin logs every search-path miss as an error; only a file found nowhere matters.
   quiet = _DropMessages(("Path not found", "system_path_file_exists"))
   logging.getLogger().addFilter(quiet)
+  readers = list(gin_config._FILE_READERS)  # pylint: disable=protected-access
+  gin_config._FILE_READERS[:] = [(r, _safe_check(c)) for r, c in readers]  # pylint: disable=protected-access
   try:
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False,
                                         skip_unknown=False)
-  except (ValueError, IOError, ImportError, SyntaxError) as error:
-    raise GinConfigError(f"gin configuration error: {error}") from error
+  except (ValueError, IOError, ImportError, SyntaxError, AttributeError) as error:
+    hint = _suggestion(str(error))
+    raise GinConfigError(f"gin configuration error: {error}"
+                         + (f"\n  {hint[2:]}" if hint else "")) from error
   finally:
     logging.getLogger().removeFilter(quiet)
+    gin_config._FILE_READERS[:] = readers  # pylint: disable=protected-access
+  check_macros_are_read()
   missing = _required_macros_left()
   if missing:
     flags = " ".join(f"--gin.{m}=..." for m in missing)

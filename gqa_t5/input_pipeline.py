@@ -92,12 +92,22 @@ def feature_converter(pack: bool):
   return seqio.EncDecFeatureConverter(pack=pack)
 
 
-def model_feature_spec(cfg: DatasetConfig) -> Dict[str, Any]:
-  """{feature: (global batch shape, dtype)} that EncDecFeatureConverter produces for `cfg`,
-  worked out from the lengths alone (no data is read)."""
+def check_feature_lengths(cfg: DatasetConfig) -> Dict[str, int]:
+  """TASK_FEATURE_LENGTHS with 'inputs' and 'targets', each a positive integer."""
   lengths = dict(cfg.task_feature_lengths or {})
   if "inputs" not in lengths or "targets" not in lengths:
     raise ValueError(f"TASK_FEATURE_LENGTHS needs 'inputs' and 'targets', got {lengths}")
+  for feature, length in lengths.items():
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length <= 0:
+      raise ValueError(f"TASK_FEATURE_LENGTHS[{feature!r}] must be a positive integer, got "
+                       f"{length!r}")
+  return {k: int(v) for k, v in lengths.items()}
+
+
+def model_feature_spec(cfg: DatasetConfig) -> Dict[str, Any]:
+  """{feature: (global batch shape, dtype)} that EncDecFeatureConverter produces for `cfg`,
+  worked out from the lengths alone (no data is read)."""
+  lengths = check_feature_lengths(cfg)
   enc = (cfg.batch_size, int(lengths["inputs"]))
   dec = (cfg.batch_size, int(lengths["targets"]))
   spec = {"encoder_input_tokens": (enc, np.int32), "decoder_target_tokens": (dec, np.int32),
@@ -119,6 +129,7 @@ def get_dataset(cfg: DatasetConfig, shard_index: int = 0, num_shards: int = 1,
                 num_epochs: Optional[int] = None, drop_remainder: bool = True):
   """This host's tf.data.Dataset of batches of model features (numpy-convertible)."""
   import seqio  # pylint: disable=g-import-not-at-top
+  check_feature_lengths(cfg)
   task = get_task(cfg)
   ds = seqio.get_dataset(
       task, task_feature_lengths=cfg.task_feature_lengths,

@@ -40,48 +40,6 @@ def _model_config(model):
   return getattr(model.module, "config", None)
 
 
-def _format_bytes(n: float) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-    if abs(n) < 1024 or unit == "TiB":
-      return f"{n:.2f} {unit}"
-    n /= 1024.0
-  return f"{n:.2f} TiB"
-
-
-def dry_run_report(trainer: trainer_lib.Trainer) -> Dict[str, float]:
-  """Compiles the train step abstractly; returns and prints per-device memory figures."""
-  t0 = time.perf_counter()
-  compiled = trainer.compile_train_step()
-  seconds = time.perf_counter() - t0
-  state = trainer.state_bytes_per_device()
-  report = {"compile_seconds": seconds, "params_bytes_per_device": state["params"],
-            "optimizer_bytes_per_device": state["optimizer"]}
-  analysis = None
-  try:
-    analysis = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  # not every backend reports it
-    pass
-  if analysis is not None:
-    args = float(analysis.argument_size_in_bytes)
-    out = float(analysis.output_size_in_bytes)
-    alias = float(getattr(analysis, "alias_size_in_bytes", 0))
-    temp = float(analysis.temp_size_in_bytes)
-    report.update(argument_bytes=args, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
-                  peak_bytes_per_device=args + out - alias + temp)
-  data, model = trainer.partitioner.mesh_shape
-  lines = [f"dry run: mesh (data={data}, model={model}) on {jax.device_count()} "
-           f"{jax.devices()[0].platform} devices; compiled in {seconds:.1f}s",
-           f"  parameters per device:       {_format_bytes(state['params'])}",
-           f"  optimizer state per device:  {_format_bytes(state['optimizer'])}"]
-  if analysis is not None:
-    lines += [f"  step arguments per device:   {_format_bytes(report['argument_bytes'])}",
-              f"  temporaries per device:      {_format_bytes(report['temp_bytes'])}",
-              f"  estimated peak per device:   {_format_bytes(report['peak_bytes_per_device'])}"
-              " (the compiler's figure for this backend; TPU/GPU layouts differ somewhat)"]
-  print("\n".join(lines), flush=True)
-  return report
-
-
 def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: str,
           total_steps: int, optimizer: Optional[optim.Adafactor] = None,
           partitioner: Optional[partitioning_lib.Partitioner] = None,
@@ -142,7 +100,7 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
   if on_start is not None:
     on_start()
   if dry_run:
-    dry_run_report(trainer)
+    trainer_lib.dry_run_report(trainer)
     return None
 
   # 2. Restore.
@@ -168,52 +126,107 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
     writer.close()
     return state
 
-  # 3. Loop. A step's metrics are read one step later so the host never stalls the device;
-  #    the NaN check therefore stops the run at most one step after the bad one.
+  # 3. Loop.
   last_step = total_steps
   if stop_after_steps is not None:
     last_step = min(total_steps, start_step + stop_after_steps)
-  bar = metrics_writer.Progress(start_step, last_step, enabled=progress)
-  tokens_per_batch = float(sum(np.prod(s) for k, (s, _) in batch_spec.items()
-                               if k in ("encoder_input_tokens", "decoder_target_tokens")))
-  lnf = getattr(model, "loss_normalizing_factor", None)
-  evaluate = evaluation.TrainingEvaluations(trainer, partitioner, train_eval_dataset_cfg,
-                                            infer_eval_dataset_cfg, eval_steps,
-                                            infer_eval_num_examples, decoding, writer, model_dir)
-  pending = None  # (step, metrics on device)
-  window = None
+  loop = _Loop(trainer, batches, checkpointer, writer,
+               metrics_writer.Progress(start_step, last_step, enabled=progress),
+               evaluation.TrainingEvaluations(trainer, partitioner, train_eval_dataset_cfg,
+                                              infer_eval_dataset_cfg, eval_steps,
+                                              infer_eval_num_examples, decoding, writer,
+                                              model_dir),
+               periods=(log_period, checkpoint_cfg.period, eval_period))
   try:
-    step = start_step
-    while step < last_step:
-      host_batch = next(batches)
-      state, metrics = trainer.train_step(state, trainer.shard_batch(host_batch))
-      if pending is not None:
-        window = _consume(pending, window, bar, tokens_per_batch)
-      pending = (step, metrics)
-      step += 1
-      data_state = batches.state()
-      if (log_period and step % log_period == 0) or step == last_step:
-        window = _consume(pending, window, bar, tokens_per_batch)
-        pending = None
-        writer.write(step, {**trainer_lib.summarize(window, lnf), **bar.update(step, 0.0)},
-                     "train")
-        window = None
-      if (checkpoint_cfg.period and step % checkpoint_cfg.period == 0) or step == last_step:
-        if pending is not None:
-          window = _consume(pending, window, bar, tokens_per_batch)
-          pending = None
-        checkpointer.save(state, data_state)
-      if eval_period and (step % eval_period == 0 or step == last_step):
-        for split, metrics in evaluate(state, step).items():
-          logging.info("step %d %s %s", step, split, metrics)
-    if pending is not None:
-      _consume(pending, window, bar, tokens_per_batch)
+    return loop.run(state, start_step, last_step)
   finally:
-    bar.close()
-    if checkpointer is not None:
-      checkpointer.close()
+    loop.bar.close()
+    checkpointer.close()
     writer.close()
-  return state
+
+
+class _Loop:
+  """The steps of one run with their logs, checkpoints and evaluations.
+
+  A step's metrics are read one step later so the host never stalls the device; a non-finite
+  loss or update therefore stops the run at most one step after the bad one, and always
+  before anything computed from it is saved (the state is also checked right before a save).
+  """
+
+  def __init__(self, trainer, batches, checkpointer, writer, bar, evaluate, periods):
+    self.trainer, self.batches, self.checkpointer = trainer, batches, checkpointer
+    self.writer, self.bar, self.evaluate = writer, bar, evaluate
+    self.log_period, self.checkpoint_period, self.eval_period = periods
+    spec = trainer.batch_spec
+    self.tokens_per_batch = float(sum(np.prod(s) for k, (s, _) in spec.items()
+                                      if k in ("encoder_input_tokens", "decoder_target_tokens")))
+    self.lnf = getattr(trainer.model, "loss_normalizing_factor", None)
+    self.pending = None  # (step, metrics on device, the batch's position in the input stream)
+    self.window = None   # summed metrics since the last log
+
+  def run(self, state, step: int, last_step: int):
+    while step < last_step:
+      host_batch = next(self.batches)
+      state, metrics = self.trainer.train_step(state, self.trainer.shard_batch(host_batch))
+      self._consume()
+      self.pending = (step, metrics, self.batches.position - 1)
+      step += 1
+      if (self.log_period and step % self.log_period == 0) or step == last_step:
+        self._consume()
+        rates = self.bar.rates()
+        self.writer.write(step, {**metrics_writer.summarize(self.window, self.lnf), **rates},
+                          "train")
+        self.window = None
+      if (self.checkpoint_period and step % self.checkpoint_period == 0) or step == last_step:
+        self._save(state, step)
+      if self.eval_period and (step % self.eval_period == 0 or step == last_step):
+        for split, metrics in self.evaluate(state, step).items():
+          self.bar.print(f"step {step} {split}: " + ", ".join(
+              f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    self._consume()
+    return state
+
+  def _consume(self) -> None:
+    if self.pending is None:
+      return
+    step, metrics, position = self.pending
+    self.pending = None
+    host = jax.device_get(metrics)
+    loss = float(np.asarray(host["loss"]))
+    if not np.isfinite(loss):
+      self._stop(f"the loss is {loss}", step + 1, position)
+    if not bool(host.get("state_is_finite", True)):
+      self._stop("the update made the parameters or the optimizer state non-finite",
+                 step + 1, position)
+    self.window = metrics_writer.add_metrics(self.window, host)
+    self.bar.update(step + 1, self.tokens_per_batch,
+                    metrics_writer.summarize(self.window, self.lnf).get("loss"))
+
+  def _save(self, state, step: int) -> None:
+    self._consume()
+    position = self.batches.position - 1
+    if not self.trainer.state_is_finite(state):
+      self._stop("the parameters or the optimizer state to save are not finite", step,
+                 position)
+    self.checkpointer.save(state, self.batches.state())
+
+  def _stop(self, what: str, step: int, position: int) -> None:
+    last, skipped = self.checkpointer.last_finite_step(self.trainer.abstract_state)
+    where = self.checkpointer.directory
+    if last is not None:
+      saved = (f"The last checkpoint is step {last} in {where}; reading it back, its "
+               f"parameters and optimizer state are all finite.")
+    elif skipped:
+      saved = f"No checkpoint in {where} holds only finite values."
+    else:
+      saved = f"No checkpoint was saved in {where}."
+    if skipped:
+      saved += " Non-finite checkpoints: " + "; ".join(
+          f"step {s} ({len(bad)} tensors, e.g. {bad[0]})" for s, bad in sorted(skipped.items()))
+    raise trainer_lib.NonFiniteLossError(
+        f"{what} at step {step} (train batch {position} of the input stream, counting from "
+        f"0): training stopped. {saved} Usual causes: a learning rate too high for this model, "
+        f"float16 activations (use bfloat16 or float32), or corrupt input data.")
 
 
 def _check_batch_spec(batches, batch_spec, process_count: int) -> None:
@@ -226,14 +239,6 @@ def _check_batch_spec(batches, batch_spec, process_count: int) -> None:
     if tuple(found[name][0]) != expected:
       raise ValueError(f"the input pipeline's {name!r} batches have shape {found[name][0]}, "
                        f"expected {expected}")
-
-
-def _consume(pending, window, bar, tokens_per_batch):
-  step, metrics = pending
-  host = jax.device_get(metrics)
-  trainer_lib.check_finite(host, step + 1)
-  bar.update(step + 1, tokens_per_batch, float(np.asarray(host["loss"])))
-  return trainer_lib.add_metrics(window, host)
 
 
 def _check_data_state(data_state: Dict[str, Any], batches, model_dir: str) -> None:

@@ -62,7 +62,7 @@ def loss_per_token(config, params, examples, batch_size):
               "decoder_input_tokens": decoder_inputs[i:i + batch_size],
               "decoder_target_tokens": targets[i:i + batch_size]}
              for i in range(0, len(inputs), batch_size))
-  return evaluation.teacher_forced_eval(model, params, batches)["loss_per_nonpadding_target_token"]
+  return evaluation.teacher_forced_eval(model, params, batches)["loss"]
 
 
 def main(argv=None) -> int:
