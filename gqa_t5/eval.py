@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 import jax
 
 from gqa_t5 import evaluation
-from gqa_t5 import gin_utils
+from gqa_t5 import entry_point
 from gqa_t5 import input_pipeline
 from gqa_t5 import metrics_writer
 from gqa_t5 import partitioning as partitioning_lib
@@ -30,6 +30,8 @@ def evaluate(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_pat
   task's metrics, write them to OUTPUT_DIR/metrics.jsonl and TensorBoard; returns them."""
   partitioner = partitioner or partitioning_lib.Partitioner()
   input_pipeline.check_split(dataset_cfg)
+  if getattr(model.module, "config", None) is not None:
+    input_pipeline.check_vocab_size(dataset_cfg, model.module.config.vocab_size)
   params, step = evaluation.load_checkpoint_params(model, partitioner, checkpoint_path)
   metrics = evaluation.inference_eval(model, partitioner, params, dataset_cfg, step, decoding,
                                       num_examples, log_dir=output_dir)
@@ -43,7 +45,7 @@ def evaluate(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_pat
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  return gin_utils.run_entry_point(argv, "gqa_t5.eval", "gqa_t5.eval.evaluate", DESCRIPTION)
+  return entry_point.run_entry_point(argv, "gqa_t5.eval", "gqa_t5.eval.evaluate", DESCRIPTION)
 
 
 if __name__ == "__main__":

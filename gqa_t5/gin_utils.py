@@ -1,18 +1,19 @@
-"""Gin flags the T5X way, for the entry points (the only place that imports gin).
+"""Gin the T5X way: flags, file lookup, strict parsing (typos are errors naming the closest
+known name) and the operative config; with entry_point.py, the only modules importing gin.
 
   --gin_file=FILE           (repeatable) a gin file, found on the search path
   --gin_search_paths=A,B    (repeatable) extra directories to look files up in
   --gin.NAME=VALUE          one binding, e.g. --gin.MODEL_DIR="'/tmp/run'"
   --gin_bindings=BINDING    (repeatable) one binding, e.g. --gin_bindings="TRAIN_STEPS=100"
 
-The repository's gin/ directory and the working directory are on the search path by default.
+The repository's gin/ directory and the working directory are on the search path by default;
+gin/README.md describes the layering of model, attention and run files.
 The gin files register what they configure dynamically (`from __gin__ import
 dynamic_registration`), so library code carries no gin decorators.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
 import functools
@@ -22,14 +23,12 @@ import inspect
 import logging
 import os
 import re
-import sys
 from typing import List, Optional, Sequence, Tuple
 
 import gin
 import jax
 from gin import config as gin_config
 
-from gqa_t5 import partitioning
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -170,7 +169,8 @@ def _suggestion(message: str) -> str:
   """'did you mean ...' for gin's unknown-parameter and unknown-name errors."""
   match = _UNKNOWN_PARAMETER.search(message)
   if match:
-    configurable = gin_config._REGISTRY.get_match(match.group(1))  # pylint: disable=protected-access
+    registry = gin_config._REGISTRY  # pylint: disable=protected-access
+    configurable = registry.get_match(match.group(1))
     if configurable is not None:
       known = inspect.signature(configurable.wrapped).parameters
       return _closest(match.group(2), known)
@@ -206,7 +206,8 @@ def parse(files: Sequence[str], bindings: Sequence[str],
   quiet = _DropMessages(("Path not found", "system_path_file_exists"))
   logging.getLogger().addFilter(quiet)
   readers = list(gin_config._FILE_READERS)  # pylint: disable=protected-access
-  gin_config._FILE_READERS[:] = [(r, _safe_check(c)) for r, c in readers]  # pylint: disable=protected-access
+  safe = [(reader, _safe_check(check)) for reader, check in readers]
+  gin_config._FILE_READERS[:] = safe  # pylint: disable=protected-access
   try:
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False,
                                         skip_unknown=False)
@@ -252,6 +253,11 @@ def write_operative_config(model_dir: Optional[str]) -> Optional[str]:
   return path
 
 
+def get_configurable(fn):
+  """The gin-configured version of `fn` (its bindings applied when called)."""
+  return gin.get_configurable(fn)
+
+
 def macro_value(name: str):
   """The value a macro evaluates to (None if it is not bound)."""
   try:
@@ -262,53 +268,3 @@ def macro_value(name: str):
 
 def is_run_file(path: str) -> bool:
   return bool(re.search(r"(^|/)runs/", path))
-
-
-def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
-                    description: str, add_flags=None, call=None) -> int:
-  """Shared `main` of train/eval/infer: flags, distributed start-up, gin, then the run.
-
-  `target_name` is 'module.function' of the library function the gin files configure;
-  `call(fn, args)` runs it (default: fn()). Returns a process exit status; configuration
-  errors print one clear message (exit status 2) instead of a traceback.
-  """
-  argv = list(sys.argv[1:] if argv is None else argv)
-  files, bindings, paths, rest = split_gin_flags(argv)
-  parser = argparse.ArgumentParser(
-      prog=prog, description=description,
-      epilog="Gin flags: --gin_file=FILE --gin_search_paths=DIRS --gin.NAME=VALUE "
-             "--gin_bindings=BINDING (T5X's conventions; gin/ is on the search path).")
-  parser.add_argument("--coordinator_address", default=None,
-                      help="host:port of process 0 for a multi-process run (jax.distributed)")
-  parser.add_argument("--num_processes", type=int, default=None)
-  parser.add_argument("--process_id", type=int, default=None)
-  if add_flags:
-    add_flags(parser)
-  args = parser.parse_args(rest)
-  if getattr(args, "dry_run_devices", None):
-    # Simulated host devices must be requested before JAX initialises its backends.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.dry_run_devices}")
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    jax.config.update("jax_platforms", "cpu")  # jax is imported: its flag, not just the env
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  for noisy in ("absl", "jax", "orbax", "tensorflow", "etils"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  module_name, function_name = target_name.rsplit(".", 1)
-  try:
-    partitioning.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
-                                              args.process_id)
-    module = importlib.import_module(module_name)
-    parse(files, bindings, paths)
-    fn = gin.get_configurable(getattr(module, function_name))
-    if call is None:
-      fn()
-    else:
-      call(fn, args)
-  except (GinConfigError, ValueError, FileNotFoundError, KeyError) as error:
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    return 2
-  except FloatingPointError as error:
-    print(f"{prog}: stopped: {error}", file=sys.stderr)
-    return 3
-  return 0

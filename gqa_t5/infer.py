@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from gqa_t5 import evaluation
-from gqa_t5 import gin_utils
+from gqa_t5 import entry_point
 from gqa_t5 import input_pipeline
 from gqa_t5 import partitioning as partitioning_lib
 
@@ -47,6 +47,8 @@ def infer(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_path: 
   partitioner = partitioner or partitioning_lib.Partitioner()
   task = input_pipeline.get_task(dataset_cfg)
   input_pipeline.check_split(dataset_cfg)
+  if getattr(model.module, "config", None) is not None:
+    input_pipeline.check_vocab_size(dataset_cfg, model.module.config.vocab_size)
   params, step = evaluation.load_checkpoint_params(model, partitioner, checkpoint_path)
   ds = seqio.get_dataset(
       task, task_feature_lengths=dataset_cfg.task_feature_lengths,
@@ -83,7 +85,7 @@ def infer(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_path: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  return gin_utils.run_entry_point(argv, "gqa_t5.infer", "gqa_t5.infer.infer", DESCRIPTION)
+  return entry_point.run_entry_point(argv, "gqa_t5.infer", "gqa_t5.infer.infer", DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,29 @@ def check_split(cfg: DatasetConfig) -> None:
                      f"it has {sorted(splits)}")
 
 
+VOCAB_SIZE_MULTIPLE = 128  # T5 pads 32,100 ids to 32,128 embedding rows
+
+
+def padded_vocab_size(num_ids: int, multiple: int = VOCAB_SIZE_MULTIPLE) -> int:
+  return -(-int(num_ids) // multiple) * multiple
+
+
+def check_vocab_size(cfg: DatasetConfig, model_vocab_size: int) -> None:
+  """The model's embedding must fit the task's vocabularies: at least their ids, at most
+  their size rounded up to a multiple of 128 (a larger table means the model was built for
+  another vocabulary, e.g. T5's 32,128 ids on a demo vocabulary of 8,000)."""
+  task = get_task(cfg)
+  for feature, spec in sorted(task.output_features.items()):
+    num_ids = int(spec.vocabulary.vocab_size)
+    padded = padded_vocab_size(num_ids)
+    if not num_ids <= model_vocab_size <= padded:
+      raise ValueError(
+          f"the model's vocab_size is {model_vocab_size} but the {feature!r} vocabulary of task "
+          f"{cfg.mixture_or_task_name!r} has {num_ids} ids: set network.T5Config.vocab_size = "
+          f"{padded} ({num_ids} rounded up to a multiple of {VOCAB_SIZE_MULTIPLE}), or bind "
+          f"VOCABULARY to the vocabulary the model was built for")
+
+
 def feature_converter(pack: bool):
   import seqio  # pylint: disable=g-import-not-at-top
   return seqio.EncDecFeatureConverter(pack=pack)

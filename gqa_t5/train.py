@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from gqa_t5 import evaluation
+from gqa_t5 import entry_point
 from gqa_t5 import gin_utils
 from gqa_t5 import input_pipeline
 from gqa_t5 import metrics_writer
@@ -71,27 +72,16 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
   process_count = jax.process_count()
 
   # 1. Checks that cost no compute.
-  for cfg in (train_dataset_cfg, train_eval_dataset_cfg, infer_eval_dataset_cfg):
-    if cfg is not None:
-      # A dry run reads no data: it checks the task name only.
-      (input_pipeline.get_task if dry_run else input_pipeline.check_split)(cfg)
+  _check_datasets((train_dataset_cfg, train_eval_dataset_cfg, infer_eval_dataset_cfg), config,
+                  dry_run)
   if config is not None:
-    layout = partitioning_lib.validate(config, partitioner.mesh_shape,
-                                       train_dataset_cfg.batch_size, num_microbatches,
-                                       process_count)
-    logging.info("%s", layout)
+    logging.info("%s", partitioning_lib.validate(config, partitioner.mesh_shape,
+                                                 train_dataset_cfg.batch_size,
+                                                 num_microbatches, process_count))
   if total_steps <= 0:
     raise ValueError(f"TRAIN_STEPS must be positive, got {total_steps}")
-  checkpointer = None
-  if not dry_run:
-    if config is not None:
-      model_dir_lib.check_model_dir_config(model_dir, config)
-    checkpointer = model_dir_lib.Checkpointer(model_dir, checkpoint_cfg)
-  resume_step = checkpointer.latest_step() if checkpointer else None
-  initial = None
-  if resume_step is None and initial_checkpoint_path and not dry_run:
-    initial = initial_lib.open_for_model(initial_checkpoint_path, config, kv_conversion)
-
+  checkpointer, resume_step, initial = _open_model_dir(
+      model_dir, config, checkpoint_cfg, initial_checkpoint_path, kv_conversion, dry_run)
   batch_spec = input_pipeline.model_feature_spec(train_dataset_cfg)
   trainer = trainer_lib.Trainer(model, optimizer, partitioner, batch_spec, num_microbatches,
                                 random_seed)
@@ -106,17 +96,7 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
   # 2. Restore.
   batches = input_pipeline.TrainBatches(train_dataset_cfg, jax.process_index(), process_count)
   _check_batch_spec(batches, batch_spec, process_count)
-  if resume_step is not None:
-    state, data_state = checkpointer.restore(trainer.abstract_state, resume_step)
-    _check_data_state(data_state, batches, model_dir)
-    batches.restore(int(data_state.get("position", 0)))
-    logging.info("resumed from %s at step %d", checkpointer.directory, resume_step)
-  elif initial is not None:
-    params = initial_lib.read_params(initial, trainer.abstract_params)
-    state = trainer.state_from_params(params, step=initial.step)
-    logging.info("initialised from %s (step %d)", initial_checkpoint_path, initial.step)
-  else:
-    state = trainer.init_state()
+  state = _restore(trainer, checkpointer, resume_step, initial, batches, model_dir)
   start_step = int(jax.device_get(state.step))
   writer = metrics_writer.MetricsWriter(model_dir)
   if start_step >= total_steps:
@@ -143,6 +123,49 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
     loop.bar.close()
     checkpointer.close()
     writer.close()
+
+
+def _check_datasets(cfgs, config, dry_run: bool) -> None:
+  """Task names and splits exist (a dry run reads no data: it checks names only), and the
+  model's vocabulary size fits every task's vocabulary."""
+  for cfg in cfgs:
+    if cfg is None:
+      continue
+    (input_pipeline.get_task if dry_run else input_pipeline.check_split)(cfg)
+    if config is not None:
+      input_pipeline.check_vocab_size(cfg, config.vocab_size)
+
+
+def _open_model_dir(model_dir, config, checkpoint_cfg, initial_checkpoint_path, kv_conversion,
+                    dry_run: bool):
+  """(checkpointer, latest checkpoint step, initial checkpoint opened lazily); all None for a
+  dry run. MODEL_DIR's recorded model configuration must match `config`."""
+  if dry_run:
+    return None, None, None
+  if config is not None:
+    model_dir_lib.check_model_dir_config(model_dir, config)
+  checkpointer = model_dir_lib.Checkpointer(model_dir, checkpoint_cfg)
+  resume_step = checkpointer.latest_step()
+  initial = None
+  if resume_step is None and initial_checkpoint_path:
+    initial = initial_lib.open_for_model(initial_checkpoint_path, config, kv_conversion)
+  return checkpointer, resume_step, initial
+
+
+def _restore(trainer, checkpointer, resume_step, initial, batches, model_dir):
+  """The first state: MODEL_DIR's latest checkpoint (and the input stream's position there),
+  else the initial checkpoint's parameters with a fresh optimizer state, else random."""
+  if resume_step is not None:
+    state, data_state = checkpointer.restore(trainer.abstract_state, resume_step)
+    _check_data_state(data_state, batches, model_dir)
+    batches.restore(int(data_state.get("position", 0)))
+    logging.info("resumed from %s at step %d", checkpointer.directory, resume_step)
+    return state
+  if initial is not None:
+    params = initial_lib.read_params(initial, trainer.abstract_params)
+    logging.info("initialised from %s (step %d)", initial.path, initial.step)
+    return trainer.state_from_params(params, step=initial.step)
+  return trainer.init_state()
 
 
 class _Loop:
@@ -267,7 +290,7 @@ def _call(fn, args) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  return gin_utils.run_entry_point(argv, "gqa_t5.train", "gqa_t5.train.train",
+  return entry_point.run_entry_point(argv, "gqa_t5.train", "gqa_t5.train.train",
                                    "train, uptrain or fine-tune a model from gin files "
                                    "(gin configures gqa_t5.train.train)", _add_flags, _call)
 

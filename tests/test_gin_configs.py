@@ -220,7 +220,7 @@ def _toy_flags(model_dir, steps=2):
           "--gin.MIXTURE_OR_TASK_MODULE='trainer_fixtures:register_toy_task'",
           f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{model_dir}'",
           "--gin.BATCH_SIZE=8", "--gin.EVAL_PERIOD=0", "--gin.LOG_PERIOD=1",
-          "--gin.network.T5Config.vocab_size=320", "--no_progress"]
+          "--gin.network.T5Config.vocab_size=320", "--no_progress", "--jax_cache_dir="]
 
 
 def test_train_eval_and_infer_entry_points(tmp_path):
@@ -238,7 +238,7 @@ def test_train_eval_and_infer_entry_points(tmp_path):
             f"--gin.TASK_FEATURE_LENGTHS={fx.LENGTHS}",
             "--gin.MIXTURE_OR_TASK_MODULE='trainer_fixtures:register_toy_task'",
             f"--gin.CHECKPOINT_PATH='{run}'", "--gin.BATCH_SIZE=8", "--gin.NUM_EXAMPLES=12",
-            "--gin.network.T5Config.vocab_size=320"]
+            "--gin.network.T5Config.vocab_size=320", "--jax_cache_dir="]
   assert eval_main.main(common + ["--gin_file=runs/eval.gin",
                                   f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'"]) == 0
   rows = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").open()]
@@ -267,5 +267,6 @@ def test_train_entry_point_dry_run_prints_memory_per_device(tmp_path, capsys):
 
 def test_entry_point_reports_missing_macros_with_exit_status_2(capsys):
   from gqa_t5 import train
-  assert train.main(["--gin_file=t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin"]) == 2
+  assert train.main(["--gin_file=t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin",
+                     "--jax_cache_dir="]) == 2
   assert "REQUIRED gin macro(s) not set" in capsys.readouterr().err

@@ -98,7 +98,7 @@ def test_a_macro_typo_in_a_gin_file_is_refused(tmp_path):
 
 def test_the_entry_point_refuses_a_flag_typo_with_status_2(capsys):
   flags = [f"--gin_file={f}" for f in BASE_FILES] + [f"--gin.{b}" for b in BASE_BINDINGS]
-  assert train_lib.main(flags + ["--gin.TRAIN_STEP=3"]) == 2
+  assert train_lib.main(flags + ["--gin.TRAIN_STEP=3", "--jax_cache_dir="]) == 2
   assert "did you mean TRAIN_STEPS?" in capsys.readouterr().err
 
 

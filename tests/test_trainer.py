@@ -180,7 +180,9 @@ def test_fine_tuning_starts_from_a_t5x_checkpoint(tmp_path):
   config = T5Config(vocab_size=1152, emb_dim=128, num_heads=8, head_dim=32, mlp_dim=256,
                     num_encoder_layers=3, num_decoder_layers=2, dropout_rate=0.0)
   model = models.EncoderDecoderModel(network.Transformer(config))
-  state = _train(tmp_path, model, 21,
+  # The fixture's 1,152-row embedding needs a task vocabulary of 1,025..1,152 ids.
+  task = fx.register_toy_task("gqa_t5_test_toy_copy_1152", extra_ids=1152 - 259)
+  state = _train(tmp_path, model, 21, train_dataset_cfg=fx.dataset_cfg(task=task, module=None),
                  initial_checkpoint_path=os.path.join(FIXTURE, "checkpoint_f32", "checkpoint_20"))
   assert int(state.step) == 21
   assert model_dir_lib.Checkpointer(str(tmp_path)).latest_step() == 21

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from gqa_t5.jax_setup import enable_compilation_cache
 from gqa_t5.reproduce import presets as presets_lib
 from gqa_t5.reproduce import stages as stages_lib
 
@@ -46,14 +47,6 @@ def _data_fingerprint(data_dir: Path) -> str:
   from gqa_t5.demo_data import layout  # pylint: disable=g-import-not-at-top
   marker = Path(data_dir) / layout.MARKER
   return hashlib.sha256(marker.read_bytes()).hexdigest()[:16]
-
-
-def enable_compilation_cache(directory: Path) -> None:
-  """JAX's persistent compilation cache: variants of one shape compile once per machine."""
-  import jax  # pylint: disable=g-import-not-at-top
-  directory.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(directory))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 class Pipeline:
