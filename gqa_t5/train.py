@@ -37,10 +37,6 @@ from gqa_t5.checkpoints import initial as initial_lib
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 
 
-def _model_config(model):
-  return getattr(model.module, "config", None)
-
-
 def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: str,
           total_steps: int, optimizer: Optional[optim.Adafactor] = None,
           partitioner: Optional[partitioning_lib.Partitioner] = None,
@@ -68,7 +64,7 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
   """
   optimizer = optimizer or optim.Adafactor(learning_rate=optim.rsqrt_decay())
   partitioner = partitioner or partitioning_lib.Partitioner()
-  config = _model_config(model)
+  config = getattr(model.module, "config", None)
   process_count = jax.process_count()
 
   # 1. Checks that cost no compute.
@@ -97,32 +93,14 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
   batches = input_pipeline.TrainBatches(train_dataset_cfg, jax.process_index(), process_count)
   _check_batch_spec(batches, batch_spec, process_count)
   state = _restore(trainer, checkpointer, resume_step, initial, batches, model_dir)
-  start_step = int(jax.device_get(state.step))
   writer = metrics_writer.MetricsWriter(model_dir)
-  if start_step >= total_steps:
-    logging.info("step %d already reaches TRAIN_STEPS=%d: nothing to train", start_step,
-                 total_steps)
-    checkpointer.close()
-    writer.close()
-    return state
-
+  evaluate = evaluation.TrainingEvaluations(trainer, partitioner, train_eval_dataset_cfg,
+                                            infer_eval_dataset_cfg, eval_steps,
+                                            infer_eval_num_examples, decoding, writer, model_dir)
   # 3. Loop.
-  last_step = total_steps
-  if stop_after_steps is not None:
-    last_step = min(total_steps, start_step + stop_after_steps)
-  loop = _Loop(trainer, batches, checkpointer, writer,
-               metrics_writer.Progress(start_step, last_step, enabled=progress),
-               evaluation.TrainingEvaluations(trainer, partitioner, train_eval_dataset_cfg,
-                                              infer_eval_dataset_cfg, eval_steps,
-                                              infer_eval_num_examples, decoding, writer,
-                                              model_dir),
+  loop = _Loop(trainer, batches, checkpointer, writer, evaluate,
                periods=(log_period, checkpoint_cfg.period, eval_period))
-  try:
-    return loop.run(state, start_step, last_step)
-  finally:
-    loop.bar.close()
-    checkpointer.close()
-    writer.close()
+  return loop.run_to(state, total_steps, stop_after_steps, progress)
 
 
 def _check_datasets(cfgs, config, dry_run: bool) -> None:
@@ -176,9 +154,10 @@ class _Loop:
   before anything computed from it is saved (the state is also checked right before a save).
   """
 
-  def __init__(self, trainer, batches, checkpointer, writer, bar, evaluate, periods):
+  def __init__(self, trainer, batches, checkpointer, writer, evaluate, periods):
     self.trainer, self.batches, self.checkpointer = trainer, batches, checkpointer
-    self.writer, self.bar, self.evaluate = writer, bar, evaluate
+    self.writer, self.evaluate = writer, evaluate
+    self.bar = None
     self.log_period, self.checkpoint_period, self.eval_period = periods
     spec = trainer.batch_spec
     self.tokens_per_batch = float(sum(np.prod(s) for k, (s, _) in spec.items()
@@ -187,7 +166,26 @@ class _Loop:
     self.pending = None  # (step, metrics on device, the batch's position in the input stream)
     self.window = None   # summed metrics since the last log
 
-  def run(self, state, step: int, last_step: int):
+  def run_to(self, state, total_steps: int, stop_after_steps: Optional[int], progress: bool):
+    """Trains `state` to `total_steps` (or `stop_after_steps` more); closes the checkpointer
+    and the writer whatever happens."""
+    start_step = int(jax.device_get(state.step))
+    last_step = total_steps
+    if stop_after_steps is not None:
+      last_step = min(total_steps, start_step + stop_after_steps)
+    if start_step >= total_steps:
+      logging.info("step %d already reaches TRAIN_STEPS=%d: nothing to train", start_step,
+                   total_steps)
+    self.bar = metrics_writer.Progress(start_step, last_step,
+                                       enabled=progress and start_step < last_step)
+    try:
+      return self._run(state, start_step, last_step)
+    finally:
+      self.bar.close()
+      self.checkpointer.close()
+      self.writer.close()
+
+  def _run(self, state, step: int, last_step: int):
     while step < last_step:
       host_batch = next(self.batches)
       state, metrics = self.trainer.train_step(state, self.trainer.shard_batch(host_batch))
