@@ -1,5 +1,6 @@
-"""Evaluation: teacher-forced loss/accuracy, and inference evaluation (decode + the task's
-metrics through `seqio.Evaluator`), plus writing predictions to JSON lines.
+"""The evaluators, in the training loop and shared by the standalone runs (eval.py, infer.py):
+the teacher-forced loss loop, inference evaluation (decode + the task's metrics through
+`seqio.Evaluator`), batched decoding, loading a checkpoint's parameters, writing predictions.
 
 Every process runs the same evaluation dataset; each contributes its slice of every batch to
 the global (data-sharded) array and reads back the gathered predictions, so multi-host
@@ -12,7 +13,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -20,7 +21,11 @@ from jax.experimental import multihost_utils
 
 from gqa_t5 import decoding as decoding_lib
 from gqa_t5 import input_pipeline
+from gqa_t5 import metrics_writer
+from gqa_t5 import partitioning as partitioning_lib
 from gqa_t5 import trainer as trainer_lib
+from gqa_t5.checkpoints import initial
+from gqa_t5.checkpoints import model_dir as model_dir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +55,28 @@ class DecodingConfig:
                 num_decodes=self.num_decodes if self.method == "beam" else 1)
 
 
+def teacher_forced_eval(model, params, batches: Iterable[Mapping[str, Any]],
+                        eval_step: Optional[Callable[[Any, Any], Any]] = None
+                        ) -> Dict[str, float]:
+  """THE teacher-forced loss loop: the model's `loss_fn` (losses.py) on every batch, summed,
+  then per-token figures (`metrics_writer.summarize`: loss per non-padding target token, accuracy).
+
+  eval_step(params, batch) -> summed metrics; default: the jitted `model.loss_fn` without
+  dropout on unsharded batches (what scripts/conversion_quality.py uses).
+  """
+  if eval_step is None:
+    eval_step = jax.jit(lambda p, b: model.loss_fn(p, b, None)[1])
+  total = None
+  for batch in batches:
+    total = metrics_writer.add_metrics(total, jax.device_get(eval_step(params, batch)))
+  if total is None:
+    raise ValueError("teacher-forced evaluation got no batch")
+  return metrics_writer.summarize(total, getattr(model, "loss_normalizing_factor", None))
+
+
 class TeacherForcedEvaluator:
   """Loss and token accuracy over up to `num_batches` global batches of `cfg`'s split (the
-  dataset is built once and re-read at every evaluation)."""
+  dataset is built once and re-read at every evaluation), on the trainer's sharded step."""
 
   def __init__(self, trainer: trainer_lib.Trainer, cfg: input_pipeline.DatasetConfig,
                num_batches: Optional[int]):
@@ -63,20 +87,14 @@ class TeacherForcedEvaluator:
     self.dataset = ds.take(num_batches) if num_batches is not None else ds
 
   def __call__(self, params) -> Dict[str, float]:
-    total = None
-    for host_batch in self.dataset.as_numpy_iterator():
-      metrics = self.trainer.eval_step(params, self.trainer.shard_batch(host_batch))
-      total = trainer_lib.add_metrics(total, jax.device_get(metrics))
-    if total is None:
+    step = lambda p, b: self.trainer.eval_step(p, self.trainer.shard_batch(b))
+    try:
+      return teacher_forced_eval(self.trainer.model, params, self.dataset.as_numpy_iterator(),
+                                 step)
+    except ValueError:
       raise ValueError(f"the {self.cfg.split!r} split of {self.cfg.mixture_or_task_name!r} gave "
-                       f"no full batch of {self.cfg.batch_size} examples to evaluate on")
-    return trainer_lib.summarize(total,
-                                 getattr(self.trainer.model, "loss_normalizing_factor", None))
-
-
-def teacher_forced_eval(trainer: trainer_lib.Trainer, params, cfg: input_pipeline.DatasetConfig,
-                        num_batches: Optional[int]) -> Dict[str, float]:
-  return TeacherForcedEvaluator(trainer, cfg, num_batches)(params)
+                       f"no full batch of {self.cfg.batch_size} examples to evaluate on"
+                       ) from None
 
 
 class Predictor:
@@ -116,27 +134,14 @@ class Predictor:
     Rows keep their full decode length (zeros after EOS): seqio stacks them into one array,
     and the vocabulary's decode stops at EOS."""
     results = []
-    for indices, batch in _padded_batches(ds, self.batch_size):
+    for indices, batch in padded_batches(ds, self.batch_size):
       tokens, _ = self.predict_batch(batch)
       for row, index in enumerate(indices):
         results.append((int(index), tokens[row].tolist()))
     return results
 
 
-def _trim(tokens: np.ndarray, eos_id: int) -> List[int]:
-  out = []
-  for t in tokens.tolist():
-    out.append(int(t))
-    if t == eos_id:
-      break
-  return out
-
-
-def _unpad(tokens: np.ndarray) -> List[int]:
-  return [int(t) for t in tokens.tolist() if t != 0]
-
-
-def _padded_batches(ds, batch_size: int) -> Iterable[Tuple[List[int], Dict[str, np.ndarray]]]:
+def padded_batches(ds, batch_size: int) -> Iterable[Tuple[List[int], Dict[str, np.ndarray]]]:
   """Groups an (index, features) dataset into full batches (the last one zero-padded)."""
   indices, rows = [], []
   for index, features in ds.as_numpy_iterator():
@@ -215,7 +220,7 @@ def _score_fn(model, partitioner, params, batch_size: int):
     results = []
     per_host = batch_size // jax.process_count()
     start = jax.process_index() * per_host
-    for indices, batch in _padded_batches(ds, batch_size):
+    for indices, batch in padded_batches(ds, batch_size):
       keys = [k for k in ("encoder_input_tokens", "decoder_input_tokens",
                           "decoder_target_tokens", "decoder_loss_weights") if k in batch]
       host = {k: batch[k][start:start + per_host] for k in keys}
@@ -244,91 +249,46 @@ def write_predictions(path: str, records: Iterable[Mapping[str, Any]]) -> int:
   return count
 
 
-def _model_and_params(model, partitioner, checkpoint_path: str, kv_conversion=None):
-  from gqa_t5 import initial_checkpoint  # pylint: disable=g-import-not-at-top
-  from gqa_t5 import partitioning as partitioning_lib  # pylint: disable=g-import-not-at-top
+def load_checkpoint_params(model, partitioner, checkpoint_path: str,
+                           kv_conversion: Optional[str] = None):
+  """(device parameters placed for `partitioner`, step) of a checkpoint in any format, checked
+  tensor by tensor against the model (what eval and infer decode with)."""
   config = getattr(model.module, "config", None)
   if config is not None:
     partitioner.setup_for(config)
     partitioning_lib.validate(config, partitioner.mesh_shape)
-  variables = jax.eval_shape(
-      lambda rng: model.get_initial_variables(
-          rng, {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}),
-      jax.random.PRNGKey(0))
-  abstract = variables["params"]
-  if "params_axes" in variables:
-    axes = partitioning_lib.params_logical_axes(variables["params_axes"])
-  else:
-    axes = jax.tree.map(lambda p: (None,) * len(p.shape), abstract)
-  shardings = partitioner.shardings(axes)
-  return initial_checkpoint.load_for_model(checkpoint_path, config, abstract, shardings,
-                                           kv_conversion)
+  abstract, axes = partitioning_lib.abstract_params_and_axes(model)
+  return initial.load_for_model(checkpoint_path, config, abstract, partitioner.shardings(axes),
+                                kv_conversion)
 
 
-def evaluate(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_path: str,
-             output_dir: str, partitioner=None,
-             decoding: DecodingConfig = DecodingConfig(),
-             num_examples: Optional[int] = None) -> Dict[str, float]:
-  """Inference evaluation of a checkpoint (T5X's eval.py): decode `dataset_cfg`'s split,
-  score it with the task's metrics, write them to OUTPUT_DIR/metrics.jsonl and TensorBoard."""
-  from gqa_t5 import metrics_writer  # pylint: disable=g-import-not-at-top
-  from gqa_t5 import partitioning as partitioning_lib  # pylint: disable=g-import-not-at-top
-  partitioner = partitioner or partitioning_lib.Partitioner()
-  input_pipeline.check_split(dataset_cfg)
-  params, step = _model_and_params(model, partitioner, checkpoint_path)
-  metrics = inference_eval(model, partitioner, params, dataset_cfg, step, decoding,
-                           num_examples, log_dir=output_dir)
-  writer = metrics_writer.MetricsWriter(output_dir)
-  writer.write(step, metrics, "inference_eval")
-  writer.close()
-  if jax.process_index() == 0:
-    for name, value in sorted(metrics.items()):
-      print(f"{name} = {value:.6g}", flush=True)
-  return metrics
+class TrainingEvaluations:
+  """The training run's evaluators (teacher-forced on `train_eval_cfg`, inference on
+  `infer_eval_cfg`), built at the first evaluation and reused after; metrics go to `writer`."""
 
+  def __init__(self, trainer, partitioner, train_eval_cfg, infer_eval_cfg, eval_steps,
+               infer_eval_num_examples, decoding, writer, model_dir):
+    self.trainer, self.partitioner, self.writer = trainer, partitioner, writer
+    self.train_eval_cfg, self.infer_eval_cfg = train_eval_cfg, infer_eval_cfg
+    self.eval_steps, self.decoding = eval_steps, decoding
+    self.num_examples = infer_eval_num_examples
+    self.log_dir = os.path.join(model_dir, model_dir_lib.INFERENCE_EVAL_DIR)
+    self.teacher_forced = None
+    self.inference = None
 
-def infer(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_path: str,
-          output_dir: str, partitioner=None, decoding: DecodingConfig = DecodingConfig(),
-          num_examples: Optional[int] = None) -> str:
-  """Decodes `dataset_cfg`'s split (T5X's infer.py); writes one JSON line per example
-  ({'index', 'inputs', 'prediction', 'targets', 'score'}) to
-  OUTPUT_DIR/<task>-<split>-<step>.jsonl and returns that path."""
-  import seqio  # pylint: disable=g-import-not-at-top
-  from gqa_t5 import partitioning as partitioning_lib  # pylint: disable=g-import-not-at-top
-  partitioner = partitioner or partitioning_lib.Partitioner()
-  task = input_pipeline.get_task(dataset_cfg)
-  input_pipeline.check_split(dataset_cfg)
-  params, step = _model_and_params(model, partitioner, checkpoint_path)
-  ds = seqio.get_dataset(
-      task, task_feature_lengths=dataset_cfg.task_feature_lengths,
-      feature_converter=input_pipeline.feature_converter(pack=False),
-      dataset_split=dataset_cfg.split, use_cached=dataset_cfg.use_cached, shuffle=False,
-      num_epochs=1, verbose=False, seed=dataset_cfg.seed)
-  if num_examples is not None:
-    ds = ds.take(num_examples)
-  predictor = Predictor(model, partitioner, params, dataset_cfg.batch_size, decoding)
-  features = task.output_features
-  vocab_in = features["inputs"].vocabulary if "inputs" in features else None
-  vocab_out = features["targets"].vocabulary
-
-  # Every process decodes (the step is collective); only process 0 writes.
-  records = []
-  for _, batch_and_indices in enumerate(_padded_batches(ds.enumerate(), dataset_cfg.batch_size)):
-    indices, batch = batch_and_indices
-    tokens, scores = predictor.predict_batch(batch)
-    for row, index in enumerate(indices):
-      record = {"index": int(index),
-                "prediction": vocab_out.decode(_trim(tokens[row], model.eos_id)),
-                "score": float(scores[row])}
-      if vocab_in is not None:
-        record["inputs"] = vocab_in.decode(_unpad(batch["encoder_input_tokens"][row]))
-      if "decoder_target_tokens" in batch:
-        record["targets"] = vocab_out.decode(_unpad(batch["decoder_target_tokens"][row]))
-      records.append(record)
-
-  path = os.path.join(output_dir, f"{dataset_cfg.mixture_or_task_name}-{dataset_cfg.split}-"
-                                  f"{step}.jsonl")
-  write_predictions(path, records)
-  if jax.process_index() == 0:
-    print(path, flush=True)
-  return path
+  def __call__(self, state, step: int) -> Dict[str, Dict[str, float]]:
+    out = {}
+    if self.train_eval_cfg is not None:
+      if self.teacher_forced is None:
+        self.teacher_forced = TeacherForcedEvaluator(self.trainer, self.train_eval_cfg,
+                                                     self.eval_steps)
+      out["training_eval"] = self.teacher_forced(state.params)
+    if self.infer_eval_cfg is not None:
+      if self.inference is None:
+        self.inference = InferenceEvaluator(self.trainer.model, self.partitioner,
+                                            self.infer_eval_cfg, self.decoding,
+                                            self.num_examples, log_dir=self.log_dir)
+      out["inference_eval"] = self.inference(state.params, step)
+    for split, metrics in out.items():
+      self.writer.write(step, metrics, split)
+    return out

@@ -1,21 +1,35 @@
-"""Gin flags the T5X way, for the entry points (the only place that imports gin).
+"""Gin the T5X way: flags, file lookup, strict parsing (typos are errors naming the closest
+known name) and the operative config; with entry_point.py, the only modules importing gin.
 
   --gin_file=FILE           (repeatable) a gin file, found on the search path
   --gin_search_paths=A,B    (repeatable) extra directories to look files up in
   --gin.NAME=VALUE          one binding, e.g. --gin.MODEL_DIR="'/tmp/run'"
   --gin_bindings=BINDING    (repeatable) one binding, e.g. --gin_bindings="TRAIN_STEPS=100"
 
-The repository's gin/ directory and the working directory are on the search path by default.
+The repository's gin/ directory and the working directory are on the search path by default;
+gin/README.md describes the layering of model, attention and run files.
 The gin files register what they configure dynamically (`from __gin__ import
 dynamic_registration`), so library code carries no gin decorators.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import functools
+import glob
+import importlib
+import inspect
 import logging
 import os
 import re
 from typing import List, Optional, Sequence, Tuple
+
+import gin
+import jax
+from gin import config as gin_config
+
+from gqa_t5.checkpoints import model_dir as model_dir_lib
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -80,7 +94,6 @@ class _DropMessages(logging.Filter):
 
 
 def _required_macros_left() -> List[str]:
-  from gin import config as gin_config  # pylint: disable=g-import-not-at-top
   missing = []
   for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
     if selector != "gin.macro":
@@ -90,10 +103,99 @@ def _required_macros_left() -> List[str]:
   return sorted(missing)
 
 
+@functools.lru_cache(maxsize=None)
+def repository_macros() -> frozenset:
+  """The macro names the repository's gin files define (the names users set)."""
+  names = set()
+  for path in glob.glob(os.path.join(REPO_GIN_DIR, "**", "*.gin"), recursive=True):
+    with open(path) as f:
+      names.update(re.findall(r"^([A-Z][A-Z0-9_]*)\s*=", f.read(), flags=re.MULTILINE))
+  return frozenset(names)
+
+
+def _macro_name(reference) -> Optional[str]:
+  selector = getattr(reference, "scoped_selector", "")
+  if selector.endswith("gin.macro"):
+    return selector[:-len("gin.macro")].rstrip("/").split("/")[-1] or None
+  return None
+
+
+def _macros_read() -> set:
+  """Macros some binding refers to (`%NAME`), in any value, nested or not."""
+  read = set()
+
+  def walk(value):
+    if isinstance(value, gin_config.ConfigurableReference):
+      name = _macro_name(value)
+      if name:
+        read.add(name)
+    elif isinstance(value, dict):
+      for v in value.values():
+        walk(v)
+    elif isinstance(value, (list, tuple, set)):
+      for v in value:
+        walk(v)
+
+  for params in gin_config._CONFIG.values():  # pylint: disable=protected-access
+    for value in params.values():
+      walk(value)
+  return read
+
+
+def _closest(name: str, known) -> str:
+  close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+  return f"; did you mean {close[0]}?" if close else ""
+
+
+def check_macros_are_read() -> None:
+  """A macro that no binding reads is a typo unless the repository's gin files define it
+  (model files define macros that only some run files read, e.g. OPTIMIZER)."""
+  defined = {scope for scope, selector in gin_config._CONFIG  # pylint: disable=protected-access
+             if selector == "gin.macro"}
+  read = _macros_read() | {"MODEL_DIR"}  # the train entry point reads MODEL_DIR itself
+  unread = sorted(defined - read - repository_macros())
+  if unread:
+    known = read | repository_macros()
+    raise GinConfigError("; ".join(
+        f"gin macro {name} is set but no binding reads it{_closest(name, known)}"
+        for name in unread) + " (a misspelled macro would otherwise be ignored)")
+
+
+_UNKNOWN_PARAMETER = re.compile(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'")
+_UNKNOWN_ATTRIBUTE = re.compile(r"<module '([\w.]+)'.*?> has no attribute (\w+)")
+
+
+def _suggestion(message: str) -> str:
+  """'did you mean ...' for gin's unknown-parameter and unknown-name errors."""
+  match = _UNKNOWN_PARAMETER.search(message)
+  if match:
+    registry = gin_config._REGISTRY  # pylint: disable=protected-access
+    configurable = registry.get_match(match.group(1))
+    if configurable is not None:
+      known = inspect.signature(configurable.wrapped).parameters
+      return _closest(match.group(2), known)
+  match = _UNKNOWN_ATTRIBUTE.search(message)
+  if match:
+    with contextlib.suppress(ImportError):
+      return _closest(match.group(2), dir(importlib.import_module(match.group(1))))
+  return ""
+
+
+def _safe_check(exists):
+  """gin's Python-package file check crashes (TypeError) when the working directory holds a
+  folder named like the file's folder (runs/, attention/, t5_1_1/): a namespace package
+  without a file. For gin such a path simply does not exist there."""
+  def check(path: str) -> bool:
+    try:
+      return bool(exists(path))
+    except (TypeError, ValueError, ImportError):
+      return False
+  return check
+
+
 def parse(files: Sequence[str], bindings: Sequence[str],
           search_paths: Sequence[str] = ()) -> None:
   """Clears gin, parses `files` then `bindings`, and checks no REQUIRED macro is left."""
-  import gin  # pylint: disable=g-import-not-at-top
   gin.clear_config(clear_constants=False)
   for path in list(search_paths) + default_search_paths():
     gin.add_config_file_search_path(path)
@@ -103,13 +205,20 @@ def parse(files: Sequence[str], bindings: Sequence[str],
   # gin logs every search-path miss as an error; only a file found nowhere matters.
   quiet = _DropMessages(("Path not found", "system_path_file_exists"))
   logging.getLogger().addFilter(quiet)
+  readers = list(gin_config._FILE_READERS)  # pylint: disable=protected-access
+  safe = [(reader, _safe_check(check)) for reader, check in readers]
+  gin_config._FILE_READERS[:] = safe  # pylint: disable=protected-access
   try:
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False,
                                         skip_unknown=False)
-  except (ValueError, IOError, ImportError, SyntaxError) as error:
-    raise GinConfigError(f"gin configuration error: {error}") from error
+  except (ValueError, IOError, ImportError, SyntaxError, AttributeError) as error:
+    hint = _suggestion(str(error))
+    raise GinConfigError(f"gin configuration error: {error}"
+                         + (f"\n  {hint[2:]}" if hint else "")) from error
   finally:
     logging.getLogger().removeFilter(quiet)
+    gin_config._FILE_READERS[:] = readers  # pylint: disable=protected-access
+  check_macros_are_read()
   missing = _required_macros_left()
   if missing:
     flags = " ".join(f"--gin.{m}=..." for m in missing)
@@ -133,12 +242,10 @@ def parse_flags(argv: Sequence[str]) -> List[str]:
 
 def write_operative_config(model_dir: Optional[str]) -> Optional[str]:
   """Writes gin's operative configuration to MODEL_DIR/config.gin (process 0, atomically)."""
-  import gin  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   if not model_dir or jax.process_index() != 0:
     return None
   os.makedirs(model_dir, exist_ok=True)
-  path = os.path.join(model_dir, "config.gin")
+  path = os.path.join(model_dir, model_dir_lib.OPERATIVE_CONFIG_FILE)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(gin.operative_config_str())
@@ -146,9 +253,13 @@ def write_operative_config(model_dir: Optional[str]) -> Optional[str]:
   return path
 
 
+def get_configurable(fn):
+  """The gin-configured version of `fn` (its bindings applied when called)."""
+  return gin.get_configurable(fn)
+
+
 def macro_value(name: str):
   """The value a macro evaluates to (None if it is not bound)."""
-  import gin  # pylint: disable=g-import-not-at-top
   try:
     return gin.query_parameter(f"{name}/macro.value")
   except ValueError:
@@ -157,58 +268,3 @@ def macro_value(name: str):
 
 def is_run_file(path: str) -> bool:
   return bool(re.search(r"(^|/)runs/", path))
-
-
-def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
-                    description: str, add_flags=None, call=None) -> int:
-  """Shared `main` of train/eval/infer: flags, distributed start-up, gin, then the run.
-
-  `target_name` is 'module.function' of the library function the gin files configure;
-  `call(fn, args)` runs it (default: fn()). Returns a process exit status; configuration
-  errors print one clear message (exit status 2) instead of a traceback.
-  """
-  import argparse  # pylint: disable=g-import-not-at-top
-  import importlib  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  argv = list(sys.argv[1:] if argv is None else argv)
-  files, bindings, paths, rest = split_gin_flags(argv)
-  parser = argparse.ArgumentParser(
-      prog=prog, description=description,
-      epilog="Gin flags: --gin_file=FILE --gin_search_paths=DIRS --gin.NAME=VALUE "
-             "--gin_bindings=BINDING (T5X's conventions; gin/ is on the search path).")
-  parser.add_argument("--coordinator_address", default=None,
-                      help="host:port of process 0 for a multi-process run (jax.distributed)")
-  parser.add_argument("--num_processes", type=int, default=None)
-  parser.add_argument("--process_id", type=int, default=None)
-  if add_flags:
-    add_flags(parser)
-  args = parser.parse_args(rest)
-  if getattr(args, "dry_run_devices", None):
-    # Simulated host devices must be requested before JAX initialises its backends.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.dry_run_devices}")
-    os.environ["JAX_PLATFORMS"] = "cpu"
-  import logging  # pylint: disable=g-import-not-at-top
-  import gin  # pylint: disable=g-import-not-at-top
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  for noisy in ("absl", "jax", "orbax", "tensorflow", "etils"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  from gqa_t5 import partitioning  # pylint: disable=g-import-not-at-top
-  module_name, function_name = target_name.rsplit(".", 1)
-  try:
-    partitioning.maybe_initialize_distributed(args.coordinator_address, args.num_processes,
-                                              args.process_id)
-    module = importlib.import_module(module_name)
-    parse(files, bindings, paths)
-    fn = gin.get_configurable(getattr(module, function_name))
-    if call is None:
-      fn()
-    else:
-      call(fn, args)
-  except (GinConfigError, ValueError, FileNotFoundError, KeyError) as error:
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    return 2
-  except FloatingPointError as error:
-    print(f"{prog}: stopped: {error}", file=sys.stderr)
-    return 3
-  return 0

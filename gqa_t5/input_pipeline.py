@@ -87,17 +87,50 @@ def check_split(cfg: DatasetConfig) -> None:
                      f"it has {sorted(splits)}")
 
 
+VOCAB_SIZE_MULTIPLE = 128  # T5 pads 32,100 ids to 32,128 embedding rows
+
+
+def padded_vocab_size(num_ids: int, multiple: int = VOCAB_SIZE_MULTIPLE) -> int:
+  return -(-int(num_ids) // multiple) * multiple
+
+
+def check_vocab_size(cfg: DatasetConfig, model_vocab_size: int) -> None:
+  """The model's embedding must fit the task's vocabularies: at least their ids, at most
+  their size rounded up to a multiple of 128 (a larger table means the model was built for
+  another vocabulary, e.g. T5's 32,128 ids on a demo vocabulary of 8,000)."""
+  task = get_task(cfg)
+  for feature, spec in sorted(task.output_features.items()):
+    num_ids = int(spec.vocabulary.vocab_size)
+    padded = padded_vocab_size(num_ids)
+    if not num_ids <= model_vocab_size <= padded:
+      raise ValueError(
+          f"the model's vocab_size is {model_vocab_size} but the {feature!r} vocabulary of task "
+          f"{cfg.mixture_or_task_name!r} has {num_ids} ids: set network.T5Config.vocab_size = "
+          f"{padded} ({num_ids} rounded up to a multiple of {VOCAB_SIZE_MULTIPLE}), or bind "
+          f"VOCABULARY to the vocabulary the model was built for")
+
+
 def feature_converter(pack: bool):
   import seqio  # pylint: disable=g-import-not-at-top
   return seqio.EncDecFeatureConverter(pack=pack)
 
 
-def model_feature_spec(cfg: DatasetConfig) -> Dict[str, Any]:
-  """{feature: (global batch shape, dtype)} that EncDecFeatureConverter produces for `cfg`,
-  worked out from the lengths alone (no data is read)."""
+def check_feature_lengths(cfg: DatasetConfig) -> Dict[str, int]:
+  """TASK_FEATURE_LENGTHS with 'inputs' and 'targets', each a positive integer."""
   lengths = dict(cfg.task_feature_lengths or {})
   if "inputs" not in lengths or "targets" not in lengths:
     raise ValueError(f"TASK_FEATURE_LENGTHS needs 'inputs' and 'targets', got {lengths}")
+  for feature, length in lengths.items():
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length <= 0:
+      raise ValueError(f"TASK_FEATURE_LENGTHS[{feature!r}] must be a positive integer, got "
+                       f"{length!r}")
+  return {k: int(v) for k, v in lengths.items()}
+
+
+def model_feature_spec(cfg: DatasetConfig) -> Dict[str, Any]:
+  """{feature: (global batch shape, dtype)} that EncDecFeatureConverter produces for `cfg`,
+  worked out from the lengths alone (no data is read)."""
+  lengths = check_feature_lengths(cfg)
   enc = (cfg.batch_size, int(lengths["inputs"]))
   dec = (cfg.batch_size, int(lengths["targets"]))
   spec = {"encoder_input_tokens": (enc, np.int32), "decoder_target_tokens": (dec, np.int32),
@@ -119,6 +152,7 @@ def get_dataset(cfg: DatasetConfig, shard_index: int = 0, num_shards: int = 1,
                 num_epochs: Optional[int] = None, drop_remainder: bool = True):
   """This host's tf.data.Dataset of batches of model features (numpy-convertible)."""
   import seqio  # pylint: disable=g-import-not-at-top
+  check_feature_lengths(cfg)
   task = get_task(cfg)
   ds = seqio.get_dataset(
       task, task_feature_lengths=cfg.task_feature_lengths,

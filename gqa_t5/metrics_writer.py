@@ -1,5 +1,10 @@
-"""Scalars to TensorBoard (clu metric writers) and to MODEL_DIR/metrics.jsonl; a progress bar.
+"""The scalars a run reports and where they go: summed step metrics -> per-token figures
+(`summarize`), TensorBoard (clu metric writers), MODEL_DIR/metrics.jsonl, and a progress bar.
 
+THE loss, everywhere (bar, metrics.jsonl, TensorBoard), is `loss`: cross-entropy per
+non-padding target token, token-weighted over the steps summarised (a LOG_PERIOD window, or an
+evaluation's batches). T5X's own figure, the loss summed over a batch (z-loss included), is
+kept as `summed_loss` (averaged over the window's steps, not summed).
 Only process 0 writes; other processes get a writer that drops everything.
 """
 
@@ -11,9 +16,57 @@ import math
 import os
 import sys
 import time
-from typing import Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import jax
+import numpy as np
+
+from gqa_t5.checkpoints import model_dir as model_dir_lib
+
+
+def add_metrics(total: Optional[Dict[str, float]], metrics: Mapping[str, Any]
+                ) -> Dict[str, float]:
+  """Host-side running sums of summed step metrics; `steps` counts the steps added,
+  learning_rate keeps its latest value and state_is_finite their AND."""
+  values = {k: float(np.asarray(v)) for k, v in metrics.items()}
+  out = dict(total or {})
+  for k, v in values.items():
+    if k == "learning_rate":
+      out[k] = v
+    elif k == "state_is_finite":
+      out[k] = min(out.get(k, 1.0), v)
+    else:
+      out[k] = out.get(k, 0.0) + v
+  out["steps"] = out.get("steps", 0.0) + 1.0
+  return out
+
+
+def summarize(metrics: Mapping[str, Any], loss_normalizing_factor=None) -> Dict[str, float]:
+  """Summed metrics (`add_metrics`) -> the scalars reported (see the module docstring)."""
+  m = {k: float(np.asarray(v)) for k, v in metrics.items()}
+  steps = max(m.get("steps", 1.0), 1.0)
+  weight = m.get("weight_sum", 0.0)
+  loss, z_loss = m.get("loss"), m.get("z_loss", 0.0)
+  out = {}
+  if isinstance(loss_normalizing_factor, (int, float)) or loss_normalizing_factor is None:
+    factor = 1.0 if loss_normalizing_factor is None else float(loss_normalizing_factor)
+  else:
+    factor = None  # normalised per batch by a data-dependent factor: each step's loss is a mean
+  if loss is not None:
+    if factor is not None and weight > 0:
+      out["loss"] = (loss - z_loss) * factor / weight
+      out["z_loss"] = z_loss * factor / weight
+      out["loss_per_nonpadding_target_token"] = loss * factor / weight  # T5X's, with z-loss
+    else:
+      out["loss"] = (loss - z_loss) / steps
+      out["z_loss"] = z_loss / steps
+    out["summed_loss"] = loss / steps
+  if weight > 0 and "accuracy_count" in m:
+    out["accuracy"] = m["accuracy_count"] / weight
+  for key in ("learning_rate", "weight_sum", "num_sequences"):
+    if key in m:
+      out[key] = m[key]
+  return out
 
 
 class MetricsWriter:
@@ -27,7 +80,8 @@ class MetricsWriter:
     self._jsonl = None
     if self.enabled:
       os.makedirs(model_dir, exist_ok=True)
-      self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a", buffering=1)
+      self._jsonl = open(os.path.join(model_dir, model_dir_lib.METRICS_FILE), "a",
+                         buffering=1)
 
   def _writer(self, split: str):
     if split not in self._tb:
@@ -69,7 +123,12 @@ class MetricsWriter:
 
 
 class Progress:
-  """A one-line progress display: step, steps/s, tokens/s, loss and ETA (process 0 only)."""
+  """A one-line progress display: step, steps/s, tokens/s, loss and ETA (process 0 only).
+
+  The loss shown is the one `update` was last given (the training loop passes the LOG_PERIOD
+  window's loss so far, the figure metrics.jsonl records at the window's end); other lines
+  (`print`) go on their own line and the bar is drawn again under them.
+  """
 
   def __init__(self, first_step: int, last_step: int, enabled: bool = True, stream=None):
     self.first_step = first_step
@@ -77,33 +136,54 @@ class Progress:
     self.enabled = enabled and jax.process_index() == 0
     self.stream = stream or sys.stderr
     self._t0 = time.perf_counter()
-    self._last_t = self._t0
-    self._last_step = first_step
+    self._step = first_step
     self._tokens = 0.0
-    self._first = None  # (time, step) of the first update
+    self._loss: Optional[float] = None
+    self._width = 0
+    self._first = None  # (time, step) of the first update: the ETA counts from it
 
-  def update(self, step: int, tokens: float, loss: Optional[float] = None) -> Mapping[str, float]:
+  def rates(self) -> Dict[str, float]:
+    elapsed = max(time.perf_counter() - self._t0, 1e-9)
+    return {"steps_per_second": (self._step - self.first_step) / elapsed,
+            "tokens_per_second": self._tokens / elapsed}
+
+  def update(self, step: int, tokens: float, loss: Optional[float] = None) -> Dict[str, float]:
     """Records that `step` is done after `tokens` more tokens; returns the rates."""
-    now = time.perf_counter()
+    self._step = step
     self._tokens += tokens
-    elapsed = max(now - self._t0, 1e-9)
-    done = step - self.first_step
-    steps_per_s = done / elapsed
-    tokens_per_s = self._tokens / elapsed
-    # The ETA counts from the first update on: the first step's time is mostly compilation.
+    if loss is not None:
+      self._loss = loss
     if self._first is None:
-      self._first = (now, step)
-    since_t, since_step = self._first
-    rate = (step - since_step) / (now - since_t) if step > since_step else 0.0
-    remaining = (self.last_step - step) / rate if rate > 0 else float("inf")
-    if self.enabled:
-      eta = _format_seconds(remaining)
-      loss_text = f" loss {loss:.4f}" if loss is not None else ""
-      self.stream.write(f"\rstep {step}/{self.last_step} | {steps_per_s:.2f} steps/s | "
-                        f"{tokens_per_s:,.0f} tokens/s |{loss_text} | ETA {eta}   ")
-      self.stream.flush()
-    self._last_t, self._last_step = now, step
-    return {"steps_per_second": steps_per_s, "tokens_per_second": tokens_per_s}
+      self._first = (time.perf_counter(), step)
+    rates = self.rates()
+    self._draw(rates)
+    return rates
+
+  def _draw(self, rates) -> None:
+    if not self.enabled:
+      return
+    steps_per_s = rates["steps_per_second"]
+    # The ETA counts from the first update on: the first step's time is mostly compilation.
+    since_t, since_step = self._first or (self._t0, self.first_step)
+    done = self._step - since_step
+    eta_rate = done / max(time.perf_counter() - since_t, 1e-9) if done > 0 else 0.0
+    remaining = (self.last_step - self._step) / eta_rate if eta_rate > 0 else float("inf")
+    loss = f" loss {self._loss:.4f} |" if self._loss is not None else ""
+    line = (f"step {self._step}/{self.last_step} | {steps_per_s:.2f} steps/s | "
+            f"{rates['tokens_per_second']:,.0f} tokens/s |{loss} ETA "
+            f"{_format_seconds(remaining)}")
+    self.stream.write("\r" + line.ljust(self._width))
+    self._width = len(line)
+    self.stream.flush()
+
+  def print(self, text: str) -> None:
+    """`text` on a line of its own (above the bar when it is shown)."""
+    if not self.enabled:
+      logging.info("%s", text)
+      return
+    self.stream.write("\r" + text.ljust(self._width) + "\n")
+    self._width = 0
+    self._draw(self.rates())
 
   def close(self) -> None:
     if self.enabled:

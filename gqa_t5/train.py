@@ -1,6 +1,14 @@
-"""`python -m gqa_t5.train --gin_file=... --gin.MODEL_DIR=...`: train, uptrain or fine-tune.
+"""`python -m gqa_t5.train --gin_file=... --gin.MODEL_DIR=...`: the training run gin configures
+(`gqa_t5.train.train`, T5X's train.py: checks, restore, loop, evaluation, checkpoints) and `main`.
 
-Gin configures `gqa_t5.train_loop.train` (see gin/runs/*.gin). Extra flags:
+Order of business, so that bad input costs nothing:
+  1. check task names and splits, the mesh against the model and batch, MODEL_DIR's recorded
+     configuration, and the initial checkpoint's tensor shapes (metadata only);
+  2. restore: the latest checkpoint in MODEL_DIR, else INITIAL_CHECKPOINT_PATH (parameters;
+     the optimizer state starts fresh), else random initialisation;
+  3. train to `total_steps` (T5X convention: the count includes a pre-trained checkpoint's
+     steps), evaluating every `eval_period` steps and checkpointing every `checkpoint.period`.
+Extra flags of `main`:
   --dry_run               check everything and compile the step from shapes alone, print the
                           per-device memory estimate, and exit
   --dry_run_devices=N     simulate N CPU devices for the dry run (e.g. a pod slice's mesh)
@@ -9,10 +17,258 @@ Gin configures `gqa_t5.train_loop.train` (see gin/runs/*.gin). Extra flags:
 
 from __future__ import annotations
 
+import logging
 import sys
-from typing import Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
+import jax
+import numpy as np
+
+from gqa_t5 import evaluation
+from gqa_t5 import entry_point
 from gqa_t5 import gin_utils
+from gqa_t5 import input_pipeline
+from gqa_t5 import metrics_writer
+from gqa_t5 import optim
+from gqa_t5 import partitioning as partitioning_lib
+from gqa_t5 import trainer as trainer_lib
+from gqa_t5.checkpoints import initial as initial_lib
+from gqa_t5.checkpoints import model_dir as model_dir_lib
+
+
+def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: str,
+          total_steps: int, optimizer: Optional[optim.Adafactor] = None,
+          partitioner: Optional[partitioning_lib.Partitioner] = None,
+          train_eval_dataset_cfg: Optional[input_pipeline.DatasetConfig] = None,
+          infer_eval_dataset_cfg: Optional[input_pipeline.DatasetConfig] = None,
+          checkpoint_cfg: model_dir_lib.CheckpointConfig = model_dir_lib.CheckpointConfig(),
+          initial_checkpoint_path: Optional[str] = None,
+          kv_conversion: Optional[str] = None,
+          eval_period: int = 1000, eval_steps: Optional[int] = 20, log_period: int = 100,
+          infer_eval_num_examples: Optional[int] = None,
+          decoding: evaluation.DecodingConfig = evaluation.DecodingConfig(),
+          num_microbatches: Optional[int] = None, random_seed: int = 0,
+          dry_run: bool = False, progress: bool = True,
+          stop_after_steps: Optional[int] = None,
+          on_start: Optional[Callable[[], None]] = None) -> Optional[Any]:
+  """Trains `model`; returns the final TrainState (None for a dry run).
+
+  kv_conversion: how to turn a multi-head initial checkpoint into this model's key/value
+    heads ('mean': the paper's mean pooling; 'first': keep the first head of each group;
+    None: shapes must match exactly).
+  stop_after_steps: stop (after checkpointing) once this many steps ran in this process,
+    e.g. to split a long run into jobs.
+  on_start: called once the checks passed, before any compute (the entry point writes the
+    operative gin config there).
+  """
+  optimizer = optimizer or optim.Adafactor(learning_rate=optim.rsqrt_decay())
+  partitioner = partitioner or partitioning_lib.Partitioner()
+  config = getattr(model.module, "config", None)
+  process_count = jax.process_count()
+
+  # 1. Checks that cost no compute.
+  _check_datasets((train_dataset_cfg, train_eval_dataset_cfg, infer_eval_dataset_cfg), config,
+                  dry_run)
+  if config is not None:
+    logging.info("%s", partitioning_lib.validate(config, partitioner.mesh_shape,
+                                                 train_dataset_cfg.batch_size,
+                                                 num_microbatches, process_count))
+  if total_steps <= 0:
+    raise ValueError(f"TRAIN_STEPS must be positive, got {total_steps}")
+  checkpointer, resume_step, initial = _open_model_dir(
+      model_dir, config, checkpoint_cfg, initial_checkpoint_path, kv_conversion, dry_run)
+  batch_spec = input_pipeline.model_feature_spec(train_dataset_cfg)
+  trainer = trainer_lib.Trainer(model, optimizer, partitioner, batch_spec, num_microbatches,
+                                random_seed)
+  if initial is not None:
+    initial_lib.check_against(initial, trainer.abstract_params)
+  if on_start is not None:
+    on_start()
+  if dry_run:
+    trainer_lib.dry_run_report(trainer)
+    return None
+
+  # 2. Restore.
+  batches = input_pipeline.TrainBatches(train_dataset_cfg, jax.process_index(), process_count)
+  _check_batch_spec(batches, batch_spec, process_count)
+  state = _restore(trainer, checkpointer, resume_step, initial, batches, model_dir)
+  writer = metrics_writer.MetricsWriter(model_dir)
+  evaluate = evaluation.TrainingEvaluations(trainer, partitioner, train_eval_dataset_cfg,
+                                            infer_eval_dataset_cfg, eval_steps,
+                                            infer_eval_num_examples, decoding, writer, model_dir)
+  # 3. Loop.
+  loop = _Loop(trainer, batches, checkpointer, writer, evaluate,
+               periods=(log_period, checkpoint_cfg.period, eval_period))
+  return loop.run_to(state, total_steps, stop_after_steps, progress)
+
+
+def _check_datasets(cfgs, config, dry_run: bool) -> None:
+  """Task names and splits exist (a dry run reads no data: it checks names only), and the
+  model's vocabulary size fits every task's vocabulary."""
+  for cfg in cfgs:
+    if cfg is None:
+      continue
+    (input_pipeline.get_task if dry_run else input_pipeline.check_split)(cfg)
+    if config is not None:
+      input_pipeline.check_vocab_size(cfg, config.vocab_size)
+
+
+def _open_model_dir(model_dir, config, checkpoint_cfg, initial_checkpoint_path, kv_conversion,
+                    dry_run: bool):
+  """(checkpointer, latest checkpoint step, initial checkpoint opened lazily); all None for a
+  dry run. MODEL_DIR's recorded model configuration must match `config`."""
+  if dry_run:
+    return None, None, None
+  if config is not None:
+    model_dir_lib.check_model_dir_config(model_dir, config)
+  checkpointer = model_dir_lib.Checkpointer(model_dir, checkpoint_cfg)
+  resume_step = checkpointer.latest_step()
+  initial = None
+  if resume_step is None and initial_checkpoint_path:
+    initial = initial_lib.open_for_model(initial_checkpoint_path, config, kv_conversion)
+  return checkpointer, resume_step, initial
+
+
+def _restore(trainer, checkpointer, resume_step, initial, batches, model_dir):
+  """The first state: MODEL_DIR's latest checkpoint (and the input stream's position there),
+  else the initial checkpoint's parameters with a fresh optimizer state, else random."""
+  if resume_step is not None:
+    state, data_state = checkpointer.restore(trainer.abstract_state, resume_step)
+    _check_data_state(data_state, batches, model_dir)
+    batches.restore(int(data_state.get("position", 0)))
+    logging.info("resumed from %s at step %d", checkpointer.directory, resume_step)
+    return state
+  if initial is not None:
+    params = initial_lib.read_params(initial, trainer.abstract_params)
+    logging.info("initialised from %s (step %d)", initial.path, initial.step)
+    return trainer.state_from_params(params, step=initial.step)
+  return trainer.init_state()
+
+
+class _Loop:
+  """The steps of one run with their logs, checkpoints and evaluations.
+
+  A step's metrics are read one step later so the host never stalls the device; a non-finite
+  loss or update therefore stops the run at most one step after the bad one, and always
+  before anything computed from it is saved (the state is also checked right before a save).
+  """
+
+  def __init__(self, trainer, batches, checkpointer, writer, evaluate, periods):
+    self.trainer, self.batches, self.checkpointer = trainer, batches, checkpointer
+    self.writer, self.evaluate = writer, evaluate
+    self.bar = None
+    self.log_period, self.checkpoint_period, self.eval_period = periods
+    spec = trainer.batch_spec
+    self.tokens_per_batch = float(sum(np.prod(s) for k, (s, _) in spec.items()
+                                      if k in ("encoder_input_tokens", "decoder_target_tokens")))
+    self.lnf = getattr(trainer.model, "loss_normalizing_factor", None)
+    self.pending = None  # (step, metrics on device, the batch's position in the input stream)
+    self.window = None   # summed metrics since the last log
+
+  def run_to(self, state, total_steps: int, stop_after_steps: Optional[int], progress: bool):
+    """Trains `state` to `total_steps` (or `stop_after_steps` more); closes the checkpointer
+    and the writer whatever happens."""
+    start_step = int(jax.device_get(state.step))
+    last_step = total_steps
+    if stop_after_steps is not None:
+      last_step = min(total_steps, start_step + stop_after_steps)
+    if start_step >= total_steps:
+      logging.info("step %d already reaches TRAIN_STEPS=%d: nothing to train", start_step,
+                   total_steps)
+    self.bar = metrics_writer.Progress(start_step, last_step,
+                                       enabled=progress and start_step < last_step)
+    try:
+      return self._run(state, start_step, last_step)
+    finally:
+      self.bar.close()
+      self.checkpointer.close()
+      self.writer.close()
+
+  def _run(self, state, step: int, last_step: int):
+    while step < last_step:
+      host_batch = next(self.batches)
+      state, metrics = self.trainer.train_step(state, self.trainer.shard_batch(host_batch))
+      self._consume()
+      self.pending = (step, metrics, self.batches.position - 1)
+      step += 1
+      if (self.log_period and step % self.log_period == 0) or step == last_step:
+        self._consume()
+        rates = self.bar.rates()
+        self.writer.write(step, {**metrics_writer.summarize(self.window, self.lnf), **rates},
+                          "train")
+        self.window = None
+      if (self.checkpoint_period and step % self.checkpoint_period == 0) or step == last_step:
+        self._save(state, step)
+      if self.eval_period and (step % self.eval_period == 0 or step == last_step):
+        for split, metrics in self.evaluate(state, step).items():
+          self.bar.print(f"step {step} {split}: " + ", ".join(
+              f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    self._consume()
+    return state
+
+  def _consume(self) -> None:
+    if self.pending is None:
+      return
+    step, metrics, position = self.pending
+    self.pending = None
+    host = jax.device_get(metrics)
+    loss = float(np.asarray(host["loss"]))
+    if not np.isfinite(loss):
+      self._stop(f"the loss is {loss}", step + 1, position)
+    if not bool(host.get("state_is_finite", True)):
+      self._stop("the update made the parameters or the optimizer state non-finite",
+                 step + 1, position)
+    self.window = metrics_writer.add_metrics(self.window, host)
+    self.bar.update(step + 1, self.tokens_per_batch,
+                    metrics_writer.summarize(self.window, self.lnf).get("loss"))
+
+  def _save(self, state, step: int) -> None:
+    self._consume()
+    position = self.batches.position - 1
+    if not self.trainer.state_is_finite(state):
+      self._stop("the parameters or the optimizer state to save are not finite", step,
+                 position)
+    self.checkpointer.save(state, self.batches.state())
+
+  def _stop(self, what: str, step: int, position: int) -> None:
+    last, skipped = self.checkpointer.last_finite_step(self.trainer.abstract_state)
+    where = self.checkpointer.directory
+    if last is not None:
+      saved = (f"The last checkpoint is step {last} in {where}; reading it back, its "
+               f"parameters and optimizer state are all finite.")
+    elif skipped:
+      saved = f"No checkpoint in {where} holds only finite values."
+    else:
+      saved = f"No checkpoint was saved in {where}."
+    if skipped:
+      saved += " Non-finite checkpoints: " + "; ".join(
+          f"step {s} ({len(bad)} tensors, e.g. {bad[0]})" for s, bad in sorted(skipped.items()))
+    raise trainer_lib.NonFiniteLossError(
+        f"{what} at step {step} (train batch {position} of the input stream, counting from "
+        f"0): training stopped. {saved} Usual causes: a learning rate too high for this model, "
+        f"float16 activations (use bfloat16 or float32), or corrupt input data.")
+
+
+def _check_batch_spec(batches, batch_spec, process_count: int) -> None:
+  """The pipeline's host batches must be the expected rows of the global batch."""
+  found = batches.element_spec()
+  for name, (shape, _) in batch_spec.items():
+    if name not in found:
+      raise ValueError(f"the input pipeline gives no feature {name!r} (it gives {sorted(found)})")
+    expected = (shape[0] // process_count,) + tuple(shape[1:])
+    if tuple(found[name][0]) != expected:
+      raise ValueError(f"the input pipeline's {name!r} batches have shape {found[name][0]}, "
+                       f"expected {expected}")
+
+
+def _check_data_state(data_state: Dict[str, Any], batches, model_dir: str) -> None:
+  for key in ("task", "batch_size", "num_shards"):
+    recorded = data_state.get(key)
+    current = batches.state()[key]
+    if recorded is not None and recorded != current:
+      raise ValueError(
+          f"{model_dir} was trained with {key}={recorded!r} but this run has {current!r}: the "
+          f"input pipeline cannot resume at the recorded position. Use a new MODEL_DIR.")
 
 
 def _add_flags(parser) -> None:
@@ -24,15 +280,16 @@ def _add_flags(parser) -> None:
 
 
 def _call(fn, args) -> None:
+  dry = args.dry_run or bool(args.dry_run_devices)
   model_dir = gin_utils.macro_value("MODEL_DIR")
-  fn(dry_run=args.dry_run or bool(args.dry_run_devices), progress=not args.no_progress,
-     on_start=lambda: gin_utils.write_operative_config(
-         None if args.dry_run or args.dry_run_devices else model_dir))
+  fn(dry_run=dry, progress=not args.no_progress,
+     on_start=lambda: gin_utils.write_operative_config(None if dry else model_dir))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  return gin_utils.run_entry_point(argv, "gqa_t5.train", "gqa_t5.train_loop.train",
-                                   __doc__.splitlines()[0], _add_flags, _call)
+  return entry_point.run_entry_point(argv, "gqa_t5.train", "gqa_t5.train.train",
+                                   "train, uptrain or fine-tune a model from gin files "
+                                   "(gin configures gqa_t5.train.train)", _add_flags, _call)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The compiled, sharded train and eval steps (T5X's `Trainer`), on the model wrapper's loss.
+"""The train state and the compiled, sharded steps that update it (T5X's `train_state` and
+`Trainer`), on the model wrapper's loss.
+
+`TrainState` is (step, float32 parameters, Adafactor state); checkpoints store its `to_dict()`.
 
 `Trainer` works out the parameter and optimizer-state shapes abstractly (nothing is allocated
 until `init_state`/`restore`), derives their shardings from the logical axes, and jits
@@ -15,9 +18,10 @@ Metrics are sums over the batch (loss, z_loss, weight_sum, accuracy_count, num_s
 from __future__ import annotations
 
 import dataclasses
-import logging
+import time
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,14 +29,50 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gqa_t5 import optim
 from gqa_t5 import partitioning as partitioning_lib
-from gqa_t5 import train_state as train_state_lib
-from gqa_t5.train_state import TrainState
 
 Batch = Mapping[str, Any]
 
 
+@flax.struct.dataclass
+class TrainState:
+  """`step` is the global train step (it continues from a pre-trained checkpoint's step, as
+  in T5X) and drives the learning rate; the optimizer's `count` counts the updates since its
+  statistics were initialised (equal to `step` for a run from scratch)."""
+  step: jnp.ndarray
+  params: Any
+  opt_state: optim.AdafactorState
+
+  def to_dict(self) -> Dict[str, Any]:
+    """A plain nested dict (what checkpoints store)."""
+    return {"step": self.step, "params": self.params,
+            "opt_state": {"count": self.opt_state.count, "stats": self.opt_state.stats}}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "TrainState":
+    return cls(step=d["step"], params=d["params"],
+               opt_state=optim.AdafactorState(count=d["opt_state"]["count"],
+                                              stats=d["opt_state"]["stats"]))
+
+
+def create(params, tx, step: int = 0) -> TrainState:
+  """`params` at global step `step` with a fresh optimizer state."""
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def logical_axes(optimizer: optim.Adafactor, params, params_axes) -> TrainState:
+  """A TrainState whose leaves are the logical-axis tuples of the real state's leaves."""
+  return TrainState(step=(), params=params_axes,
+                    opt_state=optimizer.state_logical_axes(params, params_axes))
+
+
+def apply_gradients(state: TrainState, grads, tx) -> TrainState:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
+  params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+
+
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite."""
+  """The loss, or the parameters/optimizer state after an update, became NaN or infinite."""
 
 
 @dataclasses.dataclass
@@ -57,25 +97,13 @@ class Trainer:
     config = getattr(self.model.module, "config", None)
     if config is not None:
       self.partitioner.setup_for(config)
-    input_shapes = {k: tuple(s) for k, (s, _) in self.batch_spec.items()}
-    input_types = {k: d for k, (_, d) in self.batch_spec.items()}
-    init_shapes = {k: (1,) + tuple(v[1:]) for k, v in input_shapes.items()}
-    variables = jax.eval_shape(
-        lambda rng: self.model.get_initial_variables(rng, init_shapes, input_types),
-        jax.random.PRNGKey(0))
-    self.abstract_params = variables["params"]
-    if "params_axes" in variables:
-      self.params_axes = partitioning_lib.params_logical_axes(variables["params_axes"])
-    else:
-      logging.warning("the model declares no logical axes: parameters are replicated")
-      self.params_axes = jax.tree.map(lambda p: (None,) * len(p.shape), self.abstract_params)
+    self.abstract_params, self.params_axes = partitioning_lib.abstract_params_and_axes(
+        self.model)
     self.tx = self.optimizer.transform(self.params_axes)
-    self.state_axes = train_state_lib.logical_axes(self.optimizer, self.abstract_params,
-                                                   self.params_axes)
+    self.state_axes = logical_axes(self.optimizer, self.abstract_params, self.params_axes)
     self.state_shardings = self.partitioner.shardings(self.state_axes)
     self.params_shardings = self.state_shardings.params
-    abstract_state = jax.eval_shape(
-        lambda p: train_state_lib.create(p, self.tx), self.abstract_params)
+    abstract_state = jax.eval_shape(lambda p: create(p, self.tx), self.abstract_params)
     self.abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         abstract_state, self.state_shardings)
@@ -83,17 +111,15 @@ class Trainer:
                             for k, (s, _) in self.batch_spec.items()}
     self._train_step = None
     self._eval_step = None
+    self._finite = None
 
   # --- state ------------------------------------------------------------------------------
 
   def init_state(self, step: int = 0) -> TrainState:
-    """Randomly initialised parameters (seed `self.seed`), created already sharded."""
-    input_shapes = {k: (1,) + tuple(s[1:]) for k, (s, _) in self.batch_spec.items()}
-    input_types = {k: d for k, (_, d) in self.batch_spec.items()}
-
+    """Randomly initialised parameters (seed `self.seed`) and a fresh optimizer state, created
+    already sharded by one jitted function (the [1, 1] initialiser inside it)."""
     def init(rng):
-      params = self.model.get_initial_variables(rng, input_shapes, input_types)["params"]
-      return train_state_lib.create(params, self.tx, step)
+      return create(partitioning_lib.init_params(self.model, rng), self.tx, step)
 
     with self.partitioner.mesh, self.partitioner.axis_rules():
       return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.seed))
@@ -105,7 +131,7 @@ class Trainer:
       return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
     device_params = jax.tree.map(place, params, self.abstract_params, self.params_shardings)
     with self.partitioner.mesh:
-      return jax.jit(lambda p: train_state_lib.create(p, self.tx, step),
+      return jax.jit(lambda p: create(p, self.tx, step),
                      out_shardings=self.state_shardings)(device_params)
 
   # --- steps ------------------------------------------------------------------------------
@@ -146,7 +172,9 @@ class Trainer:
     lr = self.optimizer.learning_rate
     metrics = dict(metrics)
     metrics["learning_rate"] = (lr(state.step) if callable(lr) else jnp.float32(lr))
-    new_state = train_state_lib.apply_gradients(state, grads, self.tx)
+    new_state = apply_gradients(state, grads, self.tx)
+    # Read with the other metrics (one step late): stops the run at the update that broke it.
+    metrics["state_is_finite"] = all_finite((new_state.params, new_state.opt_state))
     return new_state, metrics
 
   def _eval_step_fn(self, params, batch: Batch):
@@ -175,6 +203,16 @@ class Trainer:
     with self.partitioner.mesh, self.partitioner.axis_rules():
       return self._eval_step(params, batch)
 
+  def state_is_finite(self, state: TrainState) -> bool:
+    """Whether every parameter and optimizer-state value is finite (checked on the devices by
+    one jitted reduction; only a boolean comes back)."""
+    if self._finite is None:
+      self._finite = jax.jit(lambda s: all_finite((s.params, s.opt_state)),
+                             in_shardings=(self.state_shardings,),
+                             out_shardings=self.partitioner.replicated())
+    with self.partitioner.mesh:
+      return bool(jax.device_get(self._finite(state)))
+
   def shard_batch(self, host_batch: Batch) -> Dict[str, jax.Array]:
     """This host's rows -> global arrays (only the features the step uses)."""
     return self.partitioner.shard_batch({k: host_batch[k] for k in self.batch_spec})
@@ -199,51 +237,51 @@ class Trainer:
     return {"params": params, "optimizer": opt}
 
 
-def summarize(metrics: Mapping[str, Any], loss_normalizing_factor=None) -> Dict[str, float]:
-  """Summed step/eval metrics -> T5X-style scalars."""
-  m = {k: float(np.asarray(v)) for k, v in metrics.items()}
-  out = {}
-  weight = m.get("weight_sum", 0.0)
-  if "loss" in m:
-    out["loss"] = m["loss"]
-  if "z_loss" in m:
-    out["z_loss"] = m["z_loss"]
-    if "loss" in m:
-      out["cross_ent_loss"] = m["loss"] - m["z_loss"]
-  if weight > 0 and "loss" in m:
-    if loss_normalizing_factor is None:
-      total = m["loss"]
-    elif isinstance(loss_normalizing_factor, (int, float)):
-      total = m["loss"] * float(loss_normalizing_factor)
-    else:
-      total = None  # normalised per batch by a data-dependent factor: loss is already a mean
-    if total is not None:
-      out["loss_per_nonpadding_target_token"] = total / weight
-  if weight > 0 and "accuracy_count" in m:
-    out["accuracy"] = m["accuracy_count"] / weight
-  if "learning_rate" in m:
-    out["learning_rate"] = m["learning_rate"]
-  for key in ("weight_sum", "num_sequences"):
-    if key in m:
-      out[key] = m[key]
-  return out
+def all_finite(tree) -> jnp.ndarray:
+  """True when no floating-point leaf of `tree` holds NaN or infinity: one reduction, traced
+  into whatever jit calls it (the train step, or `Trainer.state_is_finite`)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def add_metrics(total: Optional[Dict[str, float]], metrics: Mapping[str, Any]) -> Dict[str, float]:
-  """Host-side running sums (learning_rate keeps its latest value)."""
-  values = {k: float(np.asarray(v)) for k, v in metrics.items()}
-  if total is None:
-    return values
-  out = dict(total)
-  for k, v in values.items():
-    out[k] = v if k == "learning_rate" else out.get(k, 0.0) + v
-  return out
+def _format_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n:.2f} {unit}"
+    n /= 1024.0
+  return f"{n:.2f} TiB"
 
 
-def check_finite(metrics: Mapping[str, Any], step: int) -> None:
-  loss = float(np.asarray(metrics["loss"]))
-  if not np.isfinite(loss):
-    raise NonFiniteLossError(
-        f"the loss is {loss} at step {step}: training stopped. The last checkpoint before it "
-        f"is intact. Usual causes: a learning rate too high for this model, float16 "
-        f"activations (use bfloat16 or float32), or corrupt input data.")
+def dry_run_report(trainer: Trainer) -> Dict[str, float]:
+  """Compiles the train step abstractly; returns and prints per-device memory figures."""
+  t0 = time.perf_counter()
+  compiled = trainer.compile_train_step()
+  seconds = time.perf_counter() - t0
+  state = trainer.state_bytes_per_device()
+  report = {"compile_seconds": seconds, "params_bytes_per_device": state["params"],
+            "optimizer_bytes_per_device": state["optimizer"]}
+  analysis = None
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend reports it
+    pass
+  if analysis is not None:
+    args = float(analysis.argument_size_in_bytes)
+    out = float(analysis.output_size_in_bytes)
+    alias = float(getattr(analysis, "alias_size_in_bytes", 0))
+    temp = float(analysis.temp_size_in_bytes)
+    report.update(argument_bytes=args, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
+                  peak_bytes_per_device=args + out - alias + temp)
+  data, model = trainer.partitioner.mesh_shape
+  lines = [f"dry run: mesh (data={data}, model={model}) on {jax.device_count()} "
+           f"{jax.devices()[0].platform} devices; compiled in {seconds:.1f}s",
+           f"  parameters per device:       {_format_bytes(state['params'])}",
+           f"  optimizer state per device:  {_format_bytes(state['optimizer'])}"]
+  if analysis is not None:
+    lines += [f"  step arguments per device:   {_format_bytes(report['argument_bytes'])}",
+              f"  temporaries per device:      {_format_bytes(report['temp_bytes'])}",
+              f"  estimated peak per device:   {_format_bytes(report['peak_bytes_per_device'])}"
+              " (the compiler's figure for this backend; TPU/GPU layouts differ somewhat)"]
+  print("\n".join(lines), flush=True)
+  return report

@@ -53,27 +53,16 @@ def load_examples(args, path, max_examples):
 
 
 def loss_per_token(config, params, examples, batch_size):
-  import jax
-  import jax.numpy as jnp
+  from gqa_t5 import evaluation, models
   from gqa_t5.model.network import Transformer
-
-  @jax.jit
-  def batch_loss(params, inputs, decoder_inputs, targets):
-    logits = Transformer(config).apply({"params": params}, inputs, decoder_inputs, targets,
-                                       enable_dropout=False)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    weights = targets > 0
-    return (nll * weights).sum(), weights.sum()
-
-  total, count = 0.0, 0
+  # Cross-entropy only (no z-loss): the loss of the converted model as it stands.
+  model = models.EncoderDecoderModel(Transformer(config), z_loss=0.0)
   inputs, decoder_inputs, targets = examples
-  for start in range(0, len(inputs), batch_size):
-    end = start + batch_size
-    loss, tokens = batch_loss(params, inputs[start:end], decoder_inputs[start:end],
-                              targets[start:end])
-    total, count = total + float(loss), count + int(tokens)
-  return total / max(count, 1)
+  batches = ({"encoder_input_tokens": inputs[i:i + batch_size],
+              "decoder_input_tokens": decoder_inputs[i:i + batch_size],
+              "decoder_target_tokens": targets[i:i + batch_size]}
+             for i in range(0, len(inputs), batch_size))
+  return evaluation.teacher_forced_eval(model, params, batches)["loss"]
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,8 @@ def main():
   import numpy as np
   from jax.experimental import multihost_utils
   import trainer_fixtures as fx
-  from gqa_t5 import checkpointing, input_pipeline, optim, train_loop
+  from gqa_t5 import input_pipeline, optim, train as train_loop
+  from gqa_t5.checkpoints import model_dir as checkpointing
   from gqa_t5 import trainer as trainer_lib
 
   assert jax.device_count() == 2, jax.device_count()

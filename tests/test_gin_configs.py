@@ -13,6 +13,9 @@ from gin import config as gin_config
 
 import trainer_fixtures as fx
 from gqa_t5 import gin_utils
+from gqa_t5 import models
+from gqa_t5 import partitioning
+from gqa_t5.model import network
 from gqa_t5.tasks import lengths
 
 GIN_DIR = os.path.join(fx.REPO, "gin")
@@ -43,13 +46,9 @@ def _evaluate(value):
 
 @functools.lru_cache(maxsize=None)
 def _abstract_param_count(config):
-  from gqa_t5 import models
-  from gqa_t5.model import network
   model = models.EncoderDecoderModel(network.Transformer(config))
-  shapes = jax.eval_shape(lambda r: model.get_initial_variables(
-      r, {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)}),
-      jax.random.PRNGKey(0))
-  return sum(x.size for x in jax.tree.leaves(shapes["params"])), shapes["params"]
+  params, _ = partitioning.abstract_params_and_axes(model)
+  return sum(x.size for x in jax.tree.leaves(params)), params
 
 
 def _build(files, bindings=()):
@@ -116,7 +115,7 @@ def test_train_run_files_bind_everything(run):
               "TASK_FEATURE_LENGTHS={'inputs': 512, 'targets': 256}", *REQUIRED_TRAIN]
   config, _, _ = _build(["t5_1_1/tiny.gin", "attention/gqa_2.gin", f"runs/{run}.gin"],
                         bindings)
-  args = {k: _evaluate(v) for k, v in _bound("train_loop.train").items()}
+  args = {k: _evaluate(v) for k, v in _bound("train.train").items()}
   assert args["train_dataset_cfg"].mixture_or_task_name == "cnn_dailymail"
   assert args["train_dataset_cfg"].pack and args["train_dataset_cfg"].split == "train"
   assert args["train_eval_dataset_cfg"].split == "validation"
@@ -134,8 +133,8 @@ def test_train_run_files_bind_everything(run):
   assert args["optimizer"].decay_rate == 0.8 and args["optimizer"].clipping_threshold == 1.0
 
 
-@pytest.mark.parametrize("run,fn", [("eval", "evaluation.evaluate"),
-                                    ("infer", "evaluation.infer")])
+@pytest.mark.parametrize("run,fn", [("eval", "eval.evaluate"),
+                                    ("infer", "infer.infer")])
 def test_eval_and_infer_run_files_bind_everything(run, fn):
   out = "EVAL_OUTPUT_DIR" if run == "eval" else "INFER_OUTPUT_DIR"
   _build(["t5_1_1/tiny.gin", "attention/mqa.gin", f"runs/{run}.gin"],
@@ -150,7 +149,7 @@ def test_eval_and_infer_run_files_bind_everything(run, fn):
 def test_paper_uptraining_files(name):
   config, count, _ = _build([name], ["MODEL_DIR='/tmp/unused'",
                                      "INITIAL_CHECKPOINT_PATH='/tmp/t5_1_1_xxl'"])
-  args = {k: _evaluate(v) for k, v in _bound("train_loop.train").items()}
+  args = {k: _evaluate(v) for k, v in _bound("train.train").items()}
   assert config.num_heads == 64 and config.emb_dim == 4096
   assert config.num_kv_heads == (1 if "mqa" in name else 8)
   assert args["total_steps"] == 1_050_000       # 1M pre-training steps + alpha = 0.05
@@ -168,7 +167,7 @@ def test_paper_uptraining_files(name):
 def test_paper_finetuning_files(name):
   task = os.path.basename(name)[:-4]
   config, _, _ = _build(["paper/models/mha_large.gin", name], REQUIRED_TRAIN)
-  args = {k: _evaluate(v) for k, v in _bound("train_loop.train").items()}
+  args = {k: _evaluate(v) for k, v in _bound("train.train").items()}
   assert args["train_dataset_cfg"].mixture_or_task_name == task
   assert dict(args["train_dataset_cfg"].task_feature_lengths) == dict(
       lengths.PAPER_FEATURE_LENGTHS[task])
@@ -222,7 +221,7 @@ def _toy_flags(model_dir, steps=2):
           "--gin.MIXTURE_OR_TASK_MODULE='trainer_fixtures:register_toy_task'",
           f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{model_dir}'",
           "--gin.BATCH_SIZE=8", "--gin.EVAL_PERIOD=0", "--gin.LOG_PERIOD=1",
-          "--gin.network.T5Config.vocab_size=320", "--no_progress"]
+          "--gin.network.T5Config.vocab_size=320", "--no_progress", "--jax_cache_dir="]
 
 
 def test_train_eval_and_infer_entry_points(tmp_path):
@@ -232,7 +231,7 @@ def test_train_eval_and_infer_entry_points(tmp_path):
   run = tmp_path / "run"
   assert train.main(_toy_flags(run)) == 0
   config_gin = (run / "config.gin").read_text()
-  assert "NUM_KV_HEADS = 2" in config_gin and "train_loop.train" in config_gin
+  assert "NUM_KV_HEADS = 2" in config_gin and "train.train" in config_gin
   assert sorted(os.listdir(run / "checkpoints")) == ["2"]
 
   common = ["--gin_file=t5_1_1/tiny.gin", "--gin_file=attention/gqa_2.gin",
@@ -240,7 +239,7 @@ def test_train_eval_and_infer_entry_points(tmp_path):
             f"--gin.TASK_FEATURE_LENGTHS={fx.LENGTHS}",
             "--gin.MIXTURE_OR_TASK_MODULE='trainer_fixtures:register_toy_task'",
             f"--gin.CHECKPOINT_PATH='{run}'", "--gin.BATCH_SIZE=8", "--gin.NUM_EXAMPLES=12",
-            "--gin.network.T5Config.vocab_size=320"]
+            "--gin.network.T5Config.vocab_size=320", "--jax_cache_dir="]
   assert eval_main.main(common + ["--gin_file=runs/eval.gin",
                                   f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'"]) == 0
   rows = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").open()]
@@ -269,5 +268,6 @@ def test_train_entry_point_dry_run_prints_memory_per_device(tmp_path, capsys):
 
 def test_entry_point_reports_missing_macros_with_exit_status_2(capsys):
   from gqa_t5 import train
-  assert train.main(["--gin_file=t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin"]) == 2
+  assert train.main(["--gin_file=t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin",
+                     "--jax_cache_dir="]) == 2
   assert "REQUIRED gin macro(s) not set" in capsys.readouterr().err

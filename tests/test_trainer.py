@@ -11,8 +11,10 @@ import pytest
 import fixture_paths
 
 import trainer_fixtures as fx
-from gqa_t5 import checkpointing, initial_checkpoint, input_pipeline, optim, partitioning
-from gqa_t5 import train_loop
+from gqa_t5 import input_pipeline, optim, partitioning
+from gqa_t5 import train as train_lib
+from gqa_t5.checkpoints import initial
+from gqa_t5.checkpoints import model_dir as model_dir_lib
 from gqa_t5 import trainer as trainer_lib
 
 FIXTURE = fixture_paths.T5X_TINY
@@ -32,9 +34,9 @@ def _train(model_dir, model, steps, **kwargs):
   args = dict(model=model, train_dataset_cfg=fx.dataset_cfg(), model_dir=str(model_dir),
               total_steps=steps, optimizer=optim.Adafactor(learning_rate=optim.constant(0.05)),
               eval_period=0, log_period=steps, progress=False,
-              checkpoint_cfg=checkpointing.CheckpointConfig(period=1000, async_save=False))
+              checkpoint_cfg=model_dir_lib.CheckpointConfig(period=1000, async_save=False))
   args.update(kwargs)
-  return train_loop.train(**args)
+  return train_lib.train(**args)
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
@@ -58,7 +60,7 @@ def test_train_eval_and_inference_eval_for_each_kv_head_count(tmp_path, num_kv_h
   assert np.isfinite(tf_eval["loss_per_nonpadding_target_token"])
   infer = [r for r in rows if r["split"] == "inference_eval"][0]
   assert 0.0 <= infer[f"{fx.TOY_TASK}/sequence_accuracy"] <= 100.0
-  assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == 4
+  assert model_dir_lib.Checkpointer(str(tmp_path)).latest_step() == 4
   # TensorBoard event files beside the JSON lines.
   assert any(name.startswith("events.out") for name in os.listdir(tmp_path / "train"))
 
@@ -122,9 +124,9 @@ class _NaNAfterFirstStep:
 def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
   with pytest.raises(trainer_lib.NonFiniteLossError, match=r"loss is nan at step 2"):
     _train(tmp_path, _NaNAfterFirstStep(fx.tiny_model(2)), 6,
-           checkpoint_cfg=checkpointing.CheckpointConfig(period=2, async_save=False))
+           checkpoint_cfg=model_dir_lib.CheckpointConfig(period=2, async_save=False))
   # Nothing computed from the NaN step was saved.
-  assert checkpointing.Checkpointer(str(tmp_path)).all_steps() == []
+  assert model_dir_lib.Checkpointer(str(tmp_path)).all_steps() == []
 
 
 def test_unknown_task_is_refused_before_any_compute(tmp_path):
@@ -149,7 +151,7 @@ def test_model_dir_of_another_configuration_is_refused(tmp_path):
 def test_initial_checkpoint_with_other_shapes_names_tensor_and_shapes(tmp_path):
   source_dir = tmp_path / "mha"
   _train(source_dir, fx.tiny_model(4), 1)
-  with pytest.raises(initial_checkpoint.InitialCheckpointError,
+  with pytest.raises(initial.InitialCheckpointError,
                      match=r"tensor decoder/layers_0/encoder_decoder_attention/key/kernel has "
                            r"shape \(32, 32\) in the checkpoint but the configured model needs "
                            r"\(32, 8\)"):
@@ -178,10 +180,12 @@ def test_fine_tuning_starts_from_a_t5x_checkpoint(tmp_path):
   config = T5Config(vocab_size=1152, emb_dim=128, num_heads=8, head_dim=32, mlp_dim=256,
                     num_encoder_layers=3, num_decoder_layers=2, dropout_rate=0.0)
   model = models.EncoderDecoderModel(network.Transformer(config))
-  state = _train(tmp_path, model, 21,
+  # The fixture's 1,152-row embedding needs a task vocabulary of 1,025..1,152 ids.
+  task = fx.register_toy_task("gqa_t5_test_toy_copy_1152", extra_ids=1152 - 259)
+  state = _train(tmp_path, model, 21, train_dataset_cfg=fx.dataset_cfg(task=task, module=None),
                  initial_checkpoint_path=os.path.join(FIXTURE, "checkpoint_f32", "checkpoint_20"))
   assert int(state.step) == 21
-  assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == 21
+  assert model_dir_lib.Checkpointer(str(tmp_path)).latest_step() == 21
 
 
 def test_scanned_layers_keep_per_layer_optimizer_statistics():

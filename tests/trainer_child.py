@@ -39,7 +39,8 @@ def main():
                                               args.process_id)
   import numpy as np
   import trainer_fixtures as fx
-  from gqa_t5 import checkpointing, optim, train_loop
+  from gqa_t5 import optim, train as train_loop
+  from gqa_t5.checkpoints import model_dir as checkpointing
 
   if args.kill_in_save is not None:
     # Die at the moment orbax would commit the step's checkpoint: everything is written to

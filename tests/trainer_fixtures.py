@@ -29,8 +29,9 @@ def _examples(split: str):
   return out
 
 
-def register_toy_task(name: str = TOY_TASK):
-  """Registers (idempotently) the copy task over bytes; returns its name."""
+def register_toy_task(name: str = TOY_TASK, extra_ids: int = 0):
+  """Registers (idempotently) the copy task over bytes; returns its name. `extra_ids` adds
+  unused ids to the vocabulary (259 + extra_ids), to fit a model of another vocab_size."""
   import seqio
   import tensorflow as tf
 
@@ -43,7 +44,7 @@ def register_toy_task(name: str = TOY_TASK):
     hits = [t == p for t, p in zip(targets, predictions)]
     return {"sequence_accuracy": 100.0 * float(np.mean(hits))}
 
-  vocab = seqio.ByteVocabulary()
+  vocab = seqio.ByteVocabulary(extra_ids=extra_ids)
   seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
       name,
@@ -70,11 +71,11 @@ def tiny_model(num_kv_heads=None, **overrides):
   return models.EncoderDecoderModel(network.Transformer(tiny_config(num_kv_heads, **overrides)))
 
 
-def dataset_cfg(split="train", batch_size=8, shuffle=True, pack=True, seed=0):
+def dataset_cfg(split="train", batch_size=8, shuffle=True, pack=True, seed=0, task=TOY_TASK,
+                module="trainer_fixtures:register_toy_task"):
   from gqa_t5.input_pipeline import DatasetConfig
-  return DatasetConfig(TOY_TASK, dict(LENGTHS), split=split, batch_size=batch_size,
-                       shuffle=shuffle, seed=seed, pack=pack,
-                       module="trainer_fixtures:register_toy_task")
+  return DatasetConfig(task, dict(LENGTHS), split=split, batch_size=batch_size,
+                       shuffle=shuffle, seed=seed, pack=pack, module=module)
 
 
 def subprocess_env(num_devices=None):

@@ -16,9 +16,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import jax
 
+from gqa_t5 import jax_setup
+
 # Fallback clock origin where /proc is missing: when the benchmark package was first imported.
 _IMPORTED_AT = time.time()
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "gqa_t5", "jax")
+DEFAULT_CACHE_DIR = jax_setup.default_cache_dir()
 
 
 def process_start_time() -> float:
@@ -45,22 +47,6 @@ def since_start() -> float:
 def progress(message: str) -> None:
   """One line, stamped with seconds since process start, flushed at once."""
   print(f"[{since_start():7.1f}s] {message}", flush=True)
-
-
-def enable_compilation_cache(directory: Optional[str]) -> Optional[str]:
-  """Turns on JAX's persistent compilation cache in `directory` (None or '': off).
-
-  Every compilation is cached (no minimum compile time or size), so a second run of the same
-  benchmark skips XLA compilation. Returns the directory used.
-  """
-  if not directory:
-    return None
-  directory = os.path.abspath(os.path.expanduser(directory))
-  os.makedirs(directory, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  return directory
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

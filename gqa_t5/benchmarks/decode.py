@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import jax
 import numpy as np
 
+from gqa_t5 import jax_setup
 from gqa_t5.benchmarks import common, decode_report, roofline
 from gqa_t5.benchmarks import decode_run as run_lib
 from gqa_t5.model import sizes
@@ -131,7 +132,7 @@ def run_shape(args, config, kv_heads, params_bytes: int) -> Tuple[run_lib.RunSha
 
 def main(argv=None) -> int:
   args, parser = parse_args(argv)
-  cache_dir = common.enable_compilation_cache(args.jax_cache_dir)
+  cache_dir = jax_setup.enable_compilation_cache(args.jax_cache_dir)
   cached = len(os.listdir(cache_dir)) if cache_dir else 0
   config, kv_heads = build_config(args, parser)
   if args.compare_hf and kv_heads[0] != config.num_heads:

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 import jax
 import numpy as np
 
-from gqa_t5 import models, optim, partitioning, trainer as trainer_lib
+from gqa_t5 import jax_setup, models, optim, partitioning, trainer as trainer_lib
 from gqa_t5.benchmarks import common, hf_reference
 from gqa_t5.model import Transformer, sizes
 
@@ -198,7 +198,7 @@ def _hf_step(args, config, batch):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  cache_dir = common.enable_compilation_cache(args.jax_cache_dir)
+  cache_dir = jax_setup.enable_compilation_cache(args.jax_cache_dir)
   config, (s, t) = args.config, args.lengths
   facts = common.device_facts()
   common.progress(f"{facts['backend']} ({facts['device_kind']}); {config.emb_dim}d, "

@@ -11,6 +11,8 @@ import dataclasses
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import jax.numpy as jnp
+
 from gqa_t5.checkpoints.errors import CheckpointError
 from gqa_t5.model.config import T5Config
 
@@ -190,12 +192,15 @@ def infer_config(found: Mapping[str, Shape], source: str = "checkpoint",
 
 
 def config_to_dict(config: T5Config) -> Dict[str, Any]:
-  """A JSON-friendly view of a config (for provenance records)."""
+  """A JSON-friendly view of a config (provenance records, MODEL_DIR/model_config.json).
+
+  The dtype is written by its numpy name ('bfloat16', 'float32') whether the config holds a
+  string, a numpy dtype or a jnp scalar type, so records compare equal across spellings."""
   out = {}
   for field in dataclasses.fields(config):
     value = getattr(config, field.name)
     if field.name == "dtype":
-      value = getattr(value, "__name__", None) or str(value)
+      value = jnp.dtype(value).name
     elif isinstance(value, tuple):
       value = list(value)
     out[field.name] = value

@@ -55,6 +55,21 @@ def span_corruption_lengths(
   return num_tokens, lengths(num_tokens)[1]
 
 
+def check_targets_length(inputs_length: int, targets_length: Optional[int],
+                         noise_density: float = NOISE_DENSITY,
+                         mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> int:
+  """The minimum targets length (with EOS) span corruption needs for `inputs_length`; raises
+  ValueError naming both lengths when `targets_length` is shorter (targets would be cut)."""
+  _, needed = span_corruption_lengths(inputs_length, noise_density, mean_noise_span_length)
+  if targets_length is not None and targets_length < needed:
+    raise ValueError(
+        f"span corruption with inputs length {inputs_length} (noise density {noise_density}, "
+        f"mean span {mean_noise_span_length}) makes targets of {needed} tokens, but the "
+        f"targets length is {targets_length}: the targets would be cut. Set "
+        f"TASK_FEATURE_LENGTHS['targets'] >= {needed}.")
+  return needed
+
+
 def _random_partition(total: tf.Tensor, parts: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """Random lengths (each >= 1) of `parts` pieces that add up to `total`."""
   # Choose parts-1 distinct cut points among the total-1 gaps between items.
@@ -129,9 +144,15 @@ def span_corruption(dataset: tf.data.Dataset,
   before `seqio.preprocessors.append_eos_after_trim`. Random choices take seqio's seeds,
   so a fixed `get_dataset(seed=...)` gives the same examples.
   """
-  inputs_length = (sequence_length or {}).get("inputs") or default_inputs_length
+  lengths = dict(sequence_length or {})
+  for feature, length in lengths.items():
+    if length is not None and length <= 0:
+      raise ValueError(f"span corruption: the {feature!r} length must be positive, got {length}")
+  inputs_length = lengths.get("inputs") or default_inputs_length
   chunk_length, _ = span_corruption_lengths(inputs_length, noise_density,
                                             mean_noise_span_length)
+  check_targets_length(inputs_length, lengths.get("targets"), noise_density,
+                       mean_noise_span_length)
   vocab_size = output_features["targets"].vocabulary.vocab_size
   chunks = _chunk_token_stream(dataset, chunk_length)
   # A lone final token cannot be split into kept and noise parts.

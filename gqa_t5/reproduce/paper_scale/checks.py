@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 
-from gqa_t5 import evaluation
+from gqa_t5 import eval as eval_lib
 from gqa_t5 import gin_utils
-from gqa_t5 import initial_checkpoint
 from gqa_t5 import input_pipeline
 from gqa_t5 import partitioning
-from gqa_t5 import train_loop
-from gqa_t5 import train_state
+from gqa_t5 import train as train_lib
+from gqa_t5 import trainer
+from gqa_t5.checkpoints import initial as initial_checkpoint
 from gqa_t5.checkpoints import lazy
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints import tree as tree_lib
@@ -114,8 +114,8 @@ def check_conversion(model: jobs_lib.ModelSpec, config, abstract_params) -> str:
 def _trees(optimizer, params, axes) -> Dict[str, Tuple[Any, Any]]:
   trees = {"params": (params, axes)}
   if optimizer is not None:
-    state = jax.eval_shape(lambda p: train_state.create(p, optimizer.transform(axes)), params)
-    state_axes = train_state.logical_axes(optimizer, params, axes)
+    state = jax.eval_shape(lambda p: trainer.create(p, optimizer.transform(axes)), params)
+    state_axes = trainer.logical_axes(optimizer, params, axes)
     trees["optimizer"] = (state.opt_state.stats, state_axes.opt_state.stats)
   return trees
 
@@ -184,7 +184,7 @@ def check_decode_cache(model_obj, config) -> str:
 
 
 def entry_point(job: jobs_lib.Job):
-  return train_loop.train if job.entry == "gqa_t5.train" else evaluation.evaluate
+  return train_lib.train if job.entry == "gqa_t5.train" else eval_lib.evaluate
 
 
 def _check_model(job: jobs_lib.Job, config) -> None:

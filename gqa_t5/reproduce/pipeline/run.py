@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import jax
 
+from gqa_t5 import jax_setup
 from gqa_t5 import optim
 from gqa_t5.demo_data import layout
 from gqa_t5.model.config import T5Config
@@ -51,13 +51,6 @@ class Options:
   initial_checkpoint: Optional[str] = None
   progress: bool = True
   log: Callable[[str], None] = print
-
-
-def enable_compilation_cache(directory: Path) -> None:
-  """JAX's persistent compilation cache: variants of one shape compile once per machine."""
-  directory.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(directory))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 class Pipeline:
@@ -114,7 +107,7 @@ class Pipeline:
 
   def _setup(self) -> None:
     self.data_dir = layout.require_complete(self.o.data_dir)
-    enable_compilation_cache(self.out_dir / WORK_DIR / "jax_cache")
+    jax_setup.enable_compilation_cache(self.out_dir / WORK_DIR / "jax_cache")
     self.vocabulary = tasks.register(str(self.data_dir))
     self.vocab_size = self.preset.vocab_size or tasks.padded_vocab_size(self.vocabulary)
     marker = Path(self.data_dir) / layout.MARKER

@@ -1,5 +1,5 @@
 """The reproduction's training, conversion and evaluation steps, on the project's own APIs:
-`train_loop.train` (checkpointed and resumable), `convert.converter.convert` and
+`train.train` (checkpointed and resumable), `convert.converter.convert` and
 `evaluation.inference_eval`. Each function works inside a stage's work directory.
 """
 
@@ -13,14 +13,14 @@ from typing import Any, Dict, Mapping, Optional
 
 import jax
 
-from gqa_t5 import checkpointing
 from gqa_t5 import evaluation
-from gqa_t5 import initial_checkpoint
 from gqa_t5 import input_pipeline
 from gqa_t5 import models
 from gqa_t5 import optim
 from gqa_t5 import partitioning
-from gqa_t5 import train_loop
+from gqa_t5 import train as train_lib
+from gqa_t5.checkpoints import initial as initial_checkpoint
+from gqa_t5.checkpoints import model_dir as model_dir_lib
 from gqa_t5.convert import converter
 from gqa_t5.model import network
 from gqa_t5.model.config import T5Config
@@ -102,11 +102,11 @@ def train(work: Path, *, config, vocabulary, task: str, feature_lengths: Mapping
       mixture_or_task_name=task, task_feature_lengths=dict(feature_lengths), split="train",
       batch_size=batch_size, shuffle=True, seed=seed, pack=True)
   optimizer = optim.Adafactor(learning_rate=learning_rate)
-  train_loop.train(
+  train_lib.train(
       model=make_model(config, vocabulary), train_dataset_cfg=dataset,
       model_dir=str(model_dir), total_steps=total_steps, optimizer=optimizer,
       partitioner=partitioning.Partitioner(),
-      checkpoint_cfg=checkpointing.CheckpointConfig(period=checkpoint_period, keep=1,
+      checkpoint_cfg=model_dir_lib.CheckpointConfig(period=checkpoint_period, keep=1,
                                                     async_save=False),
       initial_checkpoint_path=initial_checkpoint, eval_period=0,
       log_period=max(1, min(50, total_steps // 4 or 1)), random_seed=seed, progress=progress)

@@ -1,5 +1,5 @@
-"""INITIAL_CHECKPOINT_PATH: open any format the checkpoint readers know, check every tensor's
-shape against the configured model before anything is computed, and read it.
+"""INITIAL_CHECKPOINT_PATH, the checkpoint a run starts from: open any format the readers know,
+check every tensor's shape against the configured model before anything is computed, read it.
 
 A multi-head checkpoint can start a GQA/MQA run directly when `kv_conversion` is set ('mean'
 is the paper's mean pooling of each group's key/value heads); the converter does the pooling.
@@ -9,12 +9,19 @@ differ for converted key/value kernels, and checkpoints from other tools do not 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
 
+from gqa_t5.checkpoints import detect
+from gqa_t5.checkpoints import model_dir as model_dir_lib
 from gqa_t5.checkpoints import tree as tree_lib
+from gqa_t5.convert import converter
+from gqa_t5.convert import pooling
+
 
 class InitialCheckpointError(ValueError):
   """The initial checkpoint does not fit the configured model."""
@@ -26,38 +33,23 @@ _flatten, _unflatten = tree_lib.flatten, tree_lib.unflatten
 
 def resolve_path(path: str) -> str:
   """A MODEL_DIR of ours stands for its latest checkpoint (MODEL_DIR/checkpoints/<step>)."""
-  import os  # pylint: disable=g-import-not-at-top
-  ckpt_root = os.path.join(path, "checkpoints")
-  if os.path.isdir(ckpt_root):
-    steps = sorted(int(d) for d in os.listdir(ckpt_root) if d.isdigit())
-    if not steps:
-      raise InitialCheckpointError(f"{path} has a checkpoints/ directory but no checkpoint")
-    return os.path.join(ckpt_root, str(steps[-1]))
-  return path
+  try:
+    latest = model_dir_lib.latest_checkpoint_dir(path)
+  except FileNotFoundError as error:
+    raise InitialCheckpointError(str(error)) from None
+  return latest or path
 
 
 def _open_source(path: str):
-  import os  # pylint: disable=g-import-not-at-top
   path = resolve_path(path)
   if not os.path.exists(path) and "://" not in path:
     raise InitialCheckpointError(f"initial checkpoint {path} does not exist")
-  try:
-    from gqa_t5.checkpoints import detect  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    detect = None
-  if detect is not None:
-    return detect.open_checkpoint(path, config=None, validate=False)
-  # Without the format detector: Orbax directories, else T5X's msgpack checkpoints.
-  from gqa_t5.checkpoints import orbax_format, t5x_legacy  # pylint: disable=g-import-not-at-top
-  if orbax_format.is_orbax_dir(path):
-    return orbax_format.open_orbax(path, config=None, validate=False)
-  return t5x_legacy.open_t5x(path, config=None, validate=False)
+  return detect.open_checkpoint(path, config=None, validate=False)
 
 
 def open_for_model(path: str, config, kv_conversion: Optional[str] = None):
   """Opens `path` lazily (metadata only); converts key/value heads if asked and needed."""
   if kv_conversion is not None:
-    from gqa_t5.convert import pooling  # pylint: disable=g-import-not-at-top
     if kv_conversion not in pooling.METHODS:
       raise InitialCheckpointError(f"unknown kv_conversion {kv_conversion!r}; use one of "
                                    f"{tuple(pooling.METHODS)} or None")
@@ -66,8 +58,6 @@ def open_for_model(path: str, config, kv_conversion: Optional[str] = None):
   except (FileNotFoundError, OSError) as error:
     raise InitialCheckpointError(f"INITIAL_CHECKPOINT_PATH {path}: {error}") from error
   if kv_conversion and config is not None and _needs_kv_conversion(source, config):
-    import dataclasses  # pylint: disable=g-import-not-at-top
-    from gqa_t5.convert import converter  # pylint: disable=g-import-not-at-top
     spec = converter.ConversionSpec(num_kv_heads=config.self_attention_kv_heads,
                                     num_cross_kv_heads=config.cross_attention_kv_heads,
                                     method=kv_conversion)
