@@ -142,8 +142,9 @@ class Progress:
     self._width = 0
     self._first = None  # (time, step) of the first update: the ETA counts from it
 
-  def rates(self) -> Dict[str, float]:
-    elapsed = max(time.perf_counter() - self._t0, 1e-9)
+  def rates(self, now: Optional[float] = None) -> Dict[str, float]:
+    now = time.perf_counter() if now is None else now
+    elapsed = max(now - self._t0, 1e-9)
     return {"steps_per_second": (self._step - self.first_step) / elapsed,
             "tokens_per_second": self._tokens / elapsed}
 
@@ -153,20 +154,21 @@ class Progress:
     self._tokens += tokens
     if loss is not None:
       self._loss = loss
+    now = time.perf_counter()
     if self._first is None:
-      self._first = (time.perf_counter(), step)
-    rates = self.rates()
-    self._draw(rates)
+      self._first = (now, step)
+    rates = self.rates(now)
+    self._draw(rates, now)
     return rates
 
-  def _draw(self, rates) -> None:
+  def _draw(self, rates, now: float) -> None:
     if not self.enabled:
       return
     steps_per_s = rates["steps_per_second"]
     # The ETA counts from the first update on: the first step's time is mostly compilation.
     since_t, since_step = self._first or (self._t0, self.first_step)
     done = self._step - since_step
-    eta_rate = done / max(time.perf_counter() - since_t, 1e-9) if done > 0 else 0.0
+    eta_rate = done / max(now - since_t, 1e-9) if done > 0 else 0.0
     remaining = (self.last_step - self._step) / eta_rate if eta_rate > 0 else float("inf")
     loss = f" loss {self._loss:.4f} |" if self._loss is not None else ""
     line = (f"step {self._step}/{self.last_step} | {steps_per_s:.2f} steps/s | "
@@ -183,7 +185,8 @@ class Progress:
       return
     self.stream.write("\r" + text.ljust(self._width) + "\n")
     self._width = 0
-    self._draw(self.rates())
+    now = time.perf_counter()
+    self._draw(self.rates(now), now)
 
   def close(self) -> None:
     if self.enabled:

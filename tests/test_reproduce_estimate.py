@@ -97,6 +97,6 @@ def test_the_training_bars_eta_leaves_the_compiled_first_step_out(monkeypatch):
   stream = io.StringIO()
   bar = metrics_writer.Progress(0, 1001, stream=stream)
   bar.update(1, 10.0)
-  assert stream.getvalue().endswith("ETA ?   ")  # no rate yet: not 27 hours
+  assert stream.getvalue().endswith("ETA ?")  # no rate yet: not 27 hours
   bar.update(2, 10.0)
   assert "ETA 0:16:39" in stream.getvalue()  # 999 steps at 1 s each
