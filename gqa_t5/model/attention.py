@@ -224,12 +224,13 @@ class GroupedAttention(nn.Module):
     cached_key = self.variable("cache", "cached_key", None)
     cached_value = self.variable("cache", "cached_value", None)
     cache_index = self.variable("cache", "cache_index", None)
-    index = cache_index.value                                           # [] or [B]
+    # [] or [B]; t5x's beam search hands a prefilled index on as [B, W] (flaxformer flattens it).
+    index = cache_index.value if cache_index.value.ndim == 0 else cache_index.value.reshape(-1)
     k, v = self._keys_values(inputs_kv)                                 # [B, K, 1, H] each
     keys = _write_positions(cached_key.value, k, index)                 # [B, K, S, H]
     values = _write_positions(cached_value.value, v, index)             # [B, K, S, H]
     cached_key.value, cached_value.value = keys, values
-    cache_index.value = index + 1
+    cache_index.value = cache_index.value + 1
     length = keys.shape[2]
     positions = jnp.reshape(index, (-1, 1))                             # [B|1, T=1]
     key_positions = jnp.arange(length)                                  # [S]
