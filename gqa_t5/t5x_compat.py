@@ -22,19 +22,12 @@ import jax
 from flax.core import freeze
 
 from gqa_t5 import optim, partitioning
+from gqa_t5.model import axes
 from gqa_t5.model.config import T5Config
 from gqa_t5.model.network import Transformer
 from gqa_t5.models import EncoderDecoderModel
 
-# Every logical axis our parameters and decoding caches can carry ('layers' when scanned).
-PARAM_AXES = ("vocab", "embed", "mlp", "heads", "joined_kv", "grouped_kv", "relpos_buckets",
-              "layers")
-CACHE_AXES = ("batch", "kv_heads", "length", "kv", "layers")
-# Logical axes of our cache leaves (T5X's cache names), unscanned; scanned caches add 'layers'
-# in front. `cache_index` is a scalar, or [B] after a prompt prefill.
-_CACHE_LEAF_AXES = {"cached_key": ("batch", "kv_heads", "length", "kv"),
-                    "cached_value": ("batch", "kv_heads", "length", "kv"),
-                    "kv_filled": ("batch",), "cache_index": ("batch",)}
+PARAM_AXES, CACHE_AXES = axes.PARAM_AXES, axes.CACHE_AXES
 
 INSTALL_HINT = (
     "t5x is not on PyPI. Install it from its repository without its dependencies, so that "
@@ -74,10 +67,10 @@ def logical_axis_rules(num_kv_heads: Optional[int] = None,
   if base_rules is None:
     t5x_partitioning = _t5x_module("t5x.partitioning")
     base_rules = (t5x_partitioning.standard_logical_axis_rules() if t5x_partitioning
-                  else partitioning.T5X_STANDARD_RULES)
+                  else axes.T5X_STANDARD_RULES)
   rules = [tuple(rule) for rule in base_rules]
   known = {name for name, _ in rules}
-  rules += [rule for rule in partitioning.kv_head_rules(num_kv_heads, num_cross_kv_heads,
+  rules += [rule for rule in axes.kv_head_rules(num_kv_heads, num_cross_kv_heads,
                                                          num_partitions)
             if rule[0] not in known]
   check_rules(rules, "the logical axis rules")
@@ -99,20 +92,22 @@ def logical_factor_rules(base_rules=None):
       rules[name] = optim.STANDARD_FACTOR_RULES[name]
   if adafactor:
     rules = {k: adafactor.factor_name_to_factordim(v) for k, v in rules.items()}
-  check_rules({n: None for n in rules}, "the Adafactor factor rules", PARAM_AXES)
+  check_rules(rules, "the Adafactor factor rules", PARAM_AXES)
   return freeze(rules)
 
 
-def check_rules(rules, what: str = "the logical axis rules", axes=PARAM_AXES + CACHE_AXES):
-  """Raises LogicalAxisError naming each of our logical `axes` that `rules` ((name, mesh axis)
-  pairs or a mapping) does not cover. Use it on a t5x rules table before training with it."""
-  partitioning.check_rules_cover({name: (name,) for name in axes}, rules, what)
+def check_rules(rules, what: str = "the logical axis rules",
+                axes_names=PARAM_AXES + CACHE_AXES) -> None:
+  """Raises LogicalAxisError naming each of our logical axes (`axes_names`) that `rules`
+  ((name, mesh axis) pairs or a mapping) does not cover. Use it on a t5x rules table before
+  training with it."""
+  axes.check_rules_cover({name: (name,) for name in axes_names}, rules, what)
 
 
 def check_model_rules(config: T5Config, rules, what: str = "the logical axis rules") -> None:
   """Like `check_rules`, on the axes that `Transformer(config)`'s parameters actually carry."""
-  _, axes = partitioning.abstract_params_and_axes(EncoderDecoderModel(Transformer(config)))
-  partitioning.check_rules_cover(axes, rules, what)
+  _, params_axes = partitioning.abstract_params_and_axes(EncoderDecoderModel(Transformer(config)))
+  axes.check_rules_cover(params_axes, rules, what)
 
 
 def cache_logical_axes(cache, scanned: bool = False) -> Any:
@@ -121,13 +116,13 @@ def cache_logical_axes(cache, scanned: bool = False) -> Any:
 
   def axes_of(path, leaf):
     name = path[-1].key
-    axes = _CACHE_LEAF_AXES[name]
+    leaf_axes = axes.CACHE_LEAF_AXES[name]
     if name == "cache_index":  # a scalar per layer, or [B] after a prompt prefill
-      axes = axes[:leaf.ndim - len(layers)]
-    if leaf.ndim != len(layers + axes):
+      leaf_axes = leaf_axes[:leaf.ndim - len(layers)]
+    if leaf.ndim != len(layers + leaf_axes):
       raise ValueError(f"cache leaf {name} has shape {leaf.shape}; expected axes "
-                       f"{layers + axes}")
-    return layers + axes
+                       f"{layers + leaf_axes}")
+    return layers + leaf_axes
   return jax.tree_util.tree_map_with_path(axes_of, cache)
 
 

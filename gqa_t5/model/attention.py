@@ -12,8 +12,8 @@ Einsum legend:
 Decoding caches (T5X names, mutable `cache` collection):
   self-attention:  cached_key, cached_value [B, K, S, H]; cache_index: the next position, a
                    scalar, or [B] after a prompt prefill (per-example lengths, as T5X's).
-  cross-attention: cached_key, cached_value [B, K, S, H] of the projected encoder output, filled once
-                   per sequence; kv_filled [B] says whether they hold it yet.
+  cross-attention: cached_key, cached_value [B, K, S, H] of the projected encoder output, filled
+                   once per sequence; kv_filled [B] says whether they hold it yet.
 The [B, K, S, H] layout makes each step's two dots batched (B, K) matmuls over contiguous [S, H]
 blocks.
 """
