@@ -1,6 +1,7 @@
 """gin/t5x/gqa_t5_network.gin with a stand-in t5x package (so it is tested where t5x is not
 installed) and with the real t5x where it is, including t5x's own decoding loops."""
 
+import contextlib
 import functools
 import os
 import sys
@@ -106,6 +107,27 @@ _SIZE_GIN = """
     """
 
 
+@contextlib.contextmanager
+def _isolated_gin():
+  """gin's registry outlives clear_config(): the t5x classes these tests register (and the
+  stand-in's) would make 'network.T5Config' ambiguous for every later gin test."""
+  # pylint: disable-next=protected-access
+  registry, inverse = gin.config._REGISTRY, gin.config._INVERSE_REGISTRY
+  saved_registry, saved_inverse = registry.copy(), dict(inverse)
+  gin.clear_config()
+  gin.enter_interactive_mode()  # the stand-in's classes take the real ones' names
+  try:
+    yield
+  finally:
+    gin.exit_interactive_mode()
+    gin.clear_config(clear_constants=False)
+    registry.clear()
+    for selector, info in saved_registry.items():
+      registry[selector] = info
+    inverse.clear()
+    inverse.update(saved_inverse)
+
+
 def _t5x_modules():
   return [m for m in sys.modules if m == "t5x" or m.startswith("t5x.")]
 
@@ -121,11 +143,8 @@ def fake_t5x(tmp_path, monkeypatch):
     path.write_text(textwrap.dedent(text))
   (tmp_path / "size.gin").write_text(textwrap.dedent(_SIZE_GIN))
   monkeypatch.syspath_prepend(str(tmp_path))
-  gin.clear_config()
-  gin.enter_interactive_mode()  # the stand-in's classes replace the real ones' names
-  yield tmp_path
-  gin.exit_interactive_mode()
-  gin.clear_config()
+  with _isolated_gin():
+    yield tmp_path
   for name in _t5x_modules():
     del sys.modules[name]
 
@@ -169,11 +188,8 @@ def test_t5x_absence_is_explained_with_a_pin_keeping_recipe(monkeypatch):
 @pytest.fixture
 def t5x_dir():
   t5x = pytest.importorskip("t5x")
-  gin.clear_config()
-  gin.enter_interactive_mode()  # t5x's names may have been taken by the stand-in
-  yield os.path.dirname(os.path.dirname(t5x.__file__))
-  gin.exit_interactive_mode()
-  gin.clear_config()
+  with _isolated_gin():
+    yield os.path.dirname(os.path.dirname(t5x.__file__))
 
 
 def test_network_gin_with_t5x_size_files(t5x_dir):
