@@ -32,11 +32,27 @@ class SamplingState(NamedTuple):
   rng: jnp.ndarray
 
 
+def prefill_inputs(prompt: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """(prefill_lengths [B], initial_tokens [B, 1]) of a prompt in T5X's layout.
+
+  `prompt` [B, P] is BOS (0) then each example's prompt tokens, zero-padded. The network's
+  `decode(prompt, prefill=True, prefill_lengths=...)` stores all but the last prompt token (as
+  T5X counts: the non-zero tokens); the decoding loop then starts from that last token
+  (`initial_tokens`), each example at its own position.
+  """
+  lengths = jnp.sum(prompt != 0, axis=1).astype(jnp.int32)                 # [B]
+  return lengths, jnp.take_along_axis(prompt, lengths[:, None], axis=1)    # [B], [B, 1]
+
+
 def temperature_sample(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
                        max_decode_length: int, eos_id: int = 1,
                        rng: Optional[jnp.ndarray] = None, temperature: float = 0.0,
-                       topk: int = 0, return_cache: bool = False):
+                       topk: int = 0, return_cache: bool = False,
+                       initial_tokens: Optional[jnp.ndarray] = None):
   """Greedy (temperature 0) or sampled decoding.
+
+  `initial_tokens` [B, 1]: the first decoder input (default BOS, 0); after a prompt prefill,
+  the prompt's last tokens (`prefill_inputs`), and the sequences are then the continuations.
 
   Returns:
     sequences [B, L] (EOS included, zeros after it) and their log-likelihoods [B] under the
@@ -78,7 +94,8 @@ def temperature_sample(cache: Cache, tokens_to_logits: TokensToLogits, batch_siz
 
   init = SamplingState(jnp.array(0, jnp.int32),
                        jnp.zeros((batch_size, max_decode_length), jnp.int32),
-                       jnp.zeros((batch_size, 1), jnp.int32),
+                       (jnp.zeros((batch_size, 1), jnp.int32) if initial_tokens is None
+                        else initial_tokens.astype(jnp.int32)),
                        jnp.zeros((batch_size,), bool), jnp.zeros((batch_size,), jnp.float32),
                        cache, rng)
   final = jax.lax.while_loop(cond, body, init)

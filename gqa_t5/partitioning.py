@@ -1,15 +1,11 @@
 """Device mesh, logical axis rules and start-up checks for data and model parallelism.
 
 The mesh has two axes, 'data' (batch) and 'model' (heads, MLP and vocabulary), as T5X's
-`PjitPartitioner`. Parameters and activations carry logical axis names (T5X's: 'embed', 'mlp',
-'heads', 'joined_kv', 'kv', 'vocab', 'relpos_buckets', ...); `standard_logical_axis_rules`
-maps them to mesh axes. Grouped-query attention adds two names for its K key/value heads:
-  'grouped_kv'  the K*H output dim of the decoder's key/value kernels (parameters),
-  'kv_heads'   the K dim of key/value activations.
-They shard over 'model' only when K is a multiple of the model axis size: each device then
-holds the key/value heads of exactly its own query heads (query head n uses key/value head
-n // (N/K), see model/grouping.py), so attention needs no communication. Otherwise they are
-replicated: every device holds all K heads and its query heads still meet their own.
+`PjitPartitioner`. Parameters and activations carry logical axis names (T5X's plus
+'grouped_kv' and 'kv_heads' for the K key/value heads); `standard_logical_axis_rules` maps them
+to mesh axes, sharding the key/value heads only when K is a multiple of the model axis (see
+model/axes.py, where the names, the rules tables and `check_rules_cover` live). A `Partitioner`
+refuses rules that miss an axis instead of leaving that array unsharded.
 """
 
 from __future__ import annotations
@@ -26,48 +22,15 @@ import numpy as np
 from flax.linen import partitioning as nn_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA = "data"
-MODEL = "model"
-LogicalRules = Sequence[Tuple[str, Optional[str]]]
+# The rules tables and their check live with the axis names (model/axes.py); re-exported here.
+from gqa_t5.model.axes import (DATA, KV_HEAD_AXES, MODEL, T5X_STANDARD_RULES,  # noqa: F401
+                               LogicalAxisError, LogicalRules, check_rules_cover, is_axes,
+                               kv_head_rules, kv_heads_shardable, logical_axis_names,
+                               standard_logical_axis_rules)
 
 
 class PartitioningError(ValueError):
   """A mesh or batch layout that cannot work with the configured model."""
-
-
-def kv_heads_shardable(num_kv_heads: int, model_axis_size: int) -> bool:
-  """Whether K key/value heads can be split evenly over the model axis."""
-  return num_kv_heads % model_axis_size == 0
-
-
-def standard_logical_axis_rules(num_kv_heads: Optional[int] = None,
-                                num_cross_kv_heads: Optional[int] = None,
-                                model_axis_size: int = 1) -> List[Tuple[str, Optional[str]]]:
-  """T5X's standard rules (1-D activation partitioning) plus the key/value-head axes.
-
-  `num_kv_heads` / `num_cross_kv_heads`: K of the decoder's self- and cross-attention (None:
-  multi-head, sharded like query heads). Key/value heads shard over 'model' only when every
-  such K is a multiple of `model_axis_size`.
-  """
-  ks = [k for k in (num_kv_heads, num_cross_kv_heads) if k is not None]
-  kv_axis = MODEL if all(kv_heads_shardable(k, model_axis_size) for k in ks) else None
-  return [
-      ("batch", DATA),
-      ("vocab", MODEL),
-      ("embed", None),
-      ("mlp", MODEL),
-      ("heads", MODEL),
-      ("kv", None),
-      ("joined_kv", MODEL),
-      ("grouped_kv", kv_axis),
-      ("kv_heads", kv_axis),
-      ("relpos_buckets", None),
-      ("abspos_buckets", None),
-      ("length", None),
-      ("layers", None),
-      ("stack", None),
-      ("mlp_activations", None),
-  ]
 
 
 def create_mesh(data: int = -1, model: int = 1,
@@ -196,11 +159,6 @@ def init_params(model, rng, shardings=None) -> Any:
   return jax.jit(init, out_shardings=shardings)(rng)
 
 
-def _is_axes(x) -> bool:
-  return isinstance(x, (tuple, PartitionSpec)) and all(
-      isinstance(a, (str, type(None))) for a in x)
-
-
 @dataclasses.dataclass
 class Partitioner:
   """A mesh plus logical rules: turns logical axes into shardings and host data into arrays.
@@ -245,8 +203,10 @@ class Partitioner:
     return NamedSharding(self.mesh, self.logical_to_spec(axes))
 
   def shardings(self, axes_tree) -> Any:
-    """A tree of NamedShardings for a tree of logical-axis tuples."""
-    return jax.tree.map(self.sharding, axes_tree, is_leaf=_is_axes)
+    """A tree of NamedShardings for a tree of logical-axis tuples; an axis the rules do not
+    cover raises LogicalAxisError (instead of leaving that array unsharded)."""
+    check_rules_cover(axes_tree, self._rules(), "the partitioner's logical axis rules")
+    return jax.tree.map(self.sharding, axes_tree, is_leaf=is_axes)
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())

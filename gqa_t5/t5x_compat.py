@@ -1,37 +1,160 @@
 """Handing our network to t5x, where t5x is installed (it is not on PyPI; never a hard import).
 
 `Transformer` already has t5x's `EncoderDecoder` interface (`encode`, `decode(..., decode=True,
-max_decode_length=...)`, `__call__`, a mutable `cache` collection whose only non-batch-leading
-leaves are named `cache_index`, as t5x's `decoding.cache_map` expects), so t5x's own
-`EncoderDecoderModel` can wrap it directly:
+max_decode_length=..., prefill=..., prefill_lengths=...)`, `__call__`, `scan_layers`, a mutable
+`cache` collection whose only non-batch-leading leaves are named `cache_index`, as t5x's
+`decoding.cache_map` expects), so t5x's own `EncoderDecoderModel` can wrap it directly. What t5x
+does not know are our two logical axes, 'grouped_kv' (the decoder's key/value kernels) and
+'kv_heads' (key/value activations and caches): this module returns t5x's rule tables with them
+added, and checks a rules table before it silently leaves a weight unsharded.
 
-  from gqa_t5 import t5x_compat
-  model = t5x_compat.t5x_model(T5Config(..., num_kv_heads=8), vocabulary, optimizer_def)
-
-In gin, bind `t5x.models.EncoderDecoderModel.module = @network.Transformer()` after
-`from gqa_t5.model import network`, as gin/t5x/README.md shows.
+  gin/t5x/gqa_t5_network.gin  binds all of this for a t5x user (see gin/t5x/README.md);
+  t5x_model(config, vocabulary, optimizer_def)  builds the model in Python.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+from flax.core import freeze
+
+from gqa_t5 import optim, partitioning
+from gqa_t5.model import axes
+from gqa_t5.model.config import T5Config
+from gqa_t5.model.network import Transformer
+from gqa_t5.models import EncoderDecoderModel
+
+PARAM_AXES, CACHE_AXES = axes.PARAM_AXES, axes.CACHE_AXES
+
+INSTALL_HINT = (
+    "t5x is not on PyPI. Install it from its repository without its dependencies, so that "
+    "gqa_t5's pins stay: pip install --no-deps 'git+https://github.com/google-research/t5x', "
+    "then t5x's imports that gqa_t5 lacks: pip install --no-deps airio grain fiddle "
+    "jaxtyping cached_property jestimator (gin/t5x/README.md has the full recipe); gqa_t5's "
+    "own trainer needs no t5x.")
 
 
 def require_t5x():
-  """The t5x package, or an ImportError that says how to get it."""
+  """The t5x package's `models` module, or an ImportError that says how to get it."""
   try:
     return importlib.import_module("t5x.models")
   except ModuleNotFoundError as error:
-    raise ImportError(
-        "t5x is not installed: it is not on PyPI. Install it from its repository "
-        "(pip install 'git+https://github.com/google-research/t5x') to use gqa_t5's network "
-        "inside t5x; gqa_t5's own trainer needs no t5x.") from error
+    raise ImportError(f"t5x is not installed: {INSTALL_HINT}") from error
 
 
-def t5x_model(config, vocabulary, optimizer_def, **model_kwargs):
+def _t5x_module(name: str):
+  try:
+    return importlib.import_module(name)
+  except ImportError:
+    return None
+
+
+# ---- rules ---------------------------------------------------------------------------------
+
+
+def logical_axis_rules(num_kv_heads: Optional[int] = None,
+                       num_cross_kv_heads: Optional[int] = None, num_partitions: int = 1,
+                       base_rules=None) -> List[Tuple[str, Optional[str]]]:
+  """t5x-ready partitioning rules: `base_rules` (default: t5x's standard table, from t5x when
+  installed) plus 'grouped_kv' and 'kv_heads', which shard over 'model' when every K is a
+  multiple of `num_partitions` (t5x's model-axis size) and are replicated otherwise.
+
+  Raises LogicalAxisError when the result still misses an axis our network uses.
+  """
+  if base_rules is None:
+    t5x_partitioning = _t5x_module("t5x.partitioning")
+    base_rules = (t5x_partitioning.standard_logical_axis_rules() if t5x_partitioning
+                  else axes.T5X_STANDARD_RULES)
+  rules = [tuple(rule) for rule in base_rules]
+  known = {name for name, _ in rules}
+  rules += [rule for rule in axes.kv_head_rules(num_kv_heads, num_cross_kv_heads,
+                                                         num_partitions)
+            if rule[0] not in known]
+  check_rules(rules, "the logical axis rules")
+  return rules
+
+
+def logical_factor_rules(base_rules=None):
+  """t5x-ready Adafactor factor rules (`adafactor.Adafactor.logical_factor_rules`): `base_rules`
+  (default: t5x's `standard_logical_factor_rules()` when installed, else ours, which agree)
+  plus gqa_t5's axes, factored as `gqa_t5.optim` factors them ('grouped_kv' a column, as
+  'joined_kv'). Values are t5x's FactorDim when t5x is installed, else their names."""
+  adafactor = _t5x_module("t5x.adafactor")
+  if base_rules is None:
+    base_rules = (adafactor.standard_logical_factor_rules() if adafactor
+                  else optim.STANDARD_FACTOR_RULES)
+  rules: Dict[str, Any] = dict(base_rules)
+  for name in PARAM_AXES + CACHE_AXES:
+    if name not in rules and name in optim.STANDARD_FACTOR_RULES:
+      rules[name] = optim.STANDARD_FACTOR_RULES[name]
+  if adafactor:
+    rules = {k: adafactor.factor_name_to_factordim(v) for k, v in rules.items()}
+  check_rules(rules, "the Adafactor factor rules", PARAM_AXES)
+  return freeze(rules)
+
+
+def check_rules(rules, what: str = "the logical axis rules",
+                axes_names=PARAM_AXES + CACHE_AXES) -> None:
+  """Raises LogicalAxisError naming each of our logical axes (`axes_names`) that `rules`
+  ((name, mesh axis) pairs or a mapping) does not cover. Use it on a t5x rules table before
+  training with it."""
+  axes.check_rules_cover({name: (name,) for name in axes_names}, rules, what)
+
+
+def check_model_rules(config: T5Config, rules, what: str = "the logical axis rules") -> None:
+  """Like `check_rules`, on the axes that `Transformer(config)`'s parameters actually carry."""
+  _, params_axes = partitioning.abstract_params_and_axes(EncoderDecoderModel(Transformer(config)))
+  axes.check_rules_cover(params_axes, rules, what)
+
+
+def cache_logical_axes(cache, scanned: bool = False) -> Any:
+  """Logical axes of a decoding cache tree (a scanned model's caches get 'layers' first)."""
+  layers = ("layers",) if scanned else ()
+
+  def axes_of(path, leaf):
+    name = path[-1].key
+    leaf_axes = axes.CACHE_LEAF_AXES[name]
+    if name == "cache_index":  # a scalar per layer, or [B] after a prompt prefill
+      leaf_axes = leaf_axes[:leaf.ndim - len(layers)]
+    if leaf.ndim != len(layers + leaf_axes):
+      raise ValueError(f"cache leaf {name} has shape {leaf.shape}; expected axes "
+                       f"{layers + leaf_axes}")
+    return layers + leaf_axes
+  return jax.tree_util.tree_map_with_path(axes_of, cache)
+
+
+# ---- the network from t5x's configuration --------------------------------------------------
+
+
+def config_from_t5x(t5x_config, num_kv_heads: Optional[int] = None,
+                    num_cross_kv_heads: Optional[int] = None, scan_layers: bool = False,
+                    remat_policy: str = "none") -> T5Config:
+  """Our T5Config from t5x's `network.T5Config` (as t5x's size gin files bind it: sizes,
+  dtype, dropout_rate = %DROPOUT_RATE, ...) plus the key/value head counts."""
+  ours = {f.name for f in dataclasses.fields(T5Config)}
+  fields = {f.name: getattr(t5x_config, f.name) for f in dataclasses.fields(t5x_config)}
+  unknown = sorted(set(fields) - ours)
+  if unknown:
+    raise ValueError(f"t5x's T5Config has field(s) {unknown} that gqa_t5's T5Config lacks; "
+                     f"gqa_t5 knows {sorted(ours)}")
+  return T5Config(**fields, num_kv_heads=num_kv_heads, num_cross_kv_heads=num_cross_kv_heads,
+                  scan_layers=scan_layers, remat_policy=remat_policy)
+
+
+def transformer(t5x_config, num_kv_heads: Optional[int] = None,
+                num_cross_kv_heads: Optional[int] = None, scan_layers: bool = False,
+                remat_policy: str = "none"):
+  """Our `Transformer` configured from t5x's `network.T5Config` (what the gin file binds)."""
+  return Transformer(config_from_t5x(t5x_config, num_kv_heads, num_cross_kv_heads,
+                                     scan_layers, remat_policy))
+
+
+def t5x_model(config: T5Config, vocabulary, optimizer_def, **model_kwargs):
   """t5x's `EncoderDecoderModel` around our `Transformer(config)`."""
   t5x_models = require_t5x()
-  from gqa_t5.model import Transformer
   return t5x_models.EncoderDecoderModel(
       module=Transformer(config), input_vocabulary=vocabulary, output_vocabulary=vocabulary,
       optimizer_def=optimizer_def, **model_kwargs)

@@ -61,8 +61,8 @@ def test_numpy_integer_dimensions_become_ints():
 def test_non_divisor_error_lists_valid_choices_from_grouping():
   with pytest.raises(ValueError, match=r"use one of \[1, 2, 3, 6\]"):
     T5Config(vocab_size=32, num_heads=6, num_kv_heads=4)
-  assert grouping.kv_head_choices(6) == [1, 2, 3, 6]
-  for k in grouping.kv_head_choices(12):  # every choice grouping allows, the config accepts
+  assert grouping.valid_kv_heads(6) == [1, 2, 3, 6]
+  for k in grouping.valid_kv_heads(12):  # every choice grouping allows, the config accepts
     assert T5Config(vocab_size=32, num_heads=12, num_kv_heads=k).self_attention_kv_heads == k
 
 

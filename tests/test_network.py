@@ -14,6 +14,8 @@ from flax import traverse_util
 from gqa_t5.model import T5Config, Transformer
 from model_fixtures import KV_HEADS, forward, init_params, tiny_batch, tiny_config
 
+# bfloat16 activations vs float32, max abs logits difference (the logits are O(3) here).
+BF16_LOGITS_ATOL = 0.25
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "goldens")
 FIXTURE = fixture_paths.T5X_TINY
 
@@ -157,7 +159,27 @@ def test_bfloat16_activations_keep_float32_params_and_logits():
   logits = forward(module, params, batch)
   assert logits.dtype == jnp.float32
   logits32 = forward(Transformer(tiny_config(1)), params, batch)
-  assert float(jnp.max(jnp.abs(logits - logits32))) < 0.25
+  assert float(jnp.max(jnp.abs(logits - logits32))) < BF16_LOGITS_ATOL
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_bfloat16_logits_tolerance_catches_a_wrong_head_pairing(num_kv_heads):
+  """bfloat16 logits differ from float32 by ~0.05 here; pairing every query head with the next
+  group's key/value head (rolled key/value kernels) moves them by more than 3."""
+  batch = tiny_batch()
+  config = tiny_config(num_kv_heads)
+  module, params = init_params(config.replace(dtype=jnp.bfloat16), batch)
+  logits32 = forward(Transformer(config), params, batch)
+  assert float(jnp.max(jnp.abs(forward(module, params, batch) - logits32))) < BF16_LOGITS_ATOL
+  rolled = jax.tree.map(lambda x: x, params)
+  for i in range(config.num_decoder_layers):
+    for attention in ("self_attention", "encoder_decoder_attention"):
+      for name in ("key", "value"):
+        leaf = rolled["decoder"][f"layers_{i}"][attention][name]
+        heads = leaf["kernel"].reshape(config.emb_dim, num_kv_heads, config.head_dim)
+        leaf["kernel"] = jnp.roll(heads, 1, axis=1).reshape(leaf["kernel"].shape)
+  wrong = forward(Transformer(config), rolled, batch)
+  assert float(jnp.max(jnp.abs(wrong - logits32))) > 4 * BF16_LOGITS_ATOL
 
 
 def test_padding_in_inputs_does_not_change_logits():
@@ -219,3 +241,4 @@ def test_t5x_is_optional_and_its_absence_is_explained():
   else:
     with pytest.raises(ImportError, match="not on PyPI"):
       t5x_compat.require_t5x()
+

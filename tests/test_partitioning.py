@@ -43,6 +43,23 @@ def test_partitioner_maps_logical_axes_to_specs():
   assert p.mesh_shape == (1, 1)
 
 
+def test_partitioner_refuses_rules_that_miss_a_logical_axis():
+  """t5x's standard table lacks our key/value axes: refused, naming the axis and a path."""
+  attention = {"key": {"kernel": ("embed", "grouped_kv")},
+               "query": {"kernel": ("embed", "joined_kv")}}
+  axes = {"decoder": {"layers_0": {"self_attention": attention}}}
+  p = partitioning.Partitioner(data_parallel=1, model_parallel=1,
+                               rules=list(partitioning.T5X_STANDARD_RULES))
+  with pytest.raises(partitioning.LogicalAxisError,
+                     match=r"partitioner's logical axis rules do not cover logical axis/axes "
+                           r"\['grouped_kv'\].*decoder/layers_0/self_attention/key/kernel"):
+    p.shardings(axes)
+  ok = partitioning.Partitioner(data_parallel=1, model_parallel=1).setup_for(_config(
+      num_kv_heads=2))
+  spec = ok.shardings(axes)["decoder"]["layers_0"]["self_attention"]["key"]["kernel"].spec
+  assert tuple(spec) == (None, "model")  # K = 2 divides a model axis of 1
+
+
 def test_mesh_shape_errors_say_what_would_work():
   with pytest.raises(partitioning.PartitioningError, match=r"model axis size 3 does not "
                                                             r"divide the 8 available devices; "

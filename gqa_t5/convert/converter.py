@@ -76,9 +76,8 @@ def _groups_evenly(num_heads: int, num_kv_heads) -> bool:
 def _check_target(label: str, target: int, config: T5Config, source_kv: int) -> None:
   n = config.num_heads
   if not _groups_evenly(n, target):
-    divisors = [k for k in range(1, n + 1) if _groups_evenly(n, k)]
     raise CheckpointError(f"{label}={target!r} does not divide the {n} query heads of the "
-                          f"checkpoint; use one of {divisors}")
+                          f"checkpoint; use one of {grouping.valid_kv_heads(n)}")
   if not _groups_evenly(source_kv, target):
     raise CheckpointError(f"{label}={target}: the checkpoint already has {source_kv} key/value "
                           f"heads, and {target} does not divide {source_kv}")

@@ -1,17 +1,19 @@
 """Grouped-query attention (GQA): N query heads share K key/value heads in groups of G = N/K.
 
 K = N is multi-head attention, K = 1 multi-query. Keys and values stay at K heads everywhere:
-the query is reshaped to [.., K, G, H] and every einsum contracts against the K-head keys/values
-directly, so nothing is repeated to N heads, in training or in decoding.
+the query is reshaped to [.., K, G, H] and `dot_product_attention`, the one attention core,
+contracts it against the K-head keys/values directly, so nothing is repeated to N heads, in
+training, in prefill or in decoding. A cached decode step is the same core with T = 1.
 
 Einsum legend:
   B batch, T query length, S key length, D model dim,
   N query heads, K key/value heads, G = N/K group size, H head dim.
 
 Decoding caches (T5X names, mutable `cache` collection):
-  self-attention:  cached_key, cached_value [B, K, S, H]; cache_index (scalar step).
-  cross-attention: cached_key, cached_value [B, K, S, H] of the projected encoder output, filled once
-                   per sequence; kv_filled [B] says whether they hold it yet.
+  self-attention:  cached_key, cached_value [B, K, S, H]; cache_index: the next position, a
+                   scalar, or [B] after a prompt prefill (per-example lengths, as T5X's).
+  cross-attention: cached_key, cached_value [B, K, S, H] of the projected encoder output, filled
+                   once per sequence; kv_filled [B] says whether they hold it yet.
 The [B, K, S, H] layout makes each step's two dots batched (B, K) matmuls over contiguous [S, H]
 blocks.
 """
@@ -19,21 +21,64 @@ blocks.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from gqa_t5.model import grouping
-from gqa_t5.model.layers import Dense, Dtype, default_kernel_init, project
+from gqa_t5.model.layers import Dense, Dtype, RelativeBias, default_kernel_init, project
 
-# (position, key length S) -> the bias row [N, S] of that decode position.
-PositionBiasFn = Callable[[jnp.ndarray], jnp.ndarray]
+
+def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray, *,
+                          mask: Optional[jnp.ndarray] = None, bias: Optional[jnp.ndarray] = None,
+                          dtype: Dtype = jnp.float32, float32_logits: bool = False,
+                          dropout_rate: float = 0.0,
+                          dropout_rng: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """The grouped-attention core: logits, bias, mask, softmax, weighted sum of K-head values.
+
+  Args:
+    query: [B, T, K, G, H] (T5 scales no logits: 1/sqrt(H) lives in the query initialiser).
+    key, value: [B, K, S, H].
+    mask: [B|1, 1, T, S], nonzero where a query may attend to a key (None: everywhere).
+    bias: [B|1, N, T, S] additive logits bias, query head n = k*G + g.
+    dtype: dtype of the softmax weights and the weighted sum.
+    float32_logits: compute the logits in float32 whatever `dtype` is.
+    dropout_rate, dropout_rng: dropout on the weights, shared across query positions (T5X's
+      broadcast_dims=(-2,)); no dropout when `dropout_rng` is None.
+
+  Returns:
+    context [B, T, K, G, H].
+  """
+  logits_dtype = jnp.float32 if float32_logits else dtype
+  num_kv_heads = key.shape[1]
+  logits = jnp.einsum("btkgh,bksh->bkgts", query.astype(logits_dtype),
+                      key.astype(logits_dtype))                             # [B, K, G, T, S]
+  if bias is not None:
+    grouped_bias = grouping.group_query_heads(bias, num_kv_heads, axis=1)   # [B|1, K, G, T, S]
+    logits = logits + grouped_bias.astype(logits_dtype)                     # [B, K, G, T, S]
+  if mask is not None:
+    allowed = mask[:, :, None] > 0                                          # [B|1, 1, 1, T, S]
+    logits = jnp.where(allowed, logits, jnp.finfo(logits_dtype).min)        # [B, K, G, T, S]
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)  # [B, K, G, T, S]
+  if dropout_rng is not None and dropout_rate > 0.0:
+    keep_shape = weights.shape[:-2] + (1,) + weights.shape[-1:]             # [B, K, G, 1, S]
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, keep_shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(dtype)
+  return jnp.einsum("bkgts,bksh->btkgh", weights, value.astype(dtype))     # [B, T, K, G, H]
+
+
+def _write_positions(cache: jnp.ndarray, update: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+  """cache [B, K, S, H] with update [B, K, T, H] written from position `index` ([] or [B])."""
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice(cache, update, (0, 0, index, 0))
+  write = lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (0, i, 0))
+  return jax.vmap(write)(cache, update, index)
 
 
 class GroupedAttention(nn.Module):
-  """T5 attention (no 1/sqrt(H) scaling at run time) with K key/value heads.
+  """T5 attention with K key/value heads; T5X's parameter and cache names.
 
   Attributes:
     emb_dim: D.
@@ -42,6 +87,8 @@ class GroupedAttention(nn.Module):
     head_dim: H.
     kv_kernel_axis: logical name of the key/value kernels' output dim. The decoder uses 'grouped_kv'
       so that the partitioner can replicate the K heads when K does not divide the model axis.
+    cross_attention: the keys/values come from the encoder output; in decoding they are
+      projected once per sequence into the cache and reused by every step.
   """
 
   emb_dim: int
@@ -52,137 +99,144 @@ class GroupedAttention(nn.Module):
   dropout_rate: float = 0.0
   float32_logits: bool = False
   kv_kernel_axis: str = "joined_kv"
+  cross_attention: bool = False
 
   def setup(self):
-    self.group_size = grouping.group_size(self.num_heads, self.num_kv_heads)
+    grouping.group_size(self.num_heads, self.num_kv_heads)
     # T5 folds 1/sqrt(H) into the query initialiser instead of scaling logits.
     scale = math.sqrt(self.head_dim)
     query_init = lambda *args: default_kernel_init(*args) / scale
     joined_q = self.num_heads * self.head_dim
     joined_kv = self.num_kv_heads * self.head_dim
+    kv_axes = ("embed", self.kv_kernel_axis)
     self.query = Dense(self.emb_dim, joined_q, ("embed", "joined_kv"), self.dtype, query_init)
-    self.key = Dense(self.emb_dim, joined_kv, ("embed", self.kv_kernel_axis), self.dtype)
-    self.value = Dense(self.emb_dim, joined_kv, ("embed", self.kv_kernel_axis), self.dtype)
+    self.key = Dense(self.emb_dim, joined_kv, kv_axes, self.dtype)
+    self.value = Dense(self.emb_dim, joined_kv, kv_axes, self.dtype)
     self.out = Dense(joined_q, self.emb_dim, ("joined_kv", "embed"), self.dtype)
 
   # ---- projections ---------------------------------------------------------------------------
 
   def _queries(self, inputs_q: jnp.ndarray) -> jnp.ndarray:
-    b, t, _ = inputs_q.shape
-    q = self.query(inputs_q)                                           # [B, T, N*H]
-    return q.reshape(b, t, self.num_kv_heads, self.group_size, self.head_dim)  # [B, T, K, G, H]
-
-  def _keys_values(self, inputs_kv: jnp.ndarray):
-    return (self._split_kv(self.key(inputs_kv)),                      # [B, S, K, H]
-            self._split_kv(self.value(inputs_kv)))                    # [B, S, K, H]
+    q = self.query(inputs_q)                                            # [B, T, N*H]
+    return grouping.group_flat_heads(q, self.num_heads, self.num_kv_heads)  # [B, T, K, G, H]
 
   def _split_kv(self, x: jnp.ndarray) -> jnp.ndarray:
     b, s, _ = x.shape
-    return x.reshape(b, s, self.num_kv_heads, self.head_dim)         # [B, S, K, H]
+    x = x.reshape(b, s, self.num_kv_heads, self.head_dim)              # [B, S, K, H]
+    return x.swapaxes(1, 2).astype(self.dtype)                          # [B, K, S, H]
 
-  def _output(self, context: jnp.ndarray) -> jnp.ndarray:
+  def _keys_values(self, inputs_kv: jnp.ndarray):
+    return self._split_kv(self.key(inputs_kv)), self._split_kv(self.value(inputs_kv))
+
+  def _attend(self, inputs_q, keys, values, mask, bias, deterministic) -> jnp.ndarray:
+    """Projects the queries, runs the core and the output projection: [B, T, D]."""
+    use_dropout = not deterministic and self.dropout_rate > 0.0
+    context = dot_product_attention(
+        self._queries(inputs_q), keys, values, mask=mask, bias=bias, dtype=self.dtype,
+        float32_logits=self.float32_logits, dropout_rate=self.dropout_rate,
+        dropout_rng=self.make_rng("dropout") if use_dropout else None)  # [B, T, K, G, H]
     b, t = context.shape[:2]
     return self.out(context.reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
 
-  def _softmax(self, logits: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    if not deterministic and self.dropout_rate > 0.0:
-      weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(weights, deterministic=False)
-    return weights
-
-  def _logits_dtype(self):
-    return jnp.float32 if self.float32_logits else self.dtype
-
-  # ---- full-sequence attention (training, scoring, the encoder) --------------------------------
-
-  def attend(self, q, k, v, mask, bias, deterministic):
-    """q [B,T,K,G,H], k/v [B,S,K,H], mask [B,1,T,S] or None, bias [1|B,N,T,S] or None."""
-    dt = self._logits_dtype()
-    logits = jnp.einsum("btkgh,bskh->bkgts", q.astype(dt), k.astype(dt))  # [B, K, G, T, S]
-    if bias is not None:
-      logits = logits + _group_heads(bias, self.num_kv_heads).astype(dt)  # [1|B, K, G, T, S]
-    if mask is not None:
-      logits = jnp.where(mask[:, :, None] > 0, logits, jnp.finfo(dt).min)  # mask [B, 1, 1, T, S]
-    weights = self._softmax(logits, deterministic)                      # [B, K, G, T, S]
-    return jnp.einsum("bkgts,bskh->btkgh", weights, v.astype(self.dtype))  # [B, T, K, G, H]
+  # ---- the call ------------------------------------------------------------------------------
 
   @nn.compact
   def __call__(self, inputs_q: jnp.ndarray, inputs_kv: jnp.ndarray,
                mask: Optional[jnp.ndarray] = None, bias: Optional[jnp.ndarray] = None, *,
-               deterministic: bool = True, decode: bool = False,
-               position_bias_fn: Optional[PositionBiasFn] = None,
-               cross_attention: bool = False, cross_kv_cached: bool = False) -> jnp.ndarray:
+               deterministic: bool = True, decode: bool = False, prefill: bool = False,
+               prefill_lengths: Optional[jnp.ndarray] = None,
+               position_bias: Optional[RelativeBias] = None,
+               cross_kv_cached: bool = False) -> jnp.ndarray:
     """Attention output [B, T, D].
 
     Args:
       inputs_q: [B, T, D] queries' input.
       inputs_kv: [B, S, D] keys' and values' input.
-      mask: [B, 1, T, S], nonzero where attention is allowed (unused in a decode step of the
-        self-attention, which masks by position).
+      mask: [B, 1, T, S], nonzero where attention is allowed (a self-attention decode step
+        masks by position instead).
       bias: [1|B, N, T, S] additive logits bias (relative positions); unused in a decode step.
       decode: cached incremental decoding (T5X's convention: the first call, with full-length
         inputs, only creates the cache; each later call processes one step).
-      position_bias_fn: in a self-attention decode step, the bias row [N, S] of a position.
-      cross_attention: the keys/values come from the encoder output, so in decoding they are
-        projected once per sequence into the cache and reused.
+      prefill: T5X's prompt prefill: attend over the whole (prompt) input as in training and
+        store the self-attention keys/values of the first `prefill_lengths` [B] positions
+        (the cross-attention stores the projected encoder output); the next decode step then
+        continues at position `prefill_lengths` of each example.
+      position_bias: in a self-attention decode step, the relative bias whose rows at the
+        step's own position are added (the full [T, S] bias is never built).
       cross_kv_cached: the caller guarantees the cross-attention cache already holds the projected
         encoder keys/values (our decoding loops fill it before the loop), so a step reads them with
         no branch. Without it (t5x's loops) each step checks `kv_filled` and projects on the first.
     """
-    if decode and self.has_variable("cache", "cached_key"):
-      if cross_attention:
+    if decode and prefill:
+      raise ValueError("GroupedAttention: decode and prefill cannot both be True (prefill the "
+                       "prompt first, then decode step by step)")
+    initialised = self.has_variable("cache", "cached_key")
+    if (decode or prefill) and not initialised:
+      self._create_cache(inputs_q.shape[0], inputs_kv.shape[1])
+    if decode and initialised:
+      if self.cross_attention:
         return self._cross_attention_step(inputs_q, inputs_kv, mask, deterministic,
                                           cross_kv_cached)
-      return self._self_attention_step(inputs_q, inputs_kv, position_bias_fn, deterministic)
-    if decode:
-      self._create_cache(inputs_q.shape[0], inputs_kv.shape[1], cross_attention)
-    q = self._queries(inputs_q)
-    k, v = self._keys_values(inputs_kv)
-    return self._output(self.attend(q, k, v, mask, bias, deterministic))
+      return self._self_attention_step(inputs_q, inputs_kv, position_bias, deterministic)
+    keys, values = self._keys_values(inputs_kv)                         # [B, K, S, H] each
+    if prefill:
+      self._store_prefill(keys, values, prefill_lengths)
+    return self._attend(inputs_q, keys, values, mask, bias, deterministic)
 
   # ---- cached decoding -----------------------------------------------------------------------
 
-  def _create_cache(self, batch: int, length: int, cross_attention: bool) -> None:
+  def _create_cache(self, batch: int, length: int) -> None:
     shape = (batch, self.num_kv_heads, length, self.head_dim)            # [B, K, S, H]
     self.variable("cache", "cached_key", jnp.zeros, shape, self.dtype)
     self.variable("cache", "cached_value", jnp.zeros, shape, self.dtype)
-    if cross_attention:
+    if self.cross_attention:
       self.variable("cache", "kv_filled", jnp.zeros, (batch,), jnp.bool_)
     else:
       self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
 
-  def _step_attend(self, q, cached_k, cached_v, valid, bias_row, deterministic):
-    """One query step: q [B, K, G, H] against cached_k/v [B, K, S, H]."""
-    dt = self._logits_dtype()
-    logits = jnp.einsum("bkgh,bksh->bkgs", q.astype(dt), cached_k.astype(dt))  # [B, K, G, S]
-    if bias_row is not None:
-      logits = logits + bias_row.reshape(self.num_kv_heads, self.group_size, -1).astype(dt)
-    logits = jnp.where(valid, logits, jnp.finfo(dt).min)                # valid [B|1, 1, 1, S]
-    weights = self._softmax(logits, deterministic)                      # [B, K, G, S]
-    return jnp.einsum("bkgs,bksh->bkgh", weights, cached_v)             # [B, K, G, H]
+  def _store_prefill(self, keys, values, prefill_lengths) -> None:
+    cached_key = self.variable("cache", "cached_key", None)
+    cached_value = self.variable("cache", "cached_value", None)
+    if self.cross_attention:
+      cached_key.value, cached_value.value = keys, values               # [B, K, S, H]
+      kv_filled = self.variable("cache", "kv_filled", None)
+      kv_filled.value = jnp.ones_like(kv_filled.value)
+      return
+    batch, _, length, _ = cached_key.value.shape
+    prompt = keys.shape[2]
+    if prompt > length:
+      raise ValueError(f"prefill: the prompt has {prompt} positions but the cache holds {length}")
+    if prefill_lengths is None:
+      raise ValueError("prefill of a self-attention cache needs prefill_lengths [B]")
+    lengths = jnp.broadcast_to(jnp.asarray(prefill_lengths, jnp.int32), (batch,))  # [B]
+    # Positions at or past an example's prompt length stay empty, as step-by-step decoding
+    # would leave them.
+    kept = (jnp.arange(prompt) < lengths[:, None])[:, None, :, None]    # [B, 1, T, 1]
+    start = jnp.zeros((), jnp.int32)
+    cached_key.value = _write_positions(cached_key.value, jnp.where(kept, keys, 0), start)
+    cached_value.value = _write_positions(cached_value.value, jnp.where(kept, values, 0), start)
+    self.variable("cache", "cache_index", None).value = lengths
 
-  def _self_attention_step(self, inputs_q, inputs_kv, position_bias_fn, deterministic):
-    b, t, _ = inputs_q.shape
+  def _self_attention_step(self, inputs_q, inputs_kv, position_bias, deterministic):
+    t = inputs_q.shape[1]
     if t != 1:
       raise ValueError(f"a cached decode step takes one token per sequence, got length {t}")
     cached_key = self.variable("cache", "cached_key", None)
     cached_value = self.variable("cache", "cached_value", None)
     cache_index = self.variable("cache", "cache_index", None)
-    index = cache_index.value
-    k, v = self._keys_values(inputs_kv)                                 # [B, 1, K, H]
-    start = (0, 0, index, 0)
-    keys = jax.lax.dynamic_update_slice(cached_key.value, k.swapaxes(1, 2).astype(self.dtype),
-                                        start)                          # [B, K, S, H]
-    values = jax.lax.dynamic_update_slice(cached_value.value, v.swapaxes(1, 2).astype(self.dtype),
-                                          start)                        # [B, K, S, H]
+    # [] or [B]; t5x's beam search hands a prefilled index on as [B, W] (flaxformer flattens it).
+    index = cache_index.value if cache_index.value.ndim == 0 else cache_index.value.reshape(-1)
+    k, v = self._keys_values(inputs_kv)                                 # [B, K, 1, H] each
+    keys = _write_positions(cached_key.value, k, index)                 # [B, K, S, H]
+    values = _write_positions(cached_value.value, v, index)             # [B, K, S, H]
     cached_key.value, cached_value.value = keys, values
-    cache_index.value = index + 1
+    cache_index.value = cache_index.value + 1
     length = keys.shape[2]
-    valid = (jnp.arange(length) <= index)[None, None, None, :]          # [1, 1, 1, S]
-    bias_row = None if position_bias_fn is None else position_bias_fn(index, keys.shape[2])
-    q = self._queries(inputs_q)[:, 0]                                   # [B, K, G, H]
-    context = self._step_attend(q, keys, values, valid, bias_row, deterministic)
-    return self._output(context[:, None])                               # [B, 1, D]
+    positions = jnp.reshape(index, (-1, 1))                             # [B|1, T=1]
+    key_positions = jnp.arange(length)                                  # [S]
+    mask = (key_positions <= positions[:, :, None])[:, None]            # [B|1, 1, 1, S]
+    bias = None if position_bias is None else position_bias(positions, key_positions)
+    return self._attend(inputs_q, keys, values, mask, bias, deterministic)  # [B, 1, D]
 
   def _cross_attention_step(self, inputs_q, encoded, mask, deterministic, cross_kv_cached):
     cached_key = self.variable("cache", "cached_key", None)
@@ -193,32 +247,19 @@ class GroupedAttention(nn.Module):
       keys, values = cached_key.value, cached_value.value
     else:
       keys, values = self._fill_cross_cache(encoded, cached_key, cached_value, kv_filled)
-    if mask is None:
-      valid = jnp.ones((1, 1, 1, keys.shape[2]), bool)                  # [1, 1, 1, S]
-    else:
-      valid = mask[:, :, -1:, :] > 0                                    # [B, 1, 1, S]
-    q = self._queries(inputs_q)[:, 0]                                   # [B, K, G, H]
-    context = self._step_attend(q, keys, values, valid, None, deterministic)
-    return self._output(context[:, None])                               # [B, 1, D]
+    step_mask = None if mask is None else mask[:, :, -1:, :]            # [B, 1, 1, S]
+    return self._attend(inputs_q, keys, values, step_mask, None, deterministic)  # [B, 1, D]
 
   def _fill_cross_cache(self, encoded, cached_key, cached_value, kv_filled):
     key_kernel, value_kernel = self.key.kernel, self.value.kernel
 
     def project_encoded():
       # Runs once per sequence: the first step after the cache was created.
-      k = project(encoded, key_kernel, self.dtype)                        # [B, S, K*H]
-      v = project(encoded, value_kernel, self.dtype)                      # [B, S, K*H]
-      return (self._split_kv(k).swapaxes(1, 2).astype(self.dtype),       # [B, K, S, H]
-              self._split_kv(v).swapaxes(1, 2).astype(self.dtype))
+      return (self._split_kv(project(encoded, key_kernel, self.dtype)),     # [B, K, S, H]
+              self._split_kv(project(encoded, value_kernel, self.dtype)))   # [B, K, S, H]
 
     keys, values = jax.lax.cond(kv_filled.value[0],
                                 lambda: (cached_key.value, cached_value.value), project_encoded)
     cached_key.value, cached_value.value = keys, values
     kv_filled.value = jnp.ones_like(kv_filled.value)
     return keys, values
-
-
-def _group_heads(x: jnp.ndarray, num_kv_heads: int) -> jnp.ndarray:
-  """[B, N, T, S] -> [B, K, G, T, S] (query head n = k*G + g)."""
-  b, n, t, s = x.shape
-  return x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)

@@ -118,7 +118,7 @@ def validate(config: T5Config) -> None:
       raise ValueError(
           f"T5Config.{name}={value} does not divide num_heads={config.num_heads}: each group of "
           f"query heads shares one key/value head; use one of "
-          f"{grouping.kv_head_choices(config.num_heads)}") from None
+          f"{grouping.valid_kv_heads(config.num_heads)}") from None
   if not isinstance(config.dropout_rate, numbers.Real) or not 0.0 <= config.dropout_rate < 1.0:
     raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {config.dropout_rate!r}")
   if not config.mlp_activations:

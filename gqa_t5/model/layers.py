@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import struct
 from flax.linen import partitioning as nn_partitioning
 
 param_with_axes = nn_partitioning.param_with_axes
@@ -110,7 +111,8 @@ class MlpBlock(nn.Module):
                 name=dense_name)(x)
       h = _activation(name)(h)
       hidden = h if hidden is None else hidden * h
-    hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
+    hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden,
+                                                                 deterministic=deterministic)
     return Dense(self.mlp_dim, emb_dim, ("mlp", "embed"), self.dtype, mlp_kernel_init,
                  name="wo")(hidden)
 
@@ -136,6 +138,30 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
   return bucket + jnp.where(is_small, n, large)
 
 
+@struct.dataclass
+class RelativeBias:
+  """T5's relative position bias as data: the per-(head, bucket) table and its bucketing.
+
+  A pytree (the table is its one array), so a decoder can hand it to its layers through `nn.scan`
+  and a cached decode step can compute only the bias rows of its own positions.
+  """
+
+  embedding: jnp.ndarray                                    # [N, buckets] in the activation dtype
+  num_buckets: int = struct.field(pytree_node=False)
+  max_distance: int = struct.field(pytree_node=False)
+  bidirectional: bool = struct.field(pytree_node=False)
+
+  def __call__(self, query_positions: jnp.ndarray, key_positions: jnp.ndarray) -> jnp.ndarray:
+    """Bias [1|B, N, T, S] for query positions [T] or [1|B, T] against key positions [S]."""
+    if query_positions.ndim == 1:
+      query_positions = query_positions[None]                            # [1, T]
+    relative = key_positions[None, None, :] - query_positions[:, :, None]  # [1|B, T, S]
+    buckets = relative_position_bucket(relative.astype(jnp.int32), self.bidirectional,
+                                       self.num_buckets, self.max_distance)  # [1|B, T, S]
+    bias = jnp.take(self.embedding, buckets, axis=1)                     # [N, 1|B, T, S]
+    return jnp.moveaxis(bias, 0, 1)                                      # [1|B, N, T, S]
+
+
 class RelativePositionBiases(nn.Module):
   """One bias per (head, bucket), shared by every layer of a stack: `rel_embedding` [N, buckets]."""
 
@@ -149,11 +175,12 @@ class RelativePositionBiases(nn.Module):
         "rel_embedding", nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
         (self.num_heads, self.num_buckets), jnp.float32, axes=("heads", "relpos_buckets"))
 
+  def table(self, bidirectional: bool) -> RelativeBias:
+    """The bias as data, for decode steps that need only their own rows."""
+    return RelativeBias(self.rel_embedding.astype(self.dtype), self.num_buckets,
+                        self.max_distance, bidirectional)
+
   def __call__(self, query_positions: jnp.ndarray, key_positions: jnp.ndarray,
                bidirectional: bool) -> jnp.ndarray:
-    """Bias [1, N, T, S] for query positions [T] against key positions [S]."""
-    relative = key_positions[None, :] - query_positions[:, None]  # [T, S]
-    buckets = relative_position_bucket(relative.astype(jnp.int32), bidirectional,
-                                       self.num_buckets, self.max_distance)  # [T, S]
-    bias = jnp.take(self.rel_embedding.astype(self.dtype), buckets, axis=1)  # [N, T, S]
-    return bias[None]  # [1, N, T, S]
+    """Bias [1|B, N, T, S] for query positions [T] or [1|B, T] against key positions [S]."""
+    return self.table(bidirectional)(query_positions, key_positions)

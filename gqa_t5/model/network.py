@@ -45,17 +45,28 @@ def _maybe_remat(layer_cls, config: T5Config, num_args: int = 0):
   return nn.remat(layer_cls, policy=policy, static_argnums=static)
 
 
-def _stack(layer_cls, config: T5Config, num_layers: int, name: str, num_broadcast_args: int):
+def _stack(layer_cls, config: T5Config, num_layers: int, name: str, num_broadcast_args: int,
+           remat: bool = True):
   """One `nn.scan` over `num_layers` copies of a layer (T5X's `scan_layers`).
 
   Parameters get a leading-but-one 'layers' axis (T5X's param_scan_axis = 1), e.g.
-  `encoder/layers/attention/query/kernel` [emb, layers, heads*head_dim].
+  `encoder/layers/attention/query/kernel` [emb, layers, heads*head_dim]; decoding caches a
+  leading one (T5X's scanned cache layout, whose loops then take cache_offset = 1), e.g.
+  `decoder/layers/self_attention/cached_key` [layers, B, K, S, H], `cache_index` [layers].
   """
+  target = _maybe_remat(layer_cls, config, num_broadcast_args + 1) if remat else layer_cls
   scanned = nn_partitioning.scan_with_axes(
-      _maybe_remat(layer_cls, config, num_broadcast_args + 1), variable_axes={"params": 1},
+      target, variable_axes={"params": 1, "cache": 0},
       split_rngs={"params": True, "dropout": True},
       in_axes=(nn.broadcast,) * num_broadcast_args, length=num_layers, axis_name="layers")
   return scanned(config, scanned=True, name=name)
+
+
+def _attention(config: T5Config, num_kv_heads: int, name: str, **kwargs) -> GroupedAttention:
+  return GroupedAttention(
+      emb_dim=config.emb_dim, num_heads=config.num_heads, num_kv_heads=num_kv_heads,
+      head_dim=config.head_dim, dtype=config.dtype, dropout_rate=config.dropout_rate,
+      float32_logits=config.float32_attention_logits, name=name, **kwargs)
 
 
 class EncoderLayer(nn.Module):
@@ -67,9 +78,8 @@ class EncoderLayer(nn.Module):
   def __call__(self, inputs, mask, bias, deterministic: bool = True):
     cfg = self.config
     x = RMSNorm(dtype=cfg.dtype, name="pre_attention_layer_norm")(inputs)
-    x = GroupedAttention(cfg.emb_dim, cfg.num_heads, cfg.num_heads, cfg.head_dim, cfg.dtype,
-                         cfg.dropout_rate, cfg.float32_attention_logits, name="attention")(
-                             x, x, mask, bias, deterministic=deterministic)
+    x = _attention(cfg, cfg.num_heads, "attention")(x, x, mask=mask, bias=bias,
+                                                    deterministic=deterministic)
     x = _dropout(cfg)(x, deterministic=deterministic) + inputs
     y = RMSNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(x)
     y = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
@@ -79,28 +89,28 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """Self-attention, cross-attention, MLP. Positional arguments only (`nn.scan` passes them)."""
+
   config: T5Config
   scanned: bool = False  # inside nn.scan: return (carry, None)
-  STATIC_ARGNUMS = (6, 7)
+  STATIC_ARGNUMS = (6,)  # deterministic; rematerialised (training) calls pass no decode flags
 
   @nn.compact
   def __call__(self, inputs, encoded, self_mask, cross_mask, bias, deterministic: bool = True,
-               decode: bool = False, position_bias_fn=None, cross_kv_cached: bool = False):
+               decode: bool = False, prefill: bool = False, prefill_lengths=None,
+               position_bias=None, cross_kv_cached: bool = False):
     cfg = self.config
+    cached = dict(deterministic=deterministic, decode=decode, prefill=prefill)
     x = RMSNorm(dtype=cfg.dtype, name="pre_self_attention_layer_norm")(inputs)
-    x = GroupedAttention(cfg.emb_dim, cfg.num_heads, cfg.self_attention_kv_heads, cfg.head_dim,
-                         cfg.dtype, cfg.dropout_rate, cfg.float32_attention_logits,
-                         kv_kernel_axis="grouped_kv", name="self_attention")(
-                             x, x, self_mask, bias, deterministic=deterministic, decode=decode,
-                             position_bias_fn=position_bias_fn)
+    x = _attention(cfg, cfg.self_attention_kv_heads, "self_attention",
+                   kv_kernel_axis="grouped_kv")(
+                       x, x, mask=self_mask, bias=bias, prefill_lengths=prefill_lengths,
+                       position_bias=position_bias, **cached)
     x = _dropout(cfg)(x, deterministic=deterministic) + inputs
     y = RMSNorm(dtype=cfg.dtype, name="pre_cross_attention_layer_norm")(x)
-    y = GroupedAttention(cfg.emb_dim, cfg.num_heads, cfg.cross_attention_kv_heads, cfg.head_dim,
-                         cfg.dtype, cfg.dropout_rate, cfg.float32_attention_logits,
-                         kv_kernel_axis="grouped_kv", name="encoder_decoder_attention")(
-                             y, encoded, cross_mask, None, deterministic=deterministic,
-                             decode=decode, cross_attention=True,
-                             cross_kv_cached=cross_kv_cached)
+    y = _attention(cfg, cfg.cross_attention_kv_heads, "encoder_decoder_attention",
+                   kv_kernel_axis="grouped_kv", cross_attention=True)(
+                       y, encoded, mask=cross_mask, cross_kv_cached=cross_kv_cached, **cached)
     y = _dropout(cfg)(y, deterministic=deterministic) + x
     z = RMSNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(y)
     z = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
@@ -137,35 +147,32 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded, tokens, self_mask, cross_mask, deterministic: bool = True,
-               decode: bool = False, cross_kv_cached: bool = False):
+               decode: bool = False, prefill: bool = False, prefill_lengths=None,
+               cross_kv_cached: bool = False):
     cfg = self.config
     y = self.shared_embedding(tokens.astype(jnp.int32))                 # [B, T, D]
     y = _dropout(cfg)(y, deterministic=deterministic).astype(cfg.dtype)
     relpos = _relative_bias_module(cfg)
-    positions = jnp.arange(tokens.shape[1])
-    bias = relpos(positions, positions, bidirectional=False)            # [1, N, T, T]
-    position_bias_fn = None
-    if decode:
-      # A cached step needs only the bias row of its own position: [N, S].
-      def position_bias_fn(index, length):
-        return relpos(index[None], jnp.arange(length), bidirectional=False)[0, :, 0]
+    bias = None
+    if not decode:
+      positions = jnp.arange(tokens.shape[1])
+      bias = relpos(positions, positions, bidirectional=False)          # [1, N, T, T]
+    # Layer arguments, positional because nn.scan passes them so. Rematerialised (training)
+    # calls stop at `deterministic`: decoding stores nothing for a backward pass.
+    args = (encoded, self_mask, cross_mask, bias, deterministic)
+    cached = decode or prefill
+    if cached:
+      # A cached step computes only its own bias rows, from the table: [N, buckets].
+      args += (decode, prefill, prefill_lengths, relpos.table(bidirectional=False),
+               cross_kv_cached)
     if cfg.scan_layers:
-      if decode:
-        raise NotImplementedError(
-            "cached decoding of a scan_layers=True model is not supported: decode with "
-            "scan_layers=False after gqa_t5.model.scanning.unstack_layers(params)")
-      y, _ = _stack(DecoderLayer, cfg, cfg.num_decoder_layers, "layers", 5)(
-          y, encoded, self_mask, cross_mask, bias, deterministic)
-    # Decoding stores nothing for a backward pass: rematerialisation is for training only.
-    layer_cls = DecoderLayer if decode else _maybe_remat(DecoderLayer, cfg)
-    for i in range(cfg.num_decoder_layers if not cfg.scan_layers else 0):
-      if decode:
-        y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_mask, cross_mask, bias,
-                                                deterministic, decode, position_bias_fn,
-                                                cross_kv_cached)
-      else:
-        y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_mask, cross_mask, bias,
-                                                deterministic, decode)
+      stack = _stack(DecoderLayer, cfg, cfg.num_decoder_layers, "layers",
+                     num_broadcast_args=len(args), remat=not cached)
+      y, _ = stack(y, *args)
+    else:
+      layer_cls = DecoderLayer if cached else _maybe_remat(DecoderLayer, cfg)
+      for i in range(cfg.num_decoder_layers):
+        y = layer_cls(cfg, name=f"layers_{i}")(y, *args)
     y = RMSNorm(dtype=cfg.dtype, name="decoder_norm")(y)
     y = _dropout(cfg)(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
@@ -192,15 +199,27 @@ class Transformer(nn.Module):
     mask = masks.encoder_mask(encoder_input_tokens, encoder_segment_ids, self.config.dtype)
     return self.encoder(encoder_input_tokens, mask, deterministic=not enable_dropout)
 
+  @property
+  def scan_layers(self) -> bool:
+    """t5x's models read `module.scan_layers` to choose the scanned cache layout."""
+    return self.config.scan_layers
+
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
              encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
              enable_dropout: bool = True, decode: bool = False,
-             max_decode_length: Optional[int] = None, cross_kv_cached: bool = False):
-    """Logits [B, T, vocab] (float32). With decode=True, a cached step (T5X's convention).
+             max_decode_length: Optional[int] = None, prefill: bool = False,
+             prefill_lengths: Optional[jnp.ndarray] = None, cross_kv_cached: bool = False):
+    """Logits [B, T, vocab] (float32); T5X's signature.
 
-    `cross_kv_cached=True` promises that the cross-attention caches already hold the projected
-    encoder output (see `EncoderDecoderModel.prefill_cross_attention`); t5x never passes it and
-    then the first step fills them.
+    decode=True: one cached step (T5X's convention; the first call creates the caches).
+    prefill=True: T5X's prompt prefill: runs the prompt `decoder_input_tokens` [B, T] through
+      the decoder as in training (causal) and stores each example's first `prefill_lengths`
+      [B] positions in the self-attention caches (default: its non-zero tokens, T5X's count,
+      which leaves the last prompt token to the first decode step) and the projected encoder
+      output in the cross-attention caches. The caches' `cache_index` becomes `prefill_lengths`.
+    cross_kv_cached=True promises that the cross-attention caches already hold the projected
+      encoder output (see `EncoderDecoderModel.prefill_cross_attention`); t5x never passes it
+      and then the first step fills them.
     """
     del decoder_positions, max_decode_length  # positions are implied by the cache index
     dtype = self.config.dtype
@@ -212,15 +231,20 @@ class Transformer(nn.Module):
       self_mask = masks.decoder_mask(decoder_target_tokens, decoder_segment_ids, dtype)
       cross_mask = masks.encoder_decoder_mask(decoder_target_tokens, encoder_input_tokens,
                                               decoder_segment_ids, encoder_segment_ids, dtype)
+    if prefill and prefill_lengths is None:
+      prefill_lengths = jnp.sum(decoder_input_tokens != 0, axis=1).astype(jnp.int32)
     return self.decoder(encoded, decoder_input_tokens, self_mask, cross_mask,
-                        deterministic=not enable_dropout, decode=decode,
-                        cross_kv_cached=cross_kv_cached)
+                        deterministic=not enable_dropout, decode=decode, prefill=prefill,
+                        prefill_lengths=prefill_lengths, cross_kv_cached=cross_kv_cached)
 
   def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
                decoder_positions=None, *, enable_dropout: bool = True, decode: bool = False):
     del encoder_positions  # T5's relative positions need none
-    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout)
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids=encoder_segment_ids,
+                          enable_dropout=enable_dropout)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
-                       encoder_segment_ids, decoder_segment_ids, decoder_positions,
-                       enable_dropout=enable_dropout, decode=decode)
+                       encoder_segment_ids=encoder_segment_ids,
+                       decoder_segment_ids=decoder_segment_ids,
+                       decoder_positions=decoder_positions, enable_dropout=enable_dropout,
+                       decode=decode)

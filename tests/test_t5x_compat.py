@@ -1,0 +1,101 @@
+"""t5x-ready axis rules, the fail-fast rules check, our config from t5x's (the gin file and
+t5x's own loops: tests/test_t5x_gin.py)."""
+
+import dataclasses
+
+import jax
+import pytest
+
+from gqa_t5 import partitioning, t5x_compat
+from gqa_t5.model import T5Config, Transformer
+from gqa_t5.models import EncoderDecoderModel
+
+
+
+def _config(num_kv_heads, scan_layers=False, num_cross_kv_heads=None):
+  return T5Config(vocab_size=64, emb_dim=16, num_heads=4, head_dim=4, mlp_dim=32,
+                  num_encoder_layers=2, num_decoder_layers=2, num_kv_heads=num_kv_heads,
+                  num_cross_kv_heads=num_cross_kv_heads, scan_layers=scan_layers)
+
+
+CONFIGS = [(k, scan, cross) for k in (4, 2, 1) for scan in (False, True) for cross in (None, 1)]
+
+
+@pytest.mark.parametrize("k,scan,cross", CONFIGS)
+def test_rules_cover_every_logical_axis_of_the_parameter_tree(k, scan, cross):
+  config = _config(k, scan, cross)
+  _, axes = partitioning.abstract_params_and_axes(EncoderDecoderModel(Transformer(config)))
+  names = set(partitioning.logical_axis_names(axes))
+  assert "grouped_kv" in names and ("layers" in names) == scan
+  assert names <= set(t5x_compat.PARAM_AXES)  # the module's list is the truth
+  rules = t5x_compat.logical_axis_rules(k, cross, num_partitions=2)
+  partitioning.check_rules_cover(axes, rules)
+  partitioning.check_rules_cover(axes, t5x_compat.logical_factor_rules())
+  t5x_compat.check_model_rules(config, rules)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_rules_cover_every_logical_axis_of_the_cache(scan):
+  config = _config(2, scan)
+  model = EncoderDecoderModel(Transformer(config))
+  params = partitioning.init_params(model, jax.random.PRNGKey(0))
+  cache = model.init_cache(params, 3, 5, 4)
+  axes = t5x_compat.cache_logical_axes(cache, scanned=scan)
+  key_axes = axes["decoder"]["layers" if scan else "layers_0"]["self_attention"]["cached_key"]
+  assert key_axes == (("layers",) if scan else ()) + ("batch", "kv_heads", "length", "kv")
+  names = set(partitioning.logical_axis_names(axes))
+  assert names <= set(t5x_compat.CACHE_AXES)
+  partitioning.check_rules_cover(axes, t5x_compat.logical_axis_rules(2, num_partitions=2))
+
+
+def test_t5x_standard_tables_without_our_axes_are_refused_naming_them():
+  config = _config(2)
+  # A t5x user's tables: t5x's standard partitioning and factor rules, which lack our axes.
+  with pytest.raises(partitioning.LogicalAxisError,
+                     match=r"do not cover logical axis/axes \['grouped_kv'\].*"
+                           r"decoder/layers_0/encoder_decoder_attention/key/kernel"):
+    t5x_compat.check_model_rules(config, partitioning.T5X_STANDARD_RULES)
+  factor_rules = {k: v for k, v in t5x_compat.logical_factor_rules().items()
+                  if k not in ("grouped_kv", "kv_heads")}
+  with pytest.raises(partitioning.LogicalAxisError, match="grouped_kv"):
+    t5x_compat.check_model_rules(config, factor_rules, "the Adafactor factor rules")
+  with pytest.raises(partitioning.LogicalAxisError, match=r"\['grouped_kv', 'kv_heads'\]"):
+    t5x_compat.check_rules(partitioning.T5X_STANDARD_RULES)
+
+
+def test_kv_head_rules_shard_only_when_k_divides_the_model_axis():
+  rules = dict(t5x_compat.logical_axis_rules(8, 8, num_partitions=4))
+  assert rules["grouped_kv"] == "model" and rules["kv_heads"] == "model"
+  assert rules["joined_kv"] == "model" and rules["embed"] is None
+  rules = dict(t5x_compat.logical_axis_rules(2, 2, num_partitions=4))
+  assert rules["grouped_kv"] is None and rules["kv_heads"] is None
+  # A base table that already names an axis keeps its own rule.
+  base = list(partitioning.T5X_STANDARD_RULES) + [("grouped_kv", "model")]
+  assert dict(t5x_compat.logical_axis_rules(2, num_partitions=4, base_rules=base))[
+      "grouped_kv"] == "model"
+  factors = t5x_compat.logical_factor_rules()  # t5x's FactorDim where t5x is installed
+  assert factors["grouped_kv"] == factors["joined_kv"] == factors["kv_heads"]
+  assert factors["layers"] == factors["stack"] != factors["embed"]
+
+
+def test_config_from_t5x_copies_every_field_and_refuses_unknown_ones():
+  @dataclasses.dataclass
+  class T5xConfig:
+    vocab_size: int = 64
+    dtype: str = "bfloat16"
+    emb_dim: int = 16
+    num_heads: int = 4
+    head_dim: int = 4
+    mlp_dim: int = 32
+    dropout_rate: float = 0.05
+
+  config = t5x_compat.config_from_t5x(T5xConfig(), num_kv_heads=2, scan_layers=True)
+  assert (config.dtype, config.dropout_rate, config.num_kv_heads, config.scan_layers) == (
+      "bfloat16", 0.05, 2, True)
+
+  @dataclasses.dataclass
+  class Other(T5xConfig):
+    rotary: bool = True
+
+  with pytest.raises(ValueError, match=r"field\(s\) \['rotary'\] that gqa_t5's T5Config lacks"):
+    t5x_compat.config_from_t5x(Other())
