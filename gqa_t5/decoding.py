@@ -139,10 +139,11 @@ class BeamState(NamedTuple):
 
 def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
                 max_decode_length: int, beam_size: int = 4, alpha: float = 0.6,
-                eos_id: int = 1) -> Tuple[jnp.ndarray, jnp.ndarray]:
+                eos_id: int = 1, cache_offset: int = 0) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Beam search with T5X's length penalty and T5X's finished/live handling.
 
-  `cache` must already be expanded to B*W rows (`expand_to_beams`).
+  `cache` must already be expanded to B*W rows (`expand_to_beams`); its rows are on axis
+  `cache_offset` (t5x's name: 1 for a `scan_layers` model, whose cache leaves are [L, B*W, ...]).
   Returns sequences [B, W, L] and scores [B, W] sorted best LAST (t5x's order). As t5x's
   `beam_search`: only beams that produced EOS are returned, scored by log-likelihood divided by
   `brevity_penalty(alpha, length through EOS)`; an example with fewer than W finished beams fills
@@ -156,15 +157,17 @@ def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
   initial_log_probs = jnp.tile(jnp.array([0.0] + [NEG_INF] * (w - 1), jnp.float32), (b, 1))
 
   def is_flat_cache_leaf(x):
-    return x.ndim >= 1 and x.shape[0] == b * w
+    return x.ndim > cache_offset and x.shape[cache_offset] == b * w
 
   def gather_cache(cache, beam_indices):
     def gather(x):
       if not is_flat_cache_leaf(x):
-        return x  # scalars such as cache_index
-      grouped = x.reshape((b, w) + x.shape[1:])
+        return x  # scalars such as cache_index ([L] when scanned)
+      rows = jnp.moveaxis(x, cache_offset, 0)                              # [B*W, ...]
+      grouped = rows.reshape((b, w) + rows.shape[1:])
       idx = beam_indices.reshape((b, w) + (1,) * (grouped.ndim - 2))
-      return jnp.take_along_axis(grouped, idx, axis=1).reshape(x.shape)
+      picked = jnp.take_along_axis(grouped, idx, axis=1).reshape(rows.shape)
+      return jnp.moveaxis(picked, 0, cache_offset)
     return jax.tree.map(gather, cache)
 
   def gather(x, indices):  # x [B, W_any, ...], indices [B, W_new]
@@ -261,14 +264,17 @@ def _best_last(sequences: jnp.ndarray, scores: jnp.ndarray):
 
 def sample(*, inputs: jnp.ndarray, cache: Cache, tokens_to_logits: TokensToLogits, eos_id: int,
            num_decodes: int = 1, decode_rng: Optional[jnp.ndarray] = None,
-           temperature: float = 1.0, topk: int = 0) -> Tuple[jnp.ndarray, jnp.ndarray]:
+           temperature: float = 1.0, topk: int = 0,
+           cache_offset: int = 0) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """`num_decodes` sampled sequences per example (t5x's `temperature_sample` interface).
 
   `inputs` [B, L]: the decoder prompt (zeros: none) and the decode length. Unlike t5x, `cache`
   and `tokens_to_logits` come already expanded to B * num_decodes rows (an example's rows
   adjacent), because the model fills the cross-attention caches before the loop.
-  Returns [B, num_decodes, L] and log-likelihoods [B, num_decodes], best last.
+  Returns [B, num_decodes, L] and log-likelihoods [B, num_decodes], best last. `cache_offset`
+  (t5x's) is accepted for the interface: sampling never reorders cache rows.
   """
+  del cache_offset
   b, length = inputs.shape
   fn, state = _force_prompt(tokens_to_logits, cache, expand_to_beams(inputs, num_decodes))
   seqs, scores = temperature_sample(state, fn, b * num_decodes, length, eos_id, decode_rng,
@@ -277,20 +283,22 @@ def sample(*, inputs: jnp.ndarray, cache: Cache, tokens_to_logits: TokensToLogit
 
 
 def greedy(*, inputs: jnp.ndarray, cache: Cache, tokens_to_logits: TokensToLogits, eos_id: int,
-           num_decodes: int = 1, decode_rng: Optional[jnp.ndarray] = None):
+           num_decodes: int = 1, decode_rng: Optional[jnp.ndarray] = None, cache_offset: int = 0):
   """The paper's decoding (argmax at every step) as a decode function (see `sample`)."""
   return sample(inputs=inputs, cache=cache, tokens_to_logits=tokens_to_logits, eos_id=eos_id,
-                num_decodes=num_decodes, decode_rng=decode_rng, temperature=0.0)
+                num_decodes=num_decodes, decode_rng=decode_rng, temperature=0.0,
+                cache_offset=cache_offset)
 
 
 def beam(*, inputs: jnp.ndarray, cache: Cache, tokens_to_logits: TokensToLogits, eos_id: int,
-         num_decodes: int = 4, decode_rng: Optional[jnp.ndarray] = None, alpha: float = 0.6):
+         num_decodes: int = 4, decode_rng: Optional[jnp.ndarray] = None, alpha: float = 0.6,
+         cache_offset: int = 0):
   """`beam_search` with `num_decodes` beams as a decode function (t5x's `beam_search`
   interface; `cache` comes expanded to B * num_decodes rows, see `sample`)."""
   del decode_rng  # beam search is deterministic
   b, length = inputs.shape
   fn, state = _force_prompt(tokens_to_logits, cache, expand_to_beams(inputs, num_decodes))
-  return beam_search(state, fn, b, length, num_decodes, alpha, eos_id)
+  return beam_search(state, fn, b, length, num_decodes, alpha, eos_id, cache_offset)
 
 
 # By `evaluation.DecodingConfig.method`.

@@ -256,7 +256,9 @@ class EncoderDecoderModel:
     return self.decode_fn(
         inputs=prompt, cache=cache,
         tokens_to_logits=self.tokens_to_logits_fn(params, encoded, encoder_input_tokens),
-        eos_id=self.eos_id, num_decodes=num_decodes, decode_rng=rng, **dict(decoder_params))
+        eos_id=self.eos_id, num_decodes=num_decodes, decode_rng=rng,
+        cache_offset=1 if getattr(self.module, "scan_layers", False) else 0,
+        **dict(decoder_params))
 
   def init_cache(self, params, batch_size: int, input_length: int, max_decode_length: int):
     """Zeroed decoding caches (shapes only: no forward pass is run)."""

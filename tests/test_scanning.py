@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gqa_t5 import decoding
 from gqa_t5.model import Transformer
 from gqa_t5.model.scanning import stack_layers, unstack_layers
 from gqa_t5.models import EncoderDecoderModel
@@ -22,12 +23,16 @@ def unrolled_and_scanned(request):
           stack_layers(params), batch)
 
 
-def test_scanned_greedy_decodes_equal_unrolled(unrolled_and_scanned):
+@pytest.mark.parametrize("decode_fn", [decoding.greedy, decoding.beam], ids=["greedy", "beam"])
+def test_scanned_decodes_equal_unrolled(unrolled_and_scanned, decode_fn):
+  # Beam search reorders cache rows: with scan_layers they sit on axis 1 ([L, B*W, ...]).
   model, params, scanned_model, scanned_params, batch = unrolled_and_scanned
   request = {"encoder_input_tokens": batch["encoder_input_tokens"]}
-  tokens, aux = model.predict_batch_with_aux(params, request, max_decode_length=LENGTH)
-  scanned_tokens, scanned_aux = scanned_model.predict_batch_with_aux(
-      scanned_params, request, max_decode_length=LENGTH)
+  kwargs = dict(decoder_params={"max_decode_length": LENGTH}, return_all_decodes=True,
+                num_decodes=1 if decode_fn is decoding.greedy else 3)
+  tokens, aux = model.with_decode_fn(decode_fn).predict_batch_with_aux(params, request, **kwargs)
+  scanned_tokens, scanned_aux = scanned_model.with_decode_fn(decode_fn).predict_batch_with_aux(
+      scanned_params, request, **kwargs)
   np.testing.assert_array_equal(np.asarray(scanned_tokens), np.asarray(tokens))
   np.testing.assert_allclose(np.asarray(scanned_aux["scores"]), np.asarray(aux["scores"]),
                              atol=1e-5)

@@ -223,7 +223,8 @@ def test_t5x_decoding_loops_on_our_scanned_and_unrolled_models(t5x_dir):
   vocabulary = seqio.PassThroughVocabulary(size=67, eos_id=1)
   request = {"encoder_input_tokens": batch["encoder_input_tokens"],
              "decoder_input_tokens": jnp.zeros_like(batch["decoder_input_tokens"])}
-  ours = EncoderDecoderModel(module).predict_batch(params, request, max_decode_length=6)
+  ours = EncoderDecoderModel(module).predict_batch(
+      params, request, decoder_params={"max_decode_length": 6})
 
   def t5x_predict(scan_layers, decode_fn):
     net = Transformer(module.config.replace(scan_layers=scan_layers))
