@@ -104,14 +104,6 @@ def temperature_sample(cache: Cache, tokens_to_logits: TokensToLogits, batch_siz
   return final.sequences, final.log_prob
 
 
-def greedy_decode(cache, tokens_to_logits, batch_size, max_decode_length, eos_id=1):
-  """The paper's decoding: argmax at every step."""
-  return temperature_sample(cache, tokens_to_logits, batch_size, max_decode_length, eos_id)
-
-
-# ---- beam search -------------------------------------------------------------------------------
-
-
 def brevity_penalty(alpha: float, length) -> jnp.ndarray:
   """T5X/GNMT length penalty ((5 + length) / 6) ** alpha."""
   return jnp.power((5.0 + jnp.asarray(length, jnp.float32)) / 6.0, alpha)
@@ -137,41 +129,49 @@ class BeamState(NamedTuple):
   cache: Cache                  # leaves [B*W, ...]
 
 
+def _gather(x, indices):
+  """x [B, W_any, ...] at beams `indices` [B, W_new]."""
+  return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _gather_cache(cache: Cache, beam_indices, b: int, w: int, cache_offset: int) -> Cache:
+  """Reorders the B*W rows (axis `cache_offset`) of every cache leaf to `beam_indices` [B, W]."""
+  def gather(x):
+    if x.ndim <= cache_offset or x.shape[cache_offset] != b * w:
+      return x  # scalars such as cache_index ([L] when scanned)
+    rows = jnp.moveaxis(x, cache_offset, 0)                                # [B*W, ...]
+    grouped = rows.reshape((b, w) + rows.shape[1:])                        # [B, W, ...]
+    picked = _gather(grouped, beam_indices).reshape(rows.shape)
+    return jnp.moveaxis(picked, 0, cache_offset)
+  return jax.tree.map(gather, cache)
+
+
+def _merge_finished(state: BeamState, top_seqs, new_scores, top_log_probs, ends):
+  """The best W of the beams finished before and the candidates that just ended:
+  (sequences, scores, log-likelihoods, flags)."""
+  all_seqs = jnp.concatenate([state.finished_seqs, top_seqs], axis=1)
+  all_scores = jnp.concatenate([jnp.where(state.finished_flags, state.finished_scores, NEG_INF),
+                                new_scores], axis=1)
+  all_log_probs = jnp.concatenate([state.finished_log_probs, top_log_probs], axis=1)
+  all_flags = jnp.concatenate([state.finished_flags, ends], axis=1)
+  finished_scores, pick = jax.lax.top_k(all_scores, state.finished_flags.shape[1])
+  return (_gather(all_seqs, pick), finished_scores, _gather(all_log_probs, pick),
+          _gather(all_flags, pick))
+
+
 def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
                 max_decode_length: int, beam_size: int = 4, alpha: float = 0.6,
                 eos_id: int = 1, cache_offset: int = 0) -> Tuple[jnp.ndarray, jnp.ndarray]:
-  """Beam search with T5X's length penalty and T5X's finished/live handling.
+  """Beam search with T5X's length penalty and finished/live handling; [B, W, L], [B, W].
 
-  `cache` must already be expanded to B*W rows (`expand_to_beams`); its rows are on axis
-  `cache_offset` (t5x's name: 1 for a `scan_layers` model, whose cache leaves are [L, B*W, ...]).
-  Returns sequences [B, W, L] and scores [B, W] sorted best LAST (t5x's order). As t5x's
-  `beam_search`: only beams that produced EOS are returned, scored by log-likelihood divided by
-  `brevity_penalty(alpha, length through EOS)`; an example with fewer than W finished beams fills
-  the lowest slots with score NEG_INF (here with zero tokens and never a placeholder beam; t5x
-  may leave an arbitrary sequence there); an example with no finished beam at all returns its
-  live beams, scored by their raw log-likelihood (no length penalty), as t5x does. alpha = 0
-  gives plain log-likelihoods, as `score_batch`.
+  `cache` comes expanded to B*W rows on axis `cache_offset` (t5x's: 1 when scanned). As t5x:
+  sorted best LAST; only finished beams, scored log-likelihood / `brevity_penalty` (missing
+  slots: zeros, NEG_INF; t5x leaves arbitrary tokens there); where no beam finished, the live
+  beams with raw log-likelihoods. alpha = 0 gives plain log-likelihoods, as `score_batch`.
   """
   b, w, length = batch_size, beam_size, max_decode_length
   # Only beam 0 is live at the start, so the first step does not pick W copies of one token.
   initial_log_probs = jnp.tile(jnp.array([0.0] + [NEG_INF] * (w - 1), jnp.float32), (b, 1))
-
-  def is_flat_cache_leaf(x):
-    return x.ndim > cache_offset and x.shape[cache_offset] == b * w
-
-  def gather_cache(cache, beam_indices):
-    def gather(x):
-      if not is_flat_cache_leaf(x):
-        return x  # scalars such as cache_index ([L] when scanned)
-      rows = jnp.moveaxis(x, cache_offset, 0)                              # [B*W, ...]
-      grouped = rows.reshape((b, w) + rows.shape[1:])
-      idx = beam_indices.reshape((b, w) + (1,) * (grouped.ndim - 2))
-      picked = jnp.take_along_axis(grouped, idx, axis=1).reshape(rows.shape)
-      return jnp.moveaxis(picked, 0, cache_offset)
-    return jax.tree.map(gather, cache)
-
-  def gather(x, indices):  # x [B, W_any, ...], indices [B, W_new]
-    return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
 
   def cond(state: BeamState):
     # Stop when no live beam can still beat the worst finished one (log-probs only fall).
@@ -189,7 +189,7 @@ def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
     candidates = (state.live_log_probs[:, :, None] + log_probs).reshape(b, w * vocab)
     top_log_probs, top_ids = jax.lax.top_k(candidates, 2 * w)               # [B, 2W]
     top_beams, top_tokens = top_ids // vocab, (top_ids % vocab).astype(jnp.int32)
-    top_seqs = gather(state.live_seqs, top_beams)                            # [B, 2W, L]
+    top_seqs = _gather(state.live_seqs, top_beams)                            # [B, 2W, L]
     top_seqs = jax.lax.dynamic_update_slice(top_seqs, top_tokens[:, :, None], (0, 0, state.step))
     # A placeholder beam (log-prob at NEG_INF: the first steps, a forced prompt) never finishes;
     # t5x would keep it as finished with a score near NEG_INF.
@@ -198,19 +198,13 @@ def beam_search(cache: Cache, tokens_to_logits: TokensToLogits, batch_size: int,
     # Live: the best W candidates that did not just end.
     live_candidates = jnp.where(ends, NEG_INF, top_log_probs)
     live_log_probs, live_pick = jax.lax.top_k(live_candidates, w)            # [B, W]
-    live_seqs = gather(top_seqs, live_pick)
-    cache = gather_cache(cache, gather(top_beams, live_pick))
+    live_seqs = _gather(top_seqs, live_pick)
+    cache = _gather_cache(cache, _gather(top_beams, live_pick), b, w, cache_offset)
 
     # Finished: merge the candidates that ended with those finished before.
     new_scores = jnp.where(ends, top_log_probs / brevity_penalty(alpha, state.step + 1), NEG_INF)
-    all_seqs = jnp.concatenate([state.finished_seqs, top_seqs], axis=1)
-    all_scores = jnp.concatenate([jnp.where(state.finished_flags, state.finished_scores, NEG_INF),
-                                  new_scores], axis=1)
-    all_log_probs = jnp.concatenate([state.finished_log_probs, top_log_probs], axis=1)
-    all_flags = jnp.concatenate([state.finished_flags, ends], axis=1)
-    finished_scores, pick = jax.lax.top_k(all_scores, w)
-    return BeamState(state.step + 1, live_seqs, live_log_probs, gather(all_seqs, pick),
-                     finished_scores, gather(all_log_probs, pick), gather(all_flags, pick), cache)
+    return BeamState(state.step + 1, live_seqs, live_log_probs,
+                     *_merge_finished(state, top_seqs, new_scores, top_log_probs, ends), cache)
 
   init = BeamState(jnp.array(0, jnp.int32), jnp.zeros((b, w, length), jnp.int32),
                    initial_log_probs, jnp.zeros((b, w, length), jnp.int32),

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from gqa_t5 import decoding
-from gqa_t5.models import EncoderDecoderModel, check_batch
+from gqa_t5.batches import check_batch
+from gqa_t5.models import EncoderDecoderModel
 from model_fixtures import KV_HEADS, init_params, tiny_batch, tiny_config
 
 LENGTH = 6

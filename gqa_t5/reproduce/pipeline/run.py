@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
+from gqa_t5 import input_pipeline
 from gqa_t5 import jax_setup
 from gqa_t5 import optim
 from gqa_t5.demo_data import layout
@@ -109,7 +110,8 @@ class Pipeline:
     self.data_dir = layout.require_complete(self.o.data_dir)
     jax_setup.enable_compilation_cache(self.out_dir / WORK_DIR / "jax_cache")
     self.vocabulary = tasks.register(str(self.data_dir))
-    self.vocab_size = self.preset.vocab_size or tasks.padded_vocab_size(self.vocabulary)
+    self.vocab_size = self.preset.vocab_size or input_pipeline.padded_vocab_size(
+        self.vocabulary.vocab_size)
     marker = Path(self.data_dir) / layout.MARKER
     self.data = {"fingerprint": hashlib.sha256(marker.read_bytes()).hexdigest()[:16]}
     plan = self.plan()

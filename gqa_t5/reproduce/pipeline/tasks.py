@@ -23,12 +23,6 @@ def register(data_dir: Optional[str] = None):
   return demo.demo_vocabulary(data_dir)
 
 
-def padded_vocab_size(vocabulary, multiple: int = 128) -> int:
-  """The vocabulary's size (pieces + sentinels) rounded up, as T5X pads 32,100 to 32,128."""
-  size = int(vocabulary.vocab_size)
-  return -(-size // multiple) * multiple
-
-
 def pretrain_lengths(inputs_length: int) -> dict:
   """Span-corruption lengths: the targets length the inputs length implies."""
   from gqa_t5.tasks import span_corruption  # pylint: disable=g-import-not-at-top  # TensorFlow

@@ -15,7 +15,9 @@ The child's progress lines ("timing K=...") are passed on as they come.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
 import os
 import subprocess
@@ -75,7 +77,9 @@ def _benchmark(flags: List[str], output_length: int, batch: int) -> Dict:
   """Runs the decode benchmark in this process; its figures in the stage's format."""
   with tempfile.TemporaryDirectory() as scratch:
     path = os.path.join(scratch, "decode.json")
-    decode.main(flags + ["--jax-cache-dir", "", "--json", path])
+    # The benchmark's own lines ("compiling K=...", "timing round ...") become progress lines.
+    with contextlib.redirect_stdout(_ProgressWriter()):
+      decode.main(flags + ["--jax-cache-dir", "", "--json", path])
     with open(path) as f:
       result = json.load(f)
   encode_per_sample = result["encode_s"] / batch
@@ -106,6 +110,21 @@ def _flags(config: T5Config, kv_heads: Sequence[int], *, batch: int, input_lengt
 
 def _progress(text: str) -> None:
   print(PROGRESS_PREFIX + text, file=sys.stderr, flush=True)
+
+
+class _ProgressWriter(io.TextIOBase):
+  """A stdout stand-in that passes each complete line on as a progress line."""
+
+  def __init__(self):
+    super().__init__()
+    self._partial = ""
+
+  def write(self, text: str) -> int:
+    *lines, self._partial = (self._partial + text).split("\n")
+    for line in lines:
+      if line.strip():
+        _progress("  " + line.strip())
+    return len(text)
 
 
 def _measure_preset(request: Dict) -> Dict:
