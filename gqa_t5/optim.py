@@ -4,20 +4,16 @@ T5X's Adafactor (t5x/adafactor.py) with its T5.1.1 settings: factored second mom
 rate 0.8 (beta2 at step t is 1 - (t + 1)^-0.8), updates scaled by the parameter's RMS,
 update clipping at RMS 1.0, epsilon1 1e-30, epsilon2 1e-3, no momentum.
 
-Which dimensions are factored follows T5X:
-  * a parameter of rank <= 2 whose logical axes (if known) hold no layer ("batch") axis uses the
-    heuristic: factor its two largest dimensions when the smaller of them is >= 128
-    (`min_dim_size_to_factor`); otherwise keep a full second moment `v`;
-  * a parameter with a layer axis (scanned layers) or of rank > 2 uses the logical factor rules
-    (`STANDARD_FACTOR_RULES`): 'embed' is the row, head/mlp/vocab axes are columns and 'layers'
-    is a batch dimension, so statistics, the parameter scale and clipping stay per layer.
-    Without logical axes such a parameter falls back to the heuristic over its two largest dims.
-The state keeps, per parameter, {'v_row', 'v_col'} (factored) or {'v'} (not factored), plus
-`count`, the updates made since these statistics started, which drives the decay. The
-learning-rate schedule reads the global train step when the caller passes it (`step=`), else
-`count`. A fresh optimizer state on a pre-trained checkpoint thus restarts the decay
-(beta2 = 0 at its first update, as T5X's `step_offset` does for fine-tuning) while the
-learning rate follows the global step.
+Factored dimensions follow T5X: a parameter of rank <= 2 with no layer axis factors its two
+largest dimensions when the smaller is >= 128 (`min_dim_size_to_factor`), else keeps a full `v`;
+a scanned (layer axis) or rank > 2 parameter uses the logical factor rules
+(`STANDARD_FACTOR_RULES`: 'embed' row, head/mlp/vocab columns, 'layers' a batch dimension, so
+statistics, scale and clipping stay per layer), or without axes the two-largest-dims heuristic.
+The state keeps {'v_row', 'v_col'} or {'v'} per parameter, plus `count` (updates since these
+statistics started; it drives the decay). The schedule reads the global step when the caller
+passes `step=`, else `count`: a fresh state on a pre-trained checkpoint restarts the decay
+(beta2 = 0 at its first update, as T5X's `step_offset` does) while the learning rate follows
+the global step.
 """
 
 from __future__ import annotations
