@@ -30,11 +30,10 @@ from gqa_t5.models import EncoderDecoderModel
 PARAM_AXES, CACHE_AXES = axes.PARAM_AXES, axes.CACHE_AXES
 
 INSTALL_HINT = (
-    "t5x is not on PyPI. Install it from its repository without its dependencies, so that "
-    "gqa_t5's pins stay: pip install --no-deps 'git+https://github.com/google-research/t5x', "
-    "then t5x's imports that gqa_t5 lacks: pip install --no-deps airio grain fiddle "
-    "jaxtyping cached_property jestimator (gin/t5x/README.md has the full recipe); gqa_t5's "
-    "own trainer needs no t5x.")
+    "t5x is not on PyPI. Keep gqa_t5's pins: pip install -e '.[data,t5x]' (t5x's PyPI imports), "
+    "then pip install --no-deps 'git+https://github.com/google-research/t5x' "
+    "'git+https://github.com/google/airio' 'git+https://github.com/google-research/jestimator' "
+    "(gin/t5x/README.md has the recipe); gqa_t5's own trainer needs no t5x.")
 
 
 def require_t5x():

@@ -108,6 +108,7 @@ def test_distributed_start_needs_process_count_and_id(monkeypatch):
 
 def test_sharded_step_equals_single_device_step_on_8_simulated_devices():
   """Meshes (8,1), (2,4), (4,2), (1,8) with K in {2, 1}: same parameters as one device."""
+  pytest.importorskip("seqio")  # the child trains on a toy seqio task
   env = fx.subprocess_env(num_devices=8)
   result = subprocess.run([fx.PYTHON, os.path.join(fx.REPO, "tests", "sharded_step_child.py")],
                           env=env, capture_output=True, text=True, timeout=900)

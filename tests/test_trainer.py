@@ -10,6 +10,11 @@ import pytest
 
 import fixture_paths
 
+# The training runs read seqio tasks and gin files: the data extra (absent on a TF-free GPU box,
+# where benchmark-train exercises the Trainer instead).
+pytest.importorskip("seqio")
+pytest.importorskip("gin")
+
 import trainer_fixtures as fx
 from gqa_t5 import input_pipeline, optim, partitioning
 from gqa_t5 import train as train_lib
