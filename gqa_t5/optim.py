@@ -258,10 +258,7 @@ def _is_axes_leaf(x) -> bool:
 
 def constant(value: float = 1e-3) -> Schedule:
   """Constant learning rate (T5's fine-tuning: 0.001)."""
-  def schedule(step):
-    del step
-    return jnp.asarray(value, jnp.float32)
-  return schedule
+  return lambda step: jnp.asarray(value, jnp.float32)
 
 
 def rsqrt_decay(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> Schedule:
