@@ -86,7 +86,9 @@ class _DropPrefixes(logging.Filter):
 def quiet_logs() -> None:
   """Loads TensorFlow (if installed) with its CUDA probing silenced and its GPUs hidden (the
   data pipeline runs on the host; JAX keeps the accelerators), and filters seqio's advice."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TF's C++ INFO lines once logging is up
+  # TF's C++ INFO and WARNING lines (e.g. tf.data's partial-cache notice on eval splits); its
+  # errors still show.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   with filtered_stderr(TF_NOISE):
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top  # optional heavy extra

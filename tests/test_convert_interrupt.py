@@ -161,6 +161,16 @@ def test_in_process_interrupt_between_tensors_removes_the_partial_output(tmp_pat
 
 
 def test_signal_before_publishing_discards_and_during_publishing_keeps(tmp_path, monkeypatch):
+  # A shell that starts this run in the background ignores SIGINT, and the writer leaves an
+  # ignored signal ignored (by design): give the test an ordinary SIGINT disposition.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _check_signals_around_publishing(tmp_path, monkeypatch)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _check_signals_around_publishing(tmp_path, monkeypatch):
   out = tmp_path / "ckpt"
   with pytest.raises(atomic.Interrupted) as error:
     with atomic.atomic_directory(str(out)) as tmp:

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from gqa_t5 import jax_setup
 from gqa_t5.demo_data import layout
 from gqa_t5.demo_data import prepare
 from gqa_t5.reproduce.pipeline import presets
@@ -107,6 +108,7 @@ def _quiet_logs() -> None:
   for noisy in ("absl", "jax", "orbax", "tensorflow", "etils"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  jax_setup.quiet_logs()  # TensorFlow loaded with its CUDA probing filtered, as the entry points
   # On a GPU the timing stages run in a child process beside this one: neither may take 75%
   # of the accelerator's memory up front (JAX's default) or the other could not start.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
