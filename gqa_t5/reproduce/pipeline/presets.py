@@ -197,7 +197,7 @@ _register(Preset(
     name="quick",
     description="The README's main job: every stage on real text with a small model and few "
                 "steps; its quality numbers are close to noise.",
-    time_figure="7.7 min + 62 s demo-data preparation, measured on a quiet 2-core x86-64 CPU",
+    time_figure="4.2 min + 36 s demo-data preparation, measured from a fresh clone on a quiet 2-core x86-64 CPU",
     model=small_model(emb_dim=128, num_heads=8, head_dim=16, mlp_dim=256, layers=2),
     pretrain_steps=200, pretrain_batch=16, pretrain_inputs_length=64,
     pretrain_warmup_steps=100,
@@ -213,7 +213,7 @@ _register(Preset(
     name="mini",
     description="A model and step counts large enough to compare the variants, with the "
                 "run-to-run noise measured.",
-    time_figure="33 min + 62 s demo-data preparation, measured on a quiet 2-core x86-64 CPU",
+    time_figure="33 min + 36 s demo-data preparation, measured on a quiet 2-core x86-64 CPU",
     model=small_model(emb_dim=128, num_heads=8, head_dim=16, mlp_dim=384, layers=2),
     pretrain_steps=1200, pretrain_batch=16, pretrain_inputs_length=96,
     pretrain_warmup_steps=200,
@@ -226,17 +226,18 @@ _register(Preset(
     checkpoint_period=300))
 
 # One H200: T5.1.1-Small's width (d_model 512, MLP 1024, 8+8 layers) with 8 heads of 64 (not 6)
-# so that GQA-2 and GQA-4 have real groups, 58.7M parameters, bfloat16. At 30% MFU of 989
-# TFLOP/s: pretraining 1,600 x 14.2 TFLOP (6 x 58.7M x 40.2k tokens) = 79 s; uptraining 41 s;
-# fine-tuning 11 x 200 steps 87 s; evaluation 73 s; probes and conversions 43 s; timing 26 s;
-# the paper-shape timing (XXL x 6 K + Large) 123 s; 46 stages, 471 s = 7.9 min in all, a
+# so that GQA-2 and GQA-4 have real groups, 58.7M parameters (54.5M that multiply), bfloat16.
+# At 30% MFU of 989 TFLOP/s: pretraining 1,600 x 13.1 TFLOP (6 x 54.5M x 40.2k tokens) = 74 s;
+# uptraining 39 s; fine-tuning 11 x 200 steps 83 s; evaluation 73 s; probes and conversions
+# 43 s; timing 26 s; the paper-shape timing (XXL x 6 K + Large) 123 s; 46 stages, 460 s =
+# 7.7 min in all, a
 # computed estimate (estimate.py has the assumptions; docs/REPRODUCE.md the table).
 _register(Preset(
     name="gpu",
     description="One H200: a T5.1.1-Small-like model (59M parameters, 8 heads) trained long "
                 "enough that decoded scores rank the variants, and decode timing at the "
                 "paper's T5.1.1-XXL and -Large shapes.",
-    time_figure="about 7.9 min on one H200, a computed estimate (not yet measured)",
+    time_figure="about 7.7 min on one H200, a computed estimate (not yet measured)",
     model=small_model(emb_dim=512, num_heads=8, head_dim=64, mlp_dim=1024, layers=8,
                       dtype="bfloat16"),
     pretrain_steps=1600, pretrain_batch=128, pretrain_inputs_length=256,

@@ -61,12 +61,15 @@ def model_params(model: T5Config) -> int:
 
 
 def pretrain_throughput(pretrain: Dict, model: T5Config) -> Dict[str, Any]:
-  """Tokens/s of the pretraining run (compile excluded where measured) and its MFU against the
-  backend's peak (the H200's dense bf16 on a GPU; the CPU profile's assumed rate on a CPU)."""
+  """Tokens/s of the pretraining run (compile excluded where measured) and, on a GPU, its MFU
+  against the H200's dense bf16 peak. FLOPs per token are 6 x the parameters that multiply
+  (the input embedding is a lookup). A CPU has no peak in the machine table (its figure is an
+  assumed sustained rate), so there MFU is None."""
   tokens_per_s = pretrain.get("steady_tokens_per_second", pretrain.get("tokens_per_second"))
-  machine = estimate.MACHINES["h200" if jax.default_backend() == "gpu" else "cpu"]
-  flops_per_token = 6.0 * model_params(model)
-  mfu = flops_per_token * tokens_per_s / machine.peak_flops if tokens_per_s else None
+  on_gpu = jax.default_backend() == "gpu"
+  machine = estimate.MACHINES["h200" if on_gpu else "cpu"]
+  flops_per_token = 6.0 * (model_params(model) - model.vocab_size * model.emb_dim)
+  mfu = flops_per_token * tokens_per_s / machine.peak_flops if tokens_per_s and on_gpu else None
   return {"tokens_per_second": tokens_per_s,
           "compile_excluded": "steady_tokens_per_second" in pretrain,
           "flops_per_token": flops_per_token,
