@@ -4,7 +4,6 @@ verified checkpoint), gin typos in files and flags, impossible span-corruption l
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import trainer_fixtures as fx
@@ -24,17 +23,9 @@ def _toy_task():
   fx.register_toy_task()
 
 
-class _NaNGradientFromSecondStep:
+class _NaNGradientFromSecondStep(fx.PoisonedModel):
   """Finite losses throughout, but the gradient of step 2 is NaN (0 * inf): the second update
   makes the parameters non-finite, as a learning rate far too high does."""
-
-  def __init__(self, model):
-    self.module = model.module
-    self._model = model
-    self.loss_normalizing_factor = None
-
-  def get_initial_variables(self, *args, **kwargs):
-    return self._model.get_initial_variables(*args, **kwargs)
 
   def loss_fn(self, params, batch, rng):
     loss, metrics = self._model.loss_fn(params, batch, rng)

@@ -106,16 +106,8 @@ def test_gradient_accumulation_matches_the_full_batch():
   assert int(s_micro.step) == 1
 
 
-class _NaNAfterFirstStep:
+class _NaNAfterFirstStep(fx.PoisonedModel):
   """A model whose loss becomes NaN from the second step on."""
-
-  def __init__(self, model):
-    self.module = model.module
-    self._model = model
-    self.loss_normalizing_factor = None
-
-  def get_initial_variables(self, *args, **kwargs):
-    return self._model.get_initial_variables(*args, **kwargs)
 
   def loss_fn(self, params, batch, rng):
     loss, metrics = self._model.loss_fn(params, batch, rng)

@@ -93,3 +93,16 @@ def subprocess_env(num_devices=None):
 
 
 PYTHON = sys.executable
+
+
+class PoisonedModel:
+  """A model wrapper whose `loss_fn` a test bends (NaN losses or gradients after the first
+  update) to exercise the trainer's non-finite handling; the rest is the wrapped model's."""
+
+  def __init__(self, model):
+    self.module = model.module
+    self._model = model
+    self.loss_normalizing_factor = None
+
+  def get_initial_variables(self, *args, **kwargs):
+    return self._model.get_initial_variables(*args, **kwargs)
