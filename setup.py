@@ -55,6 +55,9 @@ setup(
         # `pip install --no-deps` after this extra: gin/t5x/README.md has the recipe. Nothing
         # here imports t5x.
         "t5x": ["grain", "fiddle", "jaxtyping", "cached_property"],
+        # TPU's compiler (libtpu, about 700 MB installed), pinned by jax to its own version:
+        # `gqa-t5 compile` and `--dry_run_tpu` compile for TPU v4 slices on this machine.
+        "tpu": ["jax[tpu]>=0.10"],
     },
     entry_points={"console_scripts": ["gqa-t5=gqa_t5.cli:main"]},
 )

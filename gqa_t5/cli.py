@@ -22,6 +22,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str, str]] = {
     "infer": ("gqa_t5.infer", "main", "decode a task's inputs from gin files"),
     "reproduce": ("gqa_t5.reproduce", "main",
                   "reproduce the paper's Table 1 and Figures 3-6 (--preset quick|mini|gpu|paper)"),
+    "compile": ("gqa_t5.reproduce.paper_scale.compile", "main",
+                "compile the paper's jobs for their TPU v4 slices (libtpu) and check they fit"),
     "benchmark-decode": ("gqa_t5.benchmarks.decode", "main",
                          "decode speed per K against the memory roofline (and HF generate)"),
     "benchmark-train": ("gqa_t5.benchmarks.train", "main",

@@ -18,6 +18,8 @@ from typing import Iterator, Optional, Sequence
 
 import jax
 
+from gqa_t5 import tpu_topology
+
 # Lines TensorFlow prints while loading and probing CUDA on a machine without a driver.
 TF_NOISE = ("Could not find cuda drivers", "failed call to cuInit",
             "All log messages before absl::InitializeLog() is called",
@@ -89,6 +91,8 @@ def quiet_logs() -> None:
   # TF's C++ INFO and WARNING lines (e.g. tf.data's partial-cache notice on eval splits); its
   # errors still show.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # libtpu installed only to compile for TPUs (the `tpu` extra): no TPU probing, no warnings.
+  tpu_topology.hide_absent_tpu()
   with filtered_stderr(TF_NOISE):
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top  # optional heavy extra

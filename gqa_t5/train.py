@@ -12,11 +12,15 @@ Extra flags of `main`:
   --dry_run               check everything and compile the step from shapes alone, print the
                           per-device memory estimate, and exit
   --dry_run_devices=N     simulate N CPU devices for the dry run (e.g. a pod slice's mesh)
+  --dry_run_tpu=SLICE     compile the step for a TPU v4 slice (e.g. v4-256) with TPU's own
+                          compiler (the `tpu` extra), print each chip's memory and fail when
+                          it does not fit, naming what would make it fit
   --coordinator_address / --num_processes / --process_id   multi-process runs
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -31,6 +35,7 @@ from gqa_t5 import input_pipeline
 from gqa_t5 import metrics_writer
 from gqa_t5 import optim
 from gqa_t5 import partitioning as partitioning_lib
+from gqa_t5 import tpu_topology
 from gqa_t5 import trainer as trainer_lib
 from gqa_t5.checkpoints import initial as initial_lib
 from gqa_t5.checkpoints import model_dir as model_dir_lib
@@ -48,7 +53,7 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
           infer_eval_num_examples: Optional[int] = None,
           decoding: evaluation.DecodingConfig = evaluation.DecodingConfig(),
           num_microbatches: Optional[int] = None, random_seed: int = 0,
-          dry_run: bool = False, progress: bool = True,
+          dry_run: bool = False, dry_run_tpu: Optional[str] = None, progress: bool = True,
           stop_after_steps: Optional[int] = None,
           on_start: Optional[Callable[[], None]] = None) -> Optional[Any]:
   """Trains `model`; returns the final TrainState (None for a dry run).
@@ -60,9 +65,15 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
     e.g. to split a long run into jobs.
   on_start: called once the checks passed, before any compute (the entry point writes the
     operative gin config there).
+  dry_run_tpu: a TPU v4 slice ('v4-256') to compile the dry run's step for, on this machine.
   """
   optimizer = optimizer or optim.Adafactor(learning_rate=optim.rsqrt_decay())
   partitioner = partitioner or partitioning_lib.Partitioner()
+  tpu_slice = None
+  if dry_run_tpu:
+    dry_run, tpu_slice = True, tpu_topology.get_slice(dry_run_tpu)
+    partitioner = dataclasses.replace(partitioner,
+                                      devices=tpu_topology.slice_devices(tpu_slice.name))
   config = getattr(model.module, "config", None)
   process_count = jax.process_count()
 
@@ -85,7 +96,9 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
   if on_start is not None:
     on_start()
   if dry_run:
-    trainer_lib.dry_run_report(trainer)
+    trainer_lib.dry_run_report(trainer, tpu_slice.hbm_bytes if tpu_slice else None,
+                               what=f"the train step on {tpu_slice.name}" if tpu_slice
+                               else "the train step")
     return None
 
   # 2. Restore.
@@ -276,13 +289,16 @@ def _add_flags(parser) -> None:
                       help="compile the train step abstractly, print memory per device, exit")
   parser.add_argument("--dry_run_devices", type=int, default=None,
                       help="number of simulated CPU devices for --dry_run")
+  parser.add_argument("--dry_run_tpu", default=None, metavar="SLICE",
+                      help="compile the step for a TPU v4 slice (e.g. v4-256) with libtpu "
+                           "(pip install -e '.[tpu]') and check that it fits each chip")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
 def _call(fn, args) -> None:
-  dry = args.dry_run or bool(args.dry_run_devices)
+  dry = args.dry_run or bool(args.dry_run_devices) or bool(args.dry_run_tpu)
   model_dir = gin_utils.macro_value("MODEL_DIR")
-  fn(dry_run=dry, progress=not args.no_progress,
+  fn(dry_run=dry, dry_run_tpu=args.dry_run_tpu, progress=not args.no_progress,
      on_start=lambda: gin_utils.write_operative_config(None if dry else model_dir))
 
 

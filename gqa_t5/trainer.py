@@ -27,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gqa_t5 import aot
 from gqa_t5 import optim
 from gqa_t5 import partitioning as partitioning_lib
+from gqa_t5 import tpu_topology
 
 Batch = Mapping[str, Any]
 
@@ -219,12 +221,18 @@ class Trainer:
 
   # --- dry run ----------------------------------------------------------------------------
 
-  def compile_train_step(self):
-    """Lowers and compiles the train step from shapes alone (no parameters allocated)."""
+  def lower_train_step(self):
+    """The train step lowered from shapes alone (no parameters allocated), for the
+    partitioner's devices: CPU devices, or a TPU slice described by `tpu_topology`."""
     abstract_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k])
                       for k, (s, d) in self.batch_spec.items()}
     with self.partitioner.mesh, self.partitioner.axis_rules():
-      lowered = self._jit_train_step().lower(self.abstract_state, abstract_batch)
+      return self._jit_train_step().lower(self.abstract_state, abstract_batch)
+
+  def compile_train_step(self):
+    """Lowers and compiles the train step from shapes alone."""
+    lowered = self.lower_train_step()
+    with self.partitioner.mesh, self.partitioner.axis_rules():
       return lowered.compile()
 
   def state_bytes_per_device(self) -> Dict[str, float]:
@@ -245,43 +253,66 @@ def all_finite(tree) -> jnp.ndarray:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def _format_bytes(n: float) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-    if abs(n) < 1024 or unit == "TiB":
-      return f"{n:.2f} {unit}"
-    n /= 1024.0
-  return f"{n:.2f} TiB"
+class DoesNotFitError(ValueError):
+  """A dry run compiled for a TPU slice whose chips cannot hold the train step."""
 
 
-def dry_run_report(trainer: Trainer) -> Dict[str, float]:
-  """Compiles the train step abstractly; returns and prints per-device memory figures."""
+def dry_run_report(trainer: Trainer, hbm_bytes: Optional[float] = None,
+                   what: str = "the train step") -> Dict[str, float]:
+  """Compiles the train step from shapes alone for the partitioner's devices; prints and
+  returns the per-device figures. With `hbm_bytes` (a TPU slice's chip) a step that does not
+  fit within `tpu_topology.HEADROOM_FRACTION` of it raises DoesNotFitError naming the bytes
+  and what would make it fit."""
   t0 = time.perf_counter()
-  compiled = trainer.compile_train_step()
+  figures = aot.compile_figures(trainer.lower_train_step())
   seconds = time.perf_counter() - t0
   state = trainer.state_bytes_per_device()
   report = {"compile_seconds": seconds, "params_bytes_per_device": state["params"],
             "optimizer_bytes_per_device": state["optimizer"]}
-  analysis = None
-  try:
-    analysis = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  # not every backend reports it
-    pass
-  if analysis is not None:
-    args = float(analysis.argument_size_in_bytes)
-    out = float(analysis.output_size_in_bytes)
-    alias = float(getattr(analysis, "alias_size_in_bytes", 0))
-    temp = float(analysis.temp_size_in_bytes)
-    report.update(argument_bytes=args, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
-                  peak_bytes_per_device=args + out - alias + temp)
+  report.update(argument_bytes=figures.argument_bytes, output_bytes=figures.output_bytes,
+                alias_bytes=figures.alias_bytes, temp_bytes=figures.temp_bytes,
+                peak_bytes_per_device=figures.peak_bytes, flops=figures.flops)
   data, model = trainer.partitioner.mesh_shape
-  lines = [f"dry run: mesh (data={data}, model={model}) on {jax.device_count()} "
-           f"{jax.devices()[0].platform} devices; compiled in {seconds:.1f}s",
-           f"  parameters per device:       {_format_bytes(state['params'])}",
-           f"  optimizer state per device:  {_format_bytes(state['optimizer'])}"]
-  if analysis is not None:
-    lines += [f"  step arguments per device:   {_format_bytes(report['argument_bytes'])}",
-              f"  temporaries per device:      {_format_bytes(report['temp_bytes'])}",
-              f"  estimated peak per device:   {_format_bytes(report['peak_bytes_per_device'])}"
-              " (the compiler's figure for this backend; TPU/GPU layouts differ somewhat)"]
+  devices = trainer.partitioner.mesh.devices.flat
+  first = next(iter(devices))
+  lines = [f"dry run: mesh (data={data}, model={model}) on {data * model} "
+           f"{getattr(first, 'device_kind', first.platform)} devices; compiled in {seconds:.1f}s",
+           f"  parameters per device:       {aot.gib(state['params'])}",
+           f"  optimizer state per device:  {aot.gib(state['optimizer'])}"]
+  if figures.compiled:
+    lines += [f"  step arguments per device:   {aot.gib(figures.argument_bytes)}",
+              f"  temporaries per device:      {aot.gib(figures.temp_bytes)}",
+              f"  estimated peak per device:   {aot.gib(figures.peak_bytes)}"
+              " (the compiler's figure for these devices)"]
   print("\n".join(lines), flush=True)
+  if hbm_bytes is not None:
+    verdict = aot.check_fits(figures, hbm_bytes, tpu_topology.HEADROOM_FRACTION, what=what,
+                             remedies=memory_remedies(trainer))
+    print(f"  {verdict.text}", flush=True)
+    report["fits"] = verdict.within_headroom
+    if not verdict.within_headroom:
+      raise DoesNotFitError(verdict.text)
+  elif not figures.compiled:
+    raise DoesNotFitError(f"{what} does not fit the devices: {figures.error}")
   return report
+
+
+def memory_remedies(trainer: Trainer) -> list:
+  """The gin settings that shrink a train step's memory, cheapest in step time first."""
+  config = getattr(trainer.model.module, "config", None)
+  out = []
+  batch = next(iter(trainer.batch_spec.values()))[0][0]
+  micro = trainer.num_microbatches or 1
+  data = trainer.partitioner.mesh_shape[0]
+  bigger = [m for m in (2, 4, 8, 16, 32) if m > micro and batch % (m * data) == 0]
+  if config is not None and config.remat_policy == "none":
+    out.append("--gin.REMAT_POLICY=\"'minimal'\" (recompute all but the weight matmuls)")
+  if bigger:
+    out.append(f"--gin.NUM_MICROBATCHES={bigger[0]} (or more: activations shrink with it)")
+  if config is not None and config.remat_policy != "full":
+    out.append("--gin.REMAT_POLICY=\"'full'\" (recompute each layer; about a third more "
+               "compute)")
+  if config is not None and not config.scan_layers:
+    out.append("--gin.SCAN_LAYERS=True (one layer's buffers live at a time)")
+  out.append("a larger MODEL_PARALLEL (parameters and optimizer state split further)")
+  return out

@@ -251,3 +251,21 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to `path` all or nothing: a temporary file beside it, flushed to disk, then
+  renamed over `path` (a reader never sees half a file, a crash leaves the old one)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                             dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

@@ -16,6 +16,14 @@ Decoding caches (T5X names, mutable `cache` collection):
                    once per sequence; kv_filled [B] says whether they hold it yet.
 The [B, K, S, H] layout makes each step's two dots batched (B, K) matmuls over contiguous [S, H]
 blocks.
+
+Activation shardings (T5X's 1-D activation partitioning, logical names of model/axes.py): the
+flat query and context projections are ('batch', 'length', 'joined_kv'), so the N query heads
+split over the model axis; the reshape to [B, T, K, G, H] then splits K when K is a multiple of
+the model axis and G otherwise. Keys, values and caches are ('batch', kv head axis, 'length',
+'kv'), where the decoder's kv head axis is 'kv_heads' (sharded only when K is a multiple of the
+model axis, replicated otherwise) and the encoder's is 'heads'. Outside a partitioner's rules
+these constraints do nothing.
 """
 
 from __future__ import annotations
@@ -101,6 +109,15 @@ class GroupedAttention(nn.Module):
   kv_kernel_axis: str = "joined_kv"
   cross_attention: bool = False
 
+  @property
+  def kv_heads_axis(self) -> str:
+    # The decoder's K heads follow the 'kv_heads' rule (replicated when K does not split over
+    # the model axis); the encoder's are its N query heads.
+    return "kv_heads" if self.kv_kernel_axis == "grouped_kv" else "heads"
+
+  def _constrain_kv(self, x: jnp.ndarray) -> jnp.ndarray:
+    return nn.with_logical_constraint(x, ("batch", self.kv_heads_axis, "length", "kv"))
+
   def setup(self):
     grouping.group_size(self.num_heads, self.num_kv_heads)
     # T5 folds 1/sqrt(H) into the query initialiser instead of scaling logits.
@@ -118,12 +135,13 @@ class GroupedAttention(nn.Module):
 
   def _queries(self, inputs_q: jnp.ndarray) -> jnp.ndarray:
     q = self.query(inputs_q)                                            # [B, T, N*H]
+    q = nn.with_logical_constraint(q, ("batch", "length", "joined_kv"))
     return grouping.group_flat_heads(q, self.num_heads, self.num_kv_heads)  # [B, T, K, G, H]
 
   def _split_kv(self, x: jnp.ndarray) -> jnp.ndarray:
     b, s, _ = x.shape
     x = x.reshape(b, s, self.num_kv_heads, self.head_dim)              # [B, S, K, H]
-    return x.swapaxes(1, 2).astype(self.dtype)                          # [B, K, S, H]
+    return self._constrain_kv(x.swapaxes(1, 2).astype(self.dtype))      # [B, K, S, H]
 
   def _keys_values(self, inputs_kv: jnp.ndarray):
     return self._split_kv(self.key(inputs_kv)), self._split_kv(self.value(inputs_kv))
@@ -136,7 +154,9 @@ class GroupedAttention(nn.Module):
         float32_logits=self.float32_logits, dropout_rate=self.dropout_rate,
         dropout_rng=self.make_rng("dropout") if use_dropout else None)  # [B, T, K, G, H]
     b, t = context.shape[:2]
-    return self.out(context.reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
+    context = context.reshape(b, t, self.num_heads * self.head_dim)     # [B, T, N*H]
+    context = nn.with_logical_constraint(context, ("batch", "length", "joined_kv"))
+    return self.out(context)                                            # [B, T, D]
 
   # ---- the call ------------------------------------------------------------------------------
 
@@ -227,8 +247,8 @@ class GroupedAttention(nn.Module):
     # [] or [B]; t5x's beam search hands a prefilled index on as [B, W] (flaxformer flattens it).
     index = cache_index.value if cache_index.value.ndim == 0 else cache_index.value.reshape(-1)
     k, v = self._keys_values(inputs_kv)                                 # [B, K, 1, H] each
-    keys = _write_positions(cached_key.value, k, index)                 # [B, K, S, H]
-    values = _write_positions(cached_value.value, v, index)             # [B, K, S, H]
+    keys = self._constrain_kv(_write_positions(cached_key.value, k, index))    # [B, K, S, H]
+    values = self._constrain_kv(_write_positions(cached_value.value, v, index))  # [B, K, S, H]
     cached_key.value, cached_value.value = keys, values
     cache_index.value = cache_index.value + 1
     length = keys.shape[2]

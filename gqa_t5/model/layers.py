@@ -111,6 +111,7 @@ class MlpBlock(nn.Module):
                 name=dense_name)(x)
       h = _activation(name)(h)
       hidden = h if hidden is None else hidden * h
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))  # [B, T, mlp]
     hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(hidden,
                                                                  deterministic=deterministic)
     return Dense(self.mlp_dim, emb_dim, ("mlp", "embed"), self.dtype, mlp_kernel_init,

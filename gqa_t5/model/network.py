@@ -22,6 +22,12 @@ from gqa_t5.model.config import T5Config
 from gqa_t5.model.layers import Dense, Embed, MlpBlock, RelativePositionBiases, RMSNorm
 
 
+def _hidden(x: jnp.ndarray) -> jnp.ndarray:
+  """[B, T, D] activations: batch over 'data', model dim whole (T5X's 1-D activation
+  partitioning); a no-op outside a partitioner's rules."""
+  return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
 def _dropout(config: T5Config):
   # T5X shares each dropout mask across the sequence dimension.
   return nn.Dropout(config.dropout_rate, broadcast_dims=(-2,))
@@ -84,7 +90,7 @@ class EncoderLayer(nn.Module):
     y = RMSNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(x)
     y = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
         y, deterministic)
-    y = _dropout(cfg)(y, deterministic=deterministic) + x
+    y = _hidden(_dropout(cfg)(y, deterministic=deterministic) + x)
     return (y, None) if self.scanned else y
 
 
@@ -115,7 +121,7 @@ class DecoderLayer(nn.Module):
     z = RMSNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(y)
     z = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype, name="mlp")(
         z, deterministic)
-    z = _dropout(cfg)(z, deterministic=deterministic) + y
+    z = _hidden(_dropout(cfg)(z, deterministic=deterministic) + y)
     return (z, None) if self.scanned else z
 
 
@@ -127,7 +133,7 @@ class Encoder(nn.Module):
   def __call__(self, tokens, mask, deterministic: bool = True):
     cfg = self.config
     x = self.shared_embedding(tokens.astype(jnp.int32))                 # [B, S, D]
-    x = _dropout(cfg)(x, deterministic=deterministic).astype(cfg.dtype)
+    x = _hidden(_dropout(cfg)(x, deterministic=deterministic).astype(cfg.dtype))
     positions = jnp.arange(tokens.shape[1])
     bias = _relative_bias_module(cfg)(positions, positions, bidirectional=True)  # [1, N, S, S]
     if cfg.scan_layers:
@@ -151,7 +157,7 @@ class Decoder(nn.Module):
                cross_kv_cached: bool = False):
     cfg = self.config
     y = self.shared_embedding(tokens.astype(jnp.int32))                 # [B, T, D]
-    y = _dropout(cfg)(y, deterministic=deterministic).astype(cfg.dtype)
+    y = _hidden(_dropout(cfg)(y, deterministic=deterministic).astype(cfg.dtype))
     relpos = _relative_bias_module(cfg)
     bias = None
     if not decode:
@@ -179,8 +185,9 @@ class Decoder(nn.Module):
       # Tied logits are rescaled as in T5X (the embedding has unit-variance init).
       return self.shared_embedding.attend(y).astype(jnp.float32) / jnp.sqrt(
           jnp.float32(cfg.emb_dim))
-    return Dense(cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), jnp.float32,
-                 name="logits_dense")(y.astype(jnp.float32))
+    logits = Dense(cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), jnp.float32,
+                   name="logits_dense")(y.astype(jnp.float32))           # [B, T, V]
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
 class Transformer(nn.Module):

@@ -24,6 +24,7 @@ from gqa_t5 import eval as eval_lib
 from gqa_t5 import gin_utils
 from gqa_t5 import input_pipeline
 from gqa_t5 import partitioning
+from gqa_t5 import tpu_topology
 from gqa_t5 import train as train_lib
 from gqa_t5 import trainer
 from gqa_t5.checkpoints import initial as initial_checkpoint
@@ -41,10 +42,12 @@ class DryRunError(ValueError):
   """A paper-scale configuration that would fail on the pod."""
 
 
-def expected_config(model: jobs_lib.ModelSpec, dropout: float):
-  """The T5Config a job's gin files must configure (sizes.py's T5.1.1 table)."""
+def expected_config(model: jobs_lib.ModelSpec, dropout: float, remat_policy: str = "none"):
+  """The T5Config a job's gin files must configure (sizes.py's T5.1.1 table, scanned as
+  gin/paper/models/*.gin run it, with the job's rematerialisation)."""
   return sizes.t5_1_1(model.size, dropout_rate=dropout, num_kv_heads=model.kv_heads,
-                      num_cross_kv_heads=model.kv_heads)
+                      num_cross_kv_heads=model.kv_heads, scan_layers=jobs_lib.SCAN_LAYERS,
+                      remat_policy=remat_policy)
 
 
 class AbstractParams:
@@ -92,7 +95,9 @@ def check_conversion(model: jobs_lib.ModelSpec, config, abstract_params) -> str:
     return read
 
   public = jobs_lib.PUBLIC_CHECKPOINTS[model.size]
-  mha = config.replace(num_kv_heads=None, num_cross_kv_heads=None)
+  # The public checkpoint: multi-head, unrolled layers.
+  mha = config.replace(num_kv_heads=None, num_cross_kv_heads=None, scan_layers=False,
+                       remat_policy="none")
   shapes = tree_lib.expected_shapes(mha)
   tree_lib.validate_shapes(shapes, mha, source=public)
   tensors = {n: lazy.LazyTensor(n, s, "float32", never(n)) for n, s in shapes.items()}
@@ -150,10 +155,11 @@ def check_shardings(job: jobs_lib.Job, trainer_kwargs: Dict[str, Any], abstract:
       total += float(np.prod(shard, dtype=np.float64)) * np.dtype(value.dtype).itemsize
     totals[what] = total
   used = sum(totals.values())
-  if used > jobs_lib.TPU_V4_HBM_BYTES:
+  if used > tpu_topology.V4_HBM_AVAILABLE_BYTES:
     raise DryRunError(f"{job.name}: parameters and optimizer state need "
                       f"{used / 2 ** 30:.1f} GiB per chip, over the "
-                      f"{jobs_lib.TPU_V4_HBM_BYTES / 2 ** 30:.0f} GiB of a TPU v4 chip")
+                      f"{tpu_topology.V4_HBM_AVAILABLE_BYTES / 2 ** 30:.2f} GiB of a TPU v4 "
+                      f"chip")
   kv = partitioning.describe_kv_layout(config, sl.model_parallel)
   return (f"{sl.name} mesh data={sl.data_parallel} x model={sl.model_parallel}: "
           + ", ".join(f"{k} {_gib(v)}" for k, v in totals.items())
@@ -188,7 +194,8 @@ def entry_point(job: jobs_lib.Job):
 
 
 def _check_model(job: jobs_lib.Job, config) -> None:
-  expected = expected_config(job.model, 0.1 if job.kind == "finetune" else 0.0)
+  expected = expected_config(job.model, 0.1 if job.kind == "finetune" else 0.0,
+                             job.bindings.get("REMAT_POLICY") or "none")
   if config != expected:
     diffs = [f"{f.name}={getattr(config, f.name)!r} (expected {getattr(expected, f.name)!r})"
              for f in dataclasses.fields(config)

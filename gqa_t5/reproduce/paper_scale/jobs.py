@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
+from gqa_t5 import tpu_topology
 from gqa_t5.tasks import lengths
 
 PUBLIC_CHECKPOINTS = {
@@ -16,20 +17,27 @@ PUBLIC_CHECKPOINTS = {
 PRETRAIN_STEPS = 1_000_000
 ALPHA = 0.05
 UPTRAIN_BATCH = 2048
+FINETUNE_BATCH = 128
 FINETUNE_STEPS = 50_000   # the paper fine-tunes to convergence; a budget to adjust
 FINETUNE_TASKS = ("cnn_dailymail", "arxiv", "pubmed", "mediasum", "multi_news",
                   "wmt14_en_de", "trivia_qa")
 PRETRAIN_TASK = "c4_span_corruption"
-TPU_V4_HBM_BYTES = 32 * 2 ** 30
+# The paper's models run as one scanned layer stack per encoder/decoder (gin/paper/models/*.gin
+# set SCAN_LAYERS; the dry run checks that they do): it bounds the activations a train step
+# keeps and the time TPU's compiler takes.
+SCAN_LAYERS = True
 BUCKET = "$BUCKET"        # printed as a shell variable for the user to set
 
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-  """A TPU v4 slice and the (data, model) mesh the jobs use on it."""
+  """A TPU v4 slice (`tpu_topology.SLICES`) and the (data, model) mesh the jobs use on it."""
   name: str
-  chips: int
   model_parallel: int
+
+  @property
+  def chips(self) -> int:
+    return tpu_topology.get_slice(self.name).chips
 
   @property
   def data_parallel(self) -> int:
@@ -50,17 +58,42 @@ class ModelSpec:
     return f"{label}-{'Large' if self.size == 'large' else 'XXL'}"
 
 
-LARGE_SLICE = Slice("v4-64", chips=32, model_parallel=1)
-XXL_SLICE = Slice("v4-256", chips=128, model_parallel=8)
+LARGE_SLICE = Slice("v4-64", model_parallel=1)
+XXL_SLICE = Slice("v4-256", model_parallel=8)
 
 MODELS = (
     ModelSpec("large", "mha", None, ("paper/models/mha_large.gin",), LARGE_SLICE),
-    ModelSpec("large", "mqa", 1, ("t5_1_1/large.gin", "attention/mqa.gin"), LARGE_SLICE),
-    ModelSpec("large", "gqa8", 8, ("t5_1_1/large.gin", "attention/gqa_8.gin"), LARGE_SLICE),
+    ModelSpec("large", "mqa", 1, ("paper/models/mqa_large.gin",), LARGE_SLICE),
+    ModelSpec("large", "gqa8", 8, ("paper/models/gqa8_large.gin",), LARGE_SLICE),
     ModelSpec("xxl", "mha", None, ("paper/models/mha_xxl.gin",), XXL_SLICE),
     ModelSpec("xxl", "mqa", 1, ("paper/models/mqa_xxl.gin",), XXL_SLICE),
     ModelSpec("xxl", "gqa8", 8, ("paper/models/gqa8_xxl.gin",), XXL_SLICE),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+  """How a training job fits its chips: rematerialisation and gradient accumulation."""
+  remat_policy: str = "none"
+  num_microbatches: Optional[int] = None
+
+  def bindings(self) -> Dict[str, Any]:
+    return {"REMAT_POLICY": self.remat_policy, "NUM_MICROBATCHES": self.num_microbatches}
+
+
+# The fastest setting (by the performance model's step time) whose train step, compiled by
+# TPU's compiler for the job's slice, fits each chip within tpu_topology.HEADROOM_FRACTION:
+# found by `gqa-t5 compile --search`, kept per (model size, inputs, targets, batch); see
+# results/paper_tpu_v4/compile_jobs.md for every job's compiled figures.
+MEMORY_PLANS: Dict[Tuple[str, int, int, int], MemoryPlan] = {
+    # Uptraining XXL, 512/114, batch 2048 on v4-256 (16 x 8): 'none' needs 295 GiB per chip,
+    # 'minimal' 58.5 GiB at 1 micro-batch and 36.8 GiB at 4; at 8, 27.2 GiB.
+    ("xxl", 512, 114, 2048): MemoryPlan("minimal", 8),
+}
+
+
+def memory_plan(size: str, lengths: Dict[str, int], batch: int) -> MemoryPlan:
+  return MEMORY_PLANS.get((size, lengths["inputs"], lengths["targets"], batch), MemoryPlan())
 
 
 @dataclasses.dataclass
@@ -113,14 +146,18 @@ def build_jobs() -> List[Job]:
                           model.size], "MIXTURE_OR_TASK_NAME": PRETRAIN_TASK,
                        "TASK_FEATURE_LENGTHS": dict(lengths.PAPER_FEATURE_LENGTHS[
                            PRETRAIN_TASK]), "BATCH_SIZE": UPTRAIN_BATCH,
-                       "TRAIN_STEPS": uptrained_step(), "KV_CONVERSION": "mean", **mesh},
+                       "TRAIN_STEPS": uptrained_step(), "KV_CONVERSION": "mean", **mesh,
+                       **memory_plan(model.size, lengths.PAPER_FEATURE_LENGTHS[PRETRAIN_TASK],
+                                     UPTRAIN_BATCH).bindings()},
                       "gqa_t5.train"))
     for task in FINETUNE_TASKS:
       tuned = _run_dir(model, f"finetune_{task}")
       jobs.append(Job(model, "finetune", task,
                       model.gin_files + (f"paper/finetune/{task}.gin",),
                       {"MODEL_DIR": tuned, "INITIAL_CHECKPOINT_PATH": start,
-                       "TRAIN_STEPS": start_step + FINETUNE_STEPS, **mesh}, "gqa_t5.train"))
+                       "TRAIN_STEPS": start_step + FINETUNE_STEPS, **mesh,
+                       **memory_plan(model.size, lengths.PAPER_FEATURE_LENGTHS[task],
+                                     FINETUNE_BATCH).bindings()}, "gqa_t5.train"))
       jobs.append(Job(model, "eval", task, model.gin_files + ("runs/eval.gin",),
                       {"MIXTURE_OR_TASK_NAME": task,
                        "TASK_FEATURE_LENGTHS": dict(lengths.PAPER_FEATURE_LENGTHS[task]),
@@ -145,8 +182,9 @@ def commands_text(jobs: List[Job]) -> str:
       "# Run each command on every host of the TPU slice, e.g.",
       "#   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all \\",
       "#     --command='cd gqa_t5 && BUCKET=gs://your-bucket <command>'",
-      "# First add --dry_run to a command to compile its step on the slice and print the",
-      "# memory each chip needs (activations included), before spending pod time.",
+      "# Before spending pod time, compile a job for its slice with TPU's own compiler on any",
+      "# machine: add --dry_run_tpu=<slice> to its command (or run `gqa-t5 compile`; figures",
+      "# of the compiled jobs are in results/paper_tpu_v4/).",
       f"# Fine-tuning runs {FINETUNE_STEPS} steps (the paper trains to convergence and keeps the",
       "# best validation checkpoint: adjust TRAIN_STEPS).",
       "set -euo pipefail",

@@ -271,3 +271,38 @@ def dominant_term(result: Dict[str, float]) -> str:
 def group_counts(num_heads: int) -> List[int]:
   """Every K that divides N, 1..N."""
   return [k for k in range(1, num_heads + 1) if num_heads % k == 0]
+
+
+# ---- training steps ---------------------------------------------------------------------------
+
+def train_forward_flops(shape: ModelShape, input_length: int,
+                        target_length: int) -> Dict[str, float]:
+  """Forward FLOPs of one training example: the weight matmuls and the attention products."""
+  s, t = input_length, target_length
+  nh = shape.num_heads * shape.head_dim
+  matmul = 2.0 * (encoder_params(shape) * s + cross_kv_params(shape) * s
+                  + decoder_step_params(shape) * t)
+  attention = 2.0 * 2.0 * nh * (shape.num_encoder_layers * s * s
+                                + shape.num_decoder_layers * (t * t + t * s))
+  return {"matmul": matmul, "attention": attention}
+
+
+def train_step_seconds(shape: ModelShape, *, batch: int, input_length: int, target_length: int,
+                       chips: int, model_parallel: int, remat_policy: str = "none",
+                       num_microbatches: int = 1, chip: Chip = TPU_V4) -> float:
+  """Seconds of one training step on each chip: compute at the chip's peak, plus the float32
+  weights read again by every extra micro-batch (forward and backward).
+
+  Backward costs twice the forward. Rematerialisation adds the recomputed forward:
+  'minimal' (T5X's checkpoint_dots_with_no_batch_dims) keeps the weight matmuls and recomputes
+  the attention products; 'full' recomputes the whole forward of each layer.
+  """
+  forward = train_forward_flops(shape, input_length, target_length)
+  recompute = {"none": 0.0, "minimal": forward["attention"],
+               "full": forward["matmul"] + forward["attention"]}
+  if remat_policy not in recompute:
+    raise ValueError(f"remat_policy must be one of {sorted(recompute)}, got {remat_policy!r}")
+  flops = batch * (3.0 * sum(forward.values()) + recompute[remat_policy])
+  weight_bytes = 4.0 * total_params(shape) / model_parallel
+  rereads = 2.0 * weight_bytes * (num_microbatches - 1)
+  return flops / chips / chip.peak_flops + rereads / chip.hbm_bytes_per_s

@@ -1,0 +1,192 @@
+"""TPU v4 compiles on a CPU machine (libtpu, the `tpu` extra): a tiny model's train and decode
+steps compiled for a v4-8 slice fit a chip, the key/value layout follows the rules (K heads
+sharded over the model axis when K is a multiple of it, replicated otherwise), and the compiled
+decode step reads fewer bytes as K falls. Skips where libtpu is not installed.
+
+Also the pure parts that need no libtpu: the fit verdict and the compiler-error parsing of
+gqa_t5/aot.py, the slice table, the job selection and the performance model's train-step time.
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from gqa_t5 import aot
+from gqa_t5 import models
+from gqa_t5 import optim
+from gqa_t5 import partitioning
+from gqa_t5 import tpu_topology
+from gqa_t5 import trainer
+from gqa_t5.model import network
+from gqa_t5.model import sizes
+from gqa_t5.reproduce.paper_scale import compile as compile_lib
+from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
+from gqa_t5.reproduce.paper_scale import roofline
+from gqa_t5.reproduce.paper_scale import tpu_timing
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU,
+                                  reason="libtpu is not installed (pip install -e '.[tpu]')")
+GIB = 2 ** 30
+
+
+# ---- no libtpu needed ------------------------------------------------------------------------
+
+def test_slices_count_chips_and_wrap_from_a_full_cube():
+  assert tpu_topology.get_slice("v4-256").chips == 128
+  assert tpu_topology.get_slice("v4:4x4x8").name == "v4-256"
+  assert tpu_topology.get_slice("v4-8").wraps == (False,) * 3
+  assert tpu_topology.get_slice("v4-128").wraps == (True,) * 3
+  with pytest.raises(ValueError, match="unknown TPU slice 'v5-8'.*v4-256"):
+    tpu_topology.get_slice("v5-8")
+
+
+@pytest.mark.parametrize("message, needed", [
+    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+     "hbm. Used 78.73G of 30.75G hbm. Exceeded hbm capacity by 47.98G.", 78.73 * GIB),
+    ("RESOURCE_EXHAUSTED: HLO temporaries (295.18G) exceeds available HBM (30.75G)",
+     295.18 * GIB),
+    ("RESOURCE_EXHAUSTED: something else", None),
+])
+def test_needed_bytes_are_read_from_the_compilers_error(message, needed):
+  assert aot.needed_bytes_from_error(message) == pytest.approx(needed) if needed else (
+      aot.needed_bytes_from_error(message) is None)
+
+
+@pytest.mark.parametrize("peak_gib, fits, within", [(20.0, True, True), (29.0, True, False),
+                                                    (31.0, False, False)])
+def test_fit_verdict_against_hbm_and_headroom(peak_gib, fits, within):
+  figures = aot.ProgramFigures(argument_bytes=peak_gib * GIB)
+  verdict = aot.check_fits(figures, 30.75 * GIB, 0.9, what="job X",
+                           remedies=["--gin.NUM_MICROBATCHES=2"])
+  assert (verdict.fits, verdict.within_headroom) == (fits, within)
+  assert verdict.text.startswith("job X")
+  assert ("NUM_MICROBATCHES=2" in verdict.text) == (not within)
+
+
+def test_a_program_the_compiler_refused_does_not_fit_and_says_how_much_it_needed():
+  figures = aot.ProgramFigures(compiled=False, needed_bytes=78.73 * GIB, error="...")
+  verdict = aot.check_fits(figures, 30.75 * GIB, what="GQA-8-XXL uptrain",
+                           remedies=["--gin.REMAT_POLICY='minimal'"])
+  assert not verdict.fits
+  assert "78.73 GiB" in verdict.text and "REMAT_POLICY='minimal'" in verdict.text
+
+
+def test_performance_model_orders_memory_settings_by_step_time():
+  shape = roofline.shape_of(sizes.t5_1_1("xxl", num_kv_heads=8))
+  step = lambda remat, micro: roofline.train_step_seconds(
+      shape, batch=2048, input_length=512, target_length=114, chips=128, model_parallel=8,
+      remat_policy=remat, num_microbatches=micro)
+  assert step("none", 1) < step("minimal", 1) < step("full", 1)
+  assert step("minimal", 1) < step("minimal", 8)
+  # Full rematerialisation recomputes the forward: a third more compute.
+  assert step("full", 1) / step("none", 1) == pytest.approx(4 / 3, rel=0.02)
+  with pytest.raises(ValueError, match="remat_policy"):
+    step("everything", 1)
+
+
+def test_every_paper_job_carries_a_memory_setting_and_the_models_are_scanned():
+  for job in jobs_lib.build_jobs():
+    if job.entry == "gqa_t5.train":
+      assert {"REMAT_POLICY", "NUM_MICROBATCHES"} <= set(job.bindings), job.name
+    assert all(f.startswith("paper/models/") for f in job.model.gin_files), job.name
+
+
+# ---- compiled for v4-8 with libtpu ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def v4_8():
+  return tpu_topology.slice_devices("v4-8")
+
+
+def _cache_leaf(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+@needs_libtpu
+def test_tiny_decode_steps_fit_and_lay_out_kv_heads_by_the_rules(v4_8):
+  # Dimensions of whole TPU tiles (128 lanes), so that padding does not blur the bytes.
+  setup = roofline.Setup(input_length=256, output_length=128)
+  step_bytes = {}
+  for k in (8, 2, 1):
+    config = sizes.t5_1_1("tiny", emb_dim=256, head_dim=128, mlp_dim=512, vocab_size=1024,
+                          num_encoder_layers=1, num_decoder_layers=1, num_kv_heads=k,
+                          num_cross_kv_heads=k, dropout_rate=0.0)
+    lowered = tpu_timing.lower_programs(config, model_axis=2, batch=8, setup=setup,
+                                        devices=v4_8)
+    compiled = lowered["step"].compile()
+    figures = aot.program_figures(compiled)
+    assert aot.check_fits(figures, tpu_topology.V4_HBM_AVAILABLE_BYTES).within_headroom
+    step_bytes[k] = figures.bytes_accessed
+    cache = compiled.input_shardings[0][3]
+    for attention in ("self_attention", "encoder_decoder_attention"):
+      spec = _cache_leaf(cache, ("decoder", "layers_0", attention, "cached_key")).spec
+      # [B, K, S, H]: batch over 'data'; K over 'model' only when K is a multiple of 2.
+      assert spec[0] == "data"
+      assert (spec[1] if len(spec) > 1 else None) == ("model" if k % 2 == 0 else None), (k, spec)
+  # Fewer key/value heads, fewer bytes per step: nothing is repeated to N heads. K = 2 and
+  # K = 1 both leave one key/value head per chip of a 2-way model axis (K = 1 replicated), so
+  # their steps move the same bytes: why MQA gains less on a partitioned model.
+  assert step_bytes[8] > 1.5 * step_bytes[2]
+  assert step_bytes[2] == pytest.approx(step_bytes[1], rel=0.02)
+
+
+@needs_libtpu
+def test_tiny_train_step_compiles_for_v4_8_and_the_dry_run_reports_the_fit(v4_8, capsys):
+  config = sizes.t5_1_1("tiny", num_kv_heads=2, num_cross_kv_heads=2, dropout_rate=0.0)
+  model = models.EncoderDecoderModel(network.Transformer(config))
+  spec = {k: ((8, 16), np.int32) for k in ("encoder_input_tokens", "decoder_input_tokens",
+                                            "decoder_target_tokens", "decoder_loss_weights")}
+  part = partitioning.Partitioner(data_parallel=-1, model_parallel=2, devices=v4_8)
+  step = trainer.Trainer(model, optim.Adafactor(learning_rate=optim.rsqrt_decay()), part, spec)
+  report = trainer.dry_run_report(step, tpu_topology.V4_HBM_AVAILABLE_BYTES, what="tiny")
+  assert report["fits"] and 0 < report["peak_bytes_per_device"] < GIB
+  assert "tiny fits" in capsys.readouterr().out
+  kernel = step.params_shardings["decoder"]["layers_0"]["self_attention"]["key"]["kernel"]
+  assert tuple(kernel.spec) == (None, "model")  # K = 2 over a model axis of 2: sharded
+
+
+class _FakeCompiler:
+  """Stands in for JobCompiler: temporaries shrink with micro-batches as a real step's do."""
+
+  def __init__(self, temps_gib):
+    self.temps_gib = temps_gib  # remat -> temporaries at one micro-batch (None: refused)
+    self.tried = []
+
+  def compile(self, job):
+    remat = job.bindings["REMAT_POLICY"]
+    micro = job.bindings["NUM_MICROBATCHES"] or 1
+    self.tried.append((remat, micro))
+    temps = self.temps_gib[remat] * GIB / micro + 2 * GIB
+    figures = aot.ProgramFigures(argument_bytes=4 * GIB, temp_bytes=temps)
+    if temps + 4 * GIB > tpu_topology.V4_HBM_AVAILABLE_BYTES:
+      figures = aot.ProgramFigures(compiled=False, needed_bytes=temps)
+    verdict = aot.check_fits(figures, tpu_topology.V4_HBM_AVAILABLE_BYTES)
+    return compile_lib.CompiledJob(job.name, job.kind, job.task, "v4-256", {"data": 16, "model": 8}, {
+        "batch": 2048, "lengths": {"inputs": 512, "targets": 114}, "scan_layers": True,
+        "remat_policy": remat, "num_microbatches": micro}, figures, verdict.within_headroom,
+                                   verdict.text, 0.0)
+
+
+def test_search_takes_the_fastest_setting_that_fits_and_skips_hopeless_ones():
+  job = next(j for j in jobs_lib.build_jobs() if j.name == "GQA-8-XXL uptrain")
+  fake = _FakeCompiler({"none": 290.0, "minimal": 60.0, "full": 30.0})
+  result = compile_lib.search(job, fake, log=lambda _: None)
+  assert result.fits
+  # Tried in the performance model's order, never a setting the failures already rule out:
+  # 'none' needs 290 GiB at one micro-batch, so 'none' with 2..8 is never compiled.
+  assert fake.tried[:2] == [("none", 1), ("minimal", 1)]
+  assert ("none", 2) not in fake.tried and ("minimal", 2) not in fake.tried
+  remat, micro = fake.tried[-1]
+  assert (result.settings["remat_policy"], result.settings["num_microbatches"]) == (remat, micro)
+
+
+def test_job_selection_by_pattern_names_the_jobs_when_nothing_matches():
+  jobs = jobs_lib.build_jobs()
+  assert [j.name for j in compile_lib.select(jobs, "GQA-8-XXL uptrain")] == ["GQA-8-XXL uptrain"]
+  assert len(compile_lib.select(jobs, "*XXL eval*")) == 21
+  with pytest.raises(ValueError, match="matches no job.*MHA-Large finetune cnn_dailymail"):
+    compile_lib.select(jobs, "GQA-9")
