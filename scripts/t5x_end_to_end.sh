@@ -9,6 +9,7 @@
 # a random model's ln(vocab)), that a scanned conversion starts at its unrolled twin's loss, and
 # prints step-0 and final losses. Needs t5x installed as gin/t5x/README.md says. Usage:
 #   bash scripts/t5x_end_to_end.sh [OUT_DIR] [STEPS]   (STEPS uptraining steps, default 10)
+# t5x reads the step from the folder name of INITIAL_CHECKPOINT_PATH: convert to .../checkpoint_<step>.
 #   VARIANTS="gqa2:2" LAYOUTS="unrolled" bash scripts/t5x_end_to_end.sh   (a subset)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -65,12 +66,12 @@ for layout in $LAYOUTS; do
     echo "== $tag: gqa-t5 convert --num-kv-heads $k ${flags[*]}"
     rm -rf "ckpt/$tag" "model/$tag" "eval/$tag" "infer/$tag"
     python -m gqa_t5.convert --input "$FIXTURE/checkpoint_f32/checkpoint_20" \
-      --output "ckpt/$tag" --num-kv-heads "$k" "${flags[@]}"
+      --output "ckpt/$tag/checkpoint_$SOURCE_STEP" --num-kv-heads "$k" "${flags[@]}"
     echo "== $tag: t5x.train ($STEPS steps from INITIAL_CHECKPOINT_PATH=ckpt/$tag, finetune.gin)"
     run "train-$tag.log" python -m t5x.train --gin_file=t5x/examples/t5/t5_1_1/tiny.gin \
       --gin_file=t5x/configs/runs/finetune.gin --gin_file="$REPO/gin/t5x/gqa_t5_network.gin" \
       "${NET[@]}" --gin.MODEL_DIR="'$OUT/model/$tag'" \
-      --gin.INITIAL_CHECKPOINT_PATH="'$OUT/ckpt/$tag'" \
+      --gin.INITIAL_CHECKPOINT_PATH="'$OUT/ckpt/$tag/checkpoint_$SOURCE_STEP'" \
       --gin.TRAIN_STEPS=$((SOURCE_STEP + STEPS)) --gin.BATCH_SIZE=16 --gin.USE_CACHED_TASKS=False \
       --gin.train.run_eval_before_training=True --gin.train.infer_eval_dataset_cfg=None \
       --gin.train.eval_period="$STEPS" --gin.train.eval_steps=2 \

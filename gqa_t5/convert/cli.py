@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import re
 import signal
 import sys
 import time
@@ -26,6 +28,8 @@ from gqa_t5.convert.converter import (OPTIMIZER_STATES, OUTPUT_FORMATS, Calibrat
 from gqa_t5.convert.pooling import METHODS
 
 INPUT_FORMATS = ("auto", "t5x", "orbax", "hf", "mesh-tf")
+# t5x's checkpoint manager reads the step from the folder name of INITIAL_CHECKPOINT_PATH.
+_T5X_DIR_NAME = re.compile(r"checkpoint_\d+")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +151,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
           f"{'scanned' if record['scan_layers'] else 'unrolled'} layers, optimizer state "
           f"{record['optimizer_state']}, {len(record['changed_tensors'])} tensors changed, "
           f"{time.time() - start:.1f}s")
+  name = os.path.basename(os.path.normpath(args.output))
+  if args.output_format == "t5x" and not _T5X_DIR_NAME.fullmatch(name):
+    print(f"gqa-t5 convert: note: t5x restores INITIAL_CHECKPOINT_PATH only from a folder "
+          f"named checkpoint_<step> ('Found improperly formatted checkpoint directory' "
+          f"otherwise): rename {name} to checkpoint_{record['source_step']}, or convert to "
+          f".../checkpoint_{record['source_step']}", file=sys.stderr)
   return 0
 
 
