@@ -32,6 +32,12 @@ TASK=(--gin.MIXTURE_OR_TASK_NAME="'t5x_tiny_names'" --gin.MIXTURE_OR_TASK_MODULE
 SOURCE_STEP=$(python -c "from gqa_t5.checkpoints import t5x_legacy as t
 print(t.open_t5x('$FIXTURE/checkpoint_f32/checkpoint_20').step)")
 cd "$OUT"
+# t5x's EncoderDecoderModel decodes with beam search; 4 beams instead of its default 1.
+cat > beam_search.gin <<'GIN'
+from __gin__ import dynamic_registration
+from t5x import models
+models.EncoderDecoderModel.predict_batch_with_aux.num_decodes = 4
+GIN
 
 losses() {  # prints "<step-0 loss> <final loss>" of a MODEL_DIR's training eval
   python - "$1" "$SOURCE_STEP" <<'PY'
@@ -113,9 +119,7 @@ PY
       --gin_file=t5x/configs/runs/infer.gin --gin_file="$REPO/gin/t5x/gqa_t5_network.gin" \
       "${NET[@]}" --gin.CHECKPOINT_PATH="'$CKPT'" --gin.INFER_OUTPUT_DIR="'$OUT/infer/$tag'" \
       --gin.DatasetConfig.split="'validation'" --gin.DatasetConfig.batch_size=16 \
-      --gin.utils.DatasetConfig.use_cached=False \
-      --gin.models.EncoderDecoderModel.default_decoder_params="@models.DecoderParams()" \
-      --gin.models.DecoderParams.num_decodes=4
+      --gin.utils.DatasetConfig.use_cached=False --gin_file="$OUT/beam_search.gin"
     predictions=$(cat "$OUT/infer/$tag"/t5x_tiny_names-predict.jsonl-* | wc -l)
     echo "   $predictions predictions, e.g. $(head -c 200 "$OUT/infer/$tag"/t5x_tiny_names-predict.jsonl-00000-of-00001)"
     SUMMARY+=("$(printf '%-8s %-9s K=%s  step-0 loss %s  final loss %s  %s' "$name" "$layout" "$k" "$step0" "$final" "${em##*: }")")
