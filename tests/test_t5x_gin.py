@@ -255,6 +255,25 @@ def test_network_gin_with_t5x_size_files(t5x_dir):
   t5x_compat.check_model_rules(config, rules)
 
 
+def test_network_gin_reads_t5x_s_real_mesh(t5x_dir):
+  """t5x's own default_mesh decides the model axis: on this host's CPU devices it spans them
+  all, so a NUM_PARTITIONS that says otherwise is refused before anything runs."""
+  from t5x import partitioning as t5x_partitioning
+  gin.add_config_file_search_path(t5x_dir)
+  files = [os.path.join(t5x_dir, "t5x/examples/t5/t5_1_1/tiny.gin"), NETWORK_GIN]
+  size = jax.local_device_count() if jax.devices()[-1].platform == "cpu" else None
+  if size is None:
+    pytest.skip("t5x's CPU mesh rule only")
+  gin.parse_config_files_and_bindings(
+      files, ["DROPOUT_RATE = 0.0", "NUM_KV_HEADS = 2",
+              "partitioning.PjitPartitioner.num_partitions = 1",
+              f"NUM_PARTITIONS = {size + 1}"])
+  with pytest.raises(t5x_compat.MeshMismatchError,
+                     match=rf"NUM_PARTITIONS = {size + 1}, but the mesh t5x builds has a model "
+                           rf"axis of size {size}"):
+    gin.get_configurable(t5x_partitioning.PjitPartitioner)()
+
+
 def test_t5x_decoding_loops_on_our_scanned_and_unrolled_models(t5x_dir):
   """t5x's greedy and beam search (with its prompt prefill and, when scanned, cache_offset=1)
   agree with each other and t5x's greedy with ours."""
