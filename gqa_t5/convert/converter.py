@@ -42,7 +42,7 @@ from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
 
 OUTPUT_FORMATS = ("t5x", "orbax")
-# --optimizer-state of a t5x output (t5x_state.OPTIMIZER_STATES; here to spare flax's import).
+# --optimizer-state of a t5x output: what goes under 'state/param_states' (t5x_state.py).
 OPTIMIZER_STATES = ("adafactor", "adafactor-momentum", "none")
 PROVENANCE_FILE = "gqa_provenance.json"
 _DECODER_ATTENTION = ("self_attention", "encoder_decoder_attention")
