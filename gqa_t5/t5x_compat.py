@@ -8,6 +8,12 @@ does not know are our two logical axes, 'grouped_kv' (the decoder's key/value ke
 'kv_heads' (key/value activations and caches): this module returns t5x's rule tables with them
 added, and checks a rules table before it silently leaves a weight unsharded.
 
+Whether the K key/value heads shard over the model axis depends on that axis's size, which
+is the mesh t5x actually builds, not the `num_partitions` a user meant (t5x's CPU mesh ignores
+it; `model_parallel_submesh` overrides it). `logical_axis_rules` therefore reads the mesh the
+gin-configured `PjitPartitioner` builds (`t5x_mesh`, with t5x's own `default_mesh`), logs the
+key/value layout once, and refuses a NUM_PARTITIONS that disagrees with it.
+
   gin/t5x/gqa_t5_network.gin  binds all of this for a t5x user (see gin/t5x/README.md);
   t5x_model(config, vocabulary, optimizer_def)  builds the model in Python.
 """
@@ -16,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 from typing import Any, Dict, List, Optional, Tuple
 
+import gin
 import jax
 from flax.core import freeze
 
@@ -54,23 +62,118 @@ def _t5x_module(name: str):
 # ---- rules ---------------------------------------------------------------------------------
 
 
+class MeshMismatchError(ValueError):
+  """NUM_PARTITIONS (what the rules were told) differs from the mesh t5x builds."""
+
+
+# PjitPartitioner arguments that decide its mesh (t5x's `default_mesh` takes them in order).
+_MESH_ARGS = ("num_partitions", "model_parallel_submesh", "backend", "ici_mesh_shape",
+              "dcn_mesh_shape")
+_LOGGED: set = set()
+
+
+def _resolve(value):
+  """A gin binding's value with macros (%NAME) resolved; other references stay unresolved."""
+  while isinstance(value, gin.config.ConfigurableReference):
+    name, configurable = value.config_key
+    if configurable != "gin.macro":
+      return value
+    value = gin.query_parameter(f"%{name}")
+  return value
+
+
+def partitioner_mesh_args() -> Optional[Dict[str, Any]]:
+  """The mesh arguments gin binds for t5x's PjitPartitioner (None: t5x or its bindings are
+  not there). Read without evaluating the bindings' references (the rules are one of them)."""
+  t5x_partitioning = _t5x_module("t5x.partitioning")
+  if t5x_partitioning is None or not hasattr(t5x_partitioning, "PjitPartitioner"):
+    return None
+  try:
+    bindings = gin.get_bindings(t5x_partitioning.PjitPartitioner, resolve_references=False)
+  except (ValueError, KeyError):  # not a registered configurable: the user builds it in Python
+    return None
+  args = {name: _resolve(bindings.get(name)) for name in _MESH_ARGS}
+  if any(isinstance(v, gin.config.ConfigurableReference) for v in args.values()):
+    return None
+  return args
+
+
+def t5x_mesh():
+  """The mesh t5x's gin-configured PjitPartitioner builds (t5x's `default_mesh` on the same
+  arguments), or None when that cannot be known (no t5x, no gin bindings)."""
+  args = partitioner_mesh_args()
+  t5x_partitioning = _t5x_module("t5x.partitioning")
+  if args is None or not hasattr(t5x_partitioning, "default_mesh"):
+    return None
+  if not args["num_partitions"] and not args["model_parallel_submesh"]:
+    return None  # t5x's PjitPartitioner refuses this configuration itself
+  return t5x_partitioning.default_mesh(*(args[name] for name in _MESH_ARGS))
+
+
+def model_axis_size(mesh) -> int:
+  """The size of a mesh's 'model' axis (1 when it has none); `mesh.shape` maps axis names to
+  sizes, as jax's Mesh has it."""
+  return int(dict(mesh.shape).get(axes.MODEL, 1))
+
+
+def kv_layout(num_kv_heads: Optional[int], num_cross_kv_heads: Optional[int],
+              model_size: int) -> str:
+  """One line saying how the key/value heads lie on a model axis of `model_size` devices."""
+  rules = dict(axes.kv_head_rules(num_kv_heads, num_cross_kv_heads, model_size))
+  ks = {"self-attention": num_kv_heads, "cross-attention": num_cross_kv_heads}
+  given = ", ".join(f"{what} K={k}" for what, k in ks.items() if k is not None) or \
+      "K = num_heads (multi-head)"
+  if rules["grouped_kv"] == axes.MODEL:
+    return (f"key/value heads ({given}) sharded over t5x's model axis of size {model_size}: "
+            f"each device holds the key/value heads of its own query heads")
+  bad = [k for k in ks.values() if k is not None and not axes.kv_heads_shardable(k, model_size)]
+  return (f"key/value heads ({given}) replicated on each of the {model_size} devices of t5x's "
+          f"model axis: K={bad[0]} is not a multiple of {model_size}")
+
+
+def check_num_partitions(num_partitions: Optional[int], mesh) -> int:
+  """The model-axis size of `mesh`; MeshMismatchError when a given `num_partitions` differs."""
+  size = model_axis_size(mesh)
+  if num_partitions is not None and num_partitions != size:
+    raise MeshMismatchError(
+        f"NUM_PARTITIONS = {num_partitions}, but the mesh t5x builds has a model axis of size "
+        f"{size} (mesh {dict(mesh.shape)}; t5x builds it from PjitPartitioner's num_partitions "
+        f"/ model_parallel_submesh, and on CPU from all devices whatever num_partitions says). "
+        f"The key/value rules would be decided for the wrong axis: set NUM_PARTITIONS = {size} "
+        f"or leave it None (read from the mesh), or change the partitioner's configuration")
+  return size
+
+
 def logical_axis_rules(num_kv_heads: Optional[int] = None,
-                       num_cross_kv_heads: Optional[int] = None, num_partitions: int = 1,
-                       base_rules=None) -> List[Tuple[str, Optional[str]]]:
+                       num_cross_kv_heads: Optional[int] = None,
+                       num_partitions: Optional[int] = None,
+                       base_rules=None, mesh=None) -> List[Tuple[str, Optional[str]]]:
   """t5x-ready partitioning rules: `base_rules` (default: t5x's standard table, from t5x when
   installed) plus 'grouped_kv' and 'kv_heads', which shard over 'model' when every K is a
-  multiple of `num_partitions` (t5x's model-axis size) and are replicated otherwise.
+  multiple of the model axis's size and are replicated otherwise.
 
-  Raises LogicalAxisError when the result still misses an axis our network uses.
+  The model axis is `mesh`'s (default: `t5x_mesh()`, the one t5x's gin-configured partitioner
+  builds); `num_partitions`, when given, must agree with it (MeshMismatchError otherwise).
+  Without a mesh (no t5x or no gin bindings), `num_partitions` (default 1) is taken as its
+  size. The key/value layout is logged once. Raises LogicalAxisError when the result still
+  misses an axis our network uses.
   """
   if base_rules is None:
     t5x_partitioning = _t5x_module("t5x.partitioning")
     base_rules = (t5x_partitioning.standard_logical_axis_rules() if t5x_partitioning
                   else axes.T5X_STANDARD_RULES)
+  mesh = t5x_mesh() if mesh is None else mesh
+  if mesh is None:
+    size, source = num_partitions or 1, "NUM_PARTITIONS (no t5x mesh to read)"
+  else:
+    size, source = check_num_partitions(num_partitions, mesh), f"t5x's mesh {dict(mesh.shape)}"
+  message = f"gqa_t5: {kv_layout(num_kv_heads, num_cross_kv_heads, size)} (from {source})"
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    logging.info("%s", message)
   rules = [tuple(rule) for rule in base_rules]
   known = {name for name, _ in rules}
-  rules += [rule for rule in axes.kv_head_rules(num_kv_heads, num_cross_kv_heads,
-                                                         num_partitions)
+  rules += [rule for rule in axes.kv_head_rules(num_kv_heads, num_cross_kv_heads, size)
             if rule[0] not in known]
   check_rules(rules, "the logical axis rules")
   return rules

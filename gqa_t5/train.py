@@ -49,6 +49,7 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
           checkpoint_cfg: model_dir_lib.CheckpointConfig = model_dir_lib.CheckpointConfig(),
           initial_checkpoint_path: Optional[str] = None,
           kv_conversion: Optional[str] = None,
+          allow_fresh_params: bool = False,
           eval_period: int = 1000, eval_steps: Optional[int] = 20, log_period: int = 100,
           infer_eval_num_examples: Optional[int] = None,
           decoding: evaluation.DecodingConfig = evaluation.DecodingConfig(),
@@ -61,6 +62,9 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
   kv_conversion: how to turn a multi-head initial checkpoint into this model's key/value
     heads ('mean': the paper's mean pooling; 'first': keep the first head of each group;
     None: shapes must match exactly).
+  allow_fresh_params: start the parameters that the initial checkpoint lacks (or holds at
+    another shape) from random values, naming them in a warning. Off: such a checkpoint is
+    refused with every such parameter named, before any compute.
   stop_after_steps: stop (after checkpointing) once this many steps ran in this process,
     e.g. to split a long run into jobs.
   on_start: called once the checks passed, before any compute (the entry point writes the
@@ -91,8 +95,9 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
   batch_spec = input_pipeline.model_feature_spec(train_dataset_cfg)
   trainer = trainer_lib.Trainer(model, optimizer, partitioner, batch_spec, num_microbatches,
                                 random_seed)
+  fresh = []
   if initial is not None:
-    initial_lib.check_against(initial, trainer.abstract_params)
+    fresh = initial_lib.check_against(initial, trainer.abstract_params, allow_fresh_params)
   if on_start is not None:
     on_start()
   if dry_run:
@@ -104,7 +109,7 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
   # 2. Restore.
   batches = input_pipeline.TrainBatches(train_dataset_cfg, jax.process_index(), process_count)
   _check_batch_spec(batches, batch_spec, process_count)
-  state = _restore(trainer, checkpointer, resume_step, initial, batches, model_dir)
+  state = _restore(trainer, checkpointer, resume_step, initial, batches, model_dir, fresh)
   writer = metrics_writer.MetricsWriter(model_dir)
   evaluate = evaluation.TrainingEvaluations(trainer, partitioner, train_eval_dataset_cfg,
                                             infer_eval_dataset_cfg, eval_steps,
@@ -142,9 +147,10 @@ def _open_model_dir(model_dir, config, checkpoint_cfg, initial_checkpoint_path, 
   return checkpointer, resume_step, initial
 
 
-def _restore(trainer, checkpointer, resume_step, initial, batches, model_dir):
+def _restore(trainer, checkpointer, resume_step, initial, batches, model_dir, fresh=()):
   """The first state: MODEL_DIR's latest checkpoint (and the input stream's position there),
-  else the initial checkpoint's parameters with a fresh optimizer state, else random."""
+  else the initial checkpoint's parameters with a fresh optimizer state (and random values
+  for the `fresh` parameters it lacks, when allowed), else random."""
   if resume_step is not None:
     state, data_state = checkpointer.restore(trainer.abstract_state, resume_step)
     _check_data_state(data_state, batches, model_dir)
@@ -152,7 +158,12 @@ def _restore(trainer, checkpointer, resume_step, initial, batches, model_dir):
     logging.info("resumed from %s at step %d", checkpointer.directory, resume_step)
     return state
   if initial is not None:
-    params = initial_lib.read_params(initial, trainer.abstract_params)
+    params = initial_lib.read_params(initial, trainer.abstract_params, skip=set(fresh))
+    if fresh:
+      logging.warning("allow_fresh_params: %d parameter(s) not in %s start from random "
+                      "values: %s", len(fresh), initial.path, ", ".join(fresh))
+      params = initial_lib.merge_fresh(params, jax.device_get(trainer.init_state().params),
+                                       fresh)
     logging.info("initialised from %s (step %d)", initial.path, initial.step)
     return trainer.state_from_params(params, step=initial.step)
   return trainer.init_state()

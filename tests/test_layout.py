@@ -81,6 +81,8 @@ def test_no_function_level_imports_of_the_standard_library_or_the_package():
 DEFERRED_PACKAGE_IMPORTS = {
     "gqa_t5/model/__init__.py": "T5Config/Transformer on first use: the readers never load flax",
     "gqa_t5/convert/calibration.py": "the network (flax) only for --method aligned",
+    "gqa_t5/convert/converter.py": "the network's logical axes (flax) only for a t5x output's "
+                                   "optimizer state (convert/t5x_state.py)",
     "gqa_t5/reproduce/__init__.py": "`gqa-t5 --help` lists the command without loading JAX",
     "gqa_t5/reproduce/cli.py": "the paper-scale dry run registers TensorFlow tasks",
     "gqa_t5/reproduce/pipeline/tasks.py": "the demo tasks load seqio and TensorFlow",

@@ -244,10 +244,14 @@ def test_output_is_the_input_and_output_parent_missing(tmp_path, source, capsys)
   assert _convert("--input", source, "--output", source, "--num-kv-heads", 2,
                   "--overwrite") == 1
   assert "is the input path" in capsys.readouterr().err
-  missing = tmp_path / "no" / "gqa"
-  assert _convert("--input", source, "--output", missing, "--num-kv-heads", 2) == 1
-  assert f"parent directory of output path {missing} does not exist" in capsys.readouterr().err
   assert entries(tmp_path) == ["src"]
+  # A missing parent folder is created (and nothing is left when the conversion fails).
+  assert _convert("--input", source, "--output", tmp_path / "no" / "gqa", "--num-kv-heads",
+                  3) == 1
+  assert entries(tmp_path) == ["src"]
+  assert _convert("--input", source, "--output", tmp_path / "no" / "gqa", "--num-kv-heads",
+                  2) == 0
+  assert t5x_legacy.load_t5x(str(tmp_path / "no" / "gqa"))[0]
 
 
 def test_existing_output_is_kept(tmp_path, source, capsys):

@@ -99,3 +99,41 @@ def test_config_from_t5x_copies_every_field_and_refuses_unknown_ones():
 
   with pytest.raises(ValueError, match=r"field\(s\) \['rotary'\] that gqa_t5's T5Config lacks"):
     t5x_compat.config_from_t5x(Other())
+
+
+class _Mesh:
+  """What the check reads of a jax Mesh: axis name -> size."""
+
+  def __init__(self, **shape):
+    self.shape = shape
+
+
+def test_kv_layout_follows_the_mesh_t5x_builds_not_num_partitions(caplog, monkeypatch):
+  monkeypatch.setattr(t5x_compat, "_LOGGED", set())  # logged once per process
+  # t5x on 8 CPU devices builds a 1 x 8 mesh whatever num_partitions says: K = 2 is not a
+  # multiple of 8, so the key/value heads are replicated (not sharded 8 ways).
+  with caplog.at_level("INFO"):
+    rules = dict(t5x_compat.logical_axis_rules(2, mesh=_Mesh(data=1, model=8)))
+    t5x_compat.logical_axis_rules(2, mesh=_Mesh(data=1, model=8))  # logged once only
+  assert rules["grouped_kv"] is None and rules["kv_heads"] is None
+  logged = [r.getMessage() for r in caplog.records if "key/value heads" in r.getMessage()]
+  assert len(logged) == 1 and "replicated" in logged[0] and "K=2 is not a multiple of 8" in \
+      logged[0] and "'model': 8" in logged[0]
+  # A (1, 1, 1, 2) submesh: K = 2 shards over its 2-way model axis, K = 1 is replicated.
+  assert dict(t5x_compat.logical_axis_rules(2, mesh=_Mesh(data=4, model=2)))[
+      "grouped_kv"] == "model"
+  assert dict(t5x_compat.logical_axis_rules(1, mesh=_Mesh(data=4, model=2)))[
+      "grouped_kv"] is None
+  # Self- and cross-attention heads must both divide the axis to shard.
+  assert dict(t5x_compat.logical_axis_rules(2, 1, mesh=_Mesh(data=4, model=2)))[
+      "kv_heads"] is None
+  assert "sharded over t5x's model axis of size 2" in t5x_compat.kv_layout(4, None, 2)
+
+
+def test_num_partitions_that_disagrees_with_the_mesh_is_refused():
+  with pytest.raises(t5x_compat.MeshMismatchError,
+                     match=r"NUM_PARTITIONS = 2, but the mesh t5x builds has a model axis of "
+                           r"size 8 \(mesh \{'data': 1, 'model': 8\}.*set NUM_PARTITIONS = 8"):
+    t5x_compat.logical_axis_rules(2, num_partitions=2, mesh=_Mesh(data=1, model=8))
+  assert t5x_compat.check_num_partitions(2, _Mesh(data=4, model=2)) == 2
+  assert t5x_compat.check_num_partitions(None, _Mesh(data=8)) == 1  # no model axis: size 1

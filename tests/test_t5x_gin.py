@@ -48,8 +48,21 @@ _FAKE_T5X = {
           return [('batch', 'data'), ('vocab', 'model'), ('embed', None), ('mlp', 'model'),
                   ('heads', 'model'), ('kv', None), ('joined_kv', 'model'),
                   ('relpos_buckets', None), ('length', None), ('layers', None)]
+        class _Mesh:
+          def __init__(self, **shape):
+            self.shape = shape
+        def default_mesh(num_partitions, model_parallel_submesh=None, backend=None,
+                         ici_mesh_shape=None, dcn_mesh_shape=None):
+          # As t5x on 8 CPU devices: one model axis over all of them unless a submesh is given.
+          if model_parallel_submesh:
+            model = 1
+            for size in model_parallel_submesh:
+              model *= size
+            return _Mesh(data=8 // model, model=model)
+          return _Mesh(data=1, model=8)
         class PjitPartitioner:
-          def __init__(self, num_partitions=1, logical_axis_rules=None):
+          def __init__(self, num_partitions=None, model_parallel_submesh=None,
+                       logical_axis_rules=None):
             self.logical_axis_rules = logical_axis_rules
         """,
     "t5x/examples/__init__.py": "",
@@ -170,6 +183,37 @@ def test_network_gin_binds_our_network_from_t5x_size_files(fake_t5x):
   t5x_compat.check_model_rules(config, rules)
 
 
+def _partitioner_rules(fake_t5x, bindings):
+  gin.parse_config_files_and_bindings([str(fake_t5x / "size.gin"), NETWORK_GIN],
+                                      ["DROPOUT_RATE = 0.0"] + bindings)
+  import t5x.partitioning  # the stand-in
+  return dict(gin.get_configurable(t5x.partitioning.PjitPartitioner)().logical_axis_rules)
+
+
+def test_network_gin_reads_the_model_axis_from_the_mesh_t5x_builds(fake_t5x, caplog,
+                                                                  monkeypatch):
+  monkeypatch.setattr(t5x_compat, "_LOGGED", set())  # logged once per process
+  # t5x's CPU mesh puts all 8 devices on the model axis whatever num_partitions says.
+  with caplog.at_level("INFO"):
+    rules = _partitioner_rules(fake_t5x, ["NUM_KV_HEADS = 2",
+                                          "partitioning.PjitPartitioner.num_partitions = 2"])
+  assert rules["grouped_kv"] is None  # K = 2 is not a multiple of 8: replicated
+  assert any("replicated" in r.getMessage() and "'model': 8" in r.getMessage()
+             for r in caplog.records)
+
+
+def test_network_gin_with_a_submesh_shards_k_when_it_divides_the_model_axis(fake_t5x):
+  rules = _partitioner_rules(fake_t5x, [
+      "NUM_KV_HEADS = 2", "partitioning.PjitPartitioner.model_parallel_submesh = (1, 1, 1, 2)"])
+  assert rules["grouped_kv"] == "model"
+
+
+def test_network_gin_refuses_num_partitions_that_the_mesh_does_not_have(fake_t5x):
+  with pytest.raises(t5x_compat.MeshMismatchError, match="NUM_PARTITIONS = 2, but the mesh"):
+    _partitioner_rules(fake_t5x, ["NUM_KV_HEADS = 2", "NUM_PARTITIONS = 2",
+                                  "partitioning.PjitPartitioner.num_partitions = 2"])
+
+
 def test_network_gin_needs_the_kv_head_count(fake_t5x):
   with pytest.raises(ValueError, match="NUM_KV_HEADS.*REQUIRED"):
     gin.parse_config_files_and_bindings([str(fake_t5x / "size.gin"), NETWORK_GIN],
@@ -209,6 +253,25 @@ def test_network_gin_with_t5x_size_files(t5x_dir):
   rules = gin.get_configurable(t5x_partitioning.PjitPartitioner)(
       num_partitions=1).logical_axis_rules
   t5x_compat.check_model_rules(config, rules)
+
+
+def test_network_gin_reads_t5x_s_real_mesh(t5x_dir):
+  """t5x's own default_mesh decides the model axis: on this host's CPU devices it spans them
+  all, so a NUM_PARTITIONS that says otherwise is refused before anything runs."""
+  from t5x import partitioning as t5x_partitioning
+  gin.add_config_file_search_path(t5x_dir)
+  files = [os.path.join(t5x_dir, "t5x/examples/t5/t5_1_1/tiny.gin"), NETWORK_GIN]
+  size = jax.local_device_count() if jax.devices()[-1].platform == "cpu" else None
+  if size is None:
+    pytest.skip("t5x's CPU mesh rule only")
+  gin.parse_config_files_and_bindings(
+      files, ["DROPOUT_RATE = 0.0", "NUM_KV_HEADS = 2",
+              "partitioning.PjitPartitioner.num_partitions = 1",
+              f"NUM_PARTITIONS = {size + 1}"])
+  with pytest.raises(t5x_compat.MeshMismatchError,
+                     match=rf"NUM_PARTITIONS = {size + 1}, but the mesh t5x builds has a model "
+                           rf"axis of size {size}"):
+    gin.get_configurable(t5x_partitioning.PjitPartitioner)()
 
 
 def test_t5x_decoding_loops_on_our_scanned_and_unrolled_models(t5x_dir):

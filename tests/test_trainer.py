@@ -195,3 +195,27 @@ def test_scanned_layers_keep_per_layer_optimizer_statistics():
   assert stats["wi_0"]["kernel"]["v_col"].shape == (2, 64)   # [layers, mlp]
   axes = trainer.state_axes.opt_state.stats["decoder"]["layers"]["mlp"]["wo"]["kernel"]
   assert axes == {"v_row": ("layers", "embed"), "v_col": ("mlp", "layers")}
+
+
+def test_initial_checkpoint_missing_a_parameter_is_refused_unless_allowed(tmp_path, caplog):
+  from gqa_t5.checkpoints import t5x_legacy
+  from gqa_t5.checkpoints import tree as tree_lib
+  state = _train(tmp_path / "source", fx.tiny_model(2), 1)
+  flat = tree_lib.flatten(jax.device_get(state.params))
+  leaf = "encoder/layers_1/pre_mlp_layer_norm/scale"
+  shape = flat.pop(leaf).shape
+  partial = tmp_path / "partial"
+  t5x_legacy.save_t5x(str(partial), tree_lib.unflatten(flat), step=1)
+  with pytest.raises(initial.InitialCheckpointError,
+                     match=rf"tensor {leaf} \({shape[0]},\) is missing from the checkpoint.*"
+                           r"leave 1 parameter\(s\) freshly initialised.*"
+                           r"train.allow_fresh_params = True"):
+    _train(tmp_path / "refused", fx.tiny_model(2), 2, initial_checkpoint_path=str(partial))
+  assert not os.path.exists(tmp_path / "refused" / "checkpoints" / "2")
+  # Opting in trains, and the warning names the parameter that starts from random values.
+  with caplog.at_level("WARNING"):
+    allowed = _train(tmp_path / "allowed", fx.tiny_model(2), 2,
+                     initial_checkpoint_path=str(partial), allow_fresh_params=True)
+  assert int(allowed.step) == 2
+  assert any(leaf in r.getMessage() and "allow_fresh_params" in r.getMessage()
+             for r in caplog.records)

@@ -5,6 +5,14 @@ A multi-head checkpoint can start a GQA/MQA run directly when `kv_conversion` is
 is the paper's mean pooling of each group's key/value heads); the converter does the pooling.
 Parameters only are taken from the checkpoint: the optimizer state starts fresh (its shapes
 differ for converted key/value kernels, and checkpoints from other tools do not carry ours).
+
+A checkpoint that lacks a parameter of the model, or holds it at another shape, is refused with
+every such leaf named: silently starting those parameters from random values is how a scanned
+or converted model ends up trained from scratch. `allow_fresh_params=True` (gin:
+`train.allow_fresh_params = True`) is the explicit opt-in: those leaves are initialised
+randomly and named in a warning. A scanned model (scan_layers) takes unrolled or scanned
+checkpoints alike: the readers unstack a scanned one, and `open_for_model` stacks the layers
+for a scanned model.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import numpy as np
 
 from gqa_t5.checkpoints import detect
 from gqa_t5.checkpoints import model_dir as model_dir_lib
+from gqa_t5.checkpoints import scanned as scanned_lib
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.convert import converter
 from gqa_t5.convert import pooling
@@ -63,6 +72,8 @@ def open_for_model(path: str, config, kv_conversion: Optional[str] = None):
                                     method=kv_conversion)
     tensors, out_config, _ = converter.plan(source, spec)
     source = dataclasses.replace(source, tensors=tensors, config=out_config)
+  if config is not None and config.scan_layers:
+    source = dataclasses.replace(source, tensors=scanned_lib.stack(source.tensors))
   return source
 
 
@@ -89,11 +100,25 @@ def shape_problems(found: Mapping[str, Tuple[int, ...]],
   return problems
 
 
-def check_against(source, abstract_params) -> None:
-  """Raises InitialCheckpointError naming each tensor whose shape differs."""
+def fresh_params(found: Mapping[str, Tuple[int, ...]],
+                 expected: Mapping[str, Tuple[int, ...]]) -> List[str]:
+  """The model's parameters that a checkpoint cannot provide: missing or of another shape."""
+  return sorted(name for name in expected
+                if name not in found or tuple(found[name]) != tuple(expected[name]))
+
+
+def check_against(source, abstract_params, allow_fresh_params: bool = False) -> List[str]:
+  """Raises InitialCheckpointError naming each tensor that is missing, of another shape, or
+  not a parameter of the model. With `allow_fresh_params`, missing and mis-shaped parameters
+  are allowed instead and returned (they are to be initialised randomly); a tensor the model
+  does not have is refused all the same."""
   expected = {k: tuple(v.shape) for k, v in _flatten(abstract_params).items()}
   found = {k: tuple(v) for k, v in source.shapes().items()}
+  fresh = fresh_params(found, expected)
   problems = shape_problems(found, expected)
+  if allow_fresh_params:
+    problems = shape_problems({k: v for k, v in found.items() if k not in fresh},
+                              {k: v for k, v in expected.items() if k not in fresh})
   if problems:
     shown = problems[:8]
     more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
@@ -101,18 +126,33 @@ def check_against(source, abstract_params) -> None:
     if any("key/kernel" in p or "value/kernel" in p for p in problems):
       hint = (" If the checkpoint is multi-head and the model GQA/MQA, convert it first "
               "(gqa-t5 convert) or set kv_conversion='mean'.")
+    if fresh and not allow_fresh_params:
+      hint += (f" Starting from it would leave {len(fresh)} parameter(s) freshly initialised; "
+               "if that is meant, set train.allow_fresh_params = True (gin).")
     raise InitialCheckpointError(
         f"initial checkpoint {source.path} does not match the configured model: "
         + "; ".join(shown) + more + "." + hint)
+  return fresh
 
 
-def read_params(source, abstract_params) -> Dict[str, Any]:
-  """The parameters as a nested dict of numpy arrays in the model's dtypes."""
+def read_params(source, abstract_params, skip=()) -> Dict[str, Any]:
+  """The parameters as a nested dict of numpy arrays in the model's dtypes (`skip`: names
+  not to read, e.g. `check_against`'s fresh parameters)."""
   expected = _flatten(abstract_params)
   flat = {}
   for name, tensor in source.tensors.items():
-    if name in expected:
+    if name in expected and name not in skip:
       flat[name] = np.asarray(tensor.read(), dtype=expected[name].dtype)
+  return _unflatten(flat)
+
+
+def merge_fresh(params: Mapping[str, Any], fresh_values: Mapping[str, Any],
+                fresh: List[str]) -> Dict[str, Any]:
+  """`params` (read from the checkpoint) completed with the `fresh` leaves of `fresh_values`
+  (a randomly initialised tree of the same model)."""
+  flat = _flatten(params)
+  random = _flatten(fresh_values)
+  flat.update({name: np.asarray(random[name]) for name in fresh})
   return _unflatten(flat)
 
 

@@ -7,6 +7,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from gqa_t5.checkpoints import scanned as scanned_lib
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.lazy import LazyTensor
 from gqa_t5.model.config import T5Config
@@ -22,6 +23,8 @@ class CheckpointSource:
     tensors: {'/'-joined T5X parameter name: LazyTensor}.
     step: the training step recorded in the checkpoint (0 when it has none).
     config: the T5Config implied by the tensor shapes (or given by the checkpoint).
+    scanned: the checkpoint stacks its layers (T5X's scan_layers); `tensors` are unrolled all
+      the same (`finish` unstacks them lazily).
   """
 
   path: str
@@ -29,6 +32,7 @@ class CheckpointSource:
   tensors: Dict[str, LazyTensor]
   step: int = 0
   config: Optional[T5Config] = None
+  scanned: bool = False
 
   def shapes(self) -> Dict[str, tuple]:
     return {name: t.shape for name, t in self.tensors.items()}
@@ -47,7 +51,12 @@ class CheckpointSource:
 
 def finish(source: CheckpointSource, config: Optional[T5Config] = None,
            validate: bool = True) -> CheckpointSource:
-  """Infers (or takes) the config and validates every tensor's presence and shape."""
+  """Infers (or takes) the config and validates every tensor's presence and shape; a scanned
+  checkpoint's stacked layers are unstacked first (lazily), so every reader returns unrolled
+  names."""
+  if scanned_lib.is_scanned(source.tensors):
+    source.tensors = scanned_lib.unstack(source.tensors)
+    source.scanned = True
   shapes = source.shapes()
   label = f"{source.format} checkpoint {source.path}"
   if config is None:

@@ -8,9 +8,9 @@ Specs written on GCS carry a 'gcs' kvstore and a dummy bucket; their paths are r
 every spec resolves against the checkpoint directory.
 
 Reading is lazy (one tensor per `read()`); writing streams one tensor at a time. A written
-checkpoint holds the parameters and the step; optimizer state is not written (K/V shapes change
-on conversion, so the old Adafactor statistics no longer fit): with t5x, restore it with
-`RestoreCheckpointConfig(fallback_to_scratch=True)` so the optimizer starts fresh.
+checkpoint holds the parameters, the step and, when the writer is given them, optimizer states
+under 'state/param_states' (the converter writes t5x's Adafactor statistics, zeroed, so that
+t5x's restore finds every key its optimizer holds: see `gqa_t5.convert.t5x_state`).
 """
 
 from __future__ import annotations
@@ -242,11 +242,17 @@ def _write_context():
   return ts.Context({"file_io_sync": False})
 
 
+# Where each part of the train state lives in the msgpack tree, and its zarr directory prefix.
+_PARTS = {"target": "target", "param_states": "state.param_states"}
+
+
 class T5XWriter:
   """Streams tensors into a T5X legacy checkpoint directory, one `write` at a time.
 
   `directory` must exist and be empty (use `atomic_directory`); `finalize` writes the msgpack
-  file last, so a directory without it is never a readable checkpoint.
+  file last, so a directory without it is never a readable checkpoint. `part` 'target' holds
+  the parameters, 'param_states' the optimizer's per-parameter states (as t5x's optimizers'
+  `state_dict` names them, e.g. 'encoder/layers_0/mlp/wo/kernel/v_row').
   """
 
   def __init__(self, directory: str, compression: str = "gzip"):
@@ -255,14 +261,21 @@ class T5XWriter:
                             f"{', '.join(COMPRESSORS)}")
     self.directory = os.path.abspath(directory)
     self._compressor = COMPRESSORS[compression]
-    self._specs: Dict[str, Any] = {}
+    self._specs: Dict[str, Dict[str, Any]] = {part: {} for part in _PARTS}
 
-  def write(self, name: str, value: np.ndarray) -> None:
+  def _entries(self, name: str, part: str) -> Dict[str, Any]:
+    if part not in _PARTS:
+      raise CheckpointError(f"unknown checkpoint part {part!r}; known: {', '.join(_PARTS)}")
+    if name in self._specs[part]:
+      raise CheckpointError(f"tensor {name!r} written twice")
+    return self._specs[part]
+
+  def write(self, name: str, value: np.ndarray, part: str = "target") -> None:
+    """Writes one tensor as a zarr array beside the msgpack file (as t5x writes large leaves)."""
     raise_if_interrupted()  # SIGINT/SIGTERM: stop between tensors, never inside one
     value = np.asarray(value)
-    if name in self._specs:
-      raise CheckpointError(f"tensor {name!r} written twice")
-    dir_name = "target." + name.replace("/", ".")
+    entries = self._entries(name, part)
+    dir_name = _PARTS[part] + "." + name.replace("/", ".")
     chunks = choose_chunks(value.shape, value.dtype.itemsize)
     compressor = dict(self._compressor) if self._compressor else None
     metadata = {"chunks": chunks, "compressor": compressor, "shape": list(value.shape)}
@@ -277,14 +290,23 @@ class T5XWriter:
     except Exception as error:
       raise CheckpointError(f"tensor {name!r}: cannot write {local['kvstore']['path']}: "
                             f"{error}") from error
-    self._specs[name] = spec
+    entries[name] = spec
+
+  def write_inline(self, name: str, value: np.ndarray, part: str = "param_states") -> None:
+    """Stores one (small) tensor inside the msgpack file, as t5x stores its unpartitioned
+    leaves (factored Adafactor statistics, (1,) placeholders)."""
+    raise_if_interrupted()
+    self._entries(name, part)[name] = np.asarray(value)
 
   def finalize(self, step: int = 0) -> None:
-    target = tree_lib.unflatten(self._specs)
-    state = {"version": VERSION,
-             "optimizer": {"target": target, "state": {"step": np.asarray(step, np.int32)}}}
+    state: Dict[str, Any] = {"step": np.asarray(step, np.int32)}
+    if self._specs["param_states"]:
+      state["param_states"] = tree_lib.unflatten(self._specs["param_states"])
+    checkpoint = {"version": VERSION,
+                  "optimizer": {"target": tree_lib.unflatten(self._specs["target"]),
+                                "state": state}}
     with open(os.path.join(self.directory, CHECKPOINT_FILE), "wb") as f:
-      f.write(msgpack_codec.encode(state))
+      f.write(msgpack_codec.encode(checkpoint))
 
 
 def save_t5x(path: str, params: Mapping[str, Any], step: int = 0, overwrite: bool = False,

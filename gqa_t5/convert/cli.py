@@ -2,6 +2,7 @@
 
   gqa-t5 convert --input PATH [--input-format auto|t5x|orbax|hf|mesh-tf] --output PATH
       [--output-format t5x|orbax] --num-kv-heads K [--num-cross-kv-heads K2]
+      [--scan-layers | --no-scan-layers] [--optimizer-state adafactor|adafactor-momentum|none]
       [--method mean|first|random|aligned] [--seed S] [--compression gzip|zstd|none]
       [--calibration-data TSV --vocab SPM [--input-prefix P]] [--overwrite] [--allow-nonfinite]
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import re
 import signal
 import sys
 import time
@@ -20,10 +23,13 @@ from typing import Iterator, List, Optional
 
 from gqa_t5.checkpoints.atomic import Interrupted, prepare_destination
 from gqa_t5.checkpoints.errors import CheckpointError
-from gqa_t5.convert.converter import OUTPUT_FORMATS, CalibrationSpec, ConversionSpec, convert
+from gqa_t5.convert.converter import (OPTIMIZER_STATES, OUTPUT_FORMATS, CalibrationSpec,
+                                      ConversionSpec, convert, output_parent)
 from gqa_t5.convert.pooling import METHODS
 
 INPUT_FORMATS = ("auto", "t5x", "orbax", "hf", "mesh-tf")
+# t5x's checkpoint manager reads the step from the folder name of INITIAL_CHECKPOINT_PATH.
+_T5X_DIR_NAME = re.compile(r"checkpoint_\d+")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,13 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
                   "bit for bit.")
   parser.add_argument("--input", required=True, help="source checkpoint (directory or prefix)")
   parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto")
-  parser.add_argument("--output", required=True, help="destination checkpoint directory")
+  parser.add_argument("--output", required=True,
+                      help="destination checkpoint directory (missing parent folders are "
+                           "created)")
   parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default="t5x")
   parser.add_argument("--num-kv-heads", type=int, required=True,
                       help="key/value heads K of the decoder self-attention (1 = MQA)")
   parser.add_argument("--num-cross-kv-heads", type=int, default=None,
                       help="key/value heads of the encoder-decoder attention (default: K)")
   parser.add_argument("--method", choices=METHODS, default="mean")
+  parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
+                      help="write stacked 'layers' parameters (T5X's scan_layers layout) or, "
+                           "with --no-scan-layers, unrolled 'layers_<i>' (default: the "
+                           "input's layout, which is detected)")
+  parser.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default="adafactor",
+                      help="optimizer state of a t5x output, zeroed at the shapes t5x's "
+                           "optimizer gives it so that t5x restores the checkpoint as "
+                           "INITIAL_CHECKPOINT_PATH with no extra flags: 'adafactor' (T5.1.1's, "
+                           "no momentum), 'adafactor-momentum' (beta1 set), 'none' (parameters "
+                           "only)")
   parser.add_argument("--seed", type=int, default=0, help="seed of --method random")
   calibration = parser.add_argument_group(
       "calibration (--method aligned)",
@@ -114,13 +132,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                   args.calibration_examples)
   start = time.time()
   try:
-    for stale in prepare_destination(args.output, args.overwrite):
-      if not args.quiet:
-        print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
-    record = convert(args.input, args.output, spec, input_format=args.input_format,
-                     output_format=args.output_format, overwrite=args.overwrite,
-                     compression=args.compression, calibration=calibration,
-                     allow_nonfinite=args.allow_nonfinite)
+    with output_parent(args.output):
+      for stale in prepare_destination(args.output, args.overwrite):
+        if not args.quiet:
+          print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
+      record = convert(args.input, args.output, spec, input_format=args.input_format,
+                       output_format=args.output_format, overwrite=args.overwrite,
+                       compression=args.compression, calibration=calibration,
+                       allow_nonfinite=args.allow_nonfinite, scan_layers=args.scan_layers,
+                       optimizer_state=args.optimizer_state)
   except CheckpointError as error:
     print(f"gqa-t5 convert: error: {error}", file=sys.stderr)
     return 1
@@ -128,7 +148,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(f"converted {record['source']} ({record['source_format']}, step "
           f"{record['source_step']}) -> {args.output} ({args.output_format}): method "
           f"{spec.method}, K={spec.num_kv_heads}, K_cross={spec.cross_kv_heads}, "
-          f"{len(record['changed_tensors'])} tensors changed, {time.time() - start:.1f}s")
+          f"{'scanned' if record['scan_layers'] else 'unrolled'} layers, optimizer state "
+          f"{record['optimizer_state']}, {len(record['changed_tensors'])} tensors changed, "
+          f"{time.time() - start:.1f}s")
+  name = os.path.basename(os.path.normpath(args.output))
+  if args.output_format == "t5x" and not _T5X_DIR_NAME.fullmatch(name):
+    print(f"gqa-t5 convert: note: t5x restores INITIAL_CHECKPOINT_PATH only from a folder "
+          f"named checkpoint_<step> ('Found improperly formatted checkpoint directory' "
+          f"otherwise): rename {name} to checkpoint_{record['source_step']}, or convert to "
+          f".../checkpoint_{record['source_step']}", file=sys.stderr)
   return 0
 
 

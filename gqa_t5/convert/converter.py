@@ -6,21 +6,28 @@ decoder's key/value kernels (plus, for 'aligned', the query and out kernels) are
 the writer asks for them. Writers take one tensor at a time, so peak memory stays near a few
 times the largest tensor whatever the model size. Output goes to a temporary directory beside
 the destination and is renamed into place only when complete.
+
+Layouts: a scanned source (stacked `layers`, T5X's scan_layers) is unstacked on opening; the
+output is scanned or unrolled as asked (default: as the source). A t5x output also carries t5x's
+Adafactor state, zeroed, at the shapes t5x's optimizer gives it (`t5x_state`), so that
+`python -m t5x.train` restores it as INITIAL_CHECKPOINT_PATH with no extra flags.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import operator
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
 import gqa_t5
 from gqa_t5.checkpoints import lazy
+from gqa_t5.checkpoints import scanned as scanned_lib
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.atomic import atomic_directory, prepare_destination, raise_if_interrupted
 from gqa_t5.checkpoints.detect import open_checkpoint
@@ -35,6 +42,8 @@ from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
 
 OUTPUT_FORMATS = ("t5x", "orbax")
+# --optimizer-state of a t5x output: what goes under 'state/param_states' (t5x_state.py).
+OPTIMIZER_STATES = ("adafactor", "adafactor-momentum", "none")
 PROVENANCE_FILE = "gqa_provenance.json"
 _DECODER_ATTENTION = ("self_attention", "encoder_decoder_attention")
 _NONFINITE_HINT = ("nothing was written. If they are meant to be there, pass --allow-nonfinite "
@@ -186,15 +195,20 @@ def _provenance(source: CheckpointSource, spec: ConversionSpec, output_format: s
       "source_config": tree_lib.config_to_dict(source.config),
       "output_config": tree_lib.config_to_dict(out_config),
       "changed_tensors": list(changed),
-      "note": ("optimizer state is not carried over (key/value shapes change); with t5x, "
-               "restore with fallback_to_scratch=True"),
+      "note": ("the source's optimizer state is not carried over (key/value shapes change); a "
+               "t5x output holds t5x's Adafactor state zeroed, as its optimizer starts it"),
   }
 
 
 def write_tensors(directory: str, tensors: Dict[str, LazyTensor], step: int,
                   output_format: str, progress: Optional[Callable[[str], None]] = None,
-                  compression: str = "gzip") -> None:
-  """Writes lazy tensors into an (empty, temporary) directory, one tensor at a time."""
+                  compression: str = "gzip",
+                  param_states: Optional[Dict[str, Tuple[Tuple[int, ...], bool]]] = None) -> None:
+  """Writes lazy tensors into an (empty, temporary) directory, one tensor at a time.
+
+  `param_states` ({name: (shape, full)}, t5x only, from `t5x_state.adafactor_state_shapes`):
+  optimizer states written as zeros, the full-shaped ones as zarr arrays like the parameters.
+  """
   if output_format == "t5x":
     writer = T5XWriter(directory, compression=compression)
     for name, tensor in tensors.items():
@@ -204,6 +218,13 @@ def write_tensors(directory: str, tensors: Dict[str, LazyTensor], step: int,
       value = tensor.read()
       writer.write(name, value)
       del value
+    for name, (shape, full) in (param_states or {}).items():
+      zeros = np.zeros(shape, np.float32)
+      if full:
+        writer.write(name, zeros, part="param_states")
+      else:
+        writer.write_inline(name, zeros, part="param_states")
+      del zeros
     writer.finalize(step)
   elif output_format == "orbax":
     write_orbax_item(directory, tree_lib.unflatten(tensors), step)
@@ -225,6 +246,35 @@ def _check_paths(input_path: str, output_path: str) -> None:
                           f"{output_path}: replacing the output would delete the source")
 
 
+def _missing_parents(path: str):
+  """The folders above `path` that do not exist yet, outermost first."""
+  missing, parent = [], os.path.dirname(os.path.abspath(path))
+  while parent and not os.path.isdir(parent):
+    missing.append(parent)
+    parent = os.path.dirname(parent)
+  return missing[::-1]
+
+
+@contextlib.contextmanager
+def output_parent(path: str) -> Iterator[None]:
+  """Creates the missing folders above `path`; removes them again (if still empty) when the
+  block fails, so a failed conversion leaves nothing behind."""
+  created = _missing_parents(path)
+  if created:
+    try:
+      os.makedirs(created[-1])
+    except OSError as error:
+      raise CheckpointError(f"cannot create the output's parent folder {created[-1]}: "
+                            f"{error}") from error
+  try:
+    yield
+  except BaseException:
+    for folder in reversed(created):
+      with contextlib.suppress(OSError):
+        os.rmdir(folder)
+    raise
+
+
 def _calibration_grams(source: CheckpointSource, calibration: CalibrationSpec):
   batch = calibration_lib.load_tsv_examples(
       calibration.data, calibration.vocab, calibration.input_prefix, calibration.input_length,
@@ -235,9 +285,14 @@ def _calibration_grams(source: CheckpointSource, calibration: CalibrationSpec):
 def convert(input_path: str, output_path: str, spec: ConversionSpec,
             input_format: str = "auto", output_format: str = "t5x", overwrite: bool = False,
             progress: Optional[Callable[[str], None]] = None, compression: str = "gzip",
-            calibration: Optional[CalibrationSpec] = None, allow_nonfinite: bool = False
-            ) -> Dict:
+            calibration: Optional[CalibrationSpec] = None, allow_nonfinite: bool = False,
+            scan_layers: Optional[bool] = None, optimizer_state: str = "adafactor") -> Dict:
   """Converts a checkpoint and returns its provenance record (also written beside it).
+
+  `scan_layers`: write stacked `layers` (T5X's scanned layout) or unrolled `layers_<i>`; None:
+  as the source. `optimizer_state` (t5x output only): 'adafactor' (t5x's T5.1.1 Adafactor,
+  no momentum), 'adafactor-momentum' (Adafactor with beta1) or 'none' (parameters only: t5x
+  then needs `fallback_to_scratch` and an `assignment_map` to restore it).
 
   Streams one tensor at a time, except that `calibration` first loads the whole model once to
   measure the key/value inputs of each decoder attention layer. Every tensor written is checked
@@ -247,7 +302,18 @@ def convert(input_path: str, output_path: str, spec: ConversionSpec,
   if output_format not in OUTPUT_FORMATS:
     raise CheckpointError(f"unknown output format {output_format!r}; known: "
                           f"{', '.join(OUTPUT_FORMATS)}")
+  if optimizer_state not in OPTIMIZER_STATES:
+    raise CheckpointError(f"unknown optimizer state {optimizer_state!r}; known: "
+                          f"{', '.join(OPTIMIZER_STATES)}")
   _check_paths(input_path, output_path)
+  with output_parent(output_path):
+    return _convert(input_path, output_path, spec, input_format, output_format, overwrite,
+                    progress, compression, calibration, allow_nonfinite, scan_layers,
+                    optimizer_state)
+
+
+def _convert(input_path, output_path, spec, input_format, output_format, overwrite, progress,
+             compression, calibration, allow_nonfinite, scan_layers, optimizer_state) -> Dict:
   prepare_destination(output_path, overwrite)  # fail before reading anything
   if calibration is not None and spec.method != "aligned":
     raise CheckpointError(f"calibration data only applies to --method aligned, not "
@@ -258,10 +324,24 @@ def convert(input_path: str, output_path: str, spec: ConversionSpec,
   if not allow_nonfinite:
     tensors = {name: lazy.finite_checked(t, source.path, _NONFINITE_HINT)
                for name, t in tensors.items()}
+  scan = source.scanned if scan_layers is None else bool(scan_layers)
+  out_config = out_config.replace(scan_layers=scan)
+  if scan:
+    tensors = scanned_lib.stack(tensors)
+  param_states = None
+  if output_format == "t5x" and optimizer_state != "none":
+    # flax (the network's logical axes) only for a t5x output with optimizer state.
+    from gqa_t5.convert import t5x_state  # pylint: disable=import-outside-toplevel
+    param_states = t5x_state.adafactor_state_shapes(
+        out_config, {n: t.shape for n, t in tensors.items()},
+        momentum=optimizer_state == "adafactor-momentum")
   record = _provenance(source, spec, output_format, out_config, changed, calibration)
-  record["allow_nonfinite"] = allow_nonfinite
+  record.update(allow_nonfinite=allow_nonfinite, source_scanned=source.scanned,
+                scan_layers=scan, optimizer_state=optimizer_state if output_format == "t5x"
+                else "none")
   with atomic_directory(output_path, overwrite=overwrite) as tmp:
-    write_tensors(tmp, tensors, source.step, output_format, progress, compression)
+    write_tensors(tmp, tensors, source.step, output_format, progress, compression,
+                  param_states)
     with open(os.path.join(tmp, PROVENANCE_FILE), "w") as f:
       json.dump(record, f, indent=2)
   return record
