@@ -182,9 +182,11 @@ def test_paper_finetuning_files(name):
 def test_paper_model_files(name):
   config, _, _ = _build([name], ["DROPOUT_RATE=0.0"])
   variant = os.path.basename(name)[:-4]
-  expected = {"mha_large": (16, None), "mha_xxl": (64, None), "mqa_xxl": (64, 1),
-              "gqa8_xxl": (64, 8)}[variant]
+  expected = {"mha_large": (16, None), "mqa_large": (16, 1), "gqa8_large": (16, 8),
+              "mha_xxl": (64, None), "mqa_xxl": (64, 1), "gqa8_xxl": (64, 8)}[variant]
   assert (config.num_heads, config.num_kv_heads) == expected
+  # The paper's jobs were compiled and checked scanned (gqa-t5 compile).
+  assert config.scan_layers
 
 
 def test_flags_split_the_t5x_way():

@@ -29,6 +29,7 @@ from gqa_t5 import train as train_lib
 from gqa_t5 import trainer
 from gqa_t5.checkpoints import initial as initial_checkpoint
 from gqa_t5.checkpoints import lazy
+from gqa_t5.checkpoints import scanned
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.convert import converter
@@ -107,6 +108,9 @@ def check_conversion(model: jobs_lib.ModelSpec, config, abstract_params) -> str:
     spec = converter.ConversionSpec(num_kv_heads=model.kv_heads, method="mean")
     out, out_config, changed = converter.plan(source, spec)
     source = dataclasses.replace(source, tensors=out, config=out_config)
+  if config.scan_layers:
+    # As `initial.open_for_model` does on load: the unrolled layers stacked for a scanned model.
+    source = dataclasses.replace(source, tensors=scanned.stack(source.tensors))
   try:
     initial_checkpoint.check_against(source, abstract_params)
   except initial_checkpoint.InitialCheckpointError as error:
