@@ -48,8 +48,10 @@ for pattern in tests/test_attention.py tests/test_network.py tests/test_models.p
   done
 done
 if [ "$SMOKE" = 1 ]; then
-  T_TESTS="${T_TESTS:-60}" T_DECODE_L="${T_DECODE_L:-90}" T_WARM="${T_WARM:-45}"
-  T_DECODE_XXL="${T_DECODE_XXL:-90}" T_TRAIN="${T_TRAIN:-120}"
+  # On a CPU the limits are hang guards only: a busy machine may run these steps several
+  # times slower, and a smoke run judges no speed.
+  T_TESTS="${T_TESTS:-600}" T_DECODE_L="${T_DECODE_L:-600}" T_WARM="${T_WARM:-600}"
+  T_DECODE_XXL="${T_DECODE_XXL:-600}" T_TRAIN="${T_TRAIN:-600}"
   TEST_ARGS=(--collect-only -q)  # on a CPU the suite's own run checks them; here: they import
   DECODE_L=(--smoke --compare-hf)
   DECODE_XXL=(--smoke --shape XXL --output-length 16 --timed-steps 4 --kv-heads 8,1)
