@@ -121,8 +121,11 @@ def kv_layout(num_kv_heads: Optional[int], num_cross_kv_heads: Optional[int],
   """One line saying how the key/value heads lie on a model axis of `model_size` devices."""
   rules = dict(axes.kv_head_rules(num_kv_heads, num_cross_kv_heads, model_size))
   ks = {"self-attention": num_kv_heads, "cross-attention": num_cross_kv_heads}
-  given = ", ".join(f"{what} K={k}" for what, k in ks.items() if k is not None) or \
-      "K = num_heads (multi-head)"
+  if num_cross_kv_heads is None:  # the cross-attention has the self-attention's K
+    given = ("multi-head, K = num_heads" if num_kv_heads is None else
+             f"K={num_kv_heads} in self- and cross-attention")
+  else:
+    given = ", ".join(f"{what} K={'num_heads' if k is None else k}" for what, k in ks.items())
   if rules["grouped_kv"] == axes.MODEL:
     return (f"key/value heads ({given}) sharded over t5x's model axis of size {model_size}: "
             f"each device holds the key/value heads of its own query heads")

@@ -9,11 +9,12 @@
 # a random model's ln(vocab)), that a scanned conversion starts at its unrolled twin's loss, and
 # prints step-0 and final losses. Needs t5x installed as gin/t5x/README.md says. Usage:
 #   bash scripts/t5x_end_to_end.sh [OUT_DIR] [STEPS]   (STEPS uptraining steps, default 10)
-# t5x reads the step from the folder name of INITIAL_CHECKPOINT_PATH: convert to .../checkpoint_<step>.
+# t5x reads the step from INITIAL_CHECKPOINT_PATH's folder name: convert to .../checkpoint_<step>.
 #   VARIANTS="gqa2:2" LAYOUTS="unrolled" bash scripts/t5x_end_to_end.sh   (a subset)
+# (6 train/eval/infer triples: about 35 minutes on 2 busy CPU cores)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-SP=$(python -c 'import os,t5x;print(os.path.dirname(os.path.dirname(t5x.__file__)))')
+SP=$(python -c 'import os, t5x; print(os.path.dirname(os.path.dirname(t5x.__file__)))')
 OUT=$(mkdir -p "${1:-t5x_end_to_end}" && cd "${1:-t5x_end_to_end}" && pwd)
 STEPS=${2:-10}
 VARIANTS=${VARIANTS:-"mha:8 gqa2:2 mqa:1"}
@@ -25,7 +26,8 @@ SIZE=(--gin.network.T5Config.vocab_size=1152 --gin.network.T5Config.emb_dim=128
   --gin.network.T5Config.num_heads=8 --gin.network.T5Config.head_dim=32
   --gin.network.T5Config.mlp_dim=256 --gin.network.T5Config.num_encoder_layers=3
   --gin.network.T5Config.num_decoder_layers=2)
-TASK=(--gin.MIXTURE_OR_TASK_NAME="'t5x_tiny_names'" --gin.MIXTURE_OR_TASK_MODULE="'t5x_fixture_task'"
+TASK=(--gin.MIXTURE_OR_TASK_NAME="'t5x_tiny_names'"
+  --gin.MIXTURE_OR_TASK_MODULE="'t5x_fixture_task'"
   --gin.TASK_FEATURE_LENGTHS="{'inputs': 64, 'targets': 16}"
   --gin.seqio.SentencePieceVocabulary.sentencepiece_model_file="'$FIXTURE/spm.model'"
   --gin.seqio.SentencePieceVocabulary.extra_ids=100 --gin.DROPOUT_RATE=0.0)
@@ -120,10 +122,17 @@ PY
       "${NET[@]}" --gin.CHECKPOINT_PATH="'$CKPT'" --gin.INFER_OUTPUT_DIR="'$OUT/infer/$tag'" \
       --gin.DatasetConfig.split="'validation'" --gin.DatasetConfig.batch_size=16 \
       --gin.utils.DatasetConfig.use_cached=False --gin_file="$OUT/beam_search.gin"
-    predictions=$(cat "$OUT/infer/$tag"/t5x_tiny_names-predict.jsonl-* | wc -l)
-    echo "   $predictions predictions, e.g. $(head -c 200 "$OUT/infer/$tag"/t5x_tiny_names-predict.jsonl-00000-of-00001)"
-    SUMMARY+=("$(printf '%-8s %-9s K=%s  step-0 loss %s  final loss %s  %s' "$name" "$layout" "$k" "$step0" "$final" "${em##*: }")")
+    python - "$OUT/infer/$tag"/t5x_tiny_names-predict.jsonl-00000-of-00001 <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+first = rows[0]
+print(f"   {len(rows)} predictions, e.g. {first['inputs']['targets_pretokenized']!r} -> "
+      f"{first['prediction']!r}")
+PY
+    SUMMARY+=("$(printf '%-5s %-9s K=%s  step-0 loss %s  final loss %s  exact match %s' \
+      "$name" "$layout" "$k" "$step0" "$final" "${em##*: }")")
   done
 done
-echo "== summary (training-eval loss per non-padding target token at step $SOURCE_STEP and $((SOURCE_STEP + STEPS)); eval exact match)"
+echo "== summary: training-eval loss per non-padding target token at step $SOURCE_STEP (step 0" \
+  "of uptraining) and $((SOURCE_STEP + STEPS)); t5x.eval's exact match"
 printf '%s\n' "${SUMMARY[@]}"
