@@ -72,9 +72,8 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant]
            roofline.probe_bytes(results["device"]["memory_bytes_limit"], args.smoke))
   common.progress(f"measuring memory bandwidth ({probe / 2**20:.0f} MiB probe) ...")
   before = roofline.measure_bandwidth(probe)
-  if encode_times[0] < ENCODE_ONCE_S:  # short: the first run's one-off costs would show
-    encode_times += [common.timed(lambda: encoder(first.params, inputs))
-                     for _ in range(args.repeats)]
+  encode_times += [common.timed(lambda: encoder(first.params, inputs))
+                   for _ in range(extra_encoder_runs(encode_times[0], args.repeats))]
   for r in range(args.repeats):
     common.progress(f"timing round {r + 1}/{args.repeats}: K = "
                     + ", ".join(str(v.num_kv_heads) for v in variants) + " ...")
@@ -88,6 +87,13 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant]
   results["encode_runs"] = len(encode_times)
   results["per_k"] = [_figures(v, first, shape, bandwidth, min(encode_times)) for v in variants]
   return results, inputs
+
+
+def extra_encoder_runs(first_run_s: float, repeats: int) -> int:
+  """Encoder runs to time after the first: none when it took ENCODE_ONCE_S or more (a long input,
+  where re-running it would dominate the benchmark's wall time), else `repeats` (a short run's
+  first call carries one-off costs)."""
+  return 0 if first_run_s >= ENCODE_ONCE_S else repeats
 
 
 def _config_facts(config) -> Dict[str, Any]:
