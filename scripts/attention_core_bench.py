@@ -98,6 +98,40 @@ def per_group(q, k, v, mask):
   return jnp.concatenate(outs, axis=3)
 
 
+def _rows_logits(q, k):
+  b, t, kk, g, h = q.shape
+  qr = q.transpose(0, 2, 3, 1, 4).reshape(b, kk, g * t, h)
+  return jnp.einsum("bkrh,bksh->bkrs", qr, k).reshape(b, kk, g, t, -1)   # [B, K, G, T, S]
+
+
+def _rows_context(w, v):  # w [B, K, G, T, S]
+  b, kk, g, t, s = w.shape
+  ctx = jnp.einsum("bkrs,bksh->bkrh", w.reshape(b, kk, g * t, s), v)
+  return ctx.reshape(b, kk, g, t, -1).transpose(0, 3, 1, 2, 4)
+
+
+def _group_logits(q, k):  # one matrix-vector product per group member
+  return jnp.stack([jnp.einsum("btkh,bksh->bkts", q[:, :, :, i], k)
+                    for i in range(q.shape[3])], axis=2)
+
+
+def _group_context(w, v):
+  return jnp.stack([jnp.einsum("bkts,bksh->btkh", w[:, :, i], v)
+                    for i in range(w.shape[2])], axis=3)
+
+
+def gemv_logits(q, k, v, mask):
+  """Logits as G matrix-vector products, the weighted sum as the rows matmul."""
+  w = _softmax_masked(_group_logits(q, k), mask[:, :, None]).astype(q.dtype)
+  return _rows_context(w, v)
+
+
+def gemv_context(q, k, v, mask):
+  """Logits as the rows matmul, the weighted sum as G matrix-vector products."""
+  w = _softmax_masked(_rows_logits(q, k), mask[:, :, None]).astype(q.dtype)
+  return _group_context(w, v)
+
+
 def khs_layout(q, k, v, mask):
   """Caches as [B, K, H, S]."""
   logits = jnp.einsum("btkgh,bkhs->bkgts", q, k)
@@ -116,7 +150,8 @@ FORMS = {"current": (current, "bksh"), "package": (package, "bksh"),
          "rows_tg": (rows_tg, "bksh"),
          "keys_major": (keys_major, "bksh"), "group_first": (group_first, "bksh"),
          "dot_general": (dot_general, "bksh"), "multiply_reduce": (multiply_reduce, "bksh"),
-         "per_group": (per_group, "bksh"), "khs_layout": (khs_layout, "bkhs"),
+         "per_group": (per_group, "bksh"), "gemv_logits": (gemv_logits, "bksh"),
+         "gemv_context": (gemv_context, "bksh"), "khs_layout": (khs_layout, "bkhs"),
          "skh_layout": (skh_layout, "bskh")}
 
 
