@@ -1,7 +1,8 @@
 """Micro-benchmark: formulations of the attention core's two grouped products on this backend.
 
 Not part of the package (issue 23's study). Times one jitted function over `layers` caches
-(so the caches stream from memory, not from the last-level cache) per formulation, all in one
+(so that the larger shapes stream their caches from memory; the smallest fit the last-level cache
+and show fractions above 1) per formulation, all in one
 process, interleaved repeat by repeat, and prints each one's best time as a ratio to the current
 einsum and as a fraction of the memory roofline (key/value bytes / bandwidth measured by a
 read-dominated sum in the same process).
@@ -10,7 +11,8 @@ read-dominated sum in the same process).
 package has it now.
 
   PYTHONPATH=. python scripts/attention_core_bench.py          # the issue's shapes, f32 + bf16
-  python scripts/attention_core_bench.py --t 1 --s 2048 --dtype float32
+  PYTHONPATH=. python scripts/attention_core_bench.py --t 1 --s 2048 --dtype float32 \
+      --forms current,package,per_group,gemv_logits
 """
 
 import argparse
