@@ -83,7 +83,7 @@ def _query_rows(query: jnp.ndarray) -> jnp.ndarray:
   against the [S, H] block of head k: [R, H] x [S, H]^T and [R, S] x [S, H]. This is the form
   XLA:CPU runs fastest (scripts/attention_core_bench.py, issue 23): with the grouped letters
   'btkgh,bksh->bkgts' XLA:CPU picked a transposed [S, G] product and ran the G = 2..8 decode
-  step at a quarter of the memory roofline, against over half with the rows. G = 1 (MHA) is
+  step at a quarter of the memory roofline, against about half with the rows. G = 1 (MHA) is
   unchanged. It is the canonical batched matmul of every backend, so no backend needs another
   form. Only the small query and context are transposed; keys/values are read in place.
   """
