@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from gqa_t5 import partitioning
-from gqa_t5.benchmarks import convert, decode_run, roofline
+from gqa_t5.benchmarks import convert, decode, decode_report, decode_run, roofline
 from gqa_t5.model import Transformer, sizes
 from gqa_t5.models import EncoderDecoderModel
 
@@ -92,6 +92,86 @@ def test_benchmarks_import_without_tensorflow_seqio_or_gin():
   assert done.stdout.strip().endswith("imported")
 
 
+def _row(kv_heads, step_ms, megabytes, mha_ms=None, mha_megabytes=None, bandwidth=1e10):
+  """A per-K row as decode_report._figures makes it, from a step time and its bytes."""
+  mha_ms, mha_megabytes = mha_ms or step_ms, mha_megabytes or megabytes
+  return {"kv_heads": kv_heads, "step_ms_min": step_ms,
+          "bytes_per_step": {"total": megabytes * 1e6},
+          "roofline_fraction": megabytes * 1e6 / bandwidth / (step_ms / 1e3),
+          "roofline_step_ms": megabytes * 1e6 / bandwidth * 1e3,
+          "speedup_vs_mha": mha_ms / step_ms, "ideal_speedup": mha_megabytes / megabytes}
+
+
+def _rows(times_ms, megabytes=(267.2, 198.0, 163.4, 146.1), kv_heads=(8, 4, 2, 1),
+          bandwidth=1e10):
+  return [_row(k, t, mb, times_ms[0], megabytes[0], bandwidth)
+          for k, t, mb in zip(kv_heads, times_ms, megabytes)]
+
+
+def test_decode_checks_on_issue_23s_figures_fail_and_byte_following_times_pass():
+  # Issue 23's CPU run (28.3 GB/s): GQA-4 slower than MHA, MHA at 0.47 of the roofline.
+  issue = _rows([19.95, 25.78, 18.48, 13.49], bandwidth=28.3e9)
+  assert not decode_report.roofline_check(issue[0], 28.3e9)["passed"]
+  assert not decode_report.monotone_check(issue)["passed"]
+  ideal = decode_report.ideal_check(issue)
+  assert not ideal["passed"] and "K=4: 0.77x of 1.35x (57%)" in ideal["detail"]
+  # Times that follow the bytes at 90% of the ideal ratio, MHA at 0.6 of the roofline, pass.
+  mha_ms = 267.2e6 / 20e9 * 1e3 / 0.6
+  follow = [_row(8, mha_ms, 267.2, bandwidth=20e9)] + [
+      _row(k, mha_ms * mb / 267.2 / 0.9, mb, mha_ms, 267.2, bandwidth=20e9)
+      for k, mb in ((4, 198.0), (2, 163.4), (1, 146.1))]
+  assert decode_report.roofline_check(follow[0], 20e9)["passed"]
+  assert decode_report.ideal_check(follow)["passed"]
+  assert decode_report.monotone_check(follow)["passed"]
+
+
+def test_decode_check_thresholds_are_the_stated_ones():
+  # The roofline time of 50 MB at 10 GB/s is 5 ms: 0.5 needs a step of at most 10 ms.
+  assert decode_report.roofline_check(_row(8, 9.9, 50.0), 1e10)["passed"]
+  assert not decode_report.roofline_check(_row(8, 10.1, 50.0), 1e10)["passed"]
+  # 3% tolerance: a rise of 2.9% passes, 3.1% fails.
+  assert decode_report.monotone_check(_rows([10.0, 10.29], kv_heads=(8, 4)))["passed"]
+  assert not decode_report.monotone_check(_rows([10.0, 10.31], kv_heads=(8, 4)))["passed"]
+  # Ideal 2x: 80% is 1.6x; 1.61x passes, 1.59x fails.
+  assert decode_report.ideal_check(_rows([16.1, 10.0], (200.0, 100.0), (8, 1)))["passed"]
+  assert not decode_report.ideal_check(_rows([15.9, 10.0], (200.0, 100.0), (8, 1)))["passed"]
+
+
+def test_hf_check_target_is_the_backends():
+  hf = {"speedup_ours_vs_hf": 3.0, "ours_step_ms": 10.0, "step_ms": 30.0, "device": "cpu",
+        "token_agreement": 1.0}
+  cpu, gpu = decode_report.hf_check(hf, "cpu"), decode_report.hf_check(hf, "gpu")
+  assert cpu["passed"] and cpu["name"].startswith("ours >= 2x") and "5x on a GPU" in cpu["name"]
+  assert not gpu["passed"] and gpu["name"].startswith("ours >= 5x") and "2x on a CPU" in gpu[
+      "name"]
+
+
+def test_cpu_shapes_are_issue_23s_model_at_inputs_512_and_2048():
+  for shape, input_length in (("CPU", 512), ("CPU-long", 2048)):
+    args, parser = decode.parse_args(["--shape", shape])
+    config, kv_heads = decode.build_config(args, parser)
+    assert (config.emb_dim, config.num_heads, config.head_dim, config.mlp_dim,
+            config.num_decoder_layers, config.num_encoder_layers, config.vocab_size) == (
+                512, 8, 64, 1024, 6, 6, 32128)
+    assert str(config.dtype) == "float32" and kv_heads == [8, 4, 2, 1]
+    run, _ = decode.run_shape(args, config, kv_heads, 0)
+    assert (run.batch, run.input_length, run.output_length) == (8, input_length, 128)
+  # On the long shape the cross-attention keys/values are most of an MHA step's bytes.
+  step = roofline.decode_step_bytes(config.replace(num_kv_heads=None), 8, 2048, 128)
+  assert step["cross_kv"] > 0.5 * step["total"]
+  # A flag overrides the shape's field; the K list stays the shape's.
+  args, parser = decode.parse_args(["--shape", "CPU", "--layers", "2"])
+  config, kv_heads = decode.build_config(args, parser)
+  assert config.num_decoder_layers == 2 and config.num_heads == 8
+
+
+def test_a_long_encoder_is_timed_once_a_short_one_best_of_repeats():
+  long_s = decode_report.ENCODE_ONCE_S
+  assert decode_report.extra_encoder_runs(long_s, 3) == 0
+  assert decode_report.extra_encoder_runs(30.0, 3) == 0
+  assert decode_report.extra_encoder_runs(long_s / 10, 3) == 3
+
+
 def test_convert_smoke_writes_its_figures_and_check(tmp_path):
   path = tmp_path / "convert.json"
   assert convert.main(["--smoke", "--workdir", str(tmp_path / "work"), "--json", str(path)]) == 0
@@ -140,6 +220,7 @@ def test_decode_smoke_json_has_figures_checks_and_hf(gpu_check_smoke):
   assert result["smoke"] and result["run"]["kv_heads"] == [8, 2, 1]
   assert not result["startup"]["cache_warm"]
   assert result["startup"]["process_start_to_first_timed_step_s"] > 0
+  assert result["encode_runs"] == 1 + result["run"]["repeats"]  # a short encoder: best of 3
   for row in result["per_k"]:
     assert set(row) >= {"kv_heads", "step_ms_min", "step_ms_median", "bytes_per_step",
                         "roofline_fraction", "speedup_vs_mha", "ideal_speedup"}
@@ -147,13 +228,14 @@ def test_decode_smoke_json_has_figures_checks_and_hf(gpu_check_smoke):
   names = [c["name"] for c in result["checks"]]
   assert names[:4] == ["start-up <= 120 s (cold compilation cache, shape smoke)",
                        "MHA decode step >= 0.5 of the memory roofline",
-                       "every GQA/MQA speed-up >= 70% of its ideal byte ratio",
+                       "every GQA/MQA speed-up >= 80% of its ideal byte ratio",
                        "step time never rises as K falls (3% tolerance)"]
   hf = result["hf"]
   if "skipped" in hf:
     assert "torch" in hf["skipped"]
   else:
-    assert names[4].startswith("ours >= 5x faster per decode step than HF")
+    assert names[4] == ("ours >= 2x faster per decode step than HF eager generate on this CPU "
+                        "(target 5x on a GPU)")
     assert hf["device"] == "cpu" and hf["step_ms"] > 0
     assert hf["token_agreement"] == 1.0  # float32, the same weights: the same greedy tokens
   warm = _load(out, "startup_L_warm.json")

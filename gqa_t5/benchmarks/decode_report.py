@@ -17,6 +17,13 @@ from gqa_t5.benchmarks import decode_run as run_lib
 STARTUP_TARGETS = {("L", False): 60.0, ("L", True): 20.0, ("XXL", False): 120.0,
                    ("smoke", False): 120.0, ("smoke", True): 120.0}
 MONOTONE_TOLERANCE = 0.03
+ROOFLINE_TARGET = 0.5      # MHA's step time / its roofline time
+IDEAL_TARGET = 0.8         # every GQA/MQA speed-up / its ideal byte ratio
+# Ours vs HF's eager greedy generate, per decode step, by JAX backend. On a GPU HF's eager loop
+# is bound by kernel launches; on a CPU both stream the same bytes, so the margin is smaller.
+HF_TARGETS = {"gpu": 5.0, "cpu": 2.0}
+# An encoder run longer than this is timed once; a shorter one is the best of `repeats` runs.
+ENCODE_ONCE_S = 1.0
 
 
 def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant], init,
@@ -38,7 +45,9 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant]
   first.set_params(mha_params)
   startup["init_params_s"] = time.perf_counter() - start
   common.progress("encoding ...")
+  start = time.perf_counter()
   encoded = jax.block_until_ready(encoder(mha_params, inputs))
+  encode_times = [time.perf_counter() - start]
   common.progress(f"timing K={first.num_kv_heads} (first timed decode loop) ...")
   first.run_once(encoded, inputs)
   startup["process_start_to_first_timed_step_s"] = common.since_start()
@@ -63,7 +72,8 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant]
            roofline.probe_bytes(results["device"]["memory_bytes_limit"], args.smoke))
   common.progress(f"measuring memory bandwidth ({probe / 2**20:.0f} MiB probe) ...")
   before = roofline.measure_bandwidth(probe)
-  encode_times = [common.timed(lambda: encoder(first.params, inputs)) for _ in range(args.repeats)]
+  encode_times += [common.timed(lambda: encoder(first.params, inputs))
+                   for _ in range(extra_encoder_runs(encode_times[0], args.repeats))]
   for r in range(args.repeats):
     common.progress(f"timing round {r + 1}/{args.repeats}: K = "
                     + ", ".join(str(v.num_kv_heads) for v in variants) + " ...")
@@ -74,8 +84,16 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant]
   results["bandwidth"] = {"probe_bytes": probe, "before_bytes_per_s": before,
                           "after_bytes_per_s": after, "used_bytes_per_s": bandwidth}
   results["encode_s"] = min(encode_times)
+  results["encode_runs"] = len(encode_times)
   results["per_k"] = [_figures(v, first, shape, bandwidth, min(encode_times)) for v in variants]
   return results, inputs
+
+
+def extra_encoder_runs(first_run_s: float, repeats: int) -> int:
+  """Encoder runs to time after the first: none when it took ENCODE_ONCE_S or more (a long input,
+  where re-running it would dominate the benchmark's wall time), else `repeats` (a short run's
+  first call carries one-off costs)."""
+  return 0 if first_run_s >= ENCODE_ONCE_S else repeats
 
 
 def _config_facts(config) -> Dict[str, Any]:
@@ -132,34 +150,58 @@ def checks(results: Dict[str, Any], args) -> List[Dict[str, Any]]:
   per_k = results.get("per_k")
   if not per_k:
     return out
-  mha = per_k[0]
-  if mha["kv_heads"] == results["config"]["num_heads"]:
-    out.append(common.check(
-        "MHA decode step >= 0.5 of the memory roofline", mha["roofline_fraction"] >= 0.5,
-        f"{mha['roofline_fraction']:.2f}: {mha['step_ms_min']:.3f} ms per step, roofline "
-        f"{mha['roofline_step_ms']:.3f} ms ({mha['bytes_per_step']['total'] / 1e6:.1f} MB at "
-        f"{results['bandwidth']['used_bytes_per_s'] / 1e9:.0f} GB/s)"))
-    out.append(common.check(
-        "every GQA/MQA speed-up >= 70% of its ideal byte ratio",
-        all(r["speedup_vs_mha"] >= 0.7 * r["ideal_speedup"] for r in per_k[1:]),
-        "; ".join(f"K={r['kv_heads']}: {r['speedup_vs_mha']:.2f}x of {r['ideal_speedup']:.2f}x "
-                  f"({r['speedup_vs_mha'] / r['ideal_speedup']:.0%})" for r in per_k[1:])))
-  times = [r["step_ms_min"] for r in per_k]
-  out.append(common.check(
-      f"step time never rises as K falls ({MONOTONE_TOLERANCE:.0%} tolerance)",
-      all(b <= a * (1 + MONOTONE_TOLERANCE) for a, b in zip(times, times[1:])),
-      ", ".join(f"K={r['kv_heads']}: {r['step_ms_min']:.3f} ms" for r in per_k)))
+  if per_k[0]["kv_heads"] == results["config"]["num_heads"]:
+    out.append(roofline_check(per_k[0], results["bandwidth"]["used_bytes_per_s"]))
+    out.append(ideal_check(per_k))
+  out.append(monotone_check(per_k))
   hf = results.get("hf")
   if hf and "skipped" not in hf:
-    where = ("" if results["shape"] == "L" else
-             f" (the target is set at shape L; this is {results['shape']})")
-    out.append(common.check(
-        f"ours >= 5x faster per decode step than HF eager generate{where}",
-        hf["speedup_ours_vs_hf"] >= 5.0,
-        f"{hf['speedup_ours_vs_hf']:.2f}x: ours {hf['ours_step_ms']:.3f} ms, HF "
-        f"{hf['step_ms']:.3f} ms on {hf['device']}; greedy tokens agree at "
-        f"{hf['token_agreement']:.0%} of positions"))
+    out.append(hf_check(hf, results["device"]["backend"]))
   return out
+
+
+# The checks, pure functions of the figures (`per_k` rows as `_figures` makes them, K falling).
+
+def roofline_check(mha: Dict[str, Any], bandwidth: float) -> Dict[str, Any]:
+  return common.check(
+      f"MHA decode step >= {ROOFLINE_TARGET} of the memory roofline",
+      mha["roofline_fraction"] >= ROOFLINE_TARGET,
+      f"{mha['roofline_fraction']:.2f}: {mha['step_ms_min']:.3f} ms per step, roofline "
+      f"{mha['roofline_step_ms']:.3f} ms ({mha['bytes_per_step']['total'] / 1e6:.1f} MB at "
+      f"{bandwidth / 1e9:.1f} GB/s)")
+
+
+def ideal_check(per_k: List[Dict[str, Any]]) -> Dict[str, Any]:
+  """Every GQA/MQA row's speed-up over MHA (per_k[0]) against its ideal byte ratio."""
+  rows = per_k[1:]
+  return common.check(
+      f"every GQA/MQA speed-up >= {IDEAL_TARGET:.0%} of its ideal byte ratio",
+      all(r["speedup_vs_mha"] >= IDEAL_TARGET * r["ideal_speedup"] for r in rows),
+      "; ".join(f"K={r['kv_heads']}: {r['speedup_vs_mha']:.2f}x of {r['ideal_speedup']:.2f}x "
+                f"({r['speedup_vs_mha'] / r['ideal_speedup']:.0%})" for r in rows)
+      or "no GQA/MQA variant timed")
+
+
+def monotone_check(per_k: List[Dict[str, Any]]) -> Dict[str, Any]:
+  """Each row's step time at most MONOTONE_TOLERANCE above the previous (larger K) row's."""
+  times = [r["step_ms_min"] for r in per_k]
+  return common.check(
+      f"step time never rises as K falls ({MONOTONE_TOLERANCE:.0%} tolerance)",
+      all(b <= a * (1 + MONOTONE_TOLERANCE) for a, b in zip(times, times[1:])),
+      ", ".join(f"K={r['kv_heads']}: {r['step_ms_min']:.3f} ms" for r in per_k))
+
+
+def hf_check(hf: Dict[str, Any], backend: str) -> Dict[str, Any]:
+  """Ours against HF eager generate per step, at this backend's target (HF_TARGETS)."""
+  target = HF_TARGETS.get(backend, HF_TARGETS["gpu"])
+  others = ", ".join(f"{v:g}x on a {k.upper()}" for k, v in HF_TARGETS.items() if k != backend)
+  return common.check(
+      f"ours >= {target:g}x faster per decode step than HF eager generate on this "
+      f"{backend.upper()} (target {others})",
+      hf["speedup_ours_vs_hf"] >= target,
+      f"{hf['speedup_ours_vs_hf']:.2f}x: ours {hf['ours_step_ms']:.3f} ms, HF "
+      f"{hf['step_ms']:.3f} ms on {hf['device']}; greedy tokens agree at "
+      f"{hf['token_agreement']:.0%} of positions")
 
 
 def print_summary(results: Dict[str, Any]) -> None:
@@ -171,7 +213,8 @@ def print_summary(results: Dict[str, Any]) -> None:
     bw = results["bandwidth"]
     print(f"memory bandwidth: {bw['used_bytes_per_s'] / 1e9:.1f} GB/s (before "
           f"{bw['before_bytes_per_s'] / 1e9:.1f}, after {bw['after_bytes_per_s'] / 1e9:.1f}); "
-          f"encoder {results['encode_s']:.3f} s per batch of {results['run']['batch']}")
+          f"encoder {results['encode_s']:.3f} s per batch of {results['run']['batch']} (best "
+          f"of {results.get('encode_runs', 1)})")
     print(f"{'K':>3} {'ms/step':>9} {'median':>9} {'MB/step':>9} {'roofline':>8} "
           f"{'speed-up':>8} {'ideal':>6} {'of ideal':>8}")
     for r in results["per_k"]:

@@ -7,7 +7,8 @@ training, in prefill or in decoding. A cached decode step is the same core with 
 
 Einsum legend:
   B batch, T query length, S key length, D model dim,
-  N query heads, K key/value heads, G = N/K group size, H head dim.
+  N query heads, K key/value heads, G = N/K group size, H head dim,
+  R = G*T query rows that read one key/value head (the core's matrix products).
 
 Decoding caches (T5X names, mutable `cache` collection):
   self-attention:  cached_key, cached_value [B, K, S, H]; cache_index: the next position, a
@@ -15,7 +16,7 @@ Decoding caches (T5X names, mutable `cache` collection):
   cross-attention: cached_key, cached_value [B, K, S, H] of the projected encoder output, filled
                    once per sequence; kv_filled [B] says whether they hold it yet.
 The [B, K, S, H] layout makes each step's two dots batched (B, K) matmuls over contiguous [S, H]
-blocks.
+blocks, with the G*T query rows of a key/value head as the matmuls' rows (`_query_rows`).
 
 Activation shardings (T5X's 1-D activation partitioning, logical names of model/axes.py): the
 flat query and context projections are ('batch', 'length', 'joined_kv'), so the N query heads
@@ -60,9 +61,12 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarr
     context [B, T, K, G, H].
   """
   logits_dtype = jnp.float32 if float32_logits else dtype
-  num_kv_heads = key.shape[1]
-  logits = jnp.einsum("btkgh,bksh->bkgts", query.astype(logits_dtype),
-                      key.astype(logits_dtype))                             # [B, K, G, T, S]
+  batch, length, num_kv_heads, group, head_dim = query.shape
+  key_length = key.shape[2]
+  rows = _query_rows(query)                                                 # [B, K, R, H]
+  logits = jnp.einsum("bkrh,bksh->bkrs", rows.astype(logits_dtype),
+                      key.astype(logits_dtype))                             # [B, K, R, S]
+  logits = logits.reshape(batch, num_kv_heads, group, length, key_length)  # [B, K, G, T, S]
   if bias is not None:
     grouped_bias = grouping.group_query_heads(bias, num_kv_heads, axis=1)   # [B|1, K, G, T, S]
     logits = logits + grouped_bias.astype(logits_dtype)                     # [B, K, G, T, S]
@@ -74,7 +78,26 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarr
     keep_shape = weights.shape[:-2] + (1,) + weights.shape[-1:]             # [B, K, G, 1, S]
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, keep_shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(dtype)
-  return jnp.einsum("bkgts,bksh->btkgh", weights, value.astype(dtype))     # [B, T, K, G, H]
+  weights = weights.reshape(batch, num_kv_heads, group * length, key_length)  # [B, K, R, S]
+  context = jnp.einsum("bkrs,bksh->bkrh", weights, value.astype(dtype))     # [B, K, R, H]
+  context = context.reshape(batch, num_kv_heads, group, length, head_dim)   # [B, K, G, T, H]
+  return context.transpose(0, 3, 1, 2, 4)                                   # [B, T, K, G, H]
+
+
+def _query_rows(query: jnp.ndarray) -> jnp.ndarray:
+  """[B, T, K, G, H] -> [B, K, R, H]: the R = G*T query rows that read key/value head k.
+
+  Both products of the core are then one (B, K)-batched matrix product with a single row dim
+  against the [S, H] block of head k: [R, H] x [S, H]^T and [R, S] x [S, H]. This is the form
+  XLA:CPU runs fastest (scripts/attention_core_bench.py, issue 23): with the grouped letters
+  'btkgh,bksh->bkgts' XLA:CPU picked a transposed [S, G] product and ran the G = 2..8 decode
+  step at a quarter of the memory roofline, against about half with the rows. G = 1 (MHA) is
+  unchanged. It is the canonical batched matmul of every backend, so no backend needs another
+  form. Only the small query and context are transposed; keys/values are read in place.
+  """
+  batch, length, num_kv_heads, group, head_dim = query.shape
+  rows = query.transpose(0, 2, 3, 1, 4)                                     # [B, K, G, T, H]
+  return rows.reshape(batch, num_kv_heads, group * length, head_dim)      # [B, K, R, H]
 
 
 def _write_positions(cache: jnp.ndarray, update: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
