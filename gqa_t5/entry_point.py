@@ -7,6 +7,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -69,4 +70,7 @@ def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
   except FloatingPointError as error:
     print(f"{prog}: stopped: {error}", file=sys.stderr)
     return 3
+  except KeyboardInterrupt as error:  # Preempted/Interrupted (SIGTERM, SIGINT) or a plain Ctrl-C
+    print(f"{prog}: {error or 'interrupted by SIGINT'}", file=sys.stderr)
+    return getattr(error, "exit_code", 128 + signal.SIGINT)
   return 0

@@ -98,7 +98,8 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
                                             infer_eval_num_examples, decoding, writer, model_dir)
   # 3. Loop.
   loop = _Loop(trainer, batches, checkpointer, writer, evaluate,
-               periods=(log_period, checkpoint_cfg.period, eval_period))
+               periods=(log_period, checkpoint_cfg.period, eval_period),
+               save_on_preemption=checkpoint_cfg.save_on_preemption)
   return loop.run_to(state, total_steps, stop_after_steps, progress)
 
 
@@ -153,8 +154,11 @@ class _Loop:
   before anything computed from it is saved (the state is also checked right before a save).
   """
 
-  def __init__(self, trainer, batches, checkpointer, writer, evaluate, periods):
+  def __init__(self, trainer, batches, checkpointer, writer, evaluate, periods,
+               save_on_preemption: bool = True):
     self.trainer, self.batches, self.checkpointer = trainer, batches, checkpointer
+    self.save_on_preemption = save_on_preemption
+    self.signals = model_dir_lib.StopSignals()
     self.writer, self.evaluate = writer, evaluate
     self.bar = None
     self.log_period, self.checkpoint_period, self.eval_period = periods
@@ -178,7 +182,8 @@ class _Loop:
     self.bar = metrics_writer.Progress(start_step, last_step,
                                        enabled=progress and start_step < last_step)
     try:
-      return self._run(state, start_step, last_step)
+      with self.signals:  # SIGTERM/SIGINT: save and stop between steps (see _preempt)
+        return self._run(state, start_step, last_step)
     finally:
       self.bar.close()
       self.checkpointer.close()
@@ -203,8 +208,22 @@ class _Loop:
         for split, metrics in self.evaluate(state, step).items():
           self.bar.print(f"step {step} {split}: " + ", ".join(
               f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+      signum = self.signals.requested()
+      if signum is not None:
+        self._preempt(state, step, signum)
     self._consume()
     return state
+
+  def _preempt(self, state, step: int, signum: int) -> None:
+    """Stops on SIGTERM/SIGINT: the save in flight finishes (Orbax joins it before the next
+    one), the current step is saved unless `save_on_preemption` is off, and Preempted (exit
+    status 128 + signal) is raised once everything is on disk."""
+    saved = None
+    if self.save_on_preemption:
+      self._save(state, step)  # a no-op if this step was just saved periodically
+      saved = step
+    self.checkpointer.wait()
+    raise model_dir_lib.Preempted(signum, step, self.checkpointer.directory, saved)
 
   def _consume(self) -> None:
     if self.pending is None:

@@ -20,13 +20,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import sys
+import threading
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
 from gqa_t5.checkpoints import tree as tree_lib
+from gqa_t5.checkpoints.atomic import Interrupted
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM = "state"
@@ -43,10 +48,77 @@ _RUNTIME_FIELDS = ("dropout_rate", "dtype", "remat_policy", "float32_attention_l
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   """period: save every `period` steps (and at the end); keep: how many to keep (None: all);
-  async_save: write in the background while training continues."""
+  async_save: write in the background while training continues; save_on_preemption: on
+  SIGTERM/SIGINT, save the current step before exiting (else only the save in flight is
+  finished)."""
   period: int = 1000
   keep: Optional[int] = None
   async_save: bool = True
+  save_on_preemption: bool = True
+
+
+class Preempted(Interrupted):
+  """Training stopped by SIGTERM/SIGINT; `exit_code` is 128 + signal, `saved_step` the step of
+  the checkpoint written on the way out (None: none was)."""
+
+  def __init__(self, signum: int, step: int, directory: str, saved_step: Optional[int]):
+    super().__init__(signum)
+    self.step, self.directory, self.saved_step = step, directory, saved_step
+    name = signal.Signals(signum).name
+    if saved_step is not None:
+      what = (f"saved the checkpoint of step {saved_step} in {directory}; run the same command "
+              "to resume from it")
+    else:
+      what = f"no checkpoint saved on the way out (save_on_preemption=False); {directory} keeps " \
+             "the last periodic one"
+    self.args = (f"stopped by {name} at step {step}: {what}",)
+
+
+class StopSignals:
+  """SIGTERM (what SLURM, Kubernetes and TPU VMs send before a preemption) and SIGINT during
+  training are noted, not raised: an exception inside Orbax's save would leave a partial
+  checkpoint. The loop polls `requested()` between steps, finishes the save in flight, saves the
+  current step and raises Preempted. A second signal raises Interrupted at once (the save in
+  flight is still joined when the checkpointer closes). Signals the process ignores stay
+  ignored; off the main thread nothing is installed."""
+
+  def __init__(self):
+    self.signum: Optional[int] = None
+    self._previous: Dict[int, Any] = {}
+
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT,
+                                                                        signal.SIGTERM)
+                        if signal.getsignal(s) is not signal.SIG_IGN}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.restore()
+
+  def restore(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    if self.signum is not None:
+      self.restore()
+      raise Interrupted(signum)  # a second signal: stop now
+    self.signum = signum
+    sys.stderr.write(f"gqa-t5: {signal.Signals(signum).name} received: finishing the checkpoint "
+                     "in flight, saving the current step, then stopping (signal again to stop "
+                     "now)\n")
+
+  def requested(self) -> Optional[int]:
+    """The signal received, agreed across processes (every process must stop at the same step:
+    a multi-process run pays one small all-gather per step for it)."""
+    if jax.process_count() == 1:
+      return self.signum
+    gathered = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    received = int(np.max(gathered))
+    return received or None
 
 
 def checkpoints_dir(model_dir: str) -> str:
