@@ -18,6 +18,15 @@ from gqa_t5 import jax_setup
 from gqa_t5 import partitioning
 
 
+def describe_error(error: BaseException) -> str:
+  """The message of an expected failure; an OSError from the system as 'PATH: cause' (e.g.
+  '/x/model_dir: Read-only file system')."""
+  if isinstance(error, OSError) and error.strerror and error.filename:
+    also = f" -> {error.filename2}" if error.filename2 else ""
+    return f"{error.filename}{also}: {error.strerror}"
+  return str(error) or type(error).__name__
+
+
 def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
                     description: str, add_flags=None, call=None) -> int:
   """Shared `main` of train/eval/infer: flags, distributed start-up, gin, then the run.
@@ -39,6 +48,8 @@ def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
   parser.add_argument("--jax_cache_dir", default=jax_setup.default_cache_dir(),
                       help="JAX's persistent compilation cache (default %(default)s; '' turns "
                            "it off): a second run of the same shapes skips compiling")
+  parser.add_argument("--verbose", action="store_true",
+                      help="show the traceback of an error (by default one line names it)")
   if add_flags:
     add_flags(parser)
   args = parser.parse_args(rest)
@@ -64,8 +75,12 @@ def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
       fn()
     else:
       call(fn, args)
-  except (gin_utils.GinConfigError, ValueError, FileNotFoundError, KeyError) as error:
-    print(f"{prog}: error: {error}", file=sys.stderr)
+  except (gin_utils.GinConfigError, ValueError, KeyError, OSError) as error:
+    # Expected failures (configuration, files, disks, permissions): one line naming the
+    # setting or path; the traceback with --verbose.
+    if args.verbose:
+      raise
+    print(f"{prog}: error: {describe_error(error)}", file=sys.stderr)
     return 2
   except FloatingPointError as error:
     print(f"{prog}: stopped: {error}", file=sys.stderr)
