@@ -16,14 +16,13 @@ import jax
 from gqa_t5 import gin_utils
 from gqa_t5 import jax_setup
 from gqa_t5 import partitioning
+from gqa_t5.checkpoints.errors import describe_os_error
 
 
 def describe_error(error: BaseException) -> str:
-  """The message of an expected failure; an OSError from the system as 'PATH: cause' (e.g.
-  '/x/model_dir: Read-only file system')."""
-  if isinstance(error, OSError) and error.strerror and error.filename:
-    also = f" -> {error.filename2}" if error.filename2 else ""
-    return f"{error.filename}{also}: {error.strerror}"
+  """The message of an expected failure; an OSError as 'PATH: cause'."""
+  if isinstance(error, OSError):
+    return describe_os_error(error)
   return str(error) or type(error).__name__
 
 

@@ -4,6 +4,7 @@
       [--output-format t5x|orbax] --num-kv-heads K [--num-cross-kv-heads K2]
       [--method mean|first|random|aligned] [--seed S] [--compression gzip|zstd|none]
       [--calibration-data TSV --vocab SPM [--input-prefix P]] [--overwrite] [--allow-nonfinite]
+      [--verbose]
 
 Exit status: 0 done, 1 checkpoint error, 2 bad usage, 130/143 stopped by SIGINT/SIGTERM (the
 partial output removed, the destination untouched).
@@ -19,7 +20,7 @@ import time
 from typing import Iterator, List, Optional
 
 from gqa_t5.checkpoints.atomic import Interrupted, prepare_destination
-from gqa_t5.checkpoints.errors import CheckpointError
+from gqa_t5.checkpoints.errors import CheckpointError, describe_os_error
 from gqa_t5.convert.converter import OUTPUT_FORMATS, CalibrationSpec, ConversionSpec, convert
 from gqa_t5.convert.pooling import METHODS
 
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write tensors holding NaN/inf values (refused by default: the error "
                            "names the tensor and the count)")
   parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+  parser.add_argument("--verbose", action="store_true",
+                      help="show the traceback of an error (by default one line names it)")
   return parser
 
 
@@ -121,8 +124,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                      output_format=args.output_format, overwrite=args.overwrite,
                      compression=args.compression, calibration=calibration,
                      allow_nonfinite=args.allow_nonfinite)
-  except CheckpointError as error:
-    print(f"gqa-t5 convert: error: {error}", file=sys.stderr)
+  except (CheckpointError, OSError) as error:  # OSError: an unwritable output, a full disk
+    if args.verbose:
+      raise
+    message = describe_os_error(error) if isinstance(error, OSError) else str(error)
+    print(f"gqa-t5 convert: error: {message}", file=sys.stderr)
     return 1
   if not args.quiet:
     print(f"converted {record['source']} ({record['source_format']}, step "
