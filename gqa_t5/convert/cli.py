@@ -4,7 +4,7 @@
       [--output-format t5x|orbax] --num-kv-heads K [--num-cross-kv-heads K2]
       [--method mean|first|random|aligned] [--seed S] [--compression gzip|zstd|none]
       [--calibration-data TSV --vocab SPM [--input-prefix P]] [--overwrite] [--allow-nonfinite]
-      [--verbose]
+      [--no-checksums] [--verbose]
 
 Exit status: 0 done, 1 checkpoint error, 2 bad usage, 130/143 stopped by SIGINT/SIGTERM (the
 partial output removed, the destination untouched).
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--allow-nonfinite", action="store_true",
                       help="write tensors holding NaN/inf values (refused by default: the error "
                            "names the tensor and the count)")
+  parser.add_argument("--no-checksums", action="store_true",
+                      help="do not record a CRC-32 per tensor in gqa_provenance.json (what "
+                           "`gqa-t5 verify` checks)")
   parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
   parser.add_argument("--verbose", action="store_true",
                       help="show the traceback of an error (by default one line names it)")
@@ -123,7 +126,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     record = convert(args.input, args.output, spec, input_format=args.input_format,
                      output_format=args.output_format, overwrite=args.overwrite,
                      compression=args.compression, calibration=calibration,
-                     allow_nonfinite=args.allow_nonfinite)
+                     allow_nonfinite=args.allow_nonfinite,
+                     checksums=not args.no_checksums)
   except (CheckpointError, OSError) as error:  # OSError: an unwritable output, a full disk
     if args.verbose:
       raise

@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 
 import gqa_t5
+from gqa_t5.checkpoints import checksums as checksums_lib
 from gqa_t5.checkpoints import lazy
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.atomic import atomic_directory, prepare_destination, raise_if_interrupted
@@ -235,9 +236,12 @@ def _calibration_grams(source: CheckpointSource, calibration: CalibrationSpec):
 def convert(input_path: str, output_path: str, spec: ConversionSpec,
             input_format: str = "auto", output_format: str = "t5x", overwrite: bool = False,
             progress: Optional[Callable[[str], None]] = None, compression: str = "gzip",
-            calibration: Optional[CalibrationSpec] = None, allow_nonfinite: bool = False
-            ) -> Dict:
+            calibration: Optional[CalibrationSpec] = None, allow_nonfinite: bool = False,
+            checksums: bool = True) -> Dict:
   """Converts a checkpoint and returns its provenance record (also written beside it).
+
+  `checksums`: record a CRC-32 of every tensor written in the record's 'checksums' (what
+  `gqa-t5 verify` checks; see checkpoints/checksums.py).
 
   Streams one tensor at a time, except that `calibration` first loads the whole model once to
   measure the key/value inputs of each decoder attention layer. Every tensor written is checked
@@ -260,8 +264,16 @@ def convert(input_path: str, output_path: str, spec: ConversionSpec,
                for name, t in tensors.items()}
   record = _provenance(source, spec, output_format, out_config, changed, calibration)
   record["allow_nonfinite"] = allow_nonfinite
+  sums: Dict[str, str] = {}
+  if checksums:
+    tensors = {name: checksums_lib.checksummed(t, sums) for name, t in tensors.items()}
   with atomic_directory(output_path, overwrite=overwrite) as tmp:
     write_tensors(tmp, tensors, source.step, output_format, progress, compression)
+    if checksums:
+      missing = sorted(set(tensors) - set(sums))
+      if missing:  # a writer that skipped the wrapper's read: never record a partial table
+        raise CheckpointError(f"no checksum was taken of {missing[:5]} while writing")
+      record["checksums"] = dict(sorted(sums.items()))
     with open(os.path.join(tmp, PROVENANCE_FILE), "w") as f:
       json.dump(record, f, indent=2)
   return record
