@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Tuple
 SUBCOMMANDS: Dict[str, Tuple[str, str, str]] = {
     "convert": ("gqa_t5.convert.cli", "main",
                 "convert an MHA checkpoint to GQA/MQA (mean, first, random, aligned)"),
+    "verify": ("gqa_t5.convert.verify", "main",
+               "check a converted checkpoint's tensors against their recorded checksums"),
     "prepare-demo-data": ("gqa_t5.demo_data.prepare", "main",
                           "fetch and build the offline demo suite of real text"),
     "train": ("gqa_t5.train", "main", "train (pretrain, uptrain, fine-tune) from gin files"),

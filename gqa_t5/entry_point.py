@@ -7,6 +7,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -15,6 +16,14 @@ import jax
 from gqa_t5 import gin_utils
 from gqa_t5 import jax_setup
 from gqa_t5 import partitioning
+from gqa_t5.checkpoints.errors import describe_os_error
+
+
+def describe_error(error: BaseException) -> str:
+  """The message of an expected failure; an OSError as 'PATH: cause'."""
+  if isinstance(error, OSError):
+    return describe_os_error(error)
+  return str(error) or type(error).__name__
 
 
 def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
@@ -38,6 +47,8 @@ def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
   parser.add_argument("--jax_cache_dir", default=jax_setup.default_cache_dir(),
                       help="JAX's persistent compilation cache (default %(default)s; '' turns "
                            "it off): a second run of the same shapes skips compiling")
+  parser.add_argument("--verbose", action="store_true",
+                      help="show the traceback of an error (by default one line names it)")
   if add_flags:
     add_flags(parser)
   args = parser.parse_args(rest)
@@ -63,10 +74,17 @@ def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
       fn()
     else:
       call(fn, args)
-  except (gin_utils.GinConfigError, ValueError, FileNotFoundError, KeyError) as error:
-    print(f"{prog}: error: {error}", file=sys.stderr)
+  except (gin_utils.GinConfigError, ValueError, KeyError, OSError) as error:
+    # Expected failures (configuration, files, disks, permissions): one line naming the
+    # setting or path; the traceback with --verbose.
+    if args.verbose:
+      raise
+    print(f"{prog}: error: {describe_error(error)}", file=sys.stderr)
     return 2
   except FloatingPointError as error:
     print(f"{prog}: stopped: {error}", file=sys.stderr)
     return 3
+  except KeyboardInterrupt as error:  # Preempted/Interrupted (SIGTERM, SIGINT) or a plain Ctrl-C
+    print(f"{prog}: {error or 'interrupted by SIGINT'}", file=sys.stderr)
+    return getattr(error, "exit_code", 128 + signal.SIGINT)
   return 0

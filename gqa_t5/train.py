@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -82,42 +82,98 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
   process_count = jax.process_count()
 
   # 1. Checks that cost no compute.
+  _check_settings(total_steps, checkpoint_cfg, (train_dataset_cfg, train_eval_dataset_cfg,
+                                                infer_eval_dataset_cfg),
+                  eval_period=eval_period, log_period=log_period, eval_steps=eval_steps,
+                  stop_after_steps=stop_after_steps)
   _check_datasets((train_dataset_cfg, train_eval_dataset_cfg, infer_eval_dataset_cfg), config,
                   dry_run)
   if config is not None:
     logging.info("%s", partitioning_lib.validate(config, partitioner.mesh_shape,
                                                  train_dataset_cfg.batch_size,
                                                  num_microbatches, process_count))
-  if total_steps <= 0:
-    raise ValueError(f"TRAIN_STEPS must be positive, got {total_steps}")
-  checkpointer, resume_step, initial = _open_model_dir(
-      model_dir, config, checkpoint_cfg, initial_checkpoint_path, kv_conversion, dry_run)
+  # Read-only checks of MODEL_DIR: nothing is written there before every check passed.
+  resume_step, initial = _inspect_model_dir(model_dir, config, initial_checkpoint_path,
+                                            kv_conversion, dry_run)
   batch_spec = input_pipeline.model_feature_spec(train_dataset_cfg)
   trainer = trainer_lib.Trainer(model, optimizer, partitioner, batch_spec, num_microbatches,
                                 random_seed)
   fresh = []
   if initial is not None:
     fresh = initial_lib.check_against(initial, trainer.abstract_params, allow_fresh_params)
-  if on_start is not None:
-    on_start()
   if dry_run:
+    if on_start is not None:
+      on_start()
     trainer_lib.dry_run_report(trainer, tpu_slice.hbm_bytes if tpu_slice else None,
                                what=f"the train step on {tpu_slice.name}" if tpu_slice
                                else "the train step")
     return None
 
-  # 2. Restore.
-  batches = input_pipeline.TrainBatches(train_dataset_cfg, jax.process_index(), process_count)
-  _check_batch_spec(batches, batch_spec, process_count)
-  state = _restore(trainer, checkpointer, resume_step, initial, batches, model_dir, fresh)
-  writer = metrics_writer.MetricsWriter(model_dir)
-  evaluate = evaluation.TrainingEvaluations(trainer, partitioner, train_eval_dataset_cfg,
-                                            infer_eval_dataset_cfg, eval_steps,
-                                            infer_eval_num_examples, decoding, writer, model_dir)
-  # 3. Loop.
-  loop = _Loop(trainer, batches, checkpointer, writer, evaluate,
-               periods=(log_period, checkpoint_cfg.period, eval_period))
-  return loop.run_to(state, total_steps, stop_after_steps, progress)
+  # 2. Restore. From here on MODEL_DIR is ours (its lock), and everything opened is closed on
+  # every path.
+  with model_dir_lib.ModelDirLock(model_dir):
+    if config is not None:
+      model_dir_lib.check_model_dir_config(model_dir, config)
+    checkpointer = model_dir_lib.Checkpointer(model_dir, checkpoint_cfg)
+    try:
+      if on_start is not None:
+        on_start()
+      batches = input_pipeline.TrainBatches(train_dataset_cfg, jax.process_index(),
+                                            process_count)
+      _check_batch_spec(batches, batch_spec, process_count)
+      state = _restore(trainer, checkpointer, resume_step, initial, batches, model_dir, fresh)
+      writer = metrics_writer.MetricsWriter(model_dir)
+      evaluate = evaluation.TrainingEvaluations(trainer, partitioner, train_eval_dataset_cfg,
+                                                infer_eval_dataset_cfg, eval_steps,
+                                                infer_eval_num_examples, decoding, writer,
+                                                model_dir)
+      # 3. Loop.
+      loop = _Loop(trainer, batches, checkpointer, writer, evaluate,
+                   periods=(log_period, checkpoint_cfg.period, eval_period),
+                   save_on_preemption=checkpoint_cfg.save_on_preemption)
+      return loop.run_to(state, total_steps, stop_after_steps, progress)
+    finally:
+      checkpointer.close()  # a no-op once the loop closed it
+
+
+# Where each setting comes from in the gin files: an error names the macro a user sets.
+_SETTING_NAMES = {"total_steps": "TRAIN_STEPS", "eval_period": "EVAL_PERIOD",
+                  "log_period": "LOG_PERIOD", "eval_steps": "EVAL_STEPS",
+                  "stop_after_steps": "train.train.stop_after_steps"}
+
+
+def _check_int(label: str, value, minimum: int, optional: bool = False) -> None:
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{label} must be an integer, got {value!r} ({type(value).__name__}); in "
+                     "gin, write the number without quotes (e.g. --gin.TRAIN_STEPS=10)")
+  if value < minimum:
+    raise ValueError(f"{label} must be at least {minimum}, got {value}")
+
+
+def _check_settings(total_steps, checkpoint_cfg, dataset_cfgs, **periods) -> None:
+  """Gin values of the wrong type or range are refused here, naming the setting, rather than
+  failing deep inside the partitioner or the loop."""
+  _check_int("TRAIN_STEPS (train.train.total_steps)", total_steps, 1)
+  for name, value in periods.items():
+    _check_int(f"{_SETTING_NAMES[name]} (train.train.{name})", value,
+               1 if name == "stop_after_steps" else 0,
+               optional=name in ("eval_steps", "stop_after_steps"))
+  _check_int("CHECKPOINT_PERIOD (model_dir.CheckpointConfig.period)", checkpoint_cfg.period, 0)
+  _check_int("CHECKPOINTS_TO_KEEP (model_dir.CheckpointConfig.keep)", checkpoint_cfg.keep, 1,
+             optional=True)
+  for cfg in dataset_cfgs:
+    if cfg is None:
+      continue
+    where = f"input_pipeline.DatasetConfig of split {cfg.split!r}"
+    _check_int(f"BATCH_SIZE ({where}: batch_size)", cfg.batch_size, 1)
+    lengths = cfg.task_feature_lengths
+    if lengths is not None and not isinstance(lengths, Mapping):
+      raise ValueError(f"TASK_FEATURE_LENGTHS ({where}) must be a dict of feature lengths, "
+                       f"got {lengths!r}")
+    for feature, length in (lengths or {}).items():
+      _check_int(f"TASK_FEATURE_LENGTHS[{feature!r}] ({where})", length, 1)
 
 
 def _check_datasets(cfgs, config, dry_run: bool) -> None:
@@ -131,20 +187,20 @@ def _check_datasets(cfgs, config, dry_run: bool) -> None:
       input_pipeline.check_vocab_size(cfg, config.vocab_size)
 
 
-def _open_model_dir(model_dir, config, checkpoint_cfg, initial_checkpoint_path, kv_conversion,
-                    dry_run: bool):
-  """(checkpointer, latest checkpoint step, initial checkpoint opened lazily); all None for a
-  dry run. MODEL_DIR's recorded model configuration must match `config`."""
+def _inspect_model_dir(model_dir, config, initial_checkpoint_path, kv_conversion,
+                       dry_run: bool):
+  """(latest checkpoint step, initial checkpoint opened lazily), reading MODEL_DIR only: its
+  recorded model configuration must match `config`. Both None for a dry run."""
   if dry_run:
-    return None, None, None
+    return None, None
   if config is not None:
-    model_dir_lib.check_model_dir_config(model_dir, config)
-  checkpointer = model_dir_lib.Checkpointer(model_dir, checkpoint_cfg)
-  resume_step = checkpointer.latest_step()
+    model_dir_lib.check_model_dir_config(model_dir, config, write=False)
+  steps = model_dir_lib.checkpoint_steps(model_dir)
+  resume_step = steps[-1] if steps else None
   initial = None
   if resume_step is None and initial_checkpoint_path:
     initial = initial_lib.open_for_model(initial_checkpoint_path, config, kv_conversion)
-  return checkpointer, resume_step, initial
+  return resume_step, initial
 
 
 def _restore(trainer, checkpointer, resume_step, initial, batches, model_dir, fresh=()):
@@ -177,8 +233,11 @@ class _Loop:
   before anything computed from it is saved (the state is also checked right before a save).
   """
 
-  def __init__(self, trainer, batches, checkpointer, writer, evaluate, periods):
+  def __init__(self, trainer, batches, checkpointer, writer, evaluate, periods,
+               save_on_preemption: bool = True):
     self.trainer, self.batches, self.checkpointer = trainer, batches, checkpointer
+    self.save_on_preemption = save_on_preemption
+    self.signals = model_dir_lib.StopSignals()
     self.writer, self.evaluate = writer, evaluate
     self.bar = None
     self.log_period, self.checkpoint_period, self.eval_period = periods
@@ -202,7 +261,8 @@ class _Loop:
     self.bar = metrics_writer.Progress(start_step, last_step,
                                        enabled=progress and start_step < last_step)
     try:
-      return self._run(state, start_step, last_step)
+      with self.signals:  # SIGTERM/SIGINT: save and stop between steps (see _preempt)
+        return self._run(state, start_step, last_step)
     finally:
       self.bar.close()
       self.checkpointer.close()
@@ -227,8 +287,22 @@ class _Loop:
         for split, metrics in self.evaluate(state, step).items():
           self.bar.print(f"step {step} {split}: " + ", ".join(
               f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+      signum = self.signals.requested()
+      if signum is not None:
+        self._preempt(state, step, signum)
     self._consume()
     return state
+
+  def _preempt(self, state, step: int, signum: int) -> None:
+    """Stops on SIGTERM/SIGINT: the save in flight finishes (Orbax joins it before the next
+    one), the current step is saved unless `save_on_preemption` is off, and Preempted (exit
+    status 128 + signal) is raised once everything is on disk."""
+    saved = None
+    if self.save_on_preemption:
+      self._save(state, step)  # a no-op if this step was just saved periodically
+      saved = step
+    self.checkpointer.wait()
+    raise model_dir_lib.Preempted(signum, step, self.checkpointer.directory, saved)
 
   def _consume(self) -> None:
     if self.pending is None:

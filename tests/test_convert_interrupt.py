@@ -89,7 +89,7 @@ def test_sigkill_debris_is_removed_by_the_next_run(tmp_path, source):
 def _marked(tmp_path, name, target, pid, host=None):
   directory = tmp_path / name
   directory.mkdir()
-  owner = dict(atomic._owner(), pid=pid, start=atomic._process_start(pid), target=str(target))
+  owner = dict(atomic.process_owner(), pid=pid, start=atomic._process_start(pid), target=str(target))
   if host:
     owner["host"] = host
   (directory / atomic.MARKER).write_text(json.dumps(owner))

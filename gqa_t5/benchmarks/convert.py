@@ -73,6 +73,9 @@ def parse_args(argv):
                       help="zarr compression of the converted t5x checkpoint")
   parser.add_argument("--source-compression", choices=("gzip", "zstd", "none"), default="zstd",
                       help="zarr compression of the synthetic source (zstd: quicker to write)")
+  parser.add_argument("--no-checksums", action="store_true",
+                      help="convert without recording per-tensor checksums (to measure "
+                           "their cost against a run with them)")
   parser.add_argument("--workdir", default="/tmp/gqa_convert_benchmark")
   parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
   args = parser.parse_args(argv)
@@ -109,7 +112,7 @@ def _convert(args, facts, source: str, output: str):
   command = [sys.executable, "-c", _CHILD, "--input", source, "--output", output,
              "--num-kv-heads", str(facts["kv"]), "--method", args.method,
              "--output-format", args.output_format, "--compression", args.compression,
-             "--quiet"]
+             "--quiet"] + (["--no-checksums"] if args.no_checksums else [])
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
   common.progress(f"converting to GQA-{facts['kv']} ({args.method}, {args.output_format}) ...")
@@ -142,6 +145,7 @@ def main(argv=None) -> int:
   peak = int(match.group(1)) * 1024  # the converter's own peak (Linux reports KiB)
   target = 3 * facts["largest_bytes"] + GIB
   written = f"t5x, {args.compression}" if args.output_format == "t5x" else "orbax"
+  written += ", no checksums" if args.no_checksums else ", checksums"
   print(f"converted to {output} ({written}, K={facts['kv']}, {args.method}) in {elapsed:.1f}s "
         f"(process start included): {data / MIB / elapsed:.0f} MiB/s of tensor data")
   print(f"peak RSS of the converter: {peak / GIB:.2f} GiB; target 3 x largest + 1 GiB = "
@@ -152,7 +156,8 @@ def main(argv=None) -> int:
   common.write_json(args.json, {
       "benchmark": "convert", "smoke": bool(args.smoke), "size": args.size,
       "params": facts["params"], "dtype": args.dtype, "kv_heads": facts["kv"],
-      "output_format": args.output_format, "seconds": elapsed,
+      "output_format": args.output_format, "checksums": not args.no_checksums,
+      "seconds": elapsed,
       "mib_per_s": data / MIB / elapsed, "peak_rss_bytes": peak, "target_bytes": target,
       "source_bytes_on_disk": on_disk, "checks": checks})
   if not args.keep:

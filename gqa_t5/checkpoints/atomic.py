@@ -115,17 +115,18 @@ def _process_start(pid: int) -> Optional[str]:
     return None
 
 
-def _owner() -> dict:
+def process_owner() -> dict:
+  """This process: pid, start time and host (what a marker or a lock file records)."""
   pid = os.getpid()
   return {"pid": pid, "start": _process_start(pid), "host": socket.gethostname()}
 
 
 def _write_marker(directory: str, target: str) -> None:
   with open(os.path.join(directory, MARKER), "w") as f:
-    json.dump(dict(_owner(), target=target), f)
+    json.dump(dict(process_owner(), target=target), f)
 
 
-def _owner_is_dead(marker: dict) -> bool:
+def owner_is_dead(marker: dict) -> bool:
   """Whether the writer that left `marker` is gone (False when in doubt: another host)."""
   if marker.get("host") != socket.gethostname():
     return False
@@ -173,7 +174,7 @@ def remove_stale_temporaries(path: str) -> List[str]:
         not os.path.isdir(candidate):
       continue
     marker = _read_marker(candidate)
-    if marker is None or marker.get("target") != path or not _owner_is_dead(marker):
+    if marker is None or marker.get("target") != path or not owner_is_dead(marker):
       continue
     original = os.path.join(candidate, name)
     if entry.startswith(prefixes[1]) and os.path.isdir(original) and not os.path.lexists(path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Tuple
 
+from gqa_t5.checkpoints import confine
 from gqa_t5.checkpoints import hf, mesh_tf, orbax_format, t5x_legacy
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints.errors import CheckpointError
@@ -73,6 +74,8 @@ def detect_format(path: str) -> str:
   if os.path.isdir(path):
     for candidate in (os.path.join(path, "checkpoint"),
                       os.path.join(path, "state", "checkpoint")):
+      if os.path.lexists(candidate):  # not even sniffed if it leads out of the checkpoint
+        confine.resolve_inside(path, candidate, "checkpoint file")
       if os.path.isfile(candidate) and _is_msgpack_file(candidate):
         return "t5x"
     if hf.is_hf_dir(path):

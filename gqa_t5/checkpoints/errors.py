@@ -14,3 +14,12 @@ def describe(error: BaseException) -> str:
   """'Type: message' of a library's exception, never empty (msgpack's FormatError has none)."""
   message = str(error) or "raised without a message"
   return f"{type(error).__name__}: {message}"
+
+
+def describe_os_error(error: OSError) -> str:
+  """An OSError from the system as 'PATH: cause' ('/x/run: Read-only file system'), the way a
+  user needs it; others as their message."""
+  if error.strerror and error.filename:
+    also = f" -> {error.filename2}" if error.filename2 else ""
+    return f"{error.filename}{also}: {error.strerror}"
+  return str(error) or type(error).__name__

@@ -15,6 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from gqa_t5.checkpoints import confine
 from gqa_t5.checkpoints import hf_files
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints.errors import CheckpointError
@@ -157,7 +158,10 @@ def open_hf(path: str, config: Optional[T5Config] = None, validate: bool = True
   """Opens an HF T5 checkpoint directory lazily, under T5X names."""
   if not os.path.isdir(path):
     raise CheckpointError(f"HF checkpoint path {path} is not a directory")
+  root = confine.hf_root(path)  # every file read must lie inside it (symlinks resolved)
   config_path = os.path.join(path, CONFIG_FILE)
+  if os.path.lexists(config_path):
+    confine.resolve_inside(root, config_path, f"HF {CONFIG_FILE}")
   try:
     with open(config_path) as f:
       hf_config = json.load(f)
@@ -165,7 +169,7 @@ def open_hf(path: str, config: Optional[T5Config] = None, validate: bool = True
     raise CheckpointError(f"HF checkpoint {path} has no {CONFIG_FILE}") from None
   except (OSError, ValueError) as error:
     raise CheckpointError(f"cannot parse {config_path}: {error}") from error
-  raw = hf_files.raw_tensors(path)
+  raw = hf_files.raw_tensors(path, root)
   has_lm_head = "lm_head.weight" in raw
   scale = scales_decoder_output(hf_config)
   if config is None:

@@ -8,12 +8,14 @@ Every reader returns {HF name: (shape, dtype, read())}.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from gqa_t5.checkpoints import confine
 from gqa_t5.checkpoints import msgpack_codec
 from gqa_t5.checkpoints.errors import CheckpointError
 
@@ -22,6 +24,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
     "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -39,7 +42,7 @@ def _safetensors_header(path: str) -> Tuple[Dict[str, Any], int]:
       if len(raw) < 8:
         raise CheckpointError(f"safetensors file {path} is truncated ({size} bytes): no header")
       (header_len,) = struct.unpack("<Q", raw)
-      if header_len > size - 8:
+      if header_len > min(size - 8, _MAX_HEADER_BYTES):
         raise CheckpointError(f"safetensors file {path} is truncated or corrupt: header of "
                               f"{header_len} bytes in a {size}-byte file")
       header = json.loads(f.read(header_len))
@@ -47,11 +50,19 @@ def _safetensors_header(path: str) -> Tuple[Dict[str, Any], int]:
     raise
   except (OSError, ValueError, UnicodeDecodeError) as error:
     raise CheckpointError(f"safetensors file {path} is corrupt: {error}") from error
+  if not isinstance(header, dict):
+    raise CheckpointError(f"safetensors file {path} is corrupt: its header is not a JSON object")
   data_start = 8 + header_len
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    begin, end = info["data_offsets"]
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and
+            all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and
+            0 <= offsets[0] <= offsets[1]):
+      raise CheckpointError(f"safetensors file {path}: tensor {name!r} has invalid data_offsets "
+                            f"{offsets!r}")
+    begin, end = offsets
     if data_start + end > size:
       raise CheckpointError(f"safetensors file {path} is truncated: tensor {name!r} ends at "
                             f"byte {data_start + end}, the file has {size}")
@@ -72,10 +83,10 @@ def _safetensors_tensors(path: str) -> Dict[str, Tuple[Tuple[int, ...], np.dtype
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    shape = tuple(info["shape"])
-    dtype = _safetensors_dtype(info["dtype"], name, path)
+    dtype = _safetensors_dtype(info.get("dtype"), name, path)
+    shape = confine.check_shape(info.get("shape"), dtype.itemsize, f"{path}: tensor {name!r}")
     begin, end = info["data_offsets"]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no int64 overflow
     if end - begin != expected:
       raise CheckpointError(f"{path}: tensor {name!r} holds {end - begin} bytes, shape {shape} "
                             f"{dtype.name} needs {expected}")
@@ -119,26 +130,38 @@ def _torch_tensors(path: str) -> Dict[str, Tuple[Tuple[int, ...], np.dtype, Call
   return out
 
 
-def raw_tensors(path: str) -> Dict[str, Tuple[Tuple[int, ...], np.dtype, Callable]]:
-  """{HF name: (shape, dtype, reader)} over one file or a sharded index."""
+def raw_tensors(path: str, root: Optional[str] = None
+                ) -> Dict[str, Tuple[Tuple[int, ...], np.dtype, Callable]]:
+  """{HF name: (shape, dtype, reader)} over one file or a sharded index.
+
+  Every file read (the index, its shards, the weight file) must lie inside `root` (default: the
+  directory `path`; see confine.hf_root) after resolving symlinks; a shard named by an absolute
+  or `..` path is refused.
+  """
+  root = path if root is None else root
   for index_name, reader in ((SAFETENSORS_INDEX, _safetensors_tensors),
                              (TORCH_BIN_INDEX, _torch_tensors)):
     index = os.path.join(path, index_name)
     if os.path.isfile(index):
+      confine.resolve_inside(root, index, "HF shard index")
       try:
         with open(index) as f:
           weight_map = json.load(f)["weight_map"]
       except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"cannot read shard index {index}: {error}") from error
+      if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                     for v in weight_map.values()):
+        raise CheckpointError(f"shard index {index}: 'weight_map' is not a map of tensor names "
+                              "to file names")
       out = {}
       for shard in sorted(set(weight_map.values())):
-        shard_path = os.path.join(path, shard)
+        shard_path = confine.join_inside(root, shard, f"shard {shard!r} listed in {index}",
+                                         base=path)
         if not os.path.isfile(shard_path):
           raise CheckpointError(f"shard {shard_path} listed in {index} is missing")
         out.update(reader(shard_path))
       return out
-  if os.path.isfile(os.path.join(path, SAFETENSORS)):
-    return _safetensors_tensors(os.path.join(path, SAFETENSORS))
-  if os.path.isfile(os.path.join(path, TORCH_BIN)):
-    return _torch_tensors(os.path.join(path, TORCH_BIN))
+  for name, reader in ((SAFETENSORS, _safetensors_tensors), (TORCH_BIN, _torch_tensors)):
+    if os.path.isfile(os.path.join(path, name)):
+      return reader(confine.resolve_inside(root, os.path.join(path, name), "HF weight file"))
   raise CheckpointError(f"{path} holds no {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN}")

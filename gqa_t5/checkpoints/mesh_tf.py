@@ -10,13 +10,16 @@ gives the step. TensorFlow is imported only when such a checkpoint is opened.
 
 from __future__ import annotations
 
+import codecs
 import glob
+import math
 import os
 import re
 from typing import Dict, Optional
 
 import numpy as np
 
+from gqa_t5.checkpoints import confine
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints.errors import CheckpointError
 from gqa_t5.checkpoints.lazy import LazyTensor
@@ -85,17 +88,83 @@ def _numpy_dtype(tf_dtype) -> np.dtype:
   return np.dtype(tf_dtype.as_numpy_dtype)
 
 
+def _state_file_prefix(directory: str) -> Optional[str]:
+  """`model_checkpoint_path` of TensorFlow's text `checkpoint` file in `directory` (None if
+  there is none), read without TensorFlow."""
+  state = os.path.join(directory, "checkpoint")
+  if not os.path.isfile(state):
+    return None
+  confine.resolve_inside(directory, state, "TensorFlow checkpoint state file")
+  try:
+    with open(state, encoding="utf-8") as f:
+      text = f.read(1 << 20)
+  except (OSError, UnicodeDecodeError) as error:
+    raise CheckpointError(f"cannot read TensorFlow checkpoint state file {state}: "
+                          f"{error}") from error
+  match = re.search(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', text, re.M)
+  if match is None:
+    raise CheckpointError(f"TensorFlow checkpoint state file {state} names no "
+                          "model_checkpoint_path")
+  return codecs.escape_decode(match.group(1).encode("utf-8"))[0].decode("utf-8", "replace")
+
+
+def confined_prefix(path: str) -> str:
+  """The checkpoint prefix TensorFlow will read for `path` (a directory or a prefix), with its
+  index and data files checked to lie inside the checkpoint's folder. The state file's
+  `model_checkpoint_path` may be relative or (as TF1's Saver writes it) absolute, but must not
+  lead out of the folder, through `..` or a symlink."""
+  if os.path.isdir(path):
+    root = path
+    named = _state_file_prefix(path)
+    if named is not None:
+      what = f"TensorFlow checkpoint state file {os.path.join(path, 'checkpoint')}: " \
+             f"model_checkpoint_path"
+      if os.path.isabs(named):
+        prefix = confine.resolve_inside(root, named, f"{what} {named!r}")
+      else:
+        prefix = confine.join_inside(root, named, what)
+    else:
+      indexes = sorted(glob.glob(os.path.join(glob.escape(path), "*.index")))
+      if len(indexes) != 1:
+        raise CheckpointError(f"TensorFlow checkpoint directory {path} has no 'checkpoint' "
+                              f"state file and {len(indexes)} .index files: pass the prefix "
+                              "(e.g. DIR/model.ckpt-1000000)")
+      prefix = indexes[0][:-len(".index")]
+  else:
+    root = os.path.dirname(os.path.abspath(path))
+    prefix = path
+  for name in [prefix + ".index"] + glob.glob(glob.escape(prefix) + ".data-*"):
+    if os.path.lexists(name):
+      confine.resolve_inside(root, name, "TensorFlow checkpoint file")
+  return prefix
+
+
+def _data_bytes(prefix: str) -> int:
+  return sum(os.path.getsize(f) for f in glob.glob(glob.escape(prefix) + ".data-*"))
+
+
 def open_mesh_tf(path: str, config=None, validate: bool = True) -> source_lib.CheckpointSource:
   """Opens a Mesh TF checkpoint (directory or prefix) lazily, under T5X names."""
   if not is_mesh_tf(path):
     raise CheckpointError(f"{path} is not a TensorFlow checkpoint (no .index file)")
+  prefix = confined_prefix(path)
   import tensorflow as tf  # optional extra ('data'), seconds to import: only for this format
   try:
-    reader = tf.train.load_checkpoint(path)
+    reader = tf.train.load_checkpoint(prefix)
     shapes = reader.get_variable_to_shape_map()
     dtypes = reader.get_variable_to_dtype_map()
   except Exception as error:
     raise CheckpointError(f"cannot open TensorFlow checkpoint {path}: {error}") from error
+  data_bytes = _data_bytes(prefix)
+  for mtf_name in shapes:
+    # TF's data files are uncompressed: no variable can hold more bytes than they do.
+    itemsize = dtypes[mtf_name].size if dtypes[mtf_name].is_numpy_compatible else 1
+    shape = confine.check_shape(list(shapes[mtf_name]), itemsize,
+                                f"Mesh TF variable {mtf_name!r} of {path}")
+    if math.prod(shape) * itemsize > data_bytes:
+      raise CheckpointError(f"Mesh TF variable {mtf_name!r} of {path}: shape {list(shape)} "
+                            f"needs {math.prod(shape) * itemsize} bytes, the data files "
+                            f"{prefix}.data-* hold {data_bytes}")
   tensors: Dict[str, LazyTensor] = {}
   origin: Dict[str, str] = {}
   step = 0

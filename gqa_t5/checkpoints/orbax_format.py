@@ -18,6 +18,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from gqa_t5.checkpoints import confine
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.atomic import Interrupted, atomic_directory, raise_if_interrupted
@@ -42,6 +43,16 @@ def find_pytree_dir(path: str) -> str:
     return path
   raise CheckpointError(f"{path} is not an Orbax checkpoint: neither it nor {nested} holds an "
                         "Orbax '_METADATA' file")
+
+
+def _confined_pytree_dir(path: str) -> str:
+  """`find_pytree_dir`, with every file under it checked to lie inside `path` (no symlink out
+  of the checkpoint; Orbax's own paths are relative, and tensorstore refuses '..' in them)."""
+  pytree_dir = find_pytree_dir(path)
+  root = os.path.abspath(path)
+  confine.resolve_inside(root, pytree_dir, "Orbax checkpoint item")
+  confine.check_tree(root, pytree_dir, f"Orbax checkpoint {pytree_dir}")
+  return pytree_dir
 
 
 def is_orbax_dir(path: str) -> bool:
@@ -92,6 +103,7 @@ def _placeholder_array(meta) -> Any:
   shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
   if shape is None or dtype is None:
     return 0
+  confine.check_shape(tuple(shape), np.dtype(dtype).itemsize, "Orbax metadata leaf")
   return (np.zeros if tuple(shape) == () else np.empty)(tuple(shape), np.dtype(dtype))
 
 
@@ -122,6 +134,8 @@ def _lazy_leaves(pytree_dir: str, node: Any, path: Tuple[str, ...]) -> Dict[str,
     raise CheckpointError(f"Orbax checkpoint {pytree_dir}: leaf {'/'.join(path)!r} is not an "
                           f"array ({type(node).__name__})")
   name = "/".join(path[1:])  # path[0] is 'target' or 'params'
+  confine.check_shape(tuple(node.shape), np.dtype(node.dtype).itemsize,
+                      f"Orbax checkpoint {pytree_dir}: tensor {name!r}")
   leaves[name] = LazyTensor(name, tuple(node.shape), np.dtype(node.dtype),
                             _leaf_reader(pytree_dir, path, node))
   return leaves
@@ -159,7 +173,7 @@ def _read_step(pytree_dir: str, metadata: Mapping[str, Any]) -> int:
 
 def open_orbax(path: str, config=None, validate: bool = True) -> source_lib.CheckpointSource:
   """Opens the parameters of an Orbax checkpoint lazily (t5x's or our trainer's layout)."""
-  pytree_dir = find_pytree_dir(path)
+  pytree_dir = _confined_pytree_dir(path)
   metadata = _metadata_tree(pytree_dir)
   key = _params_key(metadata, pytree_dir)
   tensors = _lazy_leaves(pytree_dir, metadata[key], (key,))
@@ -177,7 +191,7 @@ def load_orbax(path: str, extra_target: Any = None, validate: bool = False
   `validate` checks the params against the T5.1.1 layout (off: trainer trees may be scanned).
   """
   ocp, jax, _ = _orbax()
-  pytree_dir = find_pytree_dir(path)
+  pytree_dir = _confined_pytree_dir(path)
   metadata = _metadata_tree(pytree_dir)
   key = _params_key(metadata, pytree_dir)
   item: Dict[str, Any] = {key: jax.tree_util.tree_map(_placeholder_array, metadata[key])}

@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Tuple
 import numpy as np
 import tensorstore as ts
 
+from gqa_t5.checkpoints import confine
 from gqa_t5.checkpoints import msgpack_codec
 from gqa_t5.checkpoints import source as source_lib
 from gqa_t5.checkpoints import tree as tree_lib
@@ -46,6 +47,7 @@ def find_checkpoint_file(path: str) -> str:
     for candidate in (os.path.join(path, CHECKPOINT_FILE),
                       os.path.join(path, "state", CHECKPOINT_FILE)):
       if os.path.isfile(candidate):
+        confine.resolve_inside(path, candidate, "T5X checkpoint file")
         return candidate
     raise CheckpointError(f"{path} is not a T5X checkpoint directory: no '{CHECKPOINT_FILE}' "
                           "file in it")
@@ -69,50 +71,84 @@ def _relative_store_path(spec: Mapping[str, Any], name: str) -> str:
 
 
 def _resolve_store_dir(ckpt_dir: str, spec: Mapping[str, Any], name: str) -> str:
-  """The local zarr directory of a spec; gcs/gfile/file paths are relative to the checkpoint."""
+  """The local zarr directory of a spec, inside the checkpoint directory. gcs specs (a dummy
+  bucket, then a path) and file specs are relative to the checkpoint; an absolute or `..` path,
+  or a symlink out of the checkpoint, is refused (the reader would copy a foreign array)."""
   relative = _relative_store_path(spec, name)
+  what = f"tensor {name!r}: tensorstore kvstore path"
   if relative.startswith("gs://"):
     relative = relative[len("gs://"):].split("/", 1)[-1]
   relative = relative.rstrip("/")
-  candidates = [os.path.join(ckpt_dir, relative),
-                os.path.join(ckpt_dir, os.path.basename(relative))]
+  candidates = [confine.join_inside(ckpt_dir, relative, what)]
+  if os.path.basename(relative) != relative:
+    candidates.append(confine.join_inside(ckpt_dir, os.path.basename(relative), what))
   for candidate in candidates:
     if os.path.isdir(candidate):
-      return os.path.abspath(candidate)  # tensorstore refuses paths with '..'
-  raise CheckpointError(f"tensor {name!r}: its zarr directory {candidates[-1]} is missing "
+      return candidate  # symlinks resolved: tensorstore refuses paths with '..'
+  raise CheckpointError(f"tensor {name!r}: its zarr directory "
+                        f"{os.path.join(ckpt_dir, os.path.basename(relative))} is missing "
                         f"(spec path {relative!r}: a damaged 'checkpoint' file, or a tensor "
                         "directory that was not copied)")
 
 
-def _zarr_chunk_keys(shape, chunks, separator: str):
-  if not shape:
+def _zarr_chunk_keys(grid, separator: str):
+  """Every chunk key of a grid (already bounded by the files present: see _zarr_metadata)."""
+  if not grid:
     return ["0"]
-  grid = [max(1, math.ceil(s / c)) for s, c in zip(shape, chunks)]
   keys = [""]
   for count in grid:
     keys = [f"{k}{separator if k else ''}{i}" for k in keys for i in range(count)]
   return keys
 
 
-def _zarr_metadata(store_dir: str, name: str) -> Dict[str, Any]:
+def _zarr_metadata(ckpt_dir: str, store_dir: str, name: str) -> Dict[str, Any]:
   meta_path = os.path.join(store_dir, ".zarray")
+  what = f"tensor {name!r}"
+  # Every file tensorstore may open in the array's directory stays inside the checkpoint.
+  files = confine.check_tree(ckpt_dir, store_dir, f"{what}: zarr directory {store_dir}")
   try:
     with open(meta_path) as f:
       meta = json.load(f)
   except FileNotFoundError:
-    raise CheckpointError(f"tensor {name!r}: {meta_path} is missing") from None
+    raise CheckpointError(f"{what}: {meta_path} is missing") from None
   except (OSError, ValueError) as error:
-    raise CheckpointError(f"tensor {name!r}: cannot parse {meta_path}: {error}") from error
+    raise CheckpointError(f"{what}: cannot parse {meta_path}: {error}") from error
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{what}: {meta_path} is not a JSON object")
   for field in ("shape", "chunks", "dtype"):
     if field not in meta:
-      raise CheckpointError(f"tensor {name!r}: {meta_path} has no {field!r}")
+      raise CheckpointError(f"{what}: {meta_path} has no {field!r}")
+  try:
+    itemsize = _zarr_dtype(meta, VERSION).itemsize
+  except (TypeError, ValueError) as error:
+    raise CheckpointError(f"{what}: {meta_path} has an unknown dtype {meta['dtype']!r}") from error
+  shape = confine.check_shape(meta["shape"], itemsize, f"{what}: {meta_path}")
+  grid = confine.chunk_grid(shape, meta["chunks"], f"{what}: {meta_path}")
+  expected = math.prod(grid)
+  chunk_files = files - sum(os.path.isfile(os.path.join(store_dir, n))
+                            for n in (".zarray", ".zattrs"))
+  # Checked before listing the keys: the grid may be absurd. A few missing chunks are named
+  # by the listing below.
+  if expected > 4 * chunk_files + 4096:
+    raise CheckpointError(f"{what}: {meta_path} says shape {list(shape)} in chunks "
+                          f"{meta['chunks']}, which is {expected} chunk files, but {store_dir} "
+                          f"holds {chunk_files}: chunk files are missing (or the metadata is "
+                          "corrupt)")
   separator = meta.get("dimension_separator", ".")
+  if separator not in (".", "/"):
+    raise CheckpointError(f"{what}: {meta_path} has dimension_separator {separator!r}")
+  raw_size = None  # an uncompressed chunk file holds exactly one chunk
+  if meta.get("compressor") is None and not meta.get("filters"):
+    raw_size = math.prod(meta["chunks"]) * itemsize
   present = set(os.listdir(store_dir))
-  for key in _zarr_chunk_keys(meta["shape"], meta["chunks"], separator):
+  for key in _zarr_chunk_keys(grid, separator):
     # A missing chunk would silently read as the fill value: refuse it instead.
-    if key.split("/")[0] not in present or not os.path.exists(os.path.join(store_dir, key)):
-      raise CheckpointError(f"tensor {name!r}: chunk file {os.path.join(store_dir, key)} is "
-                            "missing")
+    chunk = os.path.join(store_dir, key)
+    if key.split("/")[0] not in present or not os.path.isfile(chunk):
+      raise CheckpointError(f"{what}: chunk file {chunk} is missing")
+    if raw_size is not None and os.path.getsize(chunk) != raw_size:
+      raise CheckpointError(f"{what}: uncompressed chunk file {chunk} holds "
+                            f"{os.path.getsize(chunk)} bytes, {meta_path} says {raw_size}")
   return meta
 
 
@@ -144,7 +180,7 @@ def read_zarr(store_dir: str, name: str, dtype: np.dtype) -> np.ndarray:
 
 def _zarr_tensor(ckpt_dir: str, spec: Mapping[str, Any], name: str, version: int) -> LazyTensor:
   store_dir = _resolve_store_dir(ckpt_dir, spec, name)
-  meta = _zarr_metadata(store_dir, name)
+  meta = _zarr_metadata(ckpt_dir, store_dir, name)
   shape = tuple(meta["shape"])
   spec_shape = spec.get("metadata", {}).get("shape")
   if spec_shape is not None and tuple(spec_shape) != shape:

@@ -5,6 +5,7 @@
       [--scan-layers | --no-scan-layers] [--optimizer-state adafactor|adafactor-momentum|none]
       [--method mean|first|random|aligned] [--seed S] [--compression gzip|zstd|none]
       [--calibration-data TSV --vocab SPM [--input-prefix P]] [--overwrite] [--allow-nonfinite]
+      [--no-checksums] [--verbose]
 
 Exit status: 0 done, 1 checkpoint error, 2 bad usage, 130/143 stopped by SIGINT/SIGTERM (the
 partial output removed, the destination untouched).
@@ -22,7 +23,7 @@ import time
 from typing import Iterator, List, Optional
 
 from gqa_t5.checkpoints.atomic import Interrupted, prepare_destination
-from gqa_t5.checkpoints.errors import CheckpointError
+from gqa_t5.checkpoints.errors import CheckpointError, describe_os_error
 from gqa_t5.convert.converter import (OPTIMIZER_STATES, OUTPUT_FORMATS, CalibrationSpec,
                                       ConversionSpec, convert, output_parent)
 from gqa_t5.convert.pooling import METHODS
@@ -79,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--allow-nonfinite", action="store_true",
                       help="write tensors holding NaN/inf values (refused by default: the error "
                            "names the tensor and the count)")
+  parser.add_argument("--no-checksums", action="store_true",
+                      help="do not record a CRC-32 per tensor in gqa_provenance.json (what "
+                           "`gqa-t5 verify` checks)")
   parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+  parser.add_argument("--verbose", action="store_true",
+                      help="show the traceback of an error (by default one line names it)")
   return parser
 
 
@@ -140,9 +146,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                        output_format=args.output_format, overwrite=args.overwrite,
                        compression=args.compression, calibration=calibration,
                        allow_nonfinite=args.allow_nonfinite, scan_layers=args.scan_layers,
-                       optimizer_state=args.optimizer_state)
-  except CheckpointError as error:
-    print(f"gqa-t5 convert: error: {error}", file=sys.stderr)
+                       optimizer_state=args.optimizer_state,
+                       checksums=not args.no_checksums)
+  except (CheckpointError, OSError) as error:  # OSError: an unwritable output, a full disk
+    if args.verbose:
+      raise
+    message = describe_os_error(error) if isinstance(error, OSError) else str(error)
+    print(f"gqa-t5 convert: error: {message}", file=sys.stderr)
     return 1
   if not args.quiet:
     print(f"converted {record['source']} ({record['source_format']}, step "

@@ -26,6 +26,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import numpy as np
 
 import gqa_t5
+from gqa_t5.checkpoints import checksums as checksums_lib
 from gqa_t5.checkpoints import lazy
 from gqa_t5.checkpoints import scanned as scanned_lib
 from gqa_t5.checkpoints import tree as tree_lib
@@ -286,13 +287,16 @@ def convert(input_path: str, output_path: str, spec: ConversionSpec,
             input_format: str = "auto", output_format: str = "t5x", overwrite: bool = False,
             progress: Optional[Callable[[str], None]] = None, compression: str = "gzip",
             calibration: Optional[CalibrationSpec] = None, allow_nonfinite: bool = False,
-            scan_layers: Optional[bool] = None, optimizer_state: str = "adafactor") -> Dict:
+            scan_layers: Optional[bool] = None, optimizer_state: str = "adafactor",
+            checksums: bool = True) -> Dict:
   """Converts a checkpoint and returns its provenance record (also written beside it).
 
   `scan_layers`: write stacked `layers` (T5X's scanned layout) or unrolled `layers_<i>`; None:
   as the source. `optimizer_state` (t5x output only): 'adafactor' (t5x's T5.1.1 Adafactor,
   no momentum), 'adafactor-momentum' (Adafactor with beta1) or 'none' (parameters only: t5x
   then needs `fallback_to_scratch` and an `assignment_map` to restore it).
+  `checksums`: record a CRC-32 of every tensor written in the record's 'checksums' (what
+  `gqa-t5 verify` checks; see checkpoints/checksums.py).
 
   Streams one tensor at a time, except that `calibration` first loads the whole model once to
   measure the key/value inputs of each decoder attention layer. Every tensor written is checked
@@ -339,9 +343,17 @@ def _convert(input_path, output_path, spec, input_format, output_format, overwri
   record.update(allow_nonfinite=allow_nonfinite, source_scanned=source.scanned,
                 scan_layers=scan, optimizer_state=optimizer_state if output_format == "t5x"
                 else "none")
+  sums: Dict[str, str] = {}
+  if checksums:
+    tensors = {name: checksums_lib.checksummed(t, sums) for name, t in tensors.items()}
   with atomic_directory(output_path, overwrite=overwrite) as tmp:
     write_tensors(tmp, tensors, source.step, output_format, progress, compression,
                   param_states)
+    if checksums:
+      missing = sorted(set(tensors) - set(sums))
+      if missing:  # a writer that skipped the wrapper's read: never record a partial table
+        raise CheckpointError(f"no checksum was taken of {missing[:5]} while writing")
+      record["checksums"] = dict(sorted(sums.items()))
     with open(os.path.join(tmp, PROVENANCE_FILE), "w") as f:
       json.dump(record, f, indent=2)
   return record

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+from gqa_t5.checkpoints.errors import describe_os_error
 from gqa_t5.demo_data import card
 from gqa_t5.demo_data import extract
 from gqa_t5.demo_data import fetch
@@ -230,6 +231,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (DemoDataError, fetch.ArchiveError, extract.ExtractionError,
           layout.DemoDataMissingError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:  # an unwritable or full target directory
+    print(f"gqa-t5 prepare-demo-data: error: {describe_os_error(e)}", file=sys.stderr)
     return 1
   return 0
 

@@ -1,0 +1,182 @@
+"""Expected failures of the entry points, as a table: each is one line on stderr naming the
+setting or path and the cause, a non-zero exit status and no traceback (that needs --verbose),
+and a run refused by its checks leaves nothing in MODEL_DIR."""
+
+import glob
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("seqio")
+pytest.importorskip("gin")
+
+import trainer_fixtures as fx  # noqa: E402
+from gqa_t5 import train  # noqa: E402
+from gqa_t5.checkpoints import atomic, synthetic  # noqa: E402
+from gqa_t5.checkpoints import model_dir as model_dir_lib  # noqa: E402
+from gqa_t5.convert import cli as convert_cli  # noqa: E402
+from gqa_t5.demo_data import prepare  # noqa: E402
+from checkpoint_fixtures import small_config  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _toy_task():
+  fx.register_toy_task()
+
+
+def _train_flags(model_dir, steps=2, *extra):
+  return ["--gin_file=t5_1_1/tiny.gin", "--gin_file=attention/gqa_2.gin",
+          "--gin_file=runs/pretrain.gin",
+          f"--gin.MIXTURE_OR_TASK_NAME='{fx.TOY_TASK}'",
+          f"--gin.TASK_FEATURE_LENGTHS={fx.LENGTHS}",
+          "--gin.MIXTURE_OR_TASK_MODULE='trainer_fixtures:register_toy_task'",
+          f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{model_dir}'",
+          "--gin.BATCH_SIZE=8", "--gin.EVAL_PERIOD=0", "--gin.LOG_PERIOD=1",
+          "--gin.network.T5Config.vocab_size=320", "--no_progress", "--jax_cache_dir=",
+          *extra]
+
+
+def _one_line(capsys, prog, words):
+  """stderr's error is one line holding every word, and no traceback was printed."""
+  err = capsys.readouterr().err
+  assert "Traceback" not in err, err[-3000:]
+  lines = [line for line in err.splitlines() if line.startswith(prog)]
+  assert len(lines) == 1, err[-3000:]
+  for word in words:
+    assert word in lines[0], (word, lines[0])
+  return lines[0]
+
+
+# ------------------------------------------------------------------ train: before anything runs
+
+def wrong_type_train_steps(tmp_path):
+  return _train_flags(tmp_path / "run", "'ten'"), ["TRAIN_STEPS", "'ten'", "integer"]
+
+
+def wrong_type_batch_size(tmp_path):
+  return (_train_flags(tmp_path / "run", 2, "--gin.BATCH_SIZE='8'"),
+          ["BATCH_SIZE", "'8'", "integer"])
+
+
+def zero_train_steps(tmp_path):
+  return _train_flags(tmp_path / "run", 0), ["TRAIN_STEPS", "at least 1", "got 0"]
+
+
+def wrong_type_checkpoint_period(tmp_path):
+  return (_train_flags(tmp_path / "run", 2, "--gin.CHECKPOINT_PERIOD=2.5"),
+          ["CHECKPOINT_PERIOD", "2.5"])
+
+
+def model_dir_under_a_file(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  run = tmp_path / "a_file" / "run"
+  return _train_flags(run), [str(run), "Not a directory"]
+
+
+@pytest.mark.parametrize("case", [wrong_type_train_steps, wrong_type_batch_size,
+                                  zero_train_steps, wrong_type_checkpoint_period,
+                                  model_dir_under_a_file], ids=lambda f: f.__name__)
+def test_train_refuses_in_one_line_and_writes_nothing(tmp_path, capsys, case):
+  flags, words = case(tmp_path)
+  assert train.main(flags) == 2
+  _one_line(capsys, "gqa_t5.train: error:", words)
+  assert not os.path.exists(tmp_path / "run")  # no model_config.json, no lock, no checkpoints
+
+
+# ------------------------------------------------------------------ train: MODEL_DIR on disk
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A MODEL_DIR with the checkpoints of steps 1 and 2."""
+  run = tmp_path_factory.mktemp("trained") / "run"
+  assert train.main(_train_flags(run, 2, "--gin.CHECKPOINT_PERIOD=1")) == 0
+  assert model_dir_lib.checkpoint_steps(str(run)) == [1, 2]
+  return run
+
+
+def _copy(trained, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(trained, run)
+  return run
+
+
+def test_truncated_latest_checkpoint_names_it_and_offers_the_previous(trained, tmp_path,
+                                                                      capsys):
+  run = _copy(trained, tmp_path)
+  for data in glob.glob(str(run / "checkpoints" / "2" / "state" / "**" / "d" / "*"),
+                        recursive=True):
+    with open(data, "r+b") as f:
+      f.truncate(os.path.getsize(data) // 2)
+  assert train.main(_train_flags(run, 3)) == 2
+  line = _one_line(capsys, "gqa_t5.train: error:",
+                   ["cannot restore the checkpoint of step 2", str(run / "checkpoints"),
+                    "previous checkpoint is step 1"])
+  assert len(line) < 1500
+  assert not os.path.exists(run / model_dir_lib.LOCK_FILE)  # released on the error path
+
+
+def test_resume_with_another_batch_size_is_one_line_and_closes_everything(trained, tmp_path,
+                                                                           capsys):
+  run = _copy(trained, tmp_path)
+  assert train.main(_train_flags(run, 3, "--gin.BATCH_SIZE=4")) == 2
+  _one_line(capsys, "gqa_t5.train: error:", ["batch_size=8", "4", "new MODEL_DIR"])
+  assert not os.path.exists(run / model_dir_lib.LOCK_FILE)
+  assert model_dir_lib.checkpoint_steps(str(run)) == [1, 2]
+
+
+def test_a_full_disk_during_a_save_is_one_line(trained, tmp_path, capsys, monkeypatch):
+  run = _copy(trained, tmp_path)
+
+  def no_space(self, *args, **kwargs):
+    raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/x/d/abc\": "
+                     "No space left on device [OS error: No space left on device]\n"
+                     "=== Source Location Trace: ===\ntensorstore/internal/os/file_util.cc:99")
+
+  monkeypatch.setattr(model_dir_lib.ocp.CheckpointManager, "save", no_space)
+  assert train.main(_train_flags(run, 3)) == 2
+  _one_line(capsys, "gqa_t5.train: error:",
+            ["cannot save the checkpoint of step 3", str(run / "checkpoints"),
+             "No space left on device"])
+  assert not glob.glob(str(run / "checkpoints" / "*tmp*"))
+
+
+def test_verbose_keeps_the_traceback(tmp_path):
+  with pytest.raises(ValueError, match="TRAIN_STEPS"):
+    train.main(_train_flags(tmp_path / "run", "'ten'", "--verbose"))
+
+
+# ------------------------------------------------------------------ convert, prepare-demo-data
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("src") / "ckpt")
+  synthetic.write_t5x(path, small_config())
+  return path
+
+
+def test_convert_to_a_read_only_output_is_one_line(source, tmp_path, capsys, monkeypatch):
+  def read_only(*args, **kwargs):
+    raise OSError(30, "Read-only file system", kwargs.get("dir") or str(tmp_path))
+
+  monkeypatch.setattr(atomic.tempfile, "mkdtemp", read_only)
+  out = tmp_path / "out"
+  assert convert_cli.main(["--input", source, "--output", str(out), "--num-kv-heads", "2",
+                           "--quiet"]) == 1
+  _one_line(capsys, "gqa-t5 convert: error:", [str(tmp_path), "Read-only file system"])
+  assert not out.exists()
+
+
+def test_convert_to_an_output_under_a_file_is_one_line(source, tmp_path, capsys):
+  (tmp_path / "a_file").write_text("")
+  out = tmp_path / "a_file" / "out"
+  assert convert_cli.main(["--input", source, "--output", str(out), "--num-kv-heads", "2",
+                           "--quiet"]) == 1
+  _one_line(capsys, "gqa-t5 convert: error:", [str(out), "does not exist"])
+
+
+def test_prepare_demo_data_into_an_unwritable_dir_is_one_line(tmp_path, capsys):
+  (tmp_path / "a_file").write_text("")
+  target = tmp_path / "a_file" / "demo"
+  assert prepare.main(["--dir", str(target)]) == 1
+  _one_line(capsys, "gqa-t5 prepare-demo-data: error:", [str(target), "Not a directory"])
