@@ -313,11 +313,12 @@ def convert(input_path: str, output_path: str, spec: ConversionSpec,
   with output_parent(output_path):
     return _convert(input_path, output_path, spec, input_format, output_format, overwrite,
                     progress, compression, calibration, allow_nonfinite, scan_layers,
-                    optimizer_state)
+                    optimizer_state, checksums)
 
 
 def _convert(input_path, output_path, spec, input_format, output_format, overwrite, progress,
-             compression, calibration, allow_nonfinite, scan_layers, optimizer_state) -> Dict:
+             compression, calibration, allow_nonfinite, scan_layers, optimizer_state,
+             checksums) -> Dict:
   prepare_destination(output_path, overwrite)  # fail before reading anything
   if calibration is not None and spec.method != "aligned":
     raise CheckpointError(f"calibration data only applies to --method aligned, not "
