@@ -348,6 +348,19 @@ def compile_all(jobs: List[jobs_lib.Job], compiler: JobCompiler,
   return results
 
 
+def cached_results(cache_dir: str) -> List[CompiledJob]:
+  """Every result compiled into `cache_dir` so far (each setting `--search` tried, too), in
+  job order, then by peak memory."""
+  results = []
+  for path in sorted(Path(cache_dir).glob("*.json")):
+    with open(path) as f:
+      result = CompiledJob.from_dict(json.load(f))
+    result.cached = True
+    results.append(result)
+  order = {job.name: i for i, job in enumerate(jobs_lib.build_jobs())}
+  return sorted(results, key=lambda r: (order.get(r.name, len(order)), -r.figures.peak_bytes))
+
+
 def write_report(out: str, results: List[CompiledJob]) -> None:
   os.makedirs(out, exist_ok=True)
   header = ("# The paper's jobs compiled for TPU v4 (libtpu, ahead of time)\n\n"
@@ -376,6 +389,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--search", action="store_true",
                       help="for each training job, find the fastest rematerialisation and "
                            "micro-batch setting (by the performance model) that fits")
+  parser.add_argument("--from-cache", action="store_true",
+                      help="compile nothing: report every job and setting compiled into "
+                           "--cache-dir so far (with --out, as compile_jobs.md/.json)")
   parser.add_argument("--timing", action="store_true",
                       help="compile the decode programs of Table 1 / Fig. 6 instead of the jobs")
   parser.add_argument("--model-axes", default=",".join(map(str, tpu_timing.MODEL_AXES)),
@@ -394,6 +410,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     if args.timing:
       return _timing(args)
+    if args.from_cache:
+      results = cached_results(args.cache_dir)
+      for result in results:
+        print(line(result))
+      if args.out:
+        write_report(args.out, results)
+      return 0
     chosen = select(jobs, args.jobs)
     if args.list:
       for job in chosen:
