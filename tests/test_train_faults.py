@@ -2,6 +2,9 @@
 non-finite update (no non-finite checkpoint, a stop naming the step, the batch and the last
 verified checkpoint), gin typos in files and flags, impossible span-corruption lengths."""
 
+import os
+import signal
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -48,6 +51,40 @@ def test_non_finite_update_is_never_checkpointed_and_stop_names_step_batch_check
   assert "The last checkpoint is step 1" in message and "all finite" in message
   checkpointer = model_dir_lib.Checkpointer(str(tmp_path))
   assert checkpointer.all_steps() == [1]
+
+
+class _SignalAtStep(fx.PoisonedModel):
+  """Sends this process `signum` while the loss of the step from `step` is traced: the signal
+  arrives mid-step, as a preemption does."""
+
+  def __init__(self, model, signum):
+    super().__init__(model)
+    self._signum = signum
+
+  def loss_fn(self, params, batch, rng):
+    os.kill(os.getpid(), self._signum)  # at trace time: during the first step
+    return self._model.loss_fn(params, batch, rng)
+
+
+def test_a_signal_without_save_on_preemption_stops_after_the_step_saving_nothing(tmp_path):
+  # A backgrounded shell starts the tests with SIGINT ignored, and an ignored signal stays
+  # ignored (by design): give this test an ordinary SIGINT disposition.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(model_dir_lib.Preempted) as info:
+      train_lib.train(
+          model=_SignalAtStep(fx.tiny_model(2), signal.SIGINT),
+          train_dataset_cfg=fx.dataset_cfg(), model_dir=str(tmp_path), total_steps=5,
+          progress=False, eval_period=0, log_period=5,
+          optimizer=optim.Adafactor(learning_rate=optim.constant(0.05)),
+          checkpoint_cfg=model_dir_lib.CheckpointConfig(period=4, save_on_preemption=False))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert info.value.exit_code == 130 and info.value.step == 1 and info.value.saved_step is None
+  assert "stopped by SIGINT at step 1: no checkpoint saved" in str(info.value)
+  assert model_dir_lib.checkpoint_steps(str(tmp_path)) == []
+  assert not os.path.exists(tmp_path / model_dir_lib.LOCK_FILE)
 
 
 def test_last_finite_step_reads_checkpoints_back_and_skips_non_finite_ones(tmp_path):

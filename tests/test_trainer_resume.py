@@ -64,6 +64,7 @@ def test_interrupted_runs_resume_bitwise_equal_to_an_uninterrupted_run(tmp_path,
     names = _checkpoints(resumed)
     assert save_step in names and reached in names, names  # the save in flight finished
     assert all(n.isdigit() for n in names), names  # no *.orbax-checkpoint-tmp* debris
+    assert not os.path.exists(resumed / "LOCK")  # released on the way out
   assert _checkpoints(resumed) == ["4", "5", "8", "9"]
   # 3. Resume, and SIGKILL while the step-12 checkpoint is being written: it stays a
   #    temporary directory and step 9 remains the latest loadable checkpoint.
@@ -71,8 +72,10 @@ def test_interrupted_runs_resume_bitwise_equal_to_an_uninterrupted_run(tmp_path,
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   names = _checkpoints(resumed)
   assert "12" not in names and any(n.startswith("12.") and "tmp" in n for n in names), names
+  assert os.path.exists(resumed / "LOCK")  # the killed run's: its owner is dead, so stale
   # 4. Resume from step 9 to the end.
   last = _run(resumed, env, "--out", str(tmp_path / "resumed.npz"))
   assert last.returncode == 0, last.stderr[-3000:]
+  assert not os.path.exists(resumed / "LOCK")
   assert _checkpoints(resumed) == ["12", "4", "5", "8", "9"]
   _assert_bitwise_equal(straight_params, np.load(tmp_path / "resumed.npz"))
