@@ -227,7 +227,7 @@ def table1_markdown(result: Dict) -> str:
       xla = r["xla_seconds_per_sample"]
       lines.append(f"| {name} | {r['kv_heads']} | {r['kv_layout']} | {r['batch_per_chip']} | "
                    f"{r['seconds_per_sample'] * 1e3:.1f} | {ratio:.3f} | "
-                   f"{'-' if xla is None else f'{xla * 1e3:.1f}'} | "
+                   f"{'n/a' if xla is None or xla <= 0 else f'{xla * 1e3:.1f}'} | "
                    f"{r['model_seconds_per_sample'] * 1e3:.1f} | "
                    f"{'-' if p is None else f'{p:.2f}'} | "
                    f"{'-' if p_ratio is None else f'{p_ratio:.3f}'} |")
@@ -270,7 +270,8 @@ def write(out: str, result: Dict) -> None:
           "chips, bfloat16 weights and caches. Every time here is an ESTIMATE from the "
           "compiled programs' FLOPs and bytes (max of FLOPs / 275 TFLOP/s and bytes / "
           "1.2 TB/s per program), or XLA's own estimate, or the performance model's: none is "
-          "a measurement. The paper's column is its measurement (xprof on TPU v4).", "",
+          "a measurement. The paper's column is its measurement (xprof on TPU v4). XLA's "
+          "`optimal_seconds` came out negative for these programs (n/a).", "",
           table1_markdown(result), "## Bytes per decode step: compiled vs performance model",
           "", *[f"- {line}" for line in bytes_checks(result)], ""]
   atomic.write_text(os.path.join(out, "timing.md"), "\n".join(text))
