@@ -25,16 +25,7 @@ def _toy_task():
   fx.register_toy_task()
 
 
-def _train_flags(model_dir, steps=2, *extra):
-  return ["--gin_file=t5_1_1/tiny.gin", "--gin_file=attention/gqa_2.gin",
-          "--gin_file=runs/pretrain.gin",
-          f"--gin.MIXTURE_OR_TASK_NAME='{fx.TOY_TASK}'",
-          f"--gin.TASK_FEATURE_LENGTHS={fx.LENGTHS}",
-          "--gin.MIXTURE_OR_TASK_MODULE='trainer_fixtures:register_toy_task'",
-          f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{model_dir}'",
-          "--gin.BATCH_SIZE=8", "--gin.EVAL_PERIOD=0", "--gin.LOG_PERIOD=1",
-          "--gin.network.T5Config.vocab_size=320", "--no_progress", "--jax_cache_dir=",
-          *extra]
+_train_flags = fx.toy_train_flags
 
 
 def _one_line(capsys, prog, words):

@@ -165,10 +165,11 @@ class _FakeCompiler:
     if temps + 4 * GIB > tpu_topology.V4_HBM_AVAILABLE_BYTES:
       figures = aot.ProgramFigures(compiled=False, needed_bytes=temps)
     verdict = aot.check_fits(figures, tpu_topology.V4_HBM_AVAILABLE_BYTES)
-    return compile_lib.CompiledJob(job.name, job.kind, job.task, "v4-256", {"data": 16, "model": 8}, {
-        "batch": 2048, "lengths": {"inputs": 512, "targets": 114}, "scan_layers": True,
-        "remat_policy": remat, "num_microbatches": micro}, figures, verdict.within_headroom,
-                                   verdict.text, 0.0)
+    settings = {"batch": 2048, "lengths": {"inputs": 512, "targets": 114},
+                "scan_layers": True, "remat_policy": remat, "num_microbatches": micro}
+    return compile_lib.CompiledJob(job.name, job.kind, job.task, "v4-256",
+                                   {"data": 16, "model": 8}, settings, figures,
+                                   verdict.within_headroom, verdict.text, 0.0)
 
 
 def test_search_takes_the_fastest_setting_that_fits_and_skips_hopeless_ones():

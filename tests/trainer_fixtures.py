@@ -106,3 +106,16 @@ class PoisonedModel:
 
   def get_initial_variables(self, *args, **kwargs):
     return self._model.get_initial_variables(*args, **kwargs)
+
+
+def toy_train_flags(model_dir, steps=2, *extra):
+  """`python -m gqa_t5.train` flags of a tiny GQA-2 run on the toy task."""
+  return ["--gin_file=t5_1_1/tiny.gin", "--gin_file=attention/gqa_2.gin",
+          "--gin_file=runs/pretrain.gin",
+          f"--gin.MIXTURE_OR_TASK_NAME='{TOY_TASK}'",
+          f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+          "--gin.MIXTURE_OR_TASK_MODULE='trainer_fixtures:register_toy_task'",
+          f"--gin.TRAIN_STEPS={steps}", f"--gin.MODEL_DIR='{model_dir}'",
+          "--gin.BATCH_SIZE=8", "--gin.EVAL_PERIOD=0", "--gin.LOG_PERIOD=1",
+          "--gin.network.T5Config.vocab_size=320", "--no_progress", "--jax_cache_dir=",
+          *extra]
