@@ -163,7 +163,8 @@ def test_convert_to_an_output_under_a_file_is_one_line(source, tmp_path, capsys)
   out = tmp_path / "a_file" / "out"
   assert convert_cli.main(["--input", source, "--output", str(out), "--num-kv-heads", "2",
                            "--quiet"]) == 1
-  _one_line(capsys, "gqa-t5 convert: error:", [str(out), "does not exist"])
+  _one_line(capsys, "gqa-t5 convert: error:", [str(out), "is a file, not a folder"])
+  assert (tmp_path / "a_file").is_file()
 
 
 def test_prepare_demo_data_into_an_unwritable_dir_is_one_line(tmp_path, capsys):

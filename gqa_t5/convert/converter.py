@@ -261,6 +261,10 @@ def output_parent(path: str) -> Iterator[None]:
   """Creates the missing folders above `path`; removes them again (if still empty) when the
   block fails, so a failed conversion leaves nothing behind."""
   created = _missing_parents(path)
+  blocking = [folder for folder in created if os.path.lexists(folder)]
+  if blocking:
+    raise CheckpointError(f"cannot write the output {path}: {blocking[-1]} is a file, not a "
+                          f"folder")
   if created:
     try:
       os.makedirs(created[-1])
