@@ -24,6 +24,7 @@ from gqa_t5 import input_pipeline
 from gqa_t5 import metrics_writer
 from gqa_t5 import partitioning as partitioning_lib
 from gqa_t5 import trainer as trainer_lib
+from gqa_t5.checkpoints import atomic
 from gqa_t5.checkpoints import initial
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 
@@ -238,13 +239,11 @@ def write_predictions(path: str, records: Iterable[Mapping[str, Any]]) -> int:
   if jax.process_index() != 0:
     return 0
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
   count = 0
-  with open(tmp, "w") as f:
+  with atomic.open_for_keeps(path, "w") as f:
     for record in records:
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
       count += 1
-  os.replace(tmp, path)
   logging.info("wrote %d predictions to %s", count, path)
   return count
 

@@ -29,6 +29,7 @@ import gin
 import jax
 from gin import config as gin_config
 
+from gqa_t5.checkpoints import atomic
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -246,10 +247,7 @@ def write_operative_config(model_dir: Optional[str]) -> Optional[str]:
     return None
   os.makedirs(model_dir, exist_ok=True)
   path = os.path.join(model_dir, model_dir_lib.OPERATIVE_CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(gin.operative_config_str())
-  os.replace(tmp, path)
+  atomic.write_text(path, gin.operative_config_str())
   return path
 
 

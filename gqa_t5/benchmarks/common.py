@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -17,6 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import jax
 
 from gqa_t5 import jax_setup
+from gqa_t5.checkpoints import atomic
 
 # Fallback clock origin where /proc is missing: when the benchmark package was first imported.
 _IMPORTED_AT = time.time()
@@ -103,10 +103,7 @@ def write_json(path: Optional[str], results: Mapping[str, Any]) -> None:
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  temporary = f"{path}.tmp{os.getpid()}"
-  with open(temporary, "w") as f:
-    json.dump(results, f, indent=2, default=_jsonable)
-  os.replace(temporary, path)
+  atomic.write_json(path, results, indent=2, default=_jsonable)
 
 
 def _jsonable(value):

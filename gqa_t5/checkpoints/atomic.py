@@ -1,4 +1,5 @@
-"""Write a checkpoint directory completely or not at all, and clean up after interrupted writes.
+"""Write a checkpoint directory or a file completely or not at all, and clean up after interrupted
+writes.
 
 Everything is written into a temporary directory `.NAME.tmp-*` beside the destination and renamed
 into place at the end, so the destination is never half-written and an existing checkpoint is
@@ -25,7 +26,7 @@ import socket
 import sys
 import tempfile
 import threading
-from typing import Iterator, List, Optional
+from typing import IO, Any, Iterator, List, Optional
 
 from gqa_t5.checkpoints.errors import CheckpointError
 
@@ -254,15 +255,18 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
       raise
 
 
-def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` all or nothing: a temporary file beside it, flushed to disk, then
-  renamed over `path` (a reader never sees half a file, a crash leaves the old one)."""
+@contextlib.contextmanager
+def open_for_keeps(path: os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+  """Opens a temporary file beside `path` for writing; on a clean exit it is flushed to disk and
+  renamed over `path`, on an error it is removed. The one way the package writes a file meant to
+  last: a reader never sees half a file, and a crash leaves the old one in place."""
+  path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                              dir=directory)
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, mode, **open_kwargs) as f:
+      yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -270,3 +274,21 @@ def write_text(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_text(path: os.PathLike, text: str) -> None:
+  """Writes `text` to `path` all or nothing (`open_for_keeps`)."""
+  with open_for_keeps(path, "w") as f:
+    f.write(text)
+
+
+def write_json(path: os.PathLike, value: Any, **dump_kwargs) -> None:
+  """Writes `value` as JSON to `path` all or nothing; `dump_kwargs` go to `json.dump`."""
+  with open_for_keeps(path, "w") as f:
+    json.dump(value, f, **dump_kwargs)
+
+
+def save_figure(fig, path: os.PathLike, **savefig_kwargs) -> None:
+  """Saves a matplotlib figure as PNG to `path` all or nothing."""
+  with open_for_keeps(path, "wb") as f:
+    fig.savefig(f, format="png", **savefig_kwargs)

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gqa_t5.checkpoints import atomic
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.atomic import Interrupted, owner_is_dead, process_owner
 from gqa_t5.checkpoints.errors import CheckpointError, describe
@@ -270,10 +271,7 @@ def check_model_dir_config(model_dir: str, config, write: bool = True) -> None:
           "INITIAL_CHECKPOINT_PATH (converting it if needed).")
   if write and jax.process_index() == 0:
     os.makedirs(model_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    atomic.write_json(path, current, indent=2, sort_keys=True)
 
 
 def _nonfinite_leaves(tree) -> list:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+from gqa_t5.checkpoints import atomic
 from gqa_t5.checkpoints.errors import describe_os_error
 from gqa_t5.demo_data import card
 from gqa_t5.demo_data import extract
@@ -66,13 +67,7 @@ def _write_jsonl(path: Path, records: Sequence[Mapping]) -> None:
 
 
 def _write_json_atomic(path: Path, value) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  atomic.write_text(path, json.dumps(value, indent=1, sort_keys=True) + "\n")
 
 
 def _resolve_archives(root: Path, archives: Optional[Mapping[str, os.PathLike]],

@@ -15,6 +15,7 @@ import time
 from typing import Callable, List, Optional
 
 from gqa_t5 import tasks as _tasks  # pylint: disable=unused-import  # registers the tasks
+from gqa_t5.checkpoints import atomic
 from gqa_t5.reproduce.paper_scale import checks
 from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
 
@@ -24,9 +25,7 @@ build_jobs = jobs_lib.build_jobs
 
 
 def _write(path: str, content: str) -> None:
-  with open(path + ".tmp", "w") as f:
-    f.write(content)
-  os.replace(path + ".tmp", path)
+  atomic.write_text(path, content)
 
 
 def _check_all(jobs: List[jobs_lib.Job], log: Callable[[str], None]) -> List:

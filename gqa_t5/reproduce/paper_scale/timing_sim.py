@@ -6,10 +6,9 @@ shape of its Figure 6, with what dominates each time in words.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from typing import Dict, List, Optional, Sequence
 
+from gqa_t5.checkpoints import atomic
 from gqa_t5.model import sizes
 from gqa_t5.reproduce.paper_scale import roofline
 
@@ -179,8 +178,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print()
   print("\n".join(explanation_lines(result)))
   if args.json:
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=2, default=str)
-    os.replace(tmp, args.json)
+    atomic.write_json(args.json, result, indent=2, default=str)
   return 0

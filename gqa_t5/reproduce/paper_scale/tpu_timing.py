@@ -256,9 +256,8 @@ def figure6(result: Dict, path: str) -> None:
   ax.set_title("Fig. 6 from TPU v4 compiled programs (estimates)\ninput 2048, output 512, 8 chips")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=120)
+  atomic.save_figure(fig, path, dpi=120)
   plt.close(fig)
-  os.replace(path + ".tmp.png", path)
 
 
 def write(out: str, result: Dict) -> None:

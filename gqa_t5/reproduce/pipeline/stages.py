@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
+from gqa_t5.checkpoints import atomic
+
 STAGE_FILE = "STAGE.json"
 WORK_CONFIG_FILE = "STAGE_CONFIG.json"
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -53,12 +55,7 @@ def stage_key(name: str, config: Mapping[str, Any], deps: Sequence[StageResult] 
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=True, allow_nan=False)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  atomic.write_json(path, value, indent=2, sort_keys=True, allow_nan=False)
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:

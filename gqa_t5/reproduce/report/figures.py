@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
+from gqa_t5.checkpoints import atomic
 from gqa_t5.reproduce.report import paper
 
 _COLORS = {"MHA": "#1f77b4", "MQA": "#d62728", "GQA": "#2ca02c"}
@@ -23,9 +24,7 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  os.replace(tmp, path)
+  atomic.save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _color(attention: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import jax
 
+from gqa_t5.checkpoints import atomic
 from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.paper_scale import roofline
 from gqa_t5.reproduce.paper_scale import timing_sim
@@ -257,10 +258,7 @@ def collect(pipeline, pre, evaluations, timed, wall_seconds: float,
 
 
 def _write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  atomic.write_text(path, text)
 
 
 def write_all(results: Dict[str, Any], out_dir, log: Callable[[str], None] = print
