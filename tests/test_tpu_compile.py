@@ -9,6 +9,8 @@ gqa_t5/aot.py, the slice table, the job selection and the performance model's tr
 
 import importlib.util
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -91,6 +93,27 @@ def test_every_paper_job_carries_a_memory_setting_and_the_models_are_scanned():
     if job.entry == "gqa_t5.train":
       assert {"REMAT_POLICY", "NUM_MICROBATCHES"} <= set(job.bindings), job.name
     assert all(f.startswith("paper/models/") for f in job.model.gin_files), job.name
+
+
+def _program_of(scale):
+  def step(x):
+    return x * scale + 1.0
+  return step
+
+
+def _program_documented():
+  def step(x):
+    """The same program as _program_of(2.0), written on other source lines."""
+    doubled = x * 2.0
+    return doubled + 1.0
+  return step
+
+
+def test_compile_cache_key_is_the_lowered_program_not_its_source():
+  x = jax.ShapeDtypeStruct((4,), jnp.float32)
+  digest = lambda fn: compile_lib.program_digest(jax.jit(fn).lower(x))
+  assert digest(_program_of(2.0)) == digest(_program_documented())
+  assert digest(_program_of(2.0)) != digest(_program_of(3.0))
 
 
 # ---- compiled for v4-8 with libtpu ---------------------------------------------------------

@@ -11,8 +11,8 @@ unrolled, rematerialised or not), batch, lengths, micro-batches and mesh, then
 and reports what each chip holds (arguments, outputs, temporaries, generated code, peak against
 the chip's HBM). A job that does not fit within `tpu_topology.HEADROOM_FRACTION` of a chip is an
 error naming the job, the bytes and what would make it fit. Results are cached by a digest of
-everything that shapes the program (the parsed gin configuration, the slice, jax and libtpu
-versions, the package's source), so a rerun only compiles what changed.
+the lowered program itself (with the slice and the jax and libtpu versions), so a rerun only
+compiles what changed; lowering takes seconds, compiling minutes.
 
 Full-size compiles take minutes each on a small CPU; `--jobs` picks a subset by name pattern.
 """
@@ -33,7 +33,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import gin
 import jax
 
-from gqa_t5 import __version__
 from gqa_t5 import aot
 from gqa_t5 import evaluation
 from gqa_t5 import gin_utils
@@ -48,7 +47,6 @@ from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
 from gqa_t5.reproduce.paper_scale import roofline
 from gqa_t5.reproduce.paper_scale import tpu_timing
 
-PACKAGE_DIR = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass
@@ -83,19 +81,12 @@ def default_cache_dir() -> str:
   return os.path.join(os.path.dirname(jax_setup.default_cache_dir()), "tpu_compile")
 
 
-# The modules whose code shapes a compiled program (a change elsewhere, e.g. to this report,
-# keeps the cached results).
-PROGRAM_SOURCES = ("model/*.py", "models.py", "decoding.py", "losses.py", "batches.py",
-                   "trainer.py", "optim.py", "partitioning.py", "aot.py", "evaluation.py")
-
-
-def _source_digest() -> str:
-  digest = hashlib.sha256()
-  paths = sorted({p for pattern in PROGRAM_SOURCES for p in PACKAGE_DIR.glob(pattern)})
-  for path in paths:
-    digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
-    digest.update(path.read_bytes())
-  return digest.hexdigest()
+def program_digest(lowered) -> str:
+  """A digest of the lowered program itself (StableHLO text, no source locations): lowering
+  takes seconds where compiling takes minutes, and the program is exactly what a compile
+  depends on, so a change of code that leaves the program alone (a docstring, a module split)
+  keeps the cached result, and any change that alters the program misses it."""
+  return hashlib.sha256(lowered.as_text().encode()).hexdigest()
 
 
 def _parse(job: jobs_lib.Job) -> Dict[str, Any]:
@@ -158,16 +149,15 @@ class JobCompiler:
     self.cache_dir = cache_dir
     self.log = log
     self._devices: Dict[str, List] = {}
-    self._versions = (jax.__version__, tpu_topology.libtpu_version(), __version__,
-                      _source_digest())
+    self._versions = (jax.__version__, tpu_topology.libtpu_version())
 
   def devices(self, slice_name: str) -> List:
     if slice_name not in self._devices:
       self._devices[slice_name] = tpu_topology.slice_devices(slice_name)
     return self._devices[slice_name]
 
-  def _key(self, job: jobs_lib.Job) -> str:
-    material = json.dumps([gin.config_str(), job.name, job.model.slice.name,
+  def _key(self, job: jobs_lib.Job, lowered) -> str:
+    material = json.dumps([program_digest(lowered), job.name, job.model.slice.name,
                            job.model.slice.model_parallel, self._versions])
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
@@ -190,15 +180,15 @@ class JobCompiler:
 
   def compile(self, job: jobs_lib.Job) -> CompiledJob:
     kwargs = _parse(job)
-    key = self._key(job)
+    sl = job.model.slice
+    t0 = time.perf_counter()
+    lowered, remedies = _lower(job, kwargs, self.devices(sl.name))
+    key = self._key(job, lowered)
     cached = self._cached(key)
     if cached is not None:
       return cached
-    sl = job.model.slice
     settings = _settings(job, kwargs)
     config = kwargs["model"].module.config
-    t0 = time.perf_counter()
-    lowered, remedies = _lower(job, kwargs, self.devices(sl.name))
     figures = aot.compile_figures(lowered)
     seconds = time.perf_counter() - t0
     tpu = tpu_topology.get_slice(sl.name)
@@ -351,12 +341,14 @@ def compile_all(jobs: List[jobs_lib.Job], compiler: JobCompiler,
 def cached_results(cache_dir: str) -> List[CompiledJob]:
   """Every result compiled into `cache_dir` so far (each setting `--search` tried, too), in
   job order, then by peak memory."""
-  results = []
-  for path in sorted(Path(cache_dir).glob("*.json")):
+  latest: Dict[str, CompiledJob] = {}
+  # Oldest first, so a job and setting compiled again (its program changed) keeps the newest.
+  for path in sorted(Path(cache_dir).glob("*.json"), key=lambda p: p.stat().st_mtime):
     with open(path) as f:
       result = CompiledJob.from_dict(json.load(f))
     result.cached = True
-    results.append(result)
+    latest[json.dumps([result.name, result.settings], sort_keys=True)] = result
+  results = list(latest.values())
   order = {job.name: i for i, job in enumerate(jobs_lib.build_jobs())}
   return sorted(results, key=lambda r: (order.get(r.name, len(order)), -r.figures.peak_bytes))
 
