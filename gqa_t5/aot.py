@@ -19,6 +19,9 @@ lower what evaluation runs (greedy or beam decoding of a batch) the same way, fr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import re
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from gqa_t5 import partitioning
+from gqa_t5.checkpoints import atomic
 
 _GIB = 2.0 ** 30
 # "Used 78.73G of 30.75G hbm" / "HLO temporaries (78.73G) exceeds available HBM (30.75G)".
@@ -107,9 +111,37 @@ def needed_bytes_from_error(message: str) -> Optional[float]:
   return None
 
 
-def compile_figures(lowered) -> ProgramFigures:
+def program_digest(lowered) -> str:
+  """A digest of the lowered program itself (StableHLO text, no source locations). Lowering
+  takes seconds where compiling takes minutes, and the program is exactly what a compile
+  depends on: a change of code that leaves the program alone (a docstring, a module split)
+  keeps a cached result, and any change that alters the program misses it."""
+  return hashlib.sha256(lowered.as_text().encode()).hexdigest()
+
+
+def compile_figures(lowered, cache_dir: Optional[str] = None, context: str = ""
+                    ) -> ProgramFigures:
   """Compiles `lowered` (a `jax.stages.Lowered`); a program refused for want of memory comes
-  back with `compiled=False` and the compiler's figure, any other error is raised."""
+  back with `compiled=False` and the compiler's figure, any other error is raised.
+
+  With `cache_dir`, the figures are kept there under a digest of the program, `context` (what
+  the program text does not say: the target's name) and the jax version, and a program
+  compiled before is not compiled again."""
+  path = None
+  if cache_dir:
+    material = json.dumps([program_digest(lowered), context, jax.__version__])
+    path = os.path.join(cache_dir, hashlib.sha256(material.encode()).hexdigest()[:32] + ".json")
+    if os.path.exists(path):
+      with open(path) as f:
+        return ProgramFigures.from_dict(json.load(f))
+  figures = _compile_figures(lowered)
+  if path:
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic.write_json(path, figures.to_dict(), indent=1)
+  return figures
+
+
+def _compile_figures(lowered) -> ProgramFigures:
   try:
     return program_figures(lowered.compile())
   except Exception as error:  # pylint: disable=broad-except  # XlaRuntimeError and kin

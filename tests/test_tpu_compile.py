@@ -111,9 +111,23 @@ def _program_documented():
 
 def test_compile_cache_key_is_the_lowered_program_not_its_source():
   x = jax.ShapeDtypeStruct((4,), jnp.float32)
-  digest = lambda fn: compile_lib.program_digest(jax.jit(fn).lower(x))
+  digest = lambda fn: aot.program_digest(jax.jit(fn).lower(x))
   assert digest(_program_of(2.0)) == digest(_program_documented())
   assert digest(_program_of(2.0)) != digest(_program_of(3.0))
+
+
+def test_compiled_figures_are_cached_by_program(tmp_path, monkeypatch):
+  x = jax.ShapeDtypeStruct((4,), jnp.float32)
+  first = aot.compile_figures(jax.jit(_program_of(2.0)).lower(x), str(tmp_path), "cpu")
+  assert first.compiled and len(list(tmp_path.iterdir())) == 1
+
+  def no_compile(lowered):
+    raise AssertionError("compiled again")
+  monkeypatch.setattr(aot, "_compile_figures", no_compile)
+  again = aot.compile_figures(jax.jit(_program_documented()).lower(x), str(tmp_path), "cpu")
+  assert again == first
+  with pytest.raises(AssertionError, match="compiled again"):  # another target: not the same
+    aot.compile_figures(jax.jit(_program_of(2.0)).lower(x), str(tmp_path), "v4-8")
 
 
 # ---- compiled for v4-8 with libtpu ---------------------------------------------------------

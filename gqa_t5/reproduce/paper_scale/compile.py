@@ -81,14 +81,6 @@ def default_cache_dir() -> str:
   return os.path.join(os.path.dirname(jax_setup.default_cache_dir()), "tpu_compile")
 
 
-def program_digest(lowered) -> str:
-  """A digest of the lowered program itself (StableHLO text, no source locations): lowering
-  takes seconds where compiling takes minutes, and the program is exactly what a compile
-  depends on, so a change of code that leaves the program alone (a docstring, a module split)
-  keeps the cached result, and any change that alters the program misses it."""
-  return hashlib.sha256(lowered.as_text().encode()).hexdigest()
-
-
 def _parse(job: jobs_lib.Job) -> Dict[str, Any]:
   bindings = [f"{k}={jobs_lib.gin_literal(v)}" for k, v in job.bindings.items()]
   try:
@@ -157,7 +149,7 @@ class JobCompiler:
     return self._devices[slice_name]
 
   def _key(self, job: jobs_lib.Job, lowered) -> str:
-    material = json.dumps([program_digest(lowered), job.name, job.model.slice.name,
+    material = json.dumps([aot.program_digest(lowered), job.name, job.model.slice.name,
                            job.model.slice.model_parallel, self._versions])
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
@@ -434,7 +426,8 @@ def _timing(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.jobs.split(",") if n.strip()]
   save = (lambda result: tpu_timing.write(args.out, result)) if args.out else None
   axes = tuple(int(a) for a in args.model_axes.split(","))
-  result = tpu_timing.run(names=names, model_axes=axes, on_row=save)
+  programs = os.path.join(args.cache_dir, "programs") if args.cache_dir else None
+  result = tpu_timing.run(names=names, model_axes=axes, on_row=save, cache_dir=programs)
   print(tpu_timing.table1_markdown(result))
   checks_ = tpu_timing.bytes_checks(result)
   print("\n".join(checks_))

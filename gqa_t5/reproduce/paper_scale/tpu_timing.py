@@ -130,8 +130,9 @@ def _phase_seconds(figures: Dict, chip: roofline.Chip) -> float:
 
 
 def time_variant(variant: Variant, model_axis: int, devices, setup: roofline.Setup,
-                 chip: roofline.Chip = roofline.TPU_V4) -> Dict:
-  """Compiled figures, the time per sample and the performance model's figures of one variant."""
+                 chip: roofline.Chip = roofline.TPU_V4, cache_dir: Optional[str] = None) -> Dict:
+  """Compiled figures, the time per sample and the performance model's figures of one variant
+  (each program's figures kept in `cache_dir`, by program, when given)."""
   full = variant.config(sizes.t5_1_1(variant.size).num_decoder_layers)
   shape = roofline.shape_of(full, variant.name)
   layout = ("ideal" if shape.kv_heads % model_axis == 0 else "replicated")
@@ -141,7 +142,8 @@ def time_variant(variant: Variant, model_axis: int, devices, setup: roofline.Set
   compiled = {}
   for layers in (1, 2):
     lowered = lower_programs(variant.config(layers), model_axis, batch, setup, devices)
-    compiled[layers] = {name: aot.compile_figures(low) for name, low in lowered.items()}
+    compiled[layers] = {name: aot.compile_figures(low, cache_dir, context=TIMING_SLICE)
+                        for name, low in lowered.items()}
   result = {"name": variant.name, "kv_heads": shape.kv_heads, "model_axis": model_axis,
             "kv_layout": layout, "batch_per_chip": per_chip, "global_batch": batch}
   for program in ("encode", "step"):
@@ -169,7 +171,8 @@ def time_variant(variant: Variant, model_axis: int, devices, setup: roofline.Set
 def run(devices=None, setup: roofline.Setup = roofline.Setup(),
         model_axes: Tuple[int, ...] = MODEL_AXES, names: Optional[List[str]] = None,
         log: Callable[[str], None] = print,
-        on_row: Optional[Callable[[Dict], None]] = None) -> Dict:
+        on_row: Optional[Callable[[Dict], None]] = None,
+        cache_dir: Optional[str] = None) -> Dict:
   """Every variant on every model axis; `on_row(result so far)` after each (the full set takes
   an hour or more of compiles on a small CPU, so partial results are kept)."""
   devices = devices if devices is not None else tpu_topology.slice_devices(TIMING_SLICE)
@@ -181,7 +184,7 @@ def run(devices=None, setup: roofline.Setup = roofline.Setup(),
     for variant in variants():
       if names and variant.name not in names:
         continue
-      row = time_variant(variant, model_axis, devices, setup)
+      row = time_variant(variant, model_axis, devices, setup, cache_dir=cache_dir)
       log(f"  model axis {model_axis}: {variant.name:<12} batch/chip {row['batch_per_chip']:>2} "
           f"{row['seconds_per_sample'] * 1e3:8.1f} chip-ms/sample (performance model "
           f"{row['model_seconds_per_sample'] * 1e3:.1f}); step bytes {row['step_bytes_ratio']:.3f}x"
