@@ -11,6 +11,9 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from gqa_t5 import jax_setup
+from gqa_t5 import tpu_topology
+
 # subcommand: (module, function, one-line help)
 SUBCOMMANDS: Dict[str, Tuple[str, str, str]] = {
     "convert": ("gqa_t5.convert.cli", "main",
@@ -56,8 +59,14 @@ def main(argv: Optional[List[str]] = None) -> int:
   if name == "convert":
     # Threaded OpenBLAS makes the many small SVDs of the `aligned` method ~4x slower on few cores.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+  # Before any module loads TensorFlow or JAX's backends: TF's C++ start-up lines (its CUDA
+  # probing on a machine without a GPU) and libtpu's complaints where it is installed only to
+  # compile are noise for every subcommand.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  tpu_topology.hide_absent_tpu()
   try:
-    module = importlib.import_module(module_name)
+    with jax_setup.filtered_stderr(jax_setup.TF_NOISE):
+      module = importlib.import_module(module_name)
   except ModuleNotFoundError as error:
     if error.name and module_name.startswith(error.name):
       print(f"gqa-t5 {name}: this installation has no {module_name}", file=sys.stderr)

@@ -133,6 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results_lib.write_all(results, args.redraw)
     return 0
   if args.preset == "paper":
+    _quiet_logs()  # before TensorFlow and libtpu load, as for every other preset
     # The dry run registers the paper's seqio tasks (TensorFlow): loaded only for this job.
     from gqa_t5.reproduce.paper_scale import dry_run  # pylint: disable=g-import-not-at-top
     return dry_run.dry_run(out=args.out)
