@@ -9,6 +9,8 @@
                                              # the commands to launch on a TPU pod
   gqa-t5 reproduce --redraw DIR              # rewrite table1.md, figures, REPORT.md from
                                              # DIR/results.json
+  gqa-t5 reproduce --compare results/quick   # check the run in --out (default
+                                             # ./gqa_t5_runs/quick) against reference results
 
 Outputs go to --out (default ./gqa_t5_runs/<preset>): table1.md, fig3.png .. fig6.png,
 results.json, REPORT.md. Intermediate stages live in OUT/work/ and are reused: a rerun skips
@@ -28,6 +30,7 @@ from typing import List, Optional
 from gqa_t5 import jax_setup
 from gqa_t5.demo_data import layout
 from gqa_t5.demo_data import prepare
+from gqa_t5.reproduce import compare
 from gqa_t5.reproduce.pipeline import presets
 from gqa_t5.reproduce.pipeline import run as run_lib
 from gqa_t5.reproduce.pipeline import stages
@@ -77,6 +80,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                            "commands; other presets: list the stages and which are done")
   parser.add_argument("--redraw", metavar="DIR", default=None,
                       help="only rewrite the outputs in DIR from its results.json")
+  parser.add_argument("--compare", metavar="REFERENCE", default=None,
+                      help="only compare the run in --out (default ./gqa_t5_runs/<preset>) "
+                           "with REFERENCE (a results folder or results.json, e.g. "
+                           "results/quick): computed numbers within tolerance, measured times "
+                           "listed; exit status 1 when they differ")
   parser.add_argument("--no-progress", action="store_true", help="no training progress bars")
   args = parser.parse_args(argv)
   if args.preset == "paper" and not args.dry_run and not args.redraw:
@@ -132,6 +140,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     results["claims"] = claims.evaluate_claims(results)  # this version's verdicts
     results_lib.write_all(results, args.redraw)
     return 0
+  if args.compare:
+    run_dir = args.out or str(default_out(args.preset, args.smoke))
+    try:
+      comparison = compare.compare_files(run_dir, args.compare)
+    except (FileNotFoundError, ValueError) as error:
+      print(f"gqa-t5 reproduce: error: {error}", file=sys.stderr)
+      return 2
+    print(f"{run_dir} against {args.compare}:")
+    print("\n".join(comparison.lines()))
+    return 1 if comparison.failures else 0
   if args.preset == "paper":
     _quiet_logs()  # before TensorFlow and libtpu load, as for every other preset
     # The dry run registers the paper's seqio tasks (TensorFlow): loaded only for this job.
