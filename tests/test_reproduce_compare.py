@@ -22,6 +22,7 @@ REFERENCE = {
     "claims": [
         {"id": "a", "verdict": "held", "evidence": "mean 6.6 > first 6.7"},
         {"id": "d", "verdict": "held", "numbers": {"share": 0.5}},
+        {"id": "c", "verdict": "did not hold", "numbers": {"gqa_shortfall": 0.1}},
     ],
     "preset": {"timing_batch": 8, "name": "quick"},
     "machine": {"cpu_count": 2},
@@ -52,6 +53,8 @@ def _edit(path, value):
     (("variants", 1, "finetune", "tokens_per_second"), 1000.0, False, True),
     (("claims", 1, "verdict"), "did not hold", False, True),  # claim (d) is judged on times
     (("claims", 1, "numbers", "share"), 0.9, False, True),
+    (("claims", 2, "verdict"), "held", False, True),          # (c) needs the speed
+    (("claims", 2, "numbers", "gqa_shortfall"), 0.5, True, False),  # its quality is computed
     (("machine", "cpu_count"), 16, False, True),
     (("wall_seconds",), 900.0, False, True),
     # prose and paths are not compared

@@ -11,13 +11,16 @@ Registers the demo tasks over the tiny directory in this process (seqio's global
 
 import dataclasses
 import json
+import os
 import random
+from pathlib import Path
 
 import pytest
 
 from gqa_t5.demo_data import layout
 from gqa_t5.demo_data import spm_training
 from gqa_t5.reproduce import cli
+from gqa_t5.reproduce import compare
 from gqa_t5.reproduce.pipeline import presets
 from gqa_t5.reproduce.pipeline import run as run_lib
 
@@ -217,3 +220,18 @@ def test_missing_data_is_reported(tmp_path):
   with pytest.raises(layout.DemoDataMissingError, match="prepare-demo-data"):
     cli.main(["--preset", "test", "--out", str(tmp_path / "o"), "--data-dir",
               str(tmp_path / "none"), "--no-prepare"])
+
+
+GOLDEN = Path(__file__).resolve().parent / "goldens" / "gpu_smoke_results.json"
+
+
+def test_the_smoke_runs_numbers_are_pinned(smoke_run):
+  """The pipeline's computed numbers and verdicts on the tiny data, pinned: a change that moves
+  them fails here, which is the reminder to regenerate results/quick and results/mini with it
+  (and then this golden: GQA_T5_UPDATE_GOLDENS=1). Measured times are not compared."""
+  _, results, _, _ = smoke_run
+  if os.environ.get("GQA_T5_UPDATE_GOLDENS"):
+    GOLDEN.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+  comparison = compare.compare(json.loads(json.dumps(results)), compare.read_results(str(GOLDEN)))
+  assert not comparison.failures, "\n".join(comparison.lines())
+  assert comparison.compared["computed"] > 100

@@ -10,9 +10,10 @@ position), in three kinds:
   labels    strings that are results (verdicts, labels, methods): must be equal. Prose
             (`evidence`, `statement`, descriptions) is not compared: its numbers are compared
             where they live.
-  measured  wall-clock times, throughputs, roofline fractions, the machine, and claim (d),
-            which is judged on measured times: they differ from machine to machine, so they are
-            listed as information and never fail a comparison.
+  measured  wall-clock times, throughputs, bandwidths, roofline fractions, MFU, the machine,
+            claim (c)'s verdicts (they need the speed) and claim (d) (judged on times): they
+            differ from machine to machine, so they are listed as information and never fail
+            a comparison.
 
 The exit status is 1 when a computed number or a label differs (or a path exists on one side
 only), 0 otherwise.
@@ -31,8 +32,10 @@ RTOL = 1e-4
 ATOL = 1e-6
 _PROSE = re.compile(r"(evidence|statement|description|model_dir|data_fingerprint)$")
 _MEASURED_LEAF = re.compile(r"(seconds|^time_per|_time_per|tokens_per_second|roofline_fraction"
-                            r"|bandwidth_gb_s|^cached$)")
+                            r"|roofline_here|bandwidth|^measured$|^mfu$|^cached$)")
 _MEASURED_SECTIONS = ("machine", "stages")
+# Claims judged on measured times: (c) needs the speed for its verdicts, (d) is all timing.
+_TIME_JUDGED = {"c": ("verdict", "loss_verdict", "start_loss_verdict", "speed_share"), "d": None}
 _LIST_KEYS = (("key",), ("id",), ("kv_heads", "method"), ("alpha",), ("name",))
 ABSENT = "<absent>"  # the side of a Difference where the path does not exist
 
@@ -160,8 +163,10 @@ def _kind(path: str, value: Any) -> Optional[str]:
     return None
   if parts and parts[0] in _MEASURED_SECTIONS:
     return "measured"
-  if parts and parts[0] == "claims" and "id=d" in parts:
-    return "measured"
+  if parts and parts[0] == "claims" and len(parts) > 1:
+    claim = parts[1].removeprefix("id=")
+    if claim in _TIME_JUDGED and (_TIME_JUDGED[claim] is None or leaf in _TIME_JUDGED[claim]):
+      return "measured"
   if not path.startswith("/preset/") and _MEASURED_LEAF.search(leaf):
     return "measured"
   return "label" if isinstance(value, str) else "computed"
