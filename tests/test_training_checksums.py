@@ -143,3 +143,19 @@ def test_convert_refuses_a_model_dir_without_checkpoints(tmp_path, capsys):
   assert "Traceback" not in err
   assert f"--input {run}: {run} has a checkpoints/ directory but no checkpoint" in err
   assert not (tmp_path / "out").exists()
+
+
+def test_checkpoints_without_checksums_resume_and_verify_as_unchecked(tmp_path, capsys):
+  run = tmp_path / "run"
+  assert train.main(fx.toy_train_flags(run, 1, "--gin.CHECKPOINT_PERIOD=1",
+                                       "--gin.model_dir.CheckpointConfig.checksums=False")) == 0
+  assert model_dir_lib.recorded_checksums(_step_dir(run, 1)) is None
+  assert gqa_cli.main(["verify", str(run)]) == 2
+  assert "records no checksums" in capsys.readouterr().err
+  # Resumed with checksums on: step 1 is restored unchecked, step 2 records them.
+  assert train.main(fx.toy_train_flags(run, 2, "--gin.CHECKPOINT_PERIOD=1")) == 0
+  assert model_dir_lib.recorded_checksums(_step_dir(run, 2))
+  assert gqa_cli.main(["verify", str(run)]) == 0
+  captured = capsys.readouterr()
+  assert f"{_step_dir(run, 1)}: records no checksums" in captured.err
+  assert f"{_step_dir(run, 2)}: every tensor matches" in captured.out
