@@ -396,8 +396,8 @@ class Checkpointer:
     for older in sorted((s for s in self.all_steps() if s < step), reverse=True):
       try:
         problems = verify_checkpoint(self.step_dir(older))
-      except CheckpointError:
-        problems = ["unreadable"]
+      except (CheckpointError, OSError):
+        problems = ["unreadable"]  # not offered: it would fail the resume too
       if problems:
         failed.append(older)
         continue
