@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from gqa_t5 import command_errors
 from gqa_t5 import jax_setup
 from gqa_t5 import tpu_topology
 
@@ -40,9 +41,11 @@ SUBCOMMANDS: Dict[str, Tuple[str, str, str]] = {
 
 def _usage() -> str:
   width = max(len(name) for name in SUBCOMMANDS)
-  lines = ["usage: gqa-t5 <command> [args]", "", "commands:"]
+  lines = ["usage: gqa-t5 [--verbose] <command> [args]", "", "commands:"]
   lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
-  lines += ["", "Run `gqa-t5 <command> --help` for a command's arguments."]
+  lines += ["", "Run `gqa-t5 <command> --help` for a command's arguments. An expected failure "
+            "(files, disks, permissions, configuration) is one line naming the path or "
+            "setting; --verbose before the command shows its traceback."]
   return "\n".join(lines)
 
 
@@ -51,6 +54,12 @@ def main(argv: Optional[List[str]] = None) -> int:
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(_usage())
     return 0
+  verbose = argv[0] == "--verbose"
+  if verbose:
+    argv = argv[1:]
+    if not argv:
+      print(_usage())
+      return 0
   name, rest = argv[0], argv[1:]
   if name not in SUBCOMMANDS:
     print(f"gqa-t5: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
@@ -72,7 +81,16 @@ def main(argv: Optional[List[str]] = None) -> int:
       print(f"gqa-t5 {name}: this installation has no {module_name}", file=sys.stderr)
       return 2
     raise
-  return int(getattr(module, function)(rest) or 0)
+  prog = f"gqa-t5 {name}"
+  try:
+    return int(getattr(module, function)(rest) or 0)
+  except command_errors.EXPECTED_ERRORS as error:
+    # A command's own handling reports what it expects; this is the net under every command.
+    if verbose:
+      raise
+    log = command_errors.log_traceback(prog, error)
+    command_errors.report(prog, error, note=f" (traceback in {log})" if log else "")
+    return 2
 
 
 if __name__ == "__main__":

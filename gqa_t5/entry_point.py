@@ -13,17 +13,10 @@ from typing import Optional, Sequence
 
 import jax
 
+from gqa_t5 import command_errors
 from gqa_t5 import gin_utils
 from gqa_t5 import jax_setup
 from gqa_t5 import partitioning
-from gqa_t5.checkpoints.errors import describe_os_error
-
-
-def describe_error(error: BaseException) -> str:
-  """The message of an expected failure; an OSError as 'PATH: cause'."""
-  if isinstance(error, OSError):
-    return describe_os_error(error)
-  return str(error) or type(error).__name__
 
 
 def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
@@ -74,12 +67,12 @@ def run_entry_point(argv: Optional[Sequence[str]], prog: str, target_name: str,
       fn()
     else:
       call(fn, args)
-  except (gin_utils.GinConfigError, ValueError, KeyError, OSError) as error:
+  except (gin_utils.GinConfigError,) + command_errors.EXPECTED_ERRORS as error:
     # Expected failures (configuration, files, disks, permissions): one line naming the
     # setting or path; the traceback with --verbose.
     if args.verbose:
       raise
-    print(f"{prog}: error: {describe_error(error)}", file=sys.stderr)
+    command_errors.report(prog, error)
     return 2
   except FloatingPointError as error:
     print(f"{prog}: stopped: {error}", file=sys.stderr)

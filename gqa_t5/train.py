@@ -211,7 +211,9 @@ def _restore(trainer, checkpointer, resume_step, initial, batches, model_dir, fr
     state, data_state = checkpointer.restore(trainer.abstract_state, resume_step)
     _check_data_state(data_state, batches, model_dir)
     batches.restore(int(data_state.get("position", 0)))
-    logging.info("resumed from %s at step %d", checkpointer.directory, resume_step)
+    # One line naming the checkpoint: the progress bar alone starts at "step 7/9".
+    logging.info("resumed from the checkpoint %s (step %d)",
+                 checkpointer.step_dir(resume_step), resume_step)
     return state
   if initial is not None:
     params = initial_lib.read_params(initial, trainer.abstract_params, skip=set(fresh))

@@ -172,16 +172,22 @@ def test_a_long_encoder_is_timed_once_a_short_one_best_of_repeats():
   assert decode_report.extra_encoder_runs(long_s / 10, 3) == 3
 
 
-def test_convert_smoke_writes_its_figures_and_check(tmp_path):
+def test_convert_smoke_writes_its_figures_and_check(tmp_path, capsys):
   path = tmp_path / "convert.json"
   assert convert.main(["--smoke", "--workdir", str(tmp_path / "work"), "--json", str(path)]) == 0
   result = json.loads(path.read_text())
   assert result["size"] == "tiny" and result["kv_heads"] == 2
   assert result["peak_rss_bytes"] > 0 and result["mib_per_s"] > 0
+  # The checksum cost, timed beside the conversion: a positive rate and share, printed.
+  assert result["checksum_mib_per_s"] > 0 and 0 < result["checksum_share"]
+  assert result["checksum_seconds"] == pytest.approx(
+      result["params"] * 4 / convert.MIB / result["checksum_mib_per_s"])
   assert [c["name"] for c in result["checks"]] == [
       "converter peak RSS <= 3 x largest tensor + 1 GiB"]
   assert result["checks"][0]["passed"]
   assert os.listdir(tmp_path / "work") == []
+  printed = capsys.readouterr().out
+  assert "checksums (CRC-32 per tensor):" in printed and "% of the conversion time" in printed
 
 
 @pytest.fixture(scope="module")

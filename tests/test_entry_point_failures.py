@@ -1,4 +1,5 @@
-"""Expected failures of the entry points, as a table: each is one line on stderr naming the
+"""Expected failures of the entry points (train, convert, prepare-demo-data, reproduce, and any
+command through the `gqa-t5` dispatcher), as a table: each is one line on stderr naming the
 setting or path and the cause, a non-zero exit status and no traceback (that needs --verbose),
 and a run refused by its checks leaves nothing in MODEL_DIR."""
 
@@ -12,11 +13,15 @@ pytest.importorskip("seqio")
 pytest.importorskip("gin")
 
 import trainer_fixtures as fx  # noqa: E402
+from gqa_t5 import cli as gqa_cli  # noqa: E402
+from gqa_t5 import command_errors  # noqa: E402
 from gqa_t5 import train  # noqa: E402
 from gqa_t5.checkpoints import atomic, synthetic  # noqa: E402
 from gqa_t5.checkpoints import model_dir as model_dir_lib  # noqa: E402
 from gqa_t5.convert import cli as convert_cli  # noqa: E402
 from gqa_t5.demo_data import prepare  # noqa: E402
+from gqa_t5.reproduce import cli as reproduce_cli  # noqa: E402
+from gqa_t5.reproduce.pipeline import run as reproduce_run  # noqa: E402
 from checkpoint_fixtures import small_config  # noqa: E402
 
 
@@ -172,3 +177,95 @@ def test_prepare_demo_data_into_an_unwritable_dir_is_one_line(tmp_path, capsys):
   target = tmp_path / "a_file" / "demo"
   assert prepare.main(["--dir", str(target)]) == 1
   _one_line(capsys, "gqa-t5 prepare-demo-data: error:", [str(target), "Not a directory"])
+
+
+# ------------------------------------------------------------------ reproduce
+
+def _no_demo_data_needed(monkeypatch, tmp_path):
+  """The demo data counts as prepared: a row that gets past the early checks reaches the run."""
+  monkeypatch.setattr(reproduce_cli, "_prepare_data", lambda args: tmp_path / "data")
+
+
+def _failing_run(error):
+  def run(self):
+    raise error
+  return run
+
+
+def reproduce_out_under_a_file(tmp_path, monkeypatch):
+  (tmp_path / "a_file").write_text("")
+  out = tmp_path / "a_file" / "out"
+  return ["--out", str(out)], [str(out), "Not a directory"]
+
+
+def reproduce_missing_initial_checkpoint(tmp_path, monkeypatch):
+  missing = tmp_path / "no_such_ckpt"
+  return (["--out", str(tmp_path / "out"), "--initial-checkpoint", str(missing)],
+          ["--initial-checkpoint", str(missing), "does not exist"])
+
+
+def reproduce_read_only_out(tmp_path, monkeypatch):
+  _no_demo_data_needed(monkeypatch, tmp_path)
+  work = tmp_path / "out" / "work"
+  monkeypatch.setattr(reproduce_run.Pipeline, "run",
+                      _failing_run(OSError(30, "Read-only file system", str(work))))
+  return ["--out", str(tmp_path / "out")], [str(work), "Read-only file system"]
+
+
+def reproduce_full_disk(tmp_path, monkeypatch):
+  _no_demo_data_needed(monkeypatch, tmp_path)
+  stage = tmp_path / "out" / "work" / "stages" / "pretrain.work"
+  monkeypatch.setattr(reproduce_run.Pipeline, "run",
+                      _failing_run(OSError(28, "No space left on device", str(stage))))
+  return ["--out", str(tmp_path / "out")], [str(stage), "No space left on device"]
+
+
+def reproduce_missing_demo_data(tmp_path, monkeypatch):
+  data = tmp_path / "empty_data"
+  return (["--out", str(tmp_path / "out"), "--data-dir", str(data), "--no-prepare"],
+          ["No complete demo data", str(data), "gqa-t5 prepare-demo-data"])
+
+
+def reproduce_redraw_without_results(tmp_path, monkeypatch):
+  return ["--redraw", str(tmp_path / "nothing")], [str(tmp_path / "nothing")]
+
+
+@pytest.mark.parametrize("case", [reproduce_out_under_a_file,
+                                  reproduce_missing_initial_checkpoint,
+                                  reproduce_read_only_out, reproduce_full_disk,
+                                  reproduce_missing_demo_data,
+                                  reproduce_redraw_without_results], ids=lambda f: f.__name__)
+def test_reproduce_refuses_in_one_line(tmp_path, capsys, monkeypatch, case):
+  flags, words = case(tmp_path, monkeypatch)
+  assert reproduce_cli.main(["--preset", "quick", "--smoke", "--no-progress", *flags]) == 2
+  _one_line(capsys, "gqa-t5 reproduce: error:", words)
+
+
+def test_reproduce_bad_preset_is_one_line(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    reproduce_cli.main(["--preset", "huge"])
+  assert exit_.value.code == 2
+  _one_line(capsys, "gqa-t5 reproduce: error:", ["--preset", "'huge'", "quick"])
+
+
+def test_reproduce_verbose_keeps_the_traceback(tmp_path):
+  with pytest.raises(ValueError, match="does not exist"):
+    reproduce_cli.main(["--preset", "quick", "--out", str(tmp_path / "out"), "--verbose",
+                        "--initial-checkpoint", str(tmp_path / "no_such_ckpt")])
+
+
+# ------------------------------------------------------------------ any command: the dispatcher
+
+def test_an_error_escaping_a_command_is_one_line_with_its_traceback_logged(tmp_path, capsys,
+                                                                           monkeypatch):
+  monkeypatch.setenv(command_errors.LOG_DIR_ENV_VAR, str(tmp_path / "logs"))
+  (tmp_path / "a_file").write_text("")
+  workdir = tmp_path / "a_file" / "work"
+  assert gqa_cli.main(["benchmark-convert", "--smoke", "--workdir", str(workdir)]) == 2
+  line = _one_line(capsys, "gqa-t5 benchmark-convert: error:", [str(workdir), "Not a directory",
+                                                                "traceback in"])
+  log = line.split("traceback in ")[1].rstrip(")")
+  assert os.path.dirname(log) == str(tmp_path / "logs")
+  assert "Traceback" in open(log).read()
+  with pytest.raises(NotADirectoryError):
+    gqa_cli.main(["--verbose", "benchmark-convert", "--smoke", "--workdir", str(workdir)])

@@ -219,7 +219,7 @@ def test_cli_refuses_paper_without_dry_run(capsys):
 def test_missing_data_is_reported(tmp_path):
   with pytest.raises(layout.DemoDataMissingError, match="prepare-demo-data"):
     cli.main(["--preset", "test", "--out", str(tmp_path / "o"), "--data-dir",
-              str(tmp_path / "none"), "--no-prepare"])
+              str(tmp_path / "none"), "--no-prepare", "--verbose"])  # else one line, status 2
 
 
 GOLDEN = Path(__file__).resolve().parent / "goldens" / "gpu_smoke_results.json"

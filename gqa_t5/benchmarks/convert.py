@@ -3,7 +3,9 @@
 Writes a random T5.1.1 checkpoint of a named size (gqa_t5/model/sizes.py) in T5X legacy format
 (one tensor at a time), converts it in a child process (`python -m gqa_t5.convert`), and reports
 the child's peak RSS against the target (3 x the largest tensor + 1 GiB), as a PASS/FAIL check,
-and the conversion throughput.
+and the conversion throughput. Beside it, the cost of the per-tensor checksums the converter
+records (`gqa-t5 verify`): the CRC-32 throughput on the source's tensors, timed in this run
+(tensors read first, only the checksum timed), and the share of the conversion time it makes.
 
   gqa-t5 benchmark-convert --size large --workdir /tmp/gqa_bench
   gqa-t5 benchmark-convert --size small --num-kv-heads 1 --output-format orbax
@@ -25,7 +27,7 @@ import numpy as np
 
 import gqa_t5
 from gqa_t5.benchmarks import common
-from gqa_t5.checkpoints import synthetic
+from gqa_t5.checkpoints import checksums, detect, synthetic
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.msgpack_codec import dtype_from_name
 from gqa_t5.model import sizes
@@ -46,6 +48,9 @@ _CHILD = (
     "  print(f'PEAK_RSS_KIB={peak}', file=sys.stderr)\n")
 GIB = 1024 ** 3
 MIB = 1024 ** 2
+# The checksum throughput is timed on at most this much tensor data (XXL's 44 GiB would take
+# minutes to read again; the rate is per byte).
+CHECKSUM_SAMPLE_BYTES = GIB
 # The directory holding the gqa_t5 package: the child imports this very copy.
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(gqa_t5.__file__)))
 
@@ -121,6 +126,26 @@ def _convert(args, facts, source: str, output: str):
   return result, time.time() - start
 
 
+def checksum_rate(source: str, sample_bytes: int = CHECKSUM_SAMPLE_BYTES) -> Dict[str, float]:
+  """CRC-32 throughput of the converter's checksums on `source`'s tensors: each tensor read
+  first (untimed), then only its checksum timed, until `sample_bytes` have been summed.
+  {'bytes': summed, 'seconds': timed, 'mib_per_s': rate}."""
+  summed, seconds = 0, 0.0
+  tensors = detect.open_checkpoint(source, validate=False).tensors
+  # Largest first: the sample covers the tensors that dominate a checkpoint's bytes.
+  for name in sorted(tensors, key=lambda n: -int(np.prod(tensors[n].shape))):
+    value = np.asarray(tensors[name].read())
+    start = time.perf_counter()
+    checksums.tensor_checksum(value)
+    seconds += time.perf_counter() - start
+    summed += value.nbytes
+    if summed >= sample_bytes:
+      break
+  if summed == 0 or seconds <= 0:
+    raise ValueError(f"no tensor data to time checksums on in {source}")
+  return {"bytes": summed, "seconds": seconds, "mib_per_s": summed / MIB / seconds}
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   facts = _facts(args)
@@ -150,6 +175,14 @@ def main(argv=None) -> int:
         f"(process start included): {data / MIB / elapsed:.0f} MiB/s of tensor data")
   print(f"peak RSS of the converter: {peak / GIB:.2f} GiB; target 3 x largest + 1 GiB = "
         f"{target / GIB:.2f} GiB: {'OK' if peak <= target else 'OVER'}")
+  crc = checksum_rate(source)
+  # The converter sums every byte it writes once: its cost is the data over the CRC rate.
+  checksum_seconds = data / MIB / crc["mib_per_s"]
+  print(f"checksums (CRC-32 per tensor): {crc['mib_per_s']:.0f} MiB/s on "
+        f"{crc['bytes'] / MIB:.0f} MiB of the source's tensors, timed here beside the "
+        f"conversion's {data / MIB / elapsed:.0f} MiB/s: {checksum_seconds:.2f}s = "
+        f"{100 * checksum_seconds / elapsed:.1f}% of the conversion time"
+        + (" (not recorded in this run: --no-checksums)" if args.no_checksums else ""))
   checks = [common.check("converter peak RSS <= 3 x largest tensor + 1 GiB", peak <= target,
                          f"{peak / GIB:.2f} GiB of {target / GIB:.2f} GiB")]
   common.print_checks(checks)
@@ -159,7 +192,9 @@ def main(argv=None) -> int:
       "output_format": args.output_format, "checksums": not args.no_checksums,
       "seconds": elapsed,
       "mib_per_s": data / MIB / elapsed, "peak_rss_bytes": peak, "target_bytes": target,
-      "source_bytes_on_disk": on_disk, "checks": checks})
+      "source_bytes_on_disk": on_disk, "checksum_mib_per_s": crc["mib_per_s"],
+      "checksum_seconds": checksum_seconds, "checksum_share": checksum_seconds / elapsed,
+      "checks": checks})
   if not args.keep:
     shutil.rmtree(output, ignore_errors=True)
     shutil.rmtree(source, ignore_errors=True)

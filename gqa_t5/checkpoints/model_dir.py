@@ -1,14 +1,11 @@
-"""The MODEL_DIR of a training run: its layout, recorded model configuration, and the Orbax
-checkpoints of the train state plus the input pipeline's position.
+"""The MODEL_DIR of a training run: its recorded model configuration, its lock, and the Orbax
+checkpoints of the train state plus the input pipeline's position (and a CRC-32 per tensor).
 
-Layout (the one place that spells it):
-  MODEL_DIR/model_config.json            the model's configuration (checked on resume)
-  MODEL_DIR/config.gin                   gin's operative configuration
-  MODEL_DIR/metrics.jsonl                one JSON line per logged step and split
-  MODEL_DIR/<split>/                     TensorBoard summaries ('train', 'training_eval', ...)
-  MODEL_DIR/inference_eval/              seqio's prediction logs
-  MODEL_DIR/checkpoints/<step>/{state,data}
-  MODEL_DIR/LOCK                         the running trainer's pid and host (ModelDirLock)
+The layout is spelled in checkpoints/run_layout.py (its names are re-exported here).
+Each checkpoint records a CRC-32 of every train-state tensor (its `checksums` item): Orbax and
+OCDBT check nothing, so a flipped bit in a data file restores silently. A resume reads the sums
+back and refuses a checkpoint that fails them, naming it and the previous one that verifies;
+`gqa-t5 verify MODEL_DIR` checks every checkpoint from the files alone.
 Orbax writes each checkpoint under a temporary name and renames it when complete, so a process
 killed mid-save leaves the previous checkpoint as the latest loadable one. A run whose model
 configuration differs in a field that changes the parameters is refused before any compute.
@@ -28,7 +25,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Dict, Mapping, Optional, Tuple
+from concurrent import futures
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
 from jax.experimental import multihost_utils
@@ -36,18 +34,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gqa_t5.checkpoints import atomic
+from gqa_t5.checkpoints import checksums as checksums_lib
+from gqa_t5.checkpoints import orbax_format
+from gqa_t5.checkpoints import run_layout
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.atomic import Interrupted, owner_is_dead, process_owner
 from gqa_t5.checkpoints.errors import CheckpointError, describe
+# The layout's names and look-ups, used through this module by the trainer and the tests.
+from gqa_t5.checkpoints.run_layout import (  # noqa: F401
+    CHECKPOINTS_DIR, CHECKSUMS_ITEM, DATA_ITEM, INFERENCE_EVAL_DIR, LOCK_FILE, METRICS_FILE,
+    MODEL_CONFIG_FILE, OPERATIVE_CONFIG_FILE, STATE_ITEM, checkpoint_steps, checkpoints_dir,
+    latest_checkpoint_dir)
 
-CHECKPOINTS_DIR = "checkpoints"
-STATE_ITEM = "state"
-DATA_ITEM = "data"
-MODEL_CONFIG_FILE = "model_config.json"
-OPERATIVE_CONFIG_FILE = "config.gin"
-METRICS_FILE = "metrics.jsonl"
-INFERENCE_EVAL_DIR = "inference_eval"
-LOCK_FILE = "LOCK"
 
 # Fields that do not change the parameter tree: a run may change them on resume.
 _RUNTIME_FIELDS = ("dropout_rate", "dtype", "remat_policy", "float32_attention_logits")
@@ -58,11 +56,15 @@ class CheckpointConfig:
   """period: save every `period` steps (and at the end); keep: how many to keep (None: all);
   async_save: write in the background while training continues; save_on_preemption: on
   SIGTERM/SIGINT, save the current step before exiting (else only the save in flight is
-  finished)."""
+  finished); checksums: record a CRC-32 per train-state tensor in each checkpoint and check it
+  on restore (costs, at each save, one more device-to-host copy of the state and the CRC on
+  the host's cores, about 1 GB/s each; a run whose state is sharded over processes records
+  none)."""
   period: int = 1000
   keep: Optional[int] = None
   async_save: bool = True
   save_on_preemption: bool = True
+  checksums: bool = True
 
 
 class Preempted(Interrupted):
@@ -230,29 +232,6 @@ class ModelDirLock:
         os.remove(self.path)
 
 
-def checkpoints_dir(model_dir: str) -> str:
-  return os.path.abspath(os.path.join(model_dir, CHECKPOINTS_DIR))
-
-
-def checkpoint_steps(model_dir: str) -> list:
-  """The steps of the complete checkpoints in MODEL_DIR (Orbax's temporary names excluded)."""
-  root = checkpoints_dir(model_dir)
-  if not os.path.isdir(root):
-    return []
-  return sorted(int(d) for d in os.listdir(root) if d.isdigit())
-
-
-def latest_checkpoint_dir(model_dir: str) -> Optional[str]:
-  """MODEL_DIR/checkpoints/<latest step>, or None when MODEL_DIR has no checkpoints/ folder.
-  Raises FileNotFoundError when the folder exists but holds no checkpoint."""
-  if not os.path.isdir(checkpoints_dir(model_dir)):
-    return None
-  steps = checkpoint_steps(model_dir)
-  if not steps:
-    raise FileNotFoundError(f"{model_dir} has a {CHECKPOINTS_DIR}/ directory but no checkpoint")
-  return os.path.join(checkpoints_dir(model_dir), str(steps[-1]))
-
-
 def check_model_dir_config(model_dir: str, config, write: bool = True) -> None:
   """Raises ValueError if MODEL_DIR was written by a model of a different shape; records the
   configuration otherwise (atomically: temporary file, then rename)."""
@@ -284,6 +263,49 @@ def _nonfinite_leaves(tree) -> list:
   return bad
 
 
+def _fully_addressable(tree) -> bool:
+  """Every array of `tree` is whole on this process (a single-process run, or replicated)."""
+  return all(getattr(leaf, "is_fully_addressable", True)
+             for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def state_checksums(state_dict) -> Dict[str, str]:
+  """{tensor name: 'crc32:...'} of a train state's dict (as saved), from host copies; the CRCs
+  run on a thread each (zlib releases the GIL)."""
+  flat = {name: leaf for name, leaf in tree_lib.flatten(jax.device_get(state_dict)).items()
+          if leaf is not None}
+  with futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    sums = dict(zip(flat, pool.map(checksums_lib.tensor_checksum, flat.values())))
+  return sums
+
+
+def recorded_checksums(step_dir: str) -> Optional[Dict[str, str]]:
+  """The checksums a training checkpoint recorded (None: it records none, e.g. written before
+  they were, or with checksums=False); CheckpointError when the record is unreadable."""
+  path = run_layout.checksums_file(step_dir)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as error:
+    raise CheckpointError(f"cannot read the checksums {path}: {error}") from error
+  sums = record.get("tensors") if isinstance(record, dict) else None
+  if not isinstance(sums, dict):
+    raise CheckpointError(f"the checksums {path} hold no 'tensors' record")
+  return sums
+
+
+def verify_checkpoint(step_dir: str, report=None) -> Optional[List[str]]:
+  """Reads a training checkpoint's state back from its files and compares every tensor with
+  its recorded checksum: the problems (empty: all match), or None when it records none."""
+  expected = recorded_checksums(step_dir)
+  if expected is None:
+    return None
+  tensors = orbax_format.open_item_tensors(os.path.join(step_dir, STATE_ITEM))
+  return checksums_lib.compare(expected, tensors, run_layout.checksums_file(step_dir), report)
+
+
 class Checkpointer:
   """Saves/restores (train state, data position) with orbax's CheckpointManager."""
 
@@ -294,10 +316,14 @@ class Checkpointer:
         max_to_keep=cfg.keep, save_interval_steps=1, create=True,
         enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=(STATE_ITEM, DATA_ITEM))
+                                         item_names=(STATE_ITEM, DATA_ITEM, CHECKSUMS_ITEM))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
+
+  def step_dir(self, step: int) -> str:
+    """The folder of the checkpoint of `step`."""
+    return os.path.join(self.directory, str(step))
 
   def all_steps(self):
     return list(self.manager.all_steps())
@@ -312,11 +338,16 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     if step in self.manager.all_steps():
       return False
+    state_dict = state.to_dict()
+    items = {STATE_ITEM: ocp.args.StandardSave(state_dict),
+             DATA_ITEM: ocp.args.JsonSave(dict(data_state))}
+    # Every process passes the same items (Orbax's save is collective); process 0 writes them.
+    if self.cfg.checksums and _fully_addressable(state_dict):
+      sums = state_checksums(state_dict) if jax.process_index() == 0 else {}
+      items[CHECKSUMS_ITEM] = ocp.args.JsonSave({"algorithm": checksums_lib.ALGORITHM,
+                                                 "tensors": sums})
     with self._saving(f"the checkpoint of step {step}"):
-      return self.manager.save(
-          step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state.to_dict()),
-                                           DATA_ITEM: ocp.args.JsonSave(dict(data_state))}),
-          force=force)
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, abstract_state, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
     """`abstract_state`: a state of jax.ShapeDtypeStruct leaves carrying the target shardings;
@@ -330,14 +361,54 @@ class Checkpointer:
               **{STATE_ITEM: ocp.args.StandardRestore(abstract_state.to_dict()),
                  DATA_ITEM: ocp.args.JsonRestore()}))
     except (ValueError, RuntimeError, OSError, KeyError, TypeError) as error:
-      older = [s for s in self.all_steps() if s < step]
-      offer = (f" The previous checkpoint is step {older[-1]}: move "
-               f"{os.path.join(self.directory, str(step))} out of {self.directory} to resume "
-               "from it." if older else "")
       raise CheckpointError(f"cannot restore the checkpoint of step {step} in {self.directory}"
-                            f" (truncated or corrupt?): {_first_line(error)}.{offer}") from error
+                            f" (truncated or corrupt?): {_first_line(error)}."
+                            f"{self._offer_previous(step)}") from error
+    problems = self._check_restored(step, restored[STATE_ITEM])
+    if problems:
+      del restored  # the device memory of the refused state, before older ones are read
+      shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
+                                         if len(problems) > 3 else "")
+      raise CheckpointError(f"the checkpoint of step {step} in {self.directory} fails its "
+                            f"checksums ({len(problems)} tensor(s); its data changed since it "
+                            f"was written): {shown}.{self._offer_previous(step)}")
     return (type(abstract_state).from_dict(restored[STATE_ITEM]),
             dict(restored[DATA_ITEM] or {}))
+
+  def _check_restored(self, step: int, state_dict) -> List[str]:
+    """The restored state against the checksums its checkpoint recorded (nothing to check
+    without a record, or for a state sharded over processes)."""
+    expected = recorded_checksums(self.step_dir(step))
+    if expected is None or not self.cfg.checksums or not _fully_addressable(state_dict):
+      return []
+    found = state_checksums(state_dict)
+    problems = [f"{name}: recorded in the checkpoint but not restored"
+                for name in sorted(set(expected) - set(found))]
+    problems += [f"{name}: checksum {found[name]}, recorded {expected[name]}"
+                 for name in sorted(set(expected) & set(found)) if found[name] != expected[name]]
+    return problems
+
+  def _offer_previous(self, step: int) -> str:
+    """' The previous checkpoint is step N ...: move ... to resume from it.', naming the newest
+    older checkpoint that passes its checksums (read from its files; one that records none is
+    offered as unverified), or '' when there is none."""
+    failed = []
+    for older in sorted((s for s in self.all_steps() if s < step), reverse=True):
+      try:
+        problems = verify_checkpoint(self.step_dir(older))
+      except (CheckpointError, OSError):
+        problems = ["unreadable"]  # not offered: it would fail the resume too
+      if problems:
+        failed.append(older)
+        continue
+      verified = "its checksums verified" if problems is not None else "it records no checksums"
+      also = (f"; step(s) {', '.join(map(str, failed))} fail theirs too" if failed else "")
+      newer = [self.step_dir(s) for s in self.all_steps() if s > older]
+      return (f" The previous checkpoint is step {older} ({verified}{also}): move "
+              f"{' and '.join(newer)} out of {self.directory} to resume from it.")
+    if failed:
+      return f" The older checkpoints (steps {', '.join(map(str, failed))}) fail too."
+    return ""
 
   def last_finite_step(self, abstract_state) -> Tuple[Optional[int], Dict[int, list]]:
     """(the latest step whose saved state is all finite, {newer step: its non-finite

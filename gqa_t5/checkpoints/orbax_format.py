@@ -124,16 +124,19 @@ def _leaf_reader(pytree_dir: str, path: Tuple[str, ...], meta):
   return lambda: _restore_leaf(pytree_dir, path, meta, f"tensor {'/'.join(path[1:])!r}")
 
 
-def _lazy_leaves(pytree_dir: str, node: Any, path: Tuple[str, ...]) -> Dict[str, LazyTensor]:
+def _lazy_leaves(pytree_dir: str, node: Any, path: Tuple[str, ...],
+                 names_from: int = 1) -> Dict[str, LazyTensor]:
+  """The array leaves under `node`, named by their path from `names_from` on (1: without the
+  'target' or 'params' key at path[0])."""
   leaves = {}
   if isinstance(node, Mapping):
     for key, value in node.items():
-      leaves.update(_lazy_leaves(pytree_dir, value, path + (str(key),)))
+      leaves.update(_lazy_leaves(pytree_dir, value, path + (str(key),), names_from))
     return leaves
   if not hasattr(node, "shape") or not hasattr(node, "dtype"):
     raise CheckpointError(f"Orbax checkpoint {pytree_dir}: leaf {'/'.join(path)!r} is not an "
                           f"array ({type(node).__name__})")
-  name = "/".join(path[1:])  # path[0] is 'target' or 'params'
+  name = "/".join(path[names_from:])
   confine.check_shape(tuple(node.shape), np.dtype(node.dtype).itemsize,
                       f"Orbax checkpoint {pytree_dir}: tensor {name!r}")
   leaves[name] = LazyTensor(name, tuple(node.shape), np.dtype(node.dtype),
@@ -180,6 +183,14 @@ def open_orbax(path: str, config=None, validate: bool = True) -> source_lib.Chec
   source = source_lib.CheckpointSource(path=path, format=FORMAT, tensors=tensors,
                                        step=_read_step(pytree_dir, metadata))
   return source_lib.finish(source, config=config, validate=validate)
+
+
+def open_item_tensors(path: str) -> Dict[str, LazyTensor]:
+  """Every array of an Orbax PyTree item, lazily, named by its whole '/'-joined path: our
+  trainer's full train state ('step', 'params/...', 'opt_state/...'), as the checksums of a
+  training checkpoint name them."""
+  pytree_dir = _confined_pytree_dir(path)
+  return _lazy_leaves(pytree_dir, _metadata_tree(pytree_dir), (), names_from=0)
 
 
 def load_orbax(path: str, extra_target: Any = None, validate: bool = False

@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Iterator, List, Optional
 
+from gqa_t5.checkpoints import run_layout
 from gqa_t5.checkpoints.atomic import Interrupted, prepare_destination
 from gqa_t5.checkpoints.errors import CheckpointError, describe_os_error
 from gqa_t5.convert.converter import (OPTIMIZER_STATES, OUTPUT_FORMATS, CalibrationSpec,
@@ -40,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "decoder's key/value kernels change (plus a function-preserving rotation of "
                   "its query/out kernels for --method aligned); everything else is copied "
                   "bit for bit.")
-  parser.add_argument("--input", required=True, help="source checkpoint (directory or prefix)")
+  parser.add_argument("--input", required=True,
+                      help="source checkpoint (directory or prefix); a training run's MODEL_DIR "
+                           "stands for its latest checkpoint, as in training and evaluation")
   parser.add_argument("--input-format", choices=INPUT_FORMATS, default="auto")
   parser.add_argument("--output", required=True,
                       help="destination checkpoint directory (missing parent folders are "
@@ -123,6 +126,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     return code
 
 
+def resolve_input(path: str, quiet: bool = False) -> str:
+  """A training run's MODEL_DIR stands for its latest checkpoint (MODEL_DIR/checkpoints/<step>),
+  as INITIAL_CHECKPOINT_PATH and evaluation take it; the checkpoint taken is named on stderr.
+  Any other path is returned as given."""
+  try:
+    latest = run_layout.latest_checkpoint_dir(path)
+  except FileNotFoundError as error:
+    raise CheckpointError(f"--input {path}: {error}") from None
+  if latest is None:
+    return path
+  if not quiet:
+    print(f"--input {path} is a training run's MODEL_DIR: converting its latest checkpoint "
+          f"{latest} (step {os.path.basename(latest)})", file=sys.stderr)
+  return latest
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   spec = ConversionSpec(num_kv_heads=args.num_kv_heads,
                         num_cross_kv_heads=args.num_cross_kv_heads,
@@ -138,11 +157,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                   args.calibration_examples)
   start = time.time()
   try:
+    source = resolve_input(args.input, quiet=args.quiet)
     with output_parent(args.output):
       for stale in prepare_destination(args.output, args.overwrite):
         if not args.quiet:
           print(f"removed {stale}, left by an interrupted conversion", file=sys.stderr)
-      record = convert(args.input, args.output, spec, input_format=args.input_format,
+      record = convert(source, args.output, spec, input_format=args.input_format,
                        output_format=args.output_format, overwrite=args.overwrite,
                        compression=args.compression, calibration=calibration,
                        allow_nonfinite=args.allow_nonfinite, scan_layers=args.scan_layers,

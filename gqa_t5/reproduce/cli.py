@@ -16,6 +16,10 @@ Outputs go to --out (default ./gqa_t5_runs/<preset>): table1.md, fig3.png .. fig
 results.json, REPORT.md. Intermediate stages live in OUT/work/ and are reused: a rerun skips
 finished stages and a killed run resumes where it stopped. The repository's results/<preset>/
 folders are committed reference results: a run never writes there unless --out says so.
+
+An expected failure (an unwritable, read-only or full --out, a missing --initial-checkpoint, a
+bad preset or setting, demo data that cannot be fetched) is one line naming the path or setting
+and the cause, exit status 2; --verbose shows its traceback.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
+from gqa_t5 import command_errors
 from gqa_t5 import jax_setup
+from gqa_t5.demo_data import extract
+from gqa_t5.demo_data import fetch
 from gqa_t5.demo_data import layout
 from gqa_t5.demo_data import prepare
 from gqa_t5.reproduce import compare
@@ -38,6 +44,11 @@ from gqa_t5.reproduce.report import claims
 from gqa_t5.reproduce.report import results as results_lib
 
 DEFAULT_OUT_ROOT = "gqa_t5_runs"  # under the working directory; never the reference results/
+PROG = "gqa-t5 reproduce"
+# Expected failures beyond configuration and files (command_errors.EXPECTED_ERRORS): a stage
+# store that refuses a name or result, demo data that cannot be fetched or built.
+_EXPECTED = command_errors.EXPECTED_ERRORS + (stages.StageError, prepare.DemoDataError,
+                                              fetch.ArchiveError, extract.ExtractionError)
 
 
 def _times_epilog() -> str:
@@ -57,7 +68,7 @@ def _preset_name(value: str) -> str:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog="gqa-t5 reproduce", description=__doc__, epilog=_times_epilog(),
+      prog=PROG, description=__doc__, epilog=_times_epilog(),
       formatter_class=argparse.RawDescriptionHelpFormatter)
   choices = ", ".join(presets.public_names() + ["paper"])
   parser.add_argument("--preset", default="quick", type=_preset_name, metavar="PRESET",
@@ -86,6 +97,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                            "results/quick): computed numbers within tolerance, measured times "
                            "listed; exit status 1 when they differ")
   parser.add_argument("--no-progress", action="store_true", help="no training progress bars")
+  parser.add_argument("--verbose", action="store_true",
+                      help="show the traceback of an error (by default one line names it)")
   args = parser.parse_args(argv)
   if args.preset == "paper" and not args.dry_run and not args.redraw:
     parser.error("--preset paper runs on a TPU pod, not here: use --preset paper --dry-run to "
@@ -133,8 +146,27 @@ def _prepare_data(args) -> Path:
   return data_dir
 
 
+def _check_initial_checkpoint(path: Optional[str]) -> None:
+  """Refused before the demo data is prepared or anything runs."""
+  if path and not os.path.exists(path):
+    raise ValueError(f"--initial-checkpoint {path} does not exist")
+
+
+def _make_out(out: Path) -> None:
+  """--out created and writable before the demo data is prepared or anything runs (an OSError
+  names the path: under a file, no permission, a read-only file system)."""
+  out.mkdir(parents=True, exist_ok=True)
+  if not os.access(out, os.W_OK | os.X_OK):
+    raise PermissionError(13, "not writable (--out)", str(out))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   args = parse_args(argv)
+  return command_errors.run_reporting_errors(PROG, lambda: _run(args), verbose=args.verbose,
+                                             expected=_EXPECTED)
+
+
+def _run(args: argparse.Namespace) -> int:
   if args.redraw:
     results = results_lib.read_results(args.redraw)
     results["claims"] = claims.evaluate_claims(results)  # this version's verdicts
@@ -142,11 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
   if args.compare:
     run_dir = args.out or str(default_out(args.preset, args.smoke))
-    try:
-      comparison = compare.compare_files(run_dir, args.compare)
-    except (FileNotFoundError, ValueError) as error:
-      print(f"gqa-t5 reproduce: error: {error}", file=sys.stderr)
-      return 2
+    comparison = compare.compare_files(run_dir, args.compare)
     print(f"{run_dir} against {args.compare}:")
     print("\n".join(comparison.lines()))
     return 1 if comparison.failures else 0
@@ -158,6 +186,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   out = Path(args.out) if args.out else default_out(args.preset, args.smoke)
   if args.dry_run:
     return _list_stages(out)
+  _check_initial_checkpoint(args.initial_checkpoint)
+  _make_out(out)
   preset = presets.get_preset(args.preset, smoke_test=args.smoke)
   print(f"gqa-t5 reproduce --preset {preset.name}: {preset.time_figure}; outputs in {out}")
   _quiet_logs()
@@ -165,11 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   options = run_lib.Options(preset=preset, out_dir=out, data_dir=str(data_dir),
                             initial_checkpoint=args.initial_checkpoint,
                             progress=not args.no_progress)
-  try:
-    results = run_lib.Pipeline(options).run()
-  except (ValueError, FileNotFoundError) as error:
-    print(f"gqa-t5 reproduce: error: {error}", file=sys.stderr)
-    return 2
+  results = run_lib.Pipeline(options).run()
   print(f"\n{out}/REPORT.md:")
   for claim in results["claims"]:
     print(f"  ({claim['id']}) {claim['verdict']} (tolerance: {claim.get('tolerance', '-')}): "
