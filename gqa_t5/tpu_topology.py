@@ -23,10 +23,10 @@ from typing import Dict, List, Tuple
 import jax
 from jax.experimental import topologies
 
-# What the compiler reports as usable on a v4 chip (its RESOURCE_EXHAUSTED message: "available
-# HBM (30.75G)"): 32 GiB less what the runtime keeps.
-V4_HBM_AVAILABLE_BYTES = 30.75 * 2 ** 30
-# The fraction of that a job may plan to use: the rest is headroom for what an ahead-of-time
+from gqa_t5 import perf_model
+
+# The fraction of a chip's available HBM (`perf_model.TPU_V4.available_bytes`, what the compiler
+# lets a program use) that a job may plan to use: the rest is headroom for what an ahead-of-time
 # compile cannot see (input pipeline buffers, checkpointing copies, fragmentation).
 HEADROOM_FRACTION = 0.9
 
@@ -53,7 +53,8 @@ class TpuSlice:
 
   @property
   def hbm_bytes(self) -> float:
-    return V4_HBM_AVAILABLE_BYTES
+    """What the compiler makes available to a program on each chip."""
+    return perf_model.TPU_V4.available_bytes
 
 
 SLICES: Dict[str, TpuSlice] = {s.name: s for s in (

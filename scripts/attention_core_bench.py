@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gqa_t5.benchmarks import bandwidth
 from gqa_t5.model import attention
 
 
@@ -165,14 +166,6 @@ def layout(x, name):  # x [L, B, K, S, H]
   return x
 
 
-def bandwidth(num_bytes=512 * 2**20):
-  x = jnp.ones((num_bytes // 4,), jnp.float32)
-  f = jax.jit(jnp.sum)
-  f(x).block_until_ready()
-  best = min(_time(lambda: f(x).block_until_ready()) for _ in range(5))
-  return num_bytes / best
-
-
 def _time(fn):
   start = time.perf_counter()
   fn()
@@ -224,7 +217,7 @@ def main():
   p.add_argument("--forms", default=",".join(FORMS))
   a = p.parse_args()
   forms = a.forms.split(",")
-  bw = bandwidth()
+  bw = bandwidth.measure_bandwidth(512 * 2**20)
   print(f"backend {jax.default_backend()}, bandwidth {bw / 1e9:.1f} GB/s; ratio = time / "
         f"current's time (lower is faster); roof = roofline time / time")
   print(f"{'dtype':>8} {'T':>3} {'S':>5} {'G':>2} {'cur ms':>7} {'roof':>5}  "

@@ -70,6 +70,7 @@ def main(argv=None) -> int:
   import jax.numpy as jnp
   from gqa_t5.checkpoints.detect import open_checkpoint
   from gqa_t5.convert.converter import ConversionSpec, convert_params
+  from gqa_t5.model import grouping
 
   source = open_checkpoint(args.checkpoint, format=args.format)
   config = source.config.replace(dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
   examples = load_examples(args, args.data, args.max_examples)
   n = config.num_heads
   kv_values = ([int(k) for k in args.kv_heads.split(",")] if args.kv_heads
-               else [k for k in range(1, n) if n % k == 0])
+               else grouping.valid_kv_heads(n)[:-1])
   methods = [m for m in args.methods.split(",") if m]
   grams = None
   if "aligned-calibrated" in methods:

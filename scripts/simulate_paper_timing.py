@@ -2,7 +2,7 @@
 
   python scripts/simulate_paper_timing.py [--chips 8] [--model-parallel 8] [--kv-layout replicated]
 
-See gqa_t5/reproduce/paper_scale/roofline.py for the model and
+See gqa_t5/perf_model.py for the model and
 gqa_t5/reproduce/paper_scale/timing_sim.py for the report.
 """
 

@@ -1,5 +1,6 @@
-"""The benchmarks: roofline byte counts, the GQA weights they time, their TF-free imports, and
-their smoke modes end to end through scripts/gpu_check.sh --smoke (JSON figures and checks)."""
+"""The benchmarks: the GQA weights they time (the converter's), their TF-free imports, and
+their smoke modes end to end through scripts/gpu_check.sh --smoke (JSON figures and checks).
+(The byte counts they divide by the bandwidth are checked in test_perf_model.py.)"""
 
 import json
 import os
@@ -11,68 +12,37 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from gqa_t5 import partitioning
-from gqa_t5.benchmarks import convert, decode, decode_report, decode_run, roofline
-from gqa_t5.model import Transformer, sizes
-from gqa_t5.models import EncoderDecoderModel
+from gqa_t5 import perf_model
+from gqa_t5.benchmarks import convert, decode, decode_report, decode_run
+from gqa_t5.convert import converter
+from gqa_t5.model import sizes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tree_bytes(tree, keep=lambda path: True):
-  flat = traverse_util.flatten_dict(tree)
-  return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
-             for k, v in flat.items() if keep(k))
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_step_bytes_equal_the_parameter_and_cache_trees(dtype):
-  config = sizes.t5_1_1("tiny", dtype=dtype, num_kv_heads=2, num_cross_kv_heads=4,
-                        num_decoder_layers=3)
-  model = EncoderDecoderModel(Transformer(config))
-  abstract, _ = partitioning.abstract_params_and_axes(model)
-  b, s, t = 3, 11, 5
-  cache = jax.eval_shape(lambda p: model.init_cache(p, b, s, t), abstract)
-  # Independently: every decoder parameter but the cross-attention key/value kernels, at the
-  # activation dtype (as the benchmark stores them), and every cached key/value array.
-  itemsize = np.dtype(dtype).itemsize
-  weights = sum(int(np.prod(v.shape)) for k, v in traverse_util.flatten_dict(
-      abstract["decoder"]).items()
-                if not (len(k) > 2 and k[1] == "encoder_decoder_attention"
-                        and k[2] in ("key", "value")))
-  self_cache = _tree_bytes(cache, lambda k: k[-2] == "self_attention" and k[-1].startswith(
-      "cached_"))
-  cross_kv = _tree_bytes(cache, lambda k: k[-2] == "encoder_decoder_attention"
-                         and k[-1].startswith("cached_"))
-  got = roofline.decode_step_bytes(config, b, s, t)
-  assert got == {"weights": weights * itemsize, "self_cache": self_cache, "cross_kv": cross_kv,
-                 "total": weights * itemsize + self_cache + cross_kv}
-  assert roofline.cache_bytes_per_sequence(config, s, t) * b == self_cache + cross_kv
-
-
-def test_gqa_weights_are_the_mean_pooled_mha_weights_and_share_the_rest():
-  config = sizes.t5_1_1("tiny", dtype="float32", num_decoder_layers=1)
+def test_gqa_weights_are_the_converters_and_share_the_rest():
+  config = sizes.t5_1_1("tiny", dtype="float32", num_decoder_layers=2)
   mha = decode_run.init_mha_params(config)
   np.testing.assert_array_equal(mha["decoder"]["logits_dense"]["kernel"],
                                 np.asarray(mha["token_embedder"]["embedding"]).T)
   gqa = decode_run.pool_kv_heads(mha, config, 2)
-  kernel = np.asarray(mha["decoder"]["layers_0"]["self_attention"]["key"]["kernel"])  # [D, N*H]
-  d, n, h = config.emb_dim, config.num_heads, config.head_dim
-  expected = kernel.reshape(d, 2, n // 2, h).mean(axis=2).reshape(d, 2 * h)
-  np.testing.assert_allclose(gqa["decoder"]["layers_0"]["self_attention"]["key"]["kernel"],
-                             expected, rtol=1e-6)
+  # What `gqa-t5 convert --num-kv-heads 2 --method mean` writes for the same weights.
+  expected, expected_config = converter.convert_params(
+      jax.tree.map(np.asarray, mha), config, converter.ConversionSpec(num_kv_heads=2))
+  assert expected_config.num_kv_heads == 2
+  flat, expected = traverse_util.flatten_dict(gqa), traverse_util.flatten_dict(expected)
+  assert set(flat) == set(expected)
+  for name, value in expected.items():
+    np.testing.assert_allclose(np.asarray(flat[name]), value, rtol=1e-6, err_msg=str(name))
   assert gqa["encoder"] is mha["encoder"]
   assert (gqa["decoder"]["layers_0"]["mlp"] is mha["decoder"]["layers_0"]["mlp"])
   assert (gqa["decoder"]["layers_0"]["self_attention"]["query"]
           is mha["decoder"]["layers_0"]["self_attention"]["query"])
-
-
-def test_fit_batch_rounds_down_and_names_what_does_not_fit():
-  gib = 2 ** 30
-  assert roofline.fit_batch(gib, 20 * gib, 140 * gib, usable_fraction=0.8) == 96
-  assert roofline.fit_batch(gib, 0, 5 * gib, usable_fraction=1.0) == 5
-  with pytest.raises(ValueError, match="one sequence needs 4.00 GiB"):
-    roofline.fit_batch(4 * gib, 9 * gib, 10 * gib)
+  # Before the weights exist, the variant's parameters are abstract, at the pooled shapes.
+  abstract = jax.eval_shape(lambda: mha)
+  pooled = jax.eval_shape(lambda p: decode_run.pool_kv_heads(p, config, 2), abstract)
+  assert pooled["decoder"]["layers_1"]["encoder_decoder_attention"]["value"]["kernel"].shape == (
+      config.emb_dim, 2 * config.head_dim)
 
 
 def test_benchmarks_import_without_tensorflow_seqio_or_gin():
@@ -82,7 +52,7 @@ def test_benchmarks_import_without_tensorflow_seqio_or_gin():
       "  sys.modules[name] = None\n"
       "import gqa_t5.cli\n"
       "from gqa_t5.benchmarks import common, convert, decode, decode_report, decode_run\n"
-      "from gqa_t5.benchmarks import hf_reference, roofline, train\n"
+      "from gqa_t5.benchmarks import bandwidth, hf_reference, train\n"
       "decode.build_config(*decode.parse_args(['--shape', 'XXL']))\n"
       "train.parse_args(['--smoke'])\n"
       "print('imported')\n")
@@ -157,7 +127,7 @@ def test_cpu_shapes_are_issue_23s_model_at_inputs_512_and_2048():
     run, _ = decode.run_shape(args, config, kv_heads, 0)
     assert (run.batch, run.input_length, run.output_length) == (8, input_length, 128)
   # On the long shape the cross-attention keys/values are most of an MHA step's bytes.
-  step = roofline.decode_step_bytes(config.replace(num_kv_heads=None), 8, 2048, 128)
+  step = perf_model.decode_step_bytes(config.replace(num_kv_heads=None), 8, 2048, 128)
   assert step["cross_kv"] > 0.5 * step["total"]
   # A flag overrides the shape's field; the K list stays the shape's.
   args, parser = decode.parse_args(["--shape", "CPU", "--layers", "2"])

@@ -18,19 +18,20 @@ from gqa_t5 import aot
 from gqa_t5 import models
 from gqa_t5 import optim
 from gqa_t5 import partitioning
+from gqa_t5 import perf_model
 from gqa_t5 import tpu_topology
 from gqa_t5 import trainer
 from gqa_t5.model import network
 from gqa_t5.model import sizes
 from gqa_t5.reproduce.paper_scale import compile as compile_lib
 from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
-from gqa_t5.reproduce.paper_scale import roofline
 from gqa_t5.reproduce.paper_scale import tpu_timing
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU,
                                   reason="libtpu is not installed (pip install -e '.[tpu]')")
 GIB = 2 ** 30
+V4_AVAILABLE = perf_model.TPU_V4.available_bytes
 
 
 # ---- no libtpu needed ------------------------------------------------------------------------
@@ -76,9 +77,9 @@ def test_a_program_the_compiler_refused_does_not_fit_and_says_how_much_it_needed
 
 
 def test_performance_model_orders_memory_settings_by_step_time():
-  shape = roofline.shape_of(sizes.t5_1_1("xxl", num_kv_heads=8))
-  step = lambda remat, micro: roofline.train_step_seconds(
-      shape, batch=2048, input_length=512, target_length=114, chips=128, model_parallel=8,
+  config = sizes.t5_1_1("xxl", num_kv_heads=8)
+  step = lambda remat, micro: perf_model.train_step_seconds(
+      config, batch=2048, input_length=512, target_length=114, chips=128, model_parallel=8,
       remat_policy=remat, num_microbatches=micro)
   assert step("none", 1) < step("minimal", 1) < step("full", 1)
   assert step("minimal", 1) < step("minimal", 8)
@@ -86,6 +87,29 @@ def test_performance_model_orders_memory_settings_by_step_time():
   assert step("full", 1) / step("none", 1) == pytest.approx(4 / 3, rel=0.02)
   with pytest.raises(ValueError, match="remat_policy"):
     step("everything", 1)
+
+
+def test_timing_batches_fit_the_compilers_hbm_within_the_headroom():
+  # Each chip's weights and caches at the fitted batch fit 90% of the 30.75 GiB the compiler makes
+  # available (not the chip's 32 GiB), and one sample more would not (unless capped at 32).
+  setup = perf_model.Setup()
+  budget = V4_AVAILABLE * tpu_topology.HEADROOM_FRACTION
+  batches = {}
+  for axis in tpu_timing.MODEL_AXES:
+    for variant in tpu_timing.variants():
+      b = tpu_timing.batch_per_chip(variant, axis, setup)
+      config = tpu_timing.full_config(variant)
+      variant_setup = tpu_timing.model_setup(variant, axis, setup)
+      assert perf_model.memory_per_chip(config, variant_setup, b) <= budget
+      assert (b == setup.max_batch_per_chip
+              or perf_model.memory_per_chip(config, variant_setup, b + 1) > budget)
+      batches[axis, variant.name] = b
+  # MHA-XXL's caches are the ones that do not fit 32 per chip: 26 on a model axis of 8, 23 of 4
+  # (31 and 28 within the whole 32 GiB); every other variant runs 32.
+  assert batches[8, "MHA-XXL"] == 26 and batches[4, "MHA-XXL"] == 23
+  assert {b for (_, name), b in batches.items() if name != "MHA-XXL"} == {32}
+  assert [v.name for v in tpu_timing.variants()] == [
+      "MHA-Large", "MHA-XXL", "GQA-32-XXL", "GQA-16-XXL", "GQA-8-XXL", "GQA-4-XXL", "MQA-XXL"]
 
 
 def test_every_paper_job_carries_a_memory_setting_and_the_models_are_scanned():
@@ -146,7 +170,7 @@ def _cache_leaf(tree, path):
 @needs_libtpu
 def test_tiny_decode_steps_fit_and_lay_out_kv_heads_by_the_rules(v4_8):
   # Dimensions of whole TPU tiles (128 lanes), so that padding does not blur the bytes.
-  setup = roofline.Setup(input_length=256, output_length=128)
+  setup = perf_model.Setup(input_length=256, output_length=128)
   step_bytes = {}
   for k in (8, 2, 1):
     config = sizes.t5_1_1("tiny", emb_dim=256, head_dim=128, mlp_dim=512, vocab_size=1024,
@@ -156,7 +180,7 @@ def test_tiny_decode_steps_fit_and_lay_out_kv_heads_by_the_rules(v4_8):
                                         devices=v4_8)
     compiled = lowered["step"].compile()
     figures = aot.program_figures(compiled)
-    assert aot.check_fits(figures, tpu_topology.V4_HBM_AVAILABLE_BYTES).within_headroom
+    assert aot.check_fits(figures, V4_AVAILABLE).within_headroom
     step_bytes[k] = figures.bytes_accessed
     cache = compiled.input_shardings[0][3]
     for attention in ("self_attention", "encoder_decoder_attention"):
@@ -179,7 +203,7 @@ def test_tiny_train_step_compiles_for_v4_8_and_the_dry_run_reports_the_fit(v4_8,
                                             "decoder_target_tokens", "decoder_loss_weights")}
   part = partitioning.Partitioner(data_parallel=-1, model_parallel=2, devices=v4_8)
   step = trainer.Trainer(model, optim.Adafactor(learning_rate=optim.rsqrt_decay()), part, spec)
-  report = trainer.dry_run_report(step, tpu_topology.V4_HBM_AVAILABLE_BYTES, what="tiny")
+  report = trainer.dry_run_report(step, V4_AVAILABLE, what="tiny")
   assert report["fits"] and 0 < report["peak_bytes_per_device"] < GIB
   assert "tiny fits" in capsys.readouterr().out
   kernel = step.params_shardings["decoder"]["layers_0"]["self_attention"]["key"]["kernel"]
@@ -199,9 +223,9 @@ class _FakeCompiler:
     self.tried.append((remat, micro))
     temps = self.temps_gib[remat] * GIB / micro + 2 * GIB
     figures = aot.ProgramFigures(argument_bytes=4 * GIB, temp_bytes=temps)
-    if temps + 4 * GIB > tpu_topology.V4_HBM_AVAILABLE_BYTES:
+    if temps + 4 * GIB > V4_AVAILABLE:
       figures = aot.ProgramFigures(compiled=False, needed_bytes=temps)
-    verdict = aot.check_fits(figures, tpu_topology.V4_HBM_AVAILABLE_BYTES)
+    verdict = aot.check_fits(figures, V4_AVAILABLE)
     settings = {"batch": 2048, "lengths": {"inputs": 512, "targets": 114},
                 "scan_layers": True, "remat_policy": remat, "num_microbatches": micro}
     return compile_lib.CompiledJob(job.name, job.kind, job.task, "v4-256",

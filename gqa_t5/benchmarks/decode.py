@@ -30,9 +30,10 @@ import jax
 import numpy as np
 
 from gqa_t5 import jax_setup
-from gqa_t5.benchmarks import common, decode_report, roofline
+from gqa_t5 import perf_model
+from gqa_t5.benchmarks import common, decode_report
 from gqa_t5.benchmarks import decode_run as run_lib
-from gqa_t5.model import sizes
+from gqa_t5.model import grouping, sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +114,11 @@ def build_config(args, parser):
   if args.kv_heads:
     kv_heads = [int(k) for k in args.kv_heads.split(",")]
   elif (overrides and overrides != dict(args.preset.dims)) or args.size:
-    kv_heads = sorted({k for k in (n, n // 2, n // 4, n // 8, 1) if k >= 1 and n % k == 0},
-                      reverse=True)
+    kv_heads = [k for k in grouping.valid_kv_heads(n) if k in (n, n // 2, n // 4, n // 8, 1)]
   else:
     kv_heads = list(args.preset.kv_heads)
   for k in kv_heads:
-    if k <= 0 or n % k:
+    if k not in grouping.valid_kv_heads(n):
       parser.error(f"--kv-heads value {k} does not divide num_heads={n}")
   kv_heads = sorted(set(kv_heads), reverse=True)
   return config, kv_heads
@@ -141,9 +141,10 @@ def run_shape(args, config, kv_heads, params_bytes: int) -> Tuple[run_lib.RunSha
                         * itemsize for k in kv_heads if k != config.num_heads)
     # Prefilling may hold a second copy of the caches; the encoded batch stays alive. The
     # encoder's attention buffers (chunks of --encode-batch rows) are gone by then.
-    per_sequence = (2 * roofline.cache_bytes_per_sequence(mha, s, t)
+    per_sequence = (2 * sum(perf_model.cache_bytes(mha, s, t).values())
                     + s * config.emb_dim * itemsize)
-    batch = roofline.fit_batch(per_sequence, params_bytes, limit, args.memory_fraction)
+    batch = perf_model.fit_batch(per_sequence, params_bytes, limit, args.memory_fraction,
+                                 multiple=8)
     how = (f"fitted: {limit / 2**30:.1f} GiB limit, {params_bytes / 2**30:.1f} GiB weights, "
            f"{per_sequence / 2**30:.2f} GiB per sequence, {args.memory_fraction:.0%} usable")
   return run_lib.RunShape(batch, s, t, steps, args.encode_batch), how

@@ -9,7 +9,8 @@ from typing import Any, Dict, List
 import jax
 import numpy as np
 
-from gqa_t5.benchmarks import common, hf_reference, roofline
+from gqa_t5.benchmarks import bandwidth as bandwidth_lib
+from gqa_t5.benchmarks import common, hf_reference
 from gqa_t5.benchmarks import decode_run as run_lib
 
 # Start-up targets (process start -> first timed decode step), seconds: (shape, warm cache).
@@ -69,9 +70,9 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant]
     variant.set_params(mha_params)  # the paper's conversion of the MHA weights
   startup["compile_rest_s"] = run_lib.compile_variants(variants[1:], encoder.encoded_shape, inputs)
   probe = (args.bandwidth_mib * 2**20 if args.bandwidth_mib else
-           roofline.probe_bytes(results["device"]["memory_bytes_limit"], args.smoke))
+           bandwidth_lib.probe_bytes(results["device"]["memory_bytes_limit"], args.smoke))
   common.progress(f"measuring memory bandwidth ({probe / 2**20:.0f} MiB probe) ...")
-  before = roofline.measure_bandwidth(probe)
+  before = bandwidth_lib.measure_bandwidth(probe)
   encode_times += [common.timed(lambda: encoder(first.params, inputs))
                    for _ in range(extra_encoder_runs(encode_times[0], args.repeats))]
   for r in range(args.repeats):
@@ -79,7 +80,7 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant]
                     + ", ".join(str(v.num_kv_heads) for v in variants) + " ...")
     for variant in variants:  # interleaved, so drift hits every K alike
       variant.run_once(encoded, inputs)
-  after = roofline.measure_bandwidth(probe)
+  after = bandwidth_lib.measure_bandwidth(probe)
   bandwidth = max(before, after)
   results["bandwidth"] = {"probe_bytes": probe, "before_bytes_per_s": before,
                           "after_bytes_per_s": after, "used_bytes_per_s": bandwidth}

@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5 import decoding
-from gqa_t5.benchmarks import common, roofline
-from gqa_t5.model import Transformer, grouping
+from gqa_t5 import perf_model
+from gqa_t5.benchmarks import common
+from gqa_t5.convert import pooling
+from gqa_t5.model import Transformer
 from gqa_t5.model.config import T5Config
 from gqa_t5.models import EncoderDecoderModel
 
@@ -56,10 +58,9 @@ def init_mha_params(config: T5Config, seed: int = 0):
 
 
 def pool_kv_heads(mha_params, config: T5Config, num_kv_heads: int):
-  """The paper's conversion: each group's decoder key/value heads mean-pooled (query head n
-  uses key/value head n // G, `grouping.py`); every other array is shared with `mha_params`."""
-  n, h = config.num_heads, config.head_dim
-  g = grouping.group_size(n, num_kv_heads)
+  """The paper's conversion, by the function `gqa-t5 convert --method mean` applies to each
+  decoder key/value kernel (`convert.pooling.pool`), here on the in-memory tree: device arrays,
+  or abstract ones under `jax.eval_shape`. Every other array is shared with `mha_params`."""
   decoder = dict(mha_params["decoder"])
   for name, layer in mha_params["decoder"].items():
     if not name.startswith("layers_"):
@@ -68,9 +69,8 @@ def pool_kv_heads(mha_params, config: T5Config, num_kv_heads: int):
     for attention in ("self_attention", "encoder_decoder_attention"):
       module = dict(layer[attention])
       for part in ("key", "value"):
-        kernel = module[part]["kernel"]                                   # [D, N*H]
-        pooled = kernel.reshape(-1, num_kv_heads, g, h).astype(jnp.float32).mean(axis=2)
-        module[part] = {"kernel": pooled.reshape(-1, num_kv_heads * h).astype(kernel.dtype)}
+        module[part] = {"kernel": pooling.pool(module[part]["kernel"], config.num_heads,
+                                               num_kv_heads, "mean")}
       layer[attention] = module
     decoder[name] = layer
   return dict(mha_params, decoder=decoder)
@@ -95,8 +95,8 @@ class Variant:
     self.params = None
     self.set_params(mha_params)
     self.shape = shape
-    self.bytes = roofline.decode_step_bytes(self.config, shape.batch, shape.input_length,
-                                            shape.output_length)
+    self.bytes = perf_model.decode_step_bytes(self.config, shape.batch, shape.input_length,
+                                              shape.output_length)
     self.loop_times: List[float] = []
     self.tokens: Optional[np.ndarray] = None
     self.prepare = self.loop = None

@@ -25,18 +25,15 @@ from typing import Any, Dict, List, Optional
 import jax
 import numpy as np
 
-from gqa_t5 import jax_setup, models, optim, partitioning, trainer as trainer_lib
+from gqa_t5 import jax_setup, models, optim, partitioning, perf_model, trainer as trainer_lib
 from gqa_t5.benchmarks import common, hf_reference
-from gqa_t5.model import Transformer, sizes
+from gqa_t5.model import Transformer, grouping, sizes
 
 # name: (size, input length, target length, batch, K values, activation dtype)
 PRESETS = {
     "large": ("large", 512, 128, 32, (16, 8, 1), "bfloat16"),
     "smoke": ("tiny", 32, 8, 2, (8, 1), "float32"),
 }
-# Dense bfloat16 peak TFLOP/s by device-kind substring, for MFU.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "v5e": 197.0,
-               "v5p": 459.0, "v4": 275.0}
 MFU_TARGET, HF_TARGET, SLOWER_TOLERANCE = 0.45, 1.5, 0.03
 
 
@@ -67,7 +64,7 @@ def parse_args(argv=None):
   args.config = sizes.t5_1_1(size, **overrides)
   args.kv = ([int(k) for k in args.kv_heads.split(",")] if args.kv_heads else list(kv))
   for k in args.kv:
-    if k <= 0 or args.config.num_heads % k:
+    if k not in grouping.valid_kv_heads(args.config.num_heads):
       parser.error(f"--kv-heads value {k} does not divide num_heads={args.config.num_heads}")
   args.lengths = (s, t)
   args.batch = args.batch or b
@@ -90,7 +87,7 @@ class Ours:
   """One K: a Trainer, its lowered and compiled step, state and device batch."""
 
   def __init__(self, config, k: int, batch: Dict[str, np.ndarray]):
-    self.name = "MHA" if k == config.num_heads else ("MQA" if k == 1 else f"GQA-{k}")
+    self.name = grouping.kv_label(k, config.num_heads)
     self.k = k
     model = models.EncoderDecoderModel(Transformer(config.replace(num_kv_heads=k)))
     spec = {name: (v.shape, v.dtype) for name, v in batch.items()}
@@ -129,13 +126,11 @@ class Ours:
 
 
 def peak_tflops(explicit: Optional[float]) -> Optional[float]:
+  """--peak-tflops, else the dense bf16 peak of this device's chip (`perf_model.CHIPS`)."""
   if explicit:
     return explicit
-  kind = jax.devices()[0].device_kind.lower()
-  for name, tflops in PEAK_TFLOPS.items():
-    if name.lower() in kind:
-      return tflops
-  return None
+  chip = perf_model.chip_of_device_kind(jax.devices()[0].device_kind)
+  return chip.peak_flops / 1e12 if chip else None
 
 
 def time_interleaved(fns, steps: int, warmup: int, labels) -> List[List[float]]:

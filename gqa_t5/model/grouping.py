@@ -1,20 +1,34 @@
-"""The one definition of which query heads share a key/value head.
+"""The one definition of which query heads share a key/value head, of the K that can group N
+heads (`valid_kv_heads`) and of what a K is called (`kv_label`: MHA, MQA, GQA-K).
 
 Query head n = k*G + g (G = N/K) uses key/value head k: adjacent query heads form a group.
 A flat `[..., N*H]` projection therefore reshapes to `[..., K, G, H]` with no transpose, which is
 what the attention einsums rely on and what the checkpoint converter pools over. Everything
-that splits, pools or validates heads (attention, config validation, conversion) calls these
-functions; they work on numpy and jax arrays alike (reshapes only).
+that splits, pools, validates or names heads (attention, config validation, conversion, the
+benchmarks and the reproduction's reports) calls these functions; they work on numpy and jax
+arrays alike (reshapes only).
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 
 def valid_kv_heads(num_heads: int) -> List[int]:
-  """Every K that can group `num_heads` query heads: the divisors of N."""
+  """Every K that can group `num_heads` query heads: the divisors of N, ascending."""
   return [k for k in range(1, num_heads + 1) if num_heads % k == 0]
+
+
+def kv_label(num_kv_heads: Optional[int], num_heads: int) -> str:
+  """The paper's name of K key/value heads for N query heads: 'MHA' (K = N; None means N),
+  'MQA' (K = 1) or 'GQA-K'."""
+  k = num_heads if num_kv_heads is None else num_kv_heads
+  return "MHA" if k == num_heads else ("MQA" if k == 1 else f"GQA-{k}")
+
+
+def kv_name(num_kv_heads: Optional[int], num_heads: int) -> str:
+  """`kv_label` for file and stage names: 'mha', 'mqa' or 'gqaK'."""
+  return kv_label(num_kv_heads, num_heads).lower().replace("-", "")
 
 
 def group_size(num_heads: int, num_kv_heads: int, what: str = "num_kv_heads") -> int:

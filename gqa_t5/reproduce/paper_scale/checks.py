@@ -5,7 +5,7 @@
     model is grouped, match the model's abstract parameters;
   * shardings: every parameter and optimizer-state tensor splits evenly over the TPU v4 mesh
     (`jax.sharding.AbstractMesh`), and fits a chip's HBM;
-  * decode cache: its bytes at the paper's timing lengths are the roofline model's.
+  * decode cache: its bytes at the paper's timing lengths are the performance model's.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gqa_t5 import eval as eval_lib
 from gqa_t5 import gin_utils
 from gqa_t5 import input_pipeline
 from gqa_t5 import partitioning
-from gqa_t5 import tpu_topology
+from gqa_t5 import perf_model
 from gqa_t5 import train as train_lib
 from gqa_t5 import trainer
 from gqa_t5.checkpoints import initial as initial_checkpoint
@@ -35,7 +35,6 @@ from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.convert import converter
 from gqa_t5.model import sizes
 from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
-from gqa_t5.reproduce.paper_scale import roofline
 from gqa_t5.tasks import lengths
 
 
@@ -159,11 +158,11 @@ def check_shardings(job: jobs_lib.Job, trainer_kwargs: Dict[str, Any], abstract:
       total += float(np.prod(shard, dtype=np.float64)) * np.dtype(value.dtype).itemsize
     totals[what] = total
   used = sum(totals.values())
-  if used > tpu_topology.V4_HBM_AVAILABLE_BYTES:
+  available = perf_model.TPU_V4.available_bytes
+  if used > available:
     raise DryRunError(f"{job.name}: parameters and optimizer state need "
                       f"{used / 2 ** 30:.1f} GiB per chip, over the "
-                      f"{tpu_topology.V4_HBM_AVAILABLE_BYTES / 2 ** 30:.2f} GiB of a TPU v4 "
-                      f"chip")
+                      f"{available / 2 ** 30:.2f} GiB of a {perf_model.TPU_V4.name} chip")
   kv = partitioning.describe_kv_layout(config, sl.model_parallel)
   return (f"{sl.name} mesh data={sl.data_parallel} x model={sl.model_parallel}: "
           + ", ".join(f"{k} {_gib(v)}" for k, v in totals.items())
@@ -171,8 +170,8 @@ def check_shardings(job: jobs_lib.Job, trainer_kwargs: Dict[str, Any], abstract:
 
 
 def check_decode_cache(model_obj, config) -> str:
-  """The decoding cache at the paper's timing lengths matches the roofline model's bytes."""
-  setup = roofline.Setup()
+  """The decoding cache at the paper's timing lengths matches the performance model's bytes."""
+  setup = perf_model.Setup()
   s, t = setup.input_length, setup.output_length
 
   def make(params):
@@ -184,13 +183,13 @@ def check_decode_cache(model_obj, config) -> str:
   flat = _flat(jax.eval_shape(make, abstract_params))
   kv_bytes = sum(float(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
                  for n, v in flat.items() if n.endswith(("cached_key", "cached_value")))
-  expected = sum(roofline.cache_bytes_per_sample(roofline.shape_of(config), setup).values())
+  expected = sum(perf_model.cache_bytes(config, s, t, setup.bytes_per_value).values())
   if abs(kv_bytes - expected) > 1e-6 * expected:
     raise DryRunError(f"decode cache of {config.self_attention_kv_heads} key/value heads: "
-                      f"{kv_bytes:.0f} bytes per sample, the roofline model assumes "
+                      f"{kv_bytes:.0f} bytes per sample, the performance model assumes "
                       f"{expected:.0f}")
   return (f"decode cache at input {s} / output {t}: {kv_bytes / 2 ** 20:.1f} MiB per sample, "
-          f"as the roofline model assumes")
+          f"as the performance model assumes")
 
 
 def entry_point(job: jobs_lib.Job):

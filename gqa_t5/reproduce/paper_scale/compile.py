@@ -39,12 +39,12 @@ from gqa_t5 import gin_utils
 from gqa_t5 import input_pipeline
 from gqa_t5 import jax_setup
 from gqa_t5 import partitioning
+from gqa_t5 import perf_model
 from gqa_t5 import tpu_topology
 from gqa_t5 import trainer as trainer_lib
 from gqa_t5.checkpoints import atomic
 from gqa_t5.reproduce.paper_scale import checks
 from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
-from gqa_t5.reproduce.paper_scale import roofline
 from gqa_t5.reproduce.paper_scale import tpu_timing
 
 
@@ -102,12 +102,12 @@ def _settings(job: jobs_lib.Job, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def model_step_seconds(job: jobs_lib.Job, config, settings: Dict[str, Any]) -> Optional[float]:
-  """The performance model's train-step time per chip (see roofline.train_step_seconds)."""
+  """The performance model's train-step time per chip (perf_model.train_step_seconds)."""
   if job.entry != "gqa_t5.train":
     return None
   lengths = settings["lengths"]
-  return roofline.train_step_seconds(
-      roofline.shape_of(config), batch=settings["batch"], input_length=lengths["inputs"],
+  return perf_model.train_step_seconds(
+      config, batch=settings["batch"], input_length=lengths["inputs"],
       target_length=lengths["targets"], chips=job.model.slice.chips,
       remat_policy=settings["remat_policy"], num_microbatches=settings["num_microbatches"],
       model_parallel=job.model.slice.model_parallel)
@@ -226,7 +226,7 @@ def search(job: jobs_lib.Job, compiler: "JobCompiler", log: Callable[[str], None
   kwargs = _parse(job)
   config = kwargs["model"].module.config
   settings = _settings(job, kwargs)
-  budget = tpu_topology.V4_HBM_AVAILABLE_BYTES * tpu_topology.HEADROOM_FRACTION
+  budget = perf_model.TPU_V4.available_bytes * tpu_topology.HEADROOM_FRACTION
   needed: Dict[str, tuple] = {}  # remat -> (micro-batches, temporaries, arguments) that failed
   compiles = 0
   last = None
@@ -296,7 +296,7 @@ def markdown(results: List[CompiledJob]) -> str:
   for r in results:
     f = r.figures
     peak = f.peak_bytes
-    share = f"{peak / tpu_topology.V4_HBM_AVAILABLE_BYTES:.0%}"
+    share = f"{peak / perf_model.TPU_V4.available_bytes:.0%}"
     step = "-" if r.model_step_seconds is None else f"{r.model_step_seconds:.2f}"
     if f.compiled:
       memory = (f"{aot.gib(f.argument_bytes)} | {aot.gib(f.temp_bytes)} | "
@@ -351,10 +351,10 @@ def write_report(out: str, results: List[CompiledJob]) -> None:
             "Written by `gqa-t5 compile --out DIR`: each job's own gin files and bindings, "
             "compiled by TPU's compiler for its slice's chips (one device per chip). Peak = "
             "arguments + outputs - donated + temporaries + generated code, per chip, against "
-            f"the {aot.gib(tpu_topology.V4_HBM_AVAILABLE_BYTES)} the compiler makes available "
+            f"the {aot.gib(perf_model.TPU_V4.available_bytes)} the compiler makes available "
             f"on a v4 chip; a job fits when it stays within "
             f"{tpu_topology.HEADROOM_FRACTION:.0%} of that. 'model step' is the performance "
-            "model's estimate (roofline.train_step_seconds), not a measurement.\n\n")
+            "model's estimate (perf_model.train_step_seconds), not a measurement.\n\n")
   atomic.write_text(os.path.join(out, "compile_jobs.md"), header + markdown(results))
   atomic.write_text(os.path.join(out, "compile_jobs.json"),
                     json.dumps([r.to_dict() for r in results], indent=1))

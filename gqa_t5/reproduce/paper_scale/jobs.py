@@ -8,6 +8,8 @@ import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
 from gqa_t5 import tpu_topology
+from gqa_t5.model import sizes
+from gqa_t5.reproduce.report import paper
 from gqa_t5.tasks import lengths
 
 PUBLIC_CHECKPOINTS = {
@@ -54,8 +56,7 @@ class ModelSpec:
 
   @property
   def name(self) -> str:
-    label = {"mha": "MHA", "mqa": "MQA", "gqa8": "GQA-8"}[self.attention]
-    return f"{label}-{'Large' if self.size == 'large' else 'XXL'}"
+    return paper.model_name(self.size, self.kv_heads, sizes.t5_1_1(self.size).num_heads)
 
 
 LARGE_SLICE = Slice("v4-64", model_parallel=1)

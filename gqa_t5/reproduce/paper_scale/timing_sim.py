@@ -1,6 +1,6 @@
-"""The paper-scale timing simulation (`scripts/simulate_paper_timing.py`): the roofline model of
-`roofline.py` applied to T5.1.1-Large/XXL on TPU v4, printed beside the paper's Table 1 and the
-shape of its Figure 6, with what dominates each time in words.
+"""The paper-scale timing simulation (`scripts/simulate_paper_timing.py`): the roofline of
+greedy decoding (`gqa_t5.perf_model`) applied to T5.1.1-Large/XXL on TPU v4, printed beside the
+paper's Table 1 and the shape of its Figure 6, with what dominates each time in words.
 """
 
 from __future__ import annotations
@@ -8,29 +8,42 @@ from __future__ import annotations
 import argparse
 from typing import Dict, List, Optional, Sequence
 
+from gqa_t5 import perf_model
 from gqa_t5.checkpoints import atomic
+from gqa_t5.model import grouping
 from gqa_t5.model import sizes
-from gqa_t5.reproduce.paper_scale import roofline
+from gqa_t5.model.config import T5Config
+from gqa_t5.reproduce.report import paper
+
+# Table 1's models: (size, key/value heads; None: multi-head).
+TABLE1_MODELS = (("large", None), ("xxl", None), ("xxl", 1), ("xxl", 8))
 
 
-def xxl(num_kv_heads: Optional[int] = None, name: str = "T5.1.1-XXL") -> roofline.ModelShape:
-  return roofline.shape_of(sizes.t5_1_1("xxl", num_kv_heads=num_kv_heads), name)
+def xxl(num_kv_heads: Optional[int] = None) -> T5Config:
+  return sizes.t5_1_1("xxl", num_kv_heads=num_kv_heads)
 
 
-def paper_variants() -> Dict[str, roofline.ModelShape]:
-  """The four models of the paper's Table 1, sized by `gqa_t5.model.sizes`."""
-  return {"MHA-Large": roofline.shape_of(sizes.t5_1_1("large"), "MHA-Large"),
-          "MHA-XXL": xxl(None, "MHA-XXL"), "MQA-XXL": xxl(1, "MQA-XXL"),
-          "GQA-8-XXL": xxl(8, "GQA-8-XXL")}
+def paper_variants() -> Dict[str, T5Config]:
+  """The four models of the paper's Table 1 by the paper's names, sized by
+  `gqa_t5.model.sizes`."""
+  out = {}
+  for size, k in TABLE1_MODELS:
+    config = sizes.t5_1_1(size, num_kv_heads=k)
+    out[paper.model_name(size, k, config.num_heads)] = config
+  return out
 
-_DESCRIPTION = """Roofline model of greedy decoding for T5.1.1-Large/XXL on TPU v4 (1.2 TB/s HBM,
-275 TFLOP/s bf16 per chip), predicting the paper's time per sample for MHA, MQA, GQA-8 and every
-group count, beside Table 1 and Figure 6 of Ainslie et al. (2023)."""
+
+_CHIP = perf_model.TPU_V4
+_DESCRIPTION = (f"Roofline model of greedy decoding for T5.1.1-Large/XXL on {_CHIP.name} "
+                f"({_CHIP.hbm_bytes_per_s / 1e12:.1f} TB/s HBM, {_CHIP.peak_flops / 1e12:.0f} "
+                "TFLOP/s bf16 per chip), predicting the paper's time per sample for MHA, MQA, "
+                "GQA-8 and every group count, beside Table 1 and Figure 6 of Ainslie et al. "
+                "(2023).")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=_DESCRIPTION)
-  defaults = roofline.Setup()
+  defaults = perf_model.Setup()
   parser.add_argument("--chips", type=int, default=defaults.chips)
   parser.add_argument("--model-parallel", type=int, default=defaults.model_parallel,
                       help="chips sharing one copy of the weights")
@@ -56,21 +69,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return args
 
 
-def setup_from_args(args: argparse.Namespace) -> roofline.Setup:
-  return roofline.Setup(chips=args.chips, model_parallel=args.model_parallel,
-                        max_batch_per_chip=args.max_batch_per_chip,
-                        input_length=args.input_length, output_length=args.output_length,
-                        self_cache_read=args.self_cache_read, kv_layout=args.kv_layout,
-                        hbm_reserve_fraction=args.hbm_reserve)
+def setup_from_args(args: argparse.Namespace) -> perf_model.Setup:
+  return perf_model.Setup(chips=args.chips, model_parallel=args.model_parallel,
+                          max_batch_per_chip=args.max_batch_per_chip,
+                          input_length=args.input_length, output_length=args.output_length,
+                          self_cache_read=args.self_cache_read, kv_layout=args.kv_layout,
+                          hbm_reserve_fraction=args.hbm_reserve)
 
 
-def simulate(setup: roofline.Setup, chip: roofline.Chip = roofline.TPU_V4) -> Dict:
+def simulate(setup: perf_model.Setup, chip: perf_model.Chip = _CHIP) -> Dict:
   """Every number the report prints: Table 1's four models and XXL for each group count."""
-  table = {name: roofline.time_per_sample(shape, setup, chip)
-           for name, shape in paper_variants().items()}
+  table = {name: perf_model.time_per_sample(config, setup, chip)
+           for name, config in paper_variants().items()}
   mha = xxl()
-  groups = {k: roofline.time_per_sample(mha.with_kv_heads(k), setup, chip)
-            for k in roofline.group_counts(mha.num_heads)}
+  groups = {k: perf_model.time_per_sample(mha.replace(num_kv_heads=k), setup, chip)
+            for k in grouping.valid_kv_heads(mha.num_heads)}
   return {"setup": setup.__dict__, "chip": chip.__dict__, "table1": table,
           "groups_xxl": groups}
 
@@ -81,7 +94,7 @@ def _ms(seconds: float) -> str:
 
 def table1_lines(result: Dict) -> List[str]:
   table = result["table1"]
-  paper = roofline.PAPER_TABLE1_SECONDS
+  paper_s = paper.table1_seconds()
   mha = table["MHA-XXL"]["total"]
   lines = ["Table 1 (time per sample per chip; ratios are to MHA-XXL)",
            f"{'model':<10} {'batch':>5} {'encode ms':>9} {'decode ms':>9} {'total ms':>9} "
@@ -89,16 +102,17 @@ def table1_lines(result: Dict) -> List[str]:
   for name, r in table.items():
     lines.append(
         f"{name:<10} {r['batch_per_chip']:>5} {_ms(r['encode']):>9} {_ms(r['decode']):>9} "
-        f"{_ms(r['total']):>9} {r['total'] / mha:>6.3f} | {paper[name]:>7.2f} "
-        f"{paper[name] / paper['MHA-XXL']:>6.3f} {paper[name] / r['total']:>11.1f} | "
-        f"{roofline.dominant_term(r)}")
+        f"{_ms(r['total']):>9} {r['total'] / mha:>6.3f} | {paper_s[name]:>7.2f} "
+        f"{paper_s[name] / paper_s['MHA-XXL']:>6.3f} {paper_s[name] / r['total']:>11.1f} | "
+        f"{perf_model.dominant_term(r)}")
   mqa, gqa = table["MQA-XXL"]["total"], table["GQA-8-XXL"]["total"]
   lines.append(
       f"GQA-8-XXL / MQA-XXL: model {gqa / mqa:.2f}, paper "
-      f"{paper['GQA-8-XXL'] / paper['MQA-XXL']:.2f};  MHA-XXL / MQA-XXL: model {mha / mqa:.2f}, "
-      f"paper {paper['MHA-XXL'] / paper['MQA-XXL']:.2f};  MHA-XXL / MHA-Large: model "
+      f"{paper_s['GQA-8-XXL'] / paper_s['MQA-XXL']:.2f};  MHA-XXL / MQA-XXL: model "
+      f"{mha / mqa:.2f}, paper {paper_s['MHA-XXL'] / paper_s['MQA-XXL']:.2f};  MHA-XXL / "
+      f"MHA-Large: model "
       f"{mha / table['MHA-Large']['total']:.2f}, paper "
-      f"{paper['MHA-XXL'] / paper['MHA-Large']:.2f}")
+      f"{paper_s['MHA-XXL'] / paper_s['MHA-Large']:.2f}")
   return lines
 
 
@@ -131,7 +145,7 @@ def explanation_lines(result: Dict) -> List[str]:
   for name, r in table.items():
     step_share = r["step_memory_time"] / max(r["step_compute_time"], 1e-30)
     lines.append(
-        f"  {name}: {roofline.dominant_term(r)}; each decode step is "
+        f"  {name}: {perf_model.dominant_term(r)}; each decode step is "
         f"{'memory' if r['step_memory_bound'] else 'compute'}-bound (memory time "
         f"{step_share:.1f}x compute time), {r['step_bytes'] / 1e9:.2f} GB and "
         f"{r['step_flops'] / 1e12:.2f} TFLOP per chip per step at batch {r['batch_per_chip']}; "
@@ -145,7 +159,8 @@ def explanation_lines(result: Dict) -> List[str]:
       f"{cache_share:.0%} of MHA-XXL's time. With K key/value heads they shrink by {n}/K, so "
       f"MQA's decode becomes {mqa['decode'] / mqa['total']:.0%} of its time and the fixed "
       f"encoder + prefill cost ({_ms(mqa['encode']).strip()} ms) is what remains.")
-  factors = [roofline.PAPER_TABLE1_SECONDS[name] / r["total"] for name, r in table.items()]
+  paper_s = paper.table1_seconds()
+  factors = [paper_s[name] / r["total"] for name, r in table.items()]
   if min(factors) > 1.0:
     lines.append(
         f"  The paper's times are {min(factors):.1f}x to {max(factors):.1f}x the roofline (the "
@@ -163,7 +178,7 @@ def explanation_lines(result: Dict) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
   setup = setup_from_args(args)
-  chip = roofline.TPU_V4
+  chip = _CHIP
   result = simulate(setup, chip)
   print(f"Roofline of greedy decoding on {setup.chips} x {chip.name} "
         f"({chip.hbm_bytes_per_s / 1e12:.1f} TB/s HBM, {chip.peak_flops / 1e12:.0f} TFLOP/s "

@@ -12,15 +12,17 @@ compiles the two programs decoding runs:
 `cost_analysis` counts a loop body once, so each program is compiled unrolled with 1 and with 2
 layers per stack and extrapolated to the model's depth: per-layer = f(2) - f(1), total = f(1)
 + (L - 1) x per-layer (exact for FLOPs and bytes, which are sums over layers). The batch per
-chip is the largest up to `roofline.Setup.max_batch_per_chip` whose weights and caches fit
-(the performance model's `fitting_batch_per_chip`, with the key/value layout the partitioner
-really uses: K heads that do not split over the model axis are replicated).
+chip is the largest up to `perf_model.Setup.max_batch_per_chip` whose weights and caches fit
+the HBM the compiler makes available, less the jobs' headroom (`batch_per_chip`: the
+performance model's `fitting_batch_per_chip` within `perf_model.TPU_V4.available_bytes` x
+`tpu_topology.HEADROOM_FRACTION`, with the key/value layout the partitioner really uses: K heads
+that do not split over the model axis are replicated).
 
 Time per sample (chip-seconds, the paper's measure) = (encode + 512 x step) / batch per chip,
-each program taking max(FLOPs / peak, bytes / bandwidth) of the chip (roofline.TPU_V4): the
+each program taking max(FLOPs / peak, bytes / bandwidth) of the chip (perf_model.TPU_V4): the
 project's one performance model applied to the compiler's FLOPs and bytes. XLA's own estimate
 (`optimal_seconds`) is shown beside it. Both are estimates, not measurements. The compiled
-bytes of a step are checked against the performance model's count (`roofline.decode_step`):
+bytes of a step are checked against the performance model's count (`perf_model.decode_step`):
 the compile-level proof at XXL scale that keys/values are never repeated to N heads and
 cross-attention keys/values are not re-projected per step.
 """
@@ -38,12 +40,12 @@ import jax.numpy as jnp
 from gqa_t5 import aot
 from gqa_t5 import models
 from gqa_t5 import partitioning
+from gqa_t5 import perf_model
 from gqa_t5 import t5x_compat
 from gqa_t5 import tpu_topology
 from gqa_t5.checkpoints import atomic
 from gqa_t5.model import network
 from gqa_t5.model import sizes
-from gqa_t5.reproduce.paper_scale import roofline
 from gqa_t5.reproduce.report import paper
 
 TIMING_SLICE = "v4-16"        # 8 chips, the paper's timing set-up
@@ -63,16 +65,12 @@ class Variant:
                         num_encoder_layers=layers, num_decoder_layers=layers, dropout_rate=0.0)
 
 
-def paper_seconds() -> Dict[str, float]:
-  """Table 1's measured time per sample (seconds), by model name."""
-  return {name: row["time"] for name, row in paper.TABLE1.items()}
-
-
 def variants() -> List[Variant]:
-  out = [Variant("MHA-Large", "large", None)]
+  """MHA-Large, then XXL for each K of XXL_GROUPS, named as the paper names them."""
+  out = [Variant(paper.model_name("large", None, sizes.t5_1_1("large").num_heads), "large", None)]
+  n = sizes.t5_1_1("xxl").num_heads
   for k in XXL_GROUPS:
-    name = {64: "MHA-XXL", 1: "MQA-XXL"}.get(k, f"GQA-{k}-XXL")
-    out.append(Variant(name, "xxl", None if k == 64 else k))
+    out.append(Variant(paper.model_name("xxl", k, n), "xxl", None if k == n else k))
   return out
 
 
@@ -82,7 +80,7 @@ def _bf16(tree):
                       if jnp.issubdtype(s.dtype, jnp.floating) else s, tree)
 
 
-def lower_programs(config, model_axis: int, batch: int, setup: roofline.Setup,
+def lower_programs(config, model_axis: int, batch: int, setup: perf_model.Setup,
                    devices) -> Dict[str, object]:
   """The encode and step programs of a `T5Config`, lowered for a (devices / model_axis,
   model_axis) mesh of `devices` at global batch `batch` and the lengths of `setup`."""
@@ -125,27 +123,50 @@ def _extrapolate(one: aot.ProgramFigures, two: aot.ProgramFigures, layers: int) 
   return out
 
 
-def _phase_seconds(figures: Dict, chip: roofline.Chip) -> float:
+def _phase_seconds(figures: Dict, chip: perf_model.Chip) -> float:
   return max(figures["flops"] / chip.peak_flops, figures["bytes_accessed"] / chip.hbm_bytes_per_s)
 
 
-def time_variant(variant: Variant, model_axis: int, devices, setup: roofline.Setup,
-                 chip: roofline.Chip = roofline.TPU_V4, cache_dir: Optional[str] = None) -> Dict:
+def full_config(variant: Variant):
+  """The variant's `T5Config` at its size's depth."""
+  return variant.config(sizes.t5_1_1(variant.size).num_decoder_layers)
+
+
+def model_setup(variant: Variant, model_axis: int,
+                setup: perf_model.Setup) -> perf_model.Setup:
+  """`setup` on a model axis of `model_axis` chips, with the key/value layout the partitioner
+  uses: K heads that do not split over the model axis are replicated."""
+  k = full_config(variant).self_attention_kv_heads
+  layout = "ideal" if k % model_axis == 0 else "replicated"
+  return dataclasses.replace(setup, model_parallel=model_axis, kv_layout=layout)
+
+
+def batch_per_chip(variant: Variant, model_axis: int, setup: perf_model.Setup,
+                   chip: perf_model.Chip = perf_model.TPU_V4) -> int:
+  """The largest batch per chip (up to `setup.max_batch_per_chip`) whose weights and caches fit
+  the HBM the compiler makes available to a program, within the jobs' headroom."""
+  return perf_model.fitting_batch_per_chip(
+      full_config(variant), model_setup(variant, model_axis, setup), chip,
+      memory_bytes=chip.available_bytes * tpu_topology.HEADROOM_FRACTION)
+
+
+def time_variant(variant: Variant, model_axis: int, devices, setup: perf_model.Setup,
+                 chip: perf_model.Chip = perf_model.TPU_V4, cache_dir: Optional[str] = None
+                 ) -> Dict:
   """Compiled figures, the time per sample and the performance model's figures of one variant
   (each program's figures kept in `cache_dir`, by program, when given)."""
-  full = variant.config(sizes.t5_1_1(variant.size).num_decoder_layers)
-  shape = roofline.shape_of(full, variant.name)
-  layout = ("ideal" if shape.kv_heads % model_axis == 0 else "replicated")
-  model_setup = dataclasses.replace(setup, model_parallel=model_axis, kv_layout=layout)
-  per_chip = roofline.fitting_batch_per_chip(shape, model_setup, chip)
+  full = full_config(variant)
+  variant_setup = model_setup(variant, model_axis, setup)
+  per_chip = batch_per_chip(variant, model_axis, setup, chip)
   batch = per_chip * setup.chips
   compiled = {}
   for layers in (1, 2):
     lowered = lower_programs(variant.config(layers), model_axis, batch, setup, devices)
     compiled[layers] = {name: aot.compile_figures(low, cache_dir, context=TIMING_SLICE)
                         for name, low in lowered.items()}
-  result = {"name": variant.name, "kv_heads": shape.kv_heads, "model_axis": model_axis,
-            "kv_layout": layout, "batch_per_chip": per_chip, "global_batch": batch}
+  result = {"name": variant.name, "kv_heads": full.self_attention_kv_heads,
+            "model_axis": model_axis, "kv_layout": variant_setup.kv_layout,
+            "batch_per_chip": per_chip, "global_batch": batch}
   for program in ("encode", "step"):
     one, two = compiled[1][program], compiled[2][program]
     if not (one.compiled and two.compiled):
@@ -159,8 +180,8 @@ def time_variant(variant: Variant, model_axis: int, devices, setup: roofline.Set
   xla = [result[p]["xla_seconds"] for p in ("encode", "step")]
   result["xla_seconds_per_sample"] = (None if None in xla
                                       else (xla[0] + t * xla[1]) / per_chip)
-  model = roofline.time_per_sample(shape, model_setup, chip, per_chip)
-  model_step = roofline.decode_step(shape, model_setup, chip, per_chip)
+  model = perf_model.time_per_sample(full, variant_setup, chip, per_chip)
+  model_step = perf_model.decode_step(full, variant_setup, chip, per_chip)
   result["model_seconds_per_sample"] = model["total"]
   result["model_step_bytes"] = model_step["bytes"]
   result["step_bytes_ratio"] = result["step"]["bytes_accessed"] / model_step["bytes"]
@@ -168,7 +189,7 @@ def time_variant(variant: Variant, model_axis: int, devices, setup: roofline.Set
   return result
 
 
-def run(devices=None, setup: roofline.Setup = roofline.Setup(),
+def run(devices=None, setup: perf_model.Setup = perf_model.Setup(),
         model_axes: Tuple[int, ...] = MODEL_AXES, names: Optional[List[str]] = None,
         log: Callable[[str], None] = print,
         on_row: Optional[Callable[[Dict], None]] = None,
@@ -178,7 +199,7 @@ def run(devices=None, setup: roofline.Setup = roofline.Setup(),
   devices = devices if devices is not None else tpu_topology.slice_devices(TIMING_SLICE)
   setup = dataclasses.replace(setup, chips=len(devices))
   rows = []
-  result = {"setup": dataclasses.asdict(setup), "chip": dataclasses.asdict(roofline.TPU_V4),
+  result = {"setup": dataclasses.asdict(setup), "chip": dataclasses.asdict(perf_model.TPU_V4),
             "rows": rows}
   for model_axis in model_axes:
     for variant in variants():
@@ -213,7 +234,7 @@ def bytes_checks(result: Dict) -> List[str]:
 
 
 def table1_markdown(result: Dict) -> str:
-  paper_s = paper_seconds()
+  paper_s = paper.table1_seconds()
   lines = []
   for axis in sorted({r["model_axis"] for r in result["rows"]}):
     rows = {r["name"]: r for r in result["rows"] if r["model_axis"] == axis}
@@ -251,7 +272,7 @@ def figure6(result: Dict, path: str) -> None:
     ax.plot([r["kv_heads"] for r in rows], [r["model_seconds_per_sample"] for r in rows], "x:",
             label=f"performance model, model axis {axis}")
   ks = [1, 8, 64]
-  ax.plot(ks, [paper_seconds()[n] for n in ("MQA-XXL", "GQA-8-XXL", "MHA-XXL")], "s--",
+  ax.plot(ks, [paper.table1_seconds()[n] for n in ("MQA-XXL", "GQA-8-XXL", "MHA-XXL")], "s--",
           color="black", label="paper (Table 1, measured)")
   ax.set_xscale("log", base=2)
   ax.set_xlabel("key/value groups K (T5.1.1-XXL, 64 query heads)")
@@ -266,12 +287,17 @@ def figure6(result: Dict, path: str) -> None:
 def write(out: str, result: Dict) -> None:
   os.makedirs(out, exist_ok=True)
   atomic.write_text(os.path.join(out, "timing.json"), json.dumps(result, indent=1))
+  chip = perf_model.TPU_V4
   text = ["# Table 1 and Fig. 6 from TPU v4 compiled programs", "",
           "Written by `gqa-t5 compile --timing --out DIR` (see "
           "gqa_t5/reproduce/paper_scale/tpu_timing.py). Input 2048, output 512, 8 TPU v4 "
-          "chips, bfloat16 weights and caches. Every time here is an ESTIMATE from the "
-          "compiled programs' FLOPs and bytes (max of FLOPs / 275 TFLOP/s and bytes / "
-          "1.2 TB/s per program), or XLA's own estimate, or the performance model's: none is "
+          "chips, bfloat16 weights and caches; the batch per chip is the largest up to "
+          f"{result['setup']['max_batch_per_chip']} whose weights and caches fit "
+          f"{tpu_topology.HEADROOM_FRACTION:.0%} of the {chip.available_bytes / 2 ** 30:.2f} GiB "
+          "the compiler makes available. Every time here is an ESTIMATE from the "
+          f"compiled programs' FLOPs and bytes (max of FLOPs / {chip.peak_flops / 1e12:.0f} "
+          f"TFLOP/s and bytes / {chip.hbm_bytes_per_s / 1e12:.1f} TB/s per program), or XLA's "
+          "own estimate, or the performance model's: none is "
           "a measurement. The paper's column is its measurement (xprof on TPU v4). XLA's "
           "`optimal_seconds` came out negative for these programs (n/a).", "",
           table1_markdown(result), "## Bytes per decode step: compiled vs performance model",

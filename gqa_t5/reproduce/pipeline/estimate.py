@@ -5,7 +5,7 @@ A stage costs a start-up (data pipeline, tracing) and a compilation (mostly a pe
 hit after the first stage of a shape) plus its arithmetic: 6 x parameters x tokens per training
 step, 2 x parameters x tokens per forward pass, and a fixed time per greedy decode step (small
 models decode latency-bound). The paper-shape timing stage costs its roofline time on the
-machine (`paper_scale/roofline.py`) at an assumed fraction of it, plus compilation per K.
+machine (`gqa_t5/perf_model.py`) at an assumed fraction of it, plus compilation per K.
 Pure arithmetic: nothing is measured here.
 """
 
@@ -15,10 +15,10 @@ import dataclasses
 import math
 from typing import Dict, List, Tuple
 
+from gqa_t5 import perf_model
+from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
-from gqa_t5.reproduce.paper_scale import roofline
 from gqa_t5.reproduce.pipeline import presets as presets_lib
-from gqa_t5.reproduce.pipeline import variants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +43,17 @@ MACHINES = {
     # to the quick run from a fresh clone on a quiet 2-core x86-64 CPU (247 s of stages).
     "cpu": Machine("2-core x86-64 CPU", peak_flops=1.3e11, mfu=1.0, stage_start_s=1.0,
                    compile_s=1.0, decode_step_s=0.004),
-    # H200 SXM: 989 TFLOP/s dense bf16, 4.8 TB/s HBM; 30% MFU as the conservative assumption.
-    "h200": Machine("one NVIDIA H200", peak_flops=989e12, mfu=0.30, stage_start_s=1.5,
-                    compile_s=1.5, decode_step_s=0.004, hbm_bytes_per_s=4.8e12,
-                    big_compile_s=10.0),
+    # perf_model.H200's dense bf16 peak and HBM; 30% MFU as the conservative assumption.
+    "h200": Machine("one NVIDIA H200", peak_flops=perf_model.H200.peak_flops, mfu=0.30,
+                    stage_start_s=1.5, compile_s=1.5, decode_step_s=0.004,
+                    hbm_bytes_per_s=perf_model.H200.hbm_bytes_per_s, big_compile_s=10.0),
 }
 PAPER_TIMING_EFFICIENCY = 0.5  # measured decode reaches about half the roofline (assumed)
 
 
 def params(config: T5Config) -> int:
   """The parameters that multiply: all but the input embedding (a lookup, no FLOPs)."""
-  return roofline.total_params(roofline.shape_of(config)) - config.vocab_size * config.emb_dim
+  return sum(perf_model.matmul_params(config).values())
 
 
 def train_flops_per_step(config: T5Config, batch: int, lengths: Dict[str, int]) -> float:
@@ -99,13 +99,13 @@ def paper_timing_seconds(machine: Machine, config: T5Config, kv_heads, batch: in
   if machine.hbm_bytes_per_s <= 0:  # a CPU smoke run of a tiny shape: like `timing`
     return timing_seconds(machine, config, len(kv_heads), batch, input_length, output_length,
                           repeats)
-  chip = roofline.Chip(machine.name, machine.hbm_bytes_per_s, machine.peak_flops, 141e9)
-  setup = roofline.Setup(chips=1, model_parallel=1, max_batch_per_chip=batch,
+  chip = perf_model.Chip(machine.name, machine.hbm_bytes_per_s, machine.peak_flops)
+  setup = perf_model.Setup(chips=1, model_parallel=1, max_batch_per_chip=batch,
                          input_length=input_length, output_length=output_length)
   total = machine.stage_start_s
   for k in kv_heads:
-    shape = roofline.shape_of(config.replace(num_kv_heads=k))
-    per_sample = roofline.time_per_sample(shape, setup, chip, batch_per_chip=batch)["total"]
+    per_sample = perf_model.time_per_sample(config.replace(num_kv_heads=k), setup, chip,
+                                            batch_per_chip=batch)["total"]
     total += machine.big_compile_s + (repeats + 1) * batch * per_sample / (
         PAPER_TIMING_EFFICIENCY)
   return total
@@ -120,7 +120,7 @@ def plan(p: presets_lib.Preset, cfg: T5Config, m: Machine,
   probe = probe_seconds(m, cfg, p.probe_batches, p.pretrain_batch, lengths)
   out = [("pretrain", train(p.pretrain_steps, p.pretrain_batch, lengths))]
   for k, method in p.conversions():
-    name = f"{variants.kv_name(k, n)}-{method}"
+    name = f"{grouping.kv_name(k, n)}-{method}"
     out += [(f"convert-{name}", convert_seconds(m, cfg)), (f"probe-convert-{name}", probe)]
     for alpha, steps in p.uptrain_schedule(k, method):
       out += [(f"uptrain-{name}-a{alpha:g}", train(steps, p.pretrain_batch, lengths)),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional, Tuple
 
+from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.pipeline.variants import PaperTiming
 from gqa_t5.reproduce.pipeline.variants import Variant
@@ -83,7 +84,7 @@ class Preset:
   def __post_init__(self):
     n = self.model.num_heads
     for k in (self.gqa_kv_heads,) + tuple(self.extra_kv_heads):
-      if k <= 1 or k >= n or n % k:
+      if k in (1, n) or k not in grouping.valid_kv_heads(n):
         raise ValueError(f"preset {self.name}: GQA key/value heads {k} must divide "
                          f"num_heads={n} and lie strictly between 1 and {n}")
     if self.model.num_encoder_layers != self.model.num_decoder_layers:
@@ -150,8 +151,7 @@ class Preset:
                    if v.kv_heads != self.num_heads})
 
   def timing_kv_heads(self) -> List[int]:
-    n = self.num_heads
-    return [k for k in range(1, n + 1) if n % k == 0]
+    return grouping.valid_kv_heads(self.num_heads)
 
   def to_dict(self) -> Dict:
     out = dataclasses.asdict(self)

@@ -29,6 +29,7 @@ from gqa_t5 import input_pipeline
 from gqa_t5 import jax_setup
 from gqa_t5 import optim
 from gqa_t5.demo_data import layout
+from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.pipeline import estimate
 from gqa_t5.reproduce.pipeline import presets as presets_lib
@@ -191,7 +192,7 @@ class Pipeline:
     return starts, probes
 
   def convert(self, pre, pre_path: Path, k: int, method: str) -> stages_lib.StageResult:
-    name = f"convert-{variants.kv_name(k, self.num_heads)}-{method}"
+    name = f"convert-{grouping.kv_name(k, self.num_heads)}-{method}"
     return self._run(name, {"kv_heads": k, "method": method, "seed": 0},
                      lambda work: training.convert(work, str(pre_path), k, method), deps=[pre])
 
@@ -200,7 +201,7 @@ class Pipeline:
     p = self.preset
     total = int(pre.result["step"]) + p.uptrain_steps(alpha)
     lengths = tasks.pretrain_lengths(p.pretrain_inputs_length)
-    name = f"uptrain-{variants.kv_name(k, self.num_heads)}-{method}-a{alpha:g}"
+    name = f"uptrain-{grouping.kv_name(k, self.num_heads)}-{method}-a{alpha:g}"
     config = {"kv_heads": k, "method": method, "alpha": alpha, "total_steps": total,
               "batch": p.pretrain_batch, "lengths": lengths, "warmup": p.pretrain_warmup_steps,
               "learning_rate": p.pretrain_learning_rate, "data": self.data}
@@ -262,8 +263,8 @@ class Pipeline:
 
   def timing(self) -> stages_lib.StageResult:
     p = self.preset
-    ks = p.timing_kv_heads() if self.model == p.model else [
-        k for k in range(1, self.num_heads + 1) if self.num_heads % k == 0]
+    ks = (p.timing_kv_heads() if self.model == p.model
+          else grouping.valid_kv_heads(self.num_heads))
     config = {"model": variants.config_dict(self._config(None)), "kv_heads": ks,
               "batch": p.timing_batch, "input_length": p.timing_input_length,
               "output_length": p.timing_output_length, "repeats": p.timing_repeats,

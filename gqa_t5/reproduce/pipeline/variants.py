@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Tuple
 
-from gqa_t5.model import sizes
+from gqa_t5.model import grouping, sizes
 from gqa_t5.model.config import T5Config
 
 # The vocabulary size a preset's model is written with; the run replaces it by the demo
@@ -52,7 +52,7 @@ class Variant:
   seed: int = 0
 
   def attention_name(self, num_heads: int) -> str:
-    return kv_label(self.kv_heads, num_heads)
+    return grouping.kv_label(self.kv_heads, num_heads)
 
   def label(self, num_heads: int) -> str:
     """E.g. 'GQA-2 (alpha 0.05)', 'MQA first (alpha 0.05)', 'MHA'."""
@@ -68,15 +68,8 @@ class Variant:
     """A file-name-safe identifier, e.g. 'gqa2-mean-a0.05-s0'."""
     if self.kv_heads == num_heads:
       return f"mha-s{self.seed}"
-    return f"{kv_name(self.kv_heads, num_heads)}-{self.method}-a{self.alpha:g}-s{self.seed}"
-
-
-def kv_label(k: int, n: int) -> str:
-  return "MHA" if k == n else ("MQA" if k == 1 else f"GQA-{k}")
-
-
-def kv_name(k: int, n: int) -> str:
-  return "mha" if k == n else ("mqa" if k == 1 else f"gqa{k}")
+    name = grouping.kv_name(self.kv_heads, num_heads)
+    return f"{name}-{self.method}-a{self.alpha:g}-s{self.seed}"
 
 
 def config_dict(config: T5Config) -> Dict:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Dict, Optional
+
+from gqa_t5.model import grouping
+
 COLUMNS = ("CNN (R1)", "arXiv (R1)", "PubMed (R1)", "MediaSum (R1)", "MultiNews (R1)",
            "WMT (BLEU)", "TriviaQA (F1)")
 
@@ -36,3 +40,15 @@ def table1_markdown() -> str:
           + " | ".join(f"{s:.1f}" for s in row["scores"]) + " |"
           for name, row in TABLE1.items()]
   return "\n".join([header, rule] + rows)
+
+
+def table1_seconds() -> Dict[str, float]:
+  """Table 1's measured time per sample per TPU v4 chip (seconds), by model name."""
+  return {name: row["time"] for name, row in TABLE1.items()}
+
+
+def model_name(size: str, num_kv_heads: Optional[int], num_heads: int) -> str:
+  """The paper's name of a T5.1.1 model (a `gqa_t5.model.sizes` name) with K key/value heads
+  (None: N), as Table 1 spells it: 'MHA-Large', 'GQA-8-XXL'."""
+  suffix = {"xl": "XL", "xxl": "XXL"}.get(size, size.capitalize())
+  return f"{grouping.kv_label(num_kv_heads, num_heads)}-{suffix}"

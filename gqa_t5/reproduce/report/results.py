@@ -11,9 +11,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import jax
 
+from gqa_t5 import perf_model
 from gqa_t5.checkpoints import atomic
+from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
-from gqa_t5.reproduce.paper_scale import roofline
 from gqa_t5.reproduce.paper_scale import timing_sim
 from gqa_t5.reproduce.pipeline import estimate
 from gqa_t5.reproduce.pipeline import presets as presets_lib
@@ -58,7 +59,7 @@ def machine_description() -> str:
 
 
 def model_params(model: T5Config) -> int:
-  return roofline.total_params(roofline.shape_of(model.replace(num_kv_heads=None)))
+  return perf_model.total_params(model.replace(num_kv_heads=None))
 
 
 def pretrain_throughput(pretrain: Dict, model: T5Config) -> Dict[str, Any]:
@@ -69,17 +70,12 @@ def pretrain_throughput(pretrain: Dict, model: T5Config) -> Dict[str, Any]:
   tokens_per_s = pretrain.get("steady_tokens_per_second", pretrain.get("tokens_per_second"))
   on_gpu = jax.default_backend() == "gpu"
   machine = estimate.MACHINES["h200" if on_gpu else "cpu"]
-  flops_per_token = 6.0 * (model_params(model) - model.vocab_size * model.emb_dim)
+  flops_per_token = 6.0 * estimate.params(model.replace(num_kv_heads=None))
   mfu = flops_per_token * tokens_per_s / machine.peak_flops if tokens_per_s and on_gpu else None
   return {"tokens_per_second": tokens_per_s,
           "compile_excluded": "steady_tokens_per_second" in pretrain,
           "flops_per_token": flops_per_token,
           "peak_flops": machine.peak_flops, "peak_name": machine.name, "mfu": mfu}
-
-
-def _paper_row_name(size: str, k: int, num_heads: int) -> str:
-  label = variants_lib.kv_label(k, num_heads)
-  return f"{label}-{'XXL' if size == 'xxl' else size.capitalize()}"
 
 
 def paper_timing_rows(measured: Optional[Dict], sim: Dict) -> Optional[Dict[str, Any]]:
@@ -89,19 +85,20 @@ def paper_timing_rows(measured: Optional[Dict], sim: Dict) -> Optional[Dict[str,
   rows, first = {}, None
   for size, run in sorted(measured["runs"].items()):  # large, then xxl
     shape, first = run["shape"], first or run
-    chip = roofline.H200 if jax.default_backend() == "gpu" else None
+    chip = perf_model.H200 if jax.default_backend() == "gpu" else None
     for k, t in sorted(run["kv_heads"].items(), key=lambda item: int(item[0])):
-      name = _paper_row_name(size, int(k), shape["num_heads"])
+      name = paper.model_name(size, int(k), shape["num_heads"])
       here = None
       if chip is not None:
-        setup = roofline.Setup(chips=1, model_parallel=1, max_batch_per_chip=shape["batch"],
-                               input_length=shape["input_length"],
-                               output_length=shape["output_length"])
-        model = roofline.ModelShape(name, shape["emb_dim"], shape["num_heads"],
-                                    shape["head_dim"], shape["mlp_dim"], shape["layers"],
-                                    shape["layers"], shape["vocab"], int(k))
-        here = roofline.time_per_sample(model, setup, chip,
-                                        batch_per_chip=shape["batch"])["total"]
+        setup = perf_model.Setup(chips=1, model_parallel=1, max_batch_per_chip=shape["batch"],
+                                 input_length=shape["input_length"],
+                                 output_length=shape["output_length"])
+        model = T5Config(vocab_size=shape["vocab"], emb_dim=shape["emb_dim"],
+                         num_heads=shape["num_heads"], head_dim=shape["head_dim"],
+                         mlp_dim=shape["mlp_dim"], num_encoder_layers=shape["layers"],
+                         num_decoder_layers=shape["layers"], num_kv_heads=int(k))
+        here = perf_model.time_per_sample(model, setup, chip,
+                                          batch_per_chip=shape["batch"])["total"]
       tpu = sim["groups_xxl"].get(k) if size == "xxl" else sim["table1"].get(name)
       rows[name] = {"measured": t["time_per_sample"], "roofline_here": here,
                     "roofline_tpu": tpu, "paper": paper.TABLE1.get(name, {}).get("time"),
@@ -137,16 +134,12 @@ def noise_summary(variants: List[Dict], preset: presets_lib.Preset) -> Dict[str,
           "differences": diffs, "loss": max(loss_changes, default=None)}
 
 
-def short_label(kv_heads: int, num_heads: int) -> str:
-  return "MHA" if kv_heads == num_heads else ("MQA" if kv_heads == 1 else f"GQA-{kv_heads}")
-
-
 def _variant_record(item: Dict, preset: presets_lib.Preset, timing: Dict, n: int) -> Dict:
   """One fine-tuned variant's row of results.json: its scores, losses and time."""
   v = item["variant"]
   mains = main_scores(item["scores"])
   t = timing["kv_heads"][str(v.kv_heads)]
-  return {"key": v.key(n), "label": v.label(n), "short_label": short_label(v.kv_heads, n),
+  return {"key": v.key(n), "label": v.label(n), "short_label": grouping.kv_label(v.kv_heads, n),
           "attention": v.attention_name(n), "kv_heads": v.kv_heads,
           "method": v.method, "alpha": v.alpha, "seed": v.seed,
           "uptrain_steps": preset.uptrain_steps(v.alpha) if v.kv_heads != n else 0,
@@ -173,8 +166,8 @@ def _summaries(variants: List[Dict], preset: presets_lib.Preset, n: int):
   methods = [{"method": m, "main_scores": find(1, m, a)["main_scores"],
               **{f: find(1, m, a)[f] for f in fields}}
              for m in presets_lib.METHODS if find(1, m, a) is not None]
-  curves = {short_label(k, n): [{"alpha": al, **{f: find(k, "mean", al)[f] for f in fields}}
-                                for al in preset.alphas if find(k, "mean", al) is not None]
+  curves = {grouping.kv_label(k, n): [{"alpha": al, **{f: find(k, "mean", al)[f] for f in fields}}
+                                       for al in preset.alphas if find(k, "mean", al) is not None]
             for k in (1, preset.gqa_kv_heads)}
   return headline, methods, curves
 
@@ -224,7 +217,7 @@ def assemble(*, preset: presets_lib.Preset, model: T5Config, pretrain: Dict,
 
 def paper_scale_summary() -> Dict[str, Any]:
   """The roofline predictions for the figures (T5.1.1-XXL on TPU v4, default setup)."""
-  sim = timing_sim.simulate(roofline.Setup())
+  sim = timing_sim.simulate(perf_model.Setup())
   return {"groups_xxl": {str(k): r["total"] for k, r in sim["groups_xxl"].items()},
           "table1": {name: r["total"] for name, r in sim["table1"].items()}}
 
