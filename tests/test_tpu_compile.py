@@ -119,6 +119,15 @@ def test_every_paper_job_carries_a_memory_setting_and_the_models_are_scanned():
     assert all(f.startswith("paper/models/") for f in job.model.gin_files), job.name
 
 
+def test_multi_head_xxl_fine_tuning_at_long_inputs_gets_its_own_memory_plan():
+  # Compiled: GQA-8's plan ('minimal', 2 micro-batches) puts MHA-XXL at 2048/512 over the chip.
+  plans = {job.name: (job.bindings["REMAT_POLICY"], job.bindings["NUM_MICROBATCHES"])
+           for job in jobs_lib.build_jobs() if job.kind == "finetune"}
+  assert plans["MHA-XXL finetune arxiv"] == ("minimal", 4)
+  assert plans["GQA-8-XXL finetune arxiv"] == plans["MQA-XXL finetune arxiv"] == ("minimal", 2)
+  assert plans["MHA-XXL finetune cnn_dailymail"] == plans["GQA-8-XXL finetune cnn_dailymail"]
+
+
 def _program_of(scale):
   def step(x):
     return x * scale + 1.0
