@@ -16,7 +16,7 @@ pytest.importorskip("seqio")
 pytest.importorskip("gin")
 
 import trainer_fixtures as fx
-from gqa_t5 import input_pipeline, optim, partitioning
+from gqa_t5 import input_pipeline, optim, partitioning, schedules
 from gqa_t5 import train as train_lib
 from gqa_t5.checkpoints import initial
 from gqa_t5.checkpoints import model_dir as model_dir_lib
@@ -37,7 +37,7 @@ def _read_metrics(model_dir):
 
 def _train(model_dir, model, steps, **kwargs):
   args = dict(model=model, train_dataset_cfg=fx.dataset_cfg(), model_dir=str(model_dir),
-              total_steps=steps, optimizer=optim.Adafactor(learning_rate=optim.constant(0.05)),
+              total_steps=steps, optimizer=optim.Adafactor(learning_rate=schedules.constant(0.05)),
               eval_period=0, log_period=steps, progress=False,
               checkpoint_cfg=model_dir_lib.CheckpointConfig(period=1000, async_save=False))
   args.update(kwargs)

@@ -86,7 +86,8 @@ def default_cache_dir() -> str:
 # The modules whose code shapes a compiled program (a change elsewhere, e.g. to this report,
 # keeps the cached results).
 PROGRAM_SOURCES = ("model/*.py", "models.py", "decoding.py", "losses.py", "batches.py",
-                   "trainer.py", "optim.py", "partitioning.py", "aot.py", "evaluation.py")
+                   "trainer.py", "optim.py", "schedules.py", "partitioning.py", "aot.py",
+                   "evaluation.py")
 
 
 def _source_digest() -> str:
