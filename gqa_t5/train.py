@@ -31,13 +31,14 @@ import numpy as np
 from gqa_t5 import evaluation
 from gqa_t5 import entry_point
 from gqa_t5 import gin_utils
+from gqa_t5 import initial_checkpoint as initial_lib
 from gqa_t5 import input_pipeline
 from gqa_t5 import metrics_writer
-from gqa_t5 import optim, schedules
+from gqa_t5 import optim
+from gqa_t5 import schedules
 from gqa_t5 import partitioning as partitioning_lib
 from gqa_t5 import tpu_topology
 from gqa_t5 import trainer as trainer_lib
-from gqa_t5.checkpoints import initial as initial_lib
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 
 

@@ -16,9 +16,8 @@ pytest.importorskip("seqio")
 pytest.importorskip("gin")
 
 import trainer_fixtures as fx
-from gqa_t5 import input_pipeline, optim, partitioning, schedules
+from gqa_t5 import initial_checkpoint, input_pipeline, optim, partitioning, schedules
 from gqa_t5 import train as train_lib
-from gqa_t5.checkpoints import initial
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 from gqa_t5 import trainer as trainer_lib
 
@@ -148,7 +147,7 @@ def test_model_dir_of_another_configuration_is_refused(tmp_path):
 def test_initial_checkpoint_with_other_shapes_names_tensor_and_shapes(tmp_path):
   source_dir = tmp_path / "mha"
   _train(source_dir, fx.tiny_model(4), 1)
-  with pytest.raises(initial.InitialCheckpointError,
+  with pytest.raises(initial_checkpoint.InitialCheckpointError,
                      match=r"tensor decoder/layers_0/encoder_decoder_attention/key/kernel has "
                            r"shape \(32, 32\) in the checkpoint but the configured model needs "
                            r"\(32, 8\)"):
@@ -206,7 +205,7 @@ def test_initial_checkpoint_missing_a_parameter_is_refused_unless_allowed(tmp_pa
   shape = flat.pop(leaf).shape
   partial = tmp_path / "partial"
   t5x_legacy.save_t5x(str(partial), tree_lib.unflatten(flat), step=1)
-  with pytest.raises(initial.InitialCheckpointError,
+  with pytest.raises(initial_checkpoint.InitialCheckpointError,
                      match=rf"tensor {leaf} \({shape[0]},\) is missing from the checkpoint.*"
                            r"leave 1 parameter\(s\) freshly initialised.*"
                            r"train.allow_fresh_params = True"):

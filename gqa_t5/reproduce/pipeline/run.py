@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from gqa_t5 import input_pipeline
 from gqa_t5 import jax_setup
-from gqa_t5 import optim, schedules
+from gqa_t5 import optim
+from gqa_t5 import schedules
 from gqa_t5.demo_data import layout
 from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.pipeline import estimate
