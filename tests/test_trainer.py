@@ -20,6 +20,7 @@ from gqa_t5 import initial_checkpoint, input_pipeline, optim, partitioning, sche
 from gqa_t5 import train as train_lib
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 from gqa_t5 import trainer as trainer_lib
+from tiny_configs import tiny_config
 
 FIXTURE = fixture_paths.T5X_TINY
 
@@ -172,9 +173,7 @@ def test_uptraining_from_a_multi_head_run_with_mean_pooling(tmp_path):
 def test_fine_tuning_starts_from_a_t5x_checkpoint(tmp_path):
   from gqa_t5 import models
   from gqa_t5.model import network
-  from gqa_t5.model.config import T5Config
-  config = T5Config(vocab_size=1152, emb_dim=128, num_heads=8, head_dim=32, mlp_dim=256,
-                    num_encoder_layers=3, num_decoder_layers=2, dropout_rate=0.0)
+  config = tiny_config("t5x_fixture", dropout_rate=0.0)
   model = models.EncoderDecoderModel(network.Transformer(config))
   # The fixture's 1,152-row embedding needs a task vocabulary of 1,025..1,152 ids.
   task = fx.register_toy_task("gqa_t5_test_toy_copy_1152", extra_ids=1152 - 259)
