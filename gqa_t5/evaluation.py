@@ -20,12 +20,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gqa_t5 import decoding as decoding_lib
+from gqa_t5 import initial_checkpoint as initial
 from gqa_t5 import input_pipeline
 from gqa_t5 import metrics_writer
 from gqa_t5 import partitioning as partitioning_lib
 from gqa_t5 import trainer as trainer_lib
 from gqa_t5.checkpoints import atomic
-from gqa_t5.checkpoints import initial
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 
 

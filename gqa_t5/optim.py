@@ -1,4 +1,4 @@
-"""Adafactor as T5X runs it, and T5's learning-rate schedules, as optax transformations.
+"""Adafactor as T5X runs it, as an optax transformation (schedules: `gqa_t5.schedules`).
 
 T5X's Adafactor (t5x/adafactor.py) with its T5.1.1 settings: factored second moments, decay
 rate 0.8 (beta2 at step t is 1 - (t + 1)^-0.8), updates scaled by the parameter's RMS,
@@ -19,12 +19,18 @@ the global step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from gqa_t5.schedules import Schedule
+# The schedules lived here before `schedules.py`: these names keep gin files and code written
+# against `optim.constant` / `optim.rsqrt_decay` / `optim.t5_schedule` working (the same
+# functions, not copies).
+from gqa_t5.schedules import constant, rsqrt_decay, t5_schedule  # noqa: F401  # pylint: disable=unused-import
 
 # Factor roles of a logical axis.
 ROW = "row"
@@ -48,7 +54,6 @@ STANDARD_FACTOR_RULES: Mapping[str, str] = {
     "mlp_activations": COLUMN,
 }
 
-Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 LogicalAxes = Optional[Tuple[Optional[str], ...]]
 
 
@@ -79,7 +84,7 @@ class FactorPlan:
 class Adafactor:
   """T5X's Adafactor hyper-parameters; `.transform()` gives the optax transformation.
 
-  learning_rate: a float or a schedule `step -> lr` (see `rsqrt_decay`, `constant`).
+  learning_rate: a float or a schedule `step -> lr` (`schedules.rsqrt_decay`, `schedules.constant`).
   decay_rate: second-moment decay exponent (beta2_t = 1 - (t + 1 - step_offset)^-decay_rate).
   step_offset: restart the decay schedule at this step (e.g. the start of fine-tuning).
   multiply_by_parameter_scale: scale updates by max(RMS(param), epsilon2).
@@ -252,48 +257,3 @@ def _init_stats_impl(param, plan: FactorPlan, with_momentum: bool):
 
 def _is_axes_leaf(x) -> bool:
   return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
-
-
-# --- learning-rate schedules (T5 / T5X `create_learning_rate_scheduler` factors) ---------
-
-def constant(value: float = 1e-3) -> Schedule:
-  """Constant learning rate (T5's fine-tuning: 0.001)."""
-  return lambda step: jnp.asarray(value, jnp.float32)
-
-
-def rsqrt_decay(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) -> Schedule:
-  """base / sqrt(max(step, warmup_steps)): T5's pre-training schedule (constant 0.01 for the
-  first 10k steps, then inverse square root decay)."""
-  if warmup_steps <= 0:
-    raise ValueError(f"rsqrt_decay needs warmup_steps > 0, got {warmup_steps}")
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    return base_learning_rate / jnp.sqrt(jnp.maximum(step, float(warmup_steps)))
-  return schedule
-
-
-def t5_schedule(factors: str = "constant * rsqrt_decay", base_learning_rate: float = 1.0,
-                warmup_steps: int = 10_000) -> Schedule:
-  """T5X's factor-string scheduler for the factors T5 uses: 'constant', 'linear_warmup',
-  'rsqrt_decay', 'rsqrt_normalized_decay', joined by '*'."""
-  names = [f.strip() for f in factors.split("*") if f.strip()]
-  known = ("constant", "linear_warmup", "rsqrt_decay", "rsqrt_normalized_decay")
-  for name in names:
-    if name not in known:
-      raise ValueError(f"unknown learning-rate factor {name!r} in {factors!r}; known: {known}")
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    lr = jnp.asarray(1.0, jnp.float32)
-    for name in names:
-      if name == "constant":
-        lr = lr * base_learning_rate
-      elif name == "linear_warmup":
-        lr = lr * jnp.minimum(1.0, step / warmup_steps)
-      elif name == "rsqrt_decay":
-        lr = lr / jnp.sqrt(jnp.maximum(step, float(warmup_steps)))
-      else:  # rsqrt_normalized_decay
-        lr = lr * jnp.sqrt(float(warmup_steps)) / jnp.sqrt(jnp.maximum(step, float(warmup_steps)))
-    return lr
-  return schedule

@@ -31,13 +31,14 @@ import numpy as np
 from gqa_t5 import evaluation
 from gqa_t5 import entry_point
 from gqa_t5 import gin_utils
+from gqa_t5 import initial_checkpoint as initial_lib
 from gqa_t5 import input_pipeline
 from gqa_t5 import metrics_writer
 from gqa_t5 import optim
+from gqa_t5 import schedules
 from gqa_t5 import partitioning as partitioning_lib
 from gqa_t5 import tpu_topology
 from gqa_t5 import trainer as trainer_lib
-from gqa_t5.checkpoints import initial as initial_lib
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 
 
@@ -71,7 +72,7 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
     operative gin config there).
   dry_run_tpu: a TPU v4 slice ('v4-256') to compile the dry run's step for, on this machine.
   """
-  optimizer = optimizer or optim.Adafactor(learning_rate=optim.rsqrt_decay())
+  optimizer = optimizer or optim.Adafactor(learning_rate=schedules.rsqrt_decay())
   partitioner = partitioner or partitioning_lib.Partitioner()
   tpu_slice = None
   if dry_run_tpu:

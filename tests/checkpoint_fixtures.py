@@ -1,4 +1,5 @@
-"""Shared by the checkpoint tests: a small config, tree comparison, writers of test inputs."""
+"""Shared by the checkpoint tests: tree comparison, writers of test inputs (their config:
+tiny_configs.tiny_config("checkpoint", ...))."""
 
 import json
 import os
@@ -11,14 +12,6 @@ import numpy as np
 from gqa_t5.checkpoints import hf, lazy
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.convert import cli
-from gqa_t5.model.config import T5Config
-
-
-def small_config(**overrides):
-  fields = dict(vocab_size=50, emb_dim=16, num_heads=4, head_dim=8, mlp_dim=24,
-                num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0)
-  fields.update(overrides)
-  return T5Config(**fields)
 
 
 def assert_trees_equal(a, b):

@@ -1,25 +1,20 @@
-"""Tiny configurations and inputs shared by the network, decoding and model tests."""
+"""Inputs and parameters shared by the network, decoding and model tests (their configs:
+tiny_configs.tiny_config("network", ...))."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5.model import T5Config, Transformer
+from tiny_configs import VARIANTS
 
-NUM_HEADS = 4
+NUM_HEADS = VARIANTS["network"]["num_heads"]
 # K over {N, a divisor, 1}: MHA, GQA, MQA.
 KV_HEADS = (NUM_HEADS, 2, 1)
 
 
-def tiny_config(num_kv_heads=None, **overrides) -> T5Config:
-  fields = dict(vocab_size=67, emb_dim=24, num_heads=NUM_HEADS, head_dim=8, mlp_dim=40,
-                num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0,
-                num_kv_heads=num_kv_heads)
-  fields.update(overrides)
-  return T5Config(**fields)
-
-
-def tiny_batch(batch=3, input_length=9, target_length=6, vocab=67, seed=0):
+def tiny_batch(batch=3, input_length=9, target_length=6, vocab=VARIANTS["network"]["vocab_size"],
+               seed=0):
   """Token batch with padding in the inputs and the targets (ids >= 2: no pad/EOS inside)."""
   rng = np.random.RandomState(seed)
   inputs = rng.randint(2, vocab, (batch, input_length))

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import fixture_paths
-from checkpoint_fixtures import small_config, write_hf, write_safetensors
+from checkpoint_fixtures import write_hf, write_safetensors
+from tiny_configs import tiny_config
 from gqa_t5.checkpoints import confine, detect, hf, hf_files, msgpack_codec, orbax_format
 from gqa_t5.checkpoints import synthetic
 from gqa_t5.checkpoints import t5x_legacy
@@ -160,7 +161,7 @@ def test_crafted_zarr_metadata_is_bounded_before_enumeration(tmp_path, shape, ch
 
 def test_uncompressed_chunk_size_is_checked_against_the_metadata(tmp_path):
   path = str(tmp_path / "ckpt")
-  t5x_legacy.save_t5x(path, synthetic.random_params(small_config()), compression="none")
+  t5x_legacy.save_t5x(path, synthetic.random_params(tiny_config("checkpoint")), compression="none")
   chunk = os.path.join(path, WO_DIR, "0.0")
   with open(chunk, "ab") as f:
     f.write(b"\0" * 4)
@@ -173,7 +174,7 @@ def test_uncompressed_chunk_size_is_checked_against_the_metadata(tmp_path):
 @pytest.fixture(scope="module")
 def orbax_ckpt(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("orbax") / "ckpt")
-  orbax_format.save_orbax(path, synthetic.random_params(small_config()))
+  orbax_format.save_orbax(path, synthetic.random_params(tiny_config("checkpoint")))
   return path
 
 
@@ -228,13 +229,13 @@ def test_orbax_references_outside_the_checkpoint_are_refused(orbax_ckpt, tmp_pat
 
 @pytest.fixture(scope="module")
 def hf_params():
-  return synthetic.random_params(small_config())
+  return synthetic.random_params(tiny_config("checkpoint"))
 
 
 def _hf_sharded(tmp_path, hf_params):
   """An HF directory whose tensors are split over two shards named by an index."""
   ckpt = str(tmp_path / "hf")
-  write_hf(ckpt, small_config(), hf_params)
+  write_hf(ckpt, tiny_config("checkpoint"), hf_params)
   single = os.path.join(ckpt, hf.SAFETENSORS)
   raw = {name: read() for name, (_, _, read) in hf_files.raw_tensors(ckpt).items()}
   os.remove(single)
@@ -309,7 +310,7 @@ def test_hf_references_outside_the_checkpoint_are_refused(tmp_path, hf_params, c
 def test_hf_hub_cache_snapshot_links_into_its_blobs(tmp_path, hf_params):
   """The hub cache's layout (snapshots/<rev>/file -> ../../blobs/<sha>) is the one allowance."""
   repo = tmp_path / "models--t5"
-  write_hf(str(tmp_path / "plain"), small_config(), hf_params)
+  write_hf(str(tmp_path / "plain"), tiny_config("checkpoint"), hf_params)
   (repo / "blobs").mkdir(parents=True)
   snapshot = repo / "snapshots" / "abc123"
   snapshot.mkdir(parents=True)
@@ -327,7 +328,7 @@ def test_hf_hub_cache_snapshot_links_into_its_blobs(tmp_path, hf_params):
 
 def test_crafted_safetensors_header_is_bounded(tmp_path, hf_params):
   ckpt = str(tmp_path / "hf")
-  write_hf(ckpt, small_config(), hf_params)
+  write_hf(ckpt, tiny_config("checkpoint"), hf_params)
   path = os.path.join(ckpt, hf.SAFETENSORS)
   data = open(path, "rb").read()
   header_len = int.from_bytes(data[:8], "little")
@@ -355,7 +356,7 @@ def test_torch_pickles_load_with_weights_only(tmp_path):
       return (os.mkdir, (str(marker),))
 
   ckpt = tmp_path / "hf"
-  write_hf(str(ckpt), small_config(), synthetic.random_params(small_config()))
+  write_hf(str(ckpt), tiny_config("checkpoint"), synthetic.random_params(tiny_config("checkpoint")))
   os.remove(ckpt / hf.SAFETENSORS)
   torch.save({"shared.weight": torch.zeros(2), "evil": Payload()}, str(ckpt / hf.TORCH_BIN))
   with pytest.raises(CheckpointError, match="cannot read PyTorch checkpoint .*pytorch_model.bin"):

@@ -8,10 +8,9 @@ from gqa_t5.checkpoints import orbax_format, synthetic, t5x_legacy
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.detect import detect_format, load_checkpoint, load_params, open_checkpoint
 from gqa_t5.checkpoints.errors import CheckpointError
-from gqa_t5.model.config import T5Config
+from tiny_configs import tiny_config
 
-CONFIG = T5Config(vocab_size=50, emb_dim=16, num_heads=4, head_dim=8, mlp_dim=24,
-                  num_encoder_layers=1, num_decoder_layers=2, dropout_rate=0.0)
+CONFIG = tiny_config("checkpoint", num_encoder_layers=1)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ from gqa_t5.checkpoints import mesh_tf, synthetic  # noqa: E402
 from gqa_t5.checkpoints import tree as tree_lib  # noqa: E402
 from gqa_t5.checkpoints.detect import detect_format  # noqa: E402
 from gqa_t5.checkpoints.errors import CheckpointError  # noqa: E402
-from gqa_t5.model.config import T5Config  # noqa: E402
+from tiny_configs import tiny_config  # noqa: E402
 
-CONFIG = T5Config(vocab_size=50, emb_dim=16, num_heads=4, head_dim=8, mlp_dim=24,
-                  num_encoder_layers=2, num_decoder_layers=3, dropout_rate=0.0)
+CONFIG = tiny_config("checkpoint", num_decoder_layers=3)
 
 
 def _public_names(config):

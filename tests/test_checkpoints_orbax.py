@@ -12,11 +12,12 @@ from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.errors import CheckpointError
 from gqa_t5.checkpoints.lazy import LazyTensor
 
-from checkpoint_fixtures import assert_trees_equal, small_config
+from checkpoint_fixtures import assert_trees_equal
+from tiny_configs import tiny_config
 
 
 def test_round_trip_in_t5x_layout(tmp_path):
-  params = synthetic.random_params(small_config(num_kv_heads=2))
+  params = synthetic.random_params(tiny_config("checkpoint", num_kv_heads=2))
   path = str(tmp_path / "checkpoint_5")
   orbax_format.save_orbax(path, params, step=5)
   # t5x's layout: the step directory holds a 'state' item with {'target', 'state': {'step'}}.
@@ -32,7 +33,7 @@ def test_round_trip_in_t5x_layout(tmp_path):
 
 
 def test_extra_state_round_trips_with_its_structure(tmp_path):
-  params = synthetic.random_params(small_config())
+  params = synthetic.random_params(tiny_config("checkpoint"))
   optimizer = optax.adam(1e-3)
   opt_state = optimizer.init(params)
   opt_state = jax.tree_util.tree_map(lambda x: x + 1, opt_state)
@@ -51,7 +52,7 @@ def test_extra_state_round_trips_with_its_structure(tmp_path):
 
 
 def test_lazy_tensors_are_written_one_at_a_time(tmp_path):
-  config = small_config()
+  config = tiny_config("checkpoint")
   lazy = synthetic.lazy_params(config)
   live, peak = [0], [0]
 
@@ -90,7 +91,7 @@ def test_lazy_tensors_are_written_one_at_a_time(tmp_path):
 
 def test_reads_our_trainers_layout(tmp_path):
   import orbax.checkpoint as ocp
-  params = synthetic.random_params(small_config())
+  params = synthetic.random_params(tiny_config("checkpoint"))
   state = {"step": np.asarray(42, np.int32), "params": params,
            "opt_state": {"count": np.asarray(42, np.int32)}}
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ck:
@@ -103,7 +104,7 @@ def test_reads_our_trainers_layout(tmp_path):
 def test_bad_orbax_input(tmp_path):
   with pytest.raises(CheckpointError, match="not an Orbax checkpoint"):
     orbax_format.open_orbax(str(tmp_path))
-  params = tree_lib.flatten(synthetic.random_params(small_config()))
+  params = tree_lib.flatten(synthetic.random_params(tiny_config("checkpoint")))
   params["decoder/layers_1/mlp/wo/kernel"] = np.zeros((24, 15), np.float32)
   path = str(tmp_path / "bad")
   orbax_format.save_orbax(path, tree_lib.unflatten(params))

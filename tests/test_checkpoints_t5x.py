@@ -15,7 +15,8 @@ from gqa_t5.checkpoints import msgpack_codec, synthetic, t5x_legacy
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.errors import CheckpointError
 
-from checkpoint_fixtures import assert_trees_equal, small_config
+from checkpoint_fixtures import assert_trees_equal
+from tiny_configs import tiny_config
 
 FIXTURE = fixture_paths.T5X_TINY
 FIXTURE_CKPT = os.path.join(FIXTURE, "checkpoint_f32", "checkpoint_20")
@@ -92,7 +93,7 @@ def test_fixture_bfloat16_copy_reads_back(tmp_path):
 
 def test_round_trip_is_exact_and_msgpack_matches_flax(tmp_path):
   import flax.serialization
-  params = synthetic.random_params(small_config(num_kv_heads=2))
+  params = synthetic.random_params(tiny_config("checkpoint", num_kv_heads=2))
   path = str(tmp_path / "ckpt")
   t5x_legacy.save_t5x(path, params, step=7)
   back, step = t5x_legacy.load_t5x(path)
@@ -112,7 +113,7 @@ def test_round_trip_is_exact_and_msgpack_matches_flax(tmp_path):
 
 
 def test_zstd_and_uncompressed_round_trip(tmp_path):
-  params = synthetic.random_params(small_config())
+  params = synthetic.random_params(tiny_config("checkpoint"))
   for compression in ("zstd", "none"):
     path = str(tmp_path / compression)
     t5x_legacy.save_t5x(path, params, compression=compression)
@@ -136,7 +137,7 @@ def _rewrite_specs(path, transform):
 
 
 def test_gcs_style_and_old_tensorstore_specs_resolve_locally(tmp_path):
-  params = synthetic.random_params(small_config())
+  params = synthetic.random_params(tiny_config("checkpoint"))
   path = str(tmp_path / "ckpt")
   t5x_legacy.save_t5x(path, params, step=3)
 
@@ -162,7 +163,7 @@ def test_gcs_style_and_old_tensorstore_specs_resolve_locally(tmp_path):
 @pytest.fixture
 def small_ckpt(tmp_path):
   path = str(tmp_path / "ckpt")
-  t5x_legacy.save_t5x(path, synthetic.random_params(small_config()), step=1)
+  t5x_legacy.save_t5x(path, synthetic.random_params(tiny_config("checkpoint")), step=1)
   return path
 
 
@@ -209,7 +210,7 @@ def test_spec_shape_disagreeing_with_zarr_metadata(small_ckpt):
 
 
 def test_missing_extra_and_wrongly_shaped_tensors(tmp_path):
-  config = small_config()
+  config = tiny_config("checkpoint")
   params = tree_lib.flatten(synthetic.random_params(config))
   del params["decoder/layers_1/pre_mlp_layer_norm/scale"]
   params["decoder/layers_0/self_attention/value/kernel"] = np.zeros((16, 31), np.float32)
@@ -246,7 +247,7 @@ def test_not_a_t5x_checkpoint(tmp_path):
 
 
 def test_existing_output_refused_and_failed_write_leaves_nothing(tmp_path, small_ckpt):
-  params = synthetic.random_params(small_config())
+  params = synthetic.random_params(tiny_config("checkpoint"))
   with pytest.raises(CheckpointError, match="already exists"):
     t5x_legacy.save_t5x(small_ckpt, params)
   t5x_legacy.save_t5x(small_ckpt, params, step=9, overwrite=True)

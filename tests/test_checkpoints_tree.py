@@ -5,14 +5,7 @@ import pytest
 
 from gqa_t5.checkpoints import tree
 from gqa_t5.checkpoints.errors import CheckpointError
-from gqa_t5.model.config import T5Config
-
-
-def _config(**overrides):
-  fields = dict(vocab_size=40, emb_dim=16, num_heads=4, head_dim=6, mlp_dim=20,
-                num_encoder_layers=2, num_decoder_layers=3, dropout_rate=0.0)
-  fields.update(overrides)
-  return T5Config(**fields)
+from tiny_configs import tiny_config
 
 
 def test_flatten_unflatten_round_trip():
@@ -25,7 +18,7 @@ def test_flatten_unflatten_round_trip():
 
 
 def test_expected_shapes_of_gqa_config():
-  shapes = tree.expected_shapes(_config(num_kv_heads=2, num_cross_kv_heads=1))
+  shapes = tree.expected_shapes(tiny_config("tree", num_kv_heads=2, num_cross_kv_heads=1))
   assert shapes["decoder/layers_2/self_attention/query/kernel"] == (16, 24)
   assert shapes["decoder/layers_2/self_attention/key/kernel"] == (16, 12)
   assert shapes["decoder/layers_0/encoder_decoder_attention/value/kernel"] == (16, 6)
@@ -39,14 +32,14 @@ def test_expected_shapes_of_gqa_config():
 
 
 def test_expected_shapes_single_activation_and_tied_logits():
-  shapes = tree.expected_shapes(_config(mlp_activations=("relu",), logits_via_embedding=True))
+  shapes = tree.expected_shapes(tiny_config("tree", mlp_activations=("relu",), logits_via_embedding=True))
   assert shapes["encoder/layers_0/mlp/wi/kernel"] == (16, 20)
   assert "encoder/layers_0/mlp/wi_0/kernel" not in shapes
   assert "decoder/logits_dense/kernel" not in shapes
 
 
 def test_validate_names_missing_extra_and_wrong_shapes():
-  config = _config()
+  config = tiny_config("tree")
   shapes = dict(tree.expected_shapes(config))
   del shapes["decoder/layers_1/mlp/wo/kernel"]
   shapes["decoder/layers_0/self_attention/key/kernel"] = (16, 12)
@@ -63,7 +56,7 @@ def test_validate_names_missing_extra_and_wrong_shapes():
 
 @pytest.mark.parametrize("kv,cross", [(None, None), (2, None), (1, 2), (4, 1)])
 def test_infer_config_recovers_the_config(kv, cross):
-  config = _config(num_kv_heads=kv, num_cross_kv_heads=cross)
+  config = tiny_config("tree", num_kv_heads=kv, num_cross_kv_heads=cross)
   inferred = tree.infer_config(tree.expected_shapes(config))
   for field in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
                 "num_encoder_layers", "num_decoder_layers", "mlp_activations",
@@ -76,7 +69,7 @@ def test_infer_config_recovers_the_config(kv, cross):
 def test_infer_config_rejects_scanned_and_incomplete_trees():
   with pytest.raises(CheckpointError, match="scanned"):
     tree.infer_config({"encoder/layers/attention/key/kernel": (2, 16, 24)})
-  shapes = dict(tree.expected_shapes(_config()))
+  shapes = dict(tree.expected_shapes(tiny_config("tree")))
   del shapes["encoder/relpos_bias/rel_embedding"]
   with pytest.raises(CheckpointError, match="encoder/relpos_bias/rel_embedding"):
     tree.infer_config(shapes)

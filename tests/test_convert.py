@@ -12,23 +12,17 @@ import fixture_paths
 from gqa_t5.checkpoints import orbax_format, synthetic, t5x_legacy
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.convert import cli, converter, pooling
-from gqa_t5.model.config import T5Config
+from tiny_configs import VARIANTS, tiny_config
 
-N = 4
-
-
-def _config(**overrides):
-  fields = dict(vocab_size=53, emb_dim=16, num_heads=N, head_dim=6, mlp_dim=24,
-                num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0)
-  fields.update(overrides)
-  return T5Config(**fields)
+N = VARIANTS["convert"]["num_heads"]
+VOCAB = VARIANTS["convert"]["vocab_size"]
 
 
 def _batch(seed=0):
   rng = np.random.RandomState(seed)
-  inputs = rng.randint(2, 53, (3, 8))
+  inputs = rng.randint(2, VOCAB, (3, 8))
   inputs[1, 5:] = 0
-  targets = rng.randint(2, 53, (3, 7))
+  targets = rng.randint(2, VOCAB, (3, 7))
   targets[2, 5:] = 0
   decoder_inputs = np.concatenate([np.zeros((3, 1), np.int64), targets[:, :-1]], axis=1)
   return [jnp.asarray(a, jnp.int32) for a in (inputs, decoder_inputs, targets)]
@@ -48,14 +42,14 @@ def _logits(config, params, batch):
 
 @pytest.fixture(scope="module")
 def params():
-  return synthetic.random_params(_config(), seed=0)
+  return synthetic.random_params(tiny_config("convert"), seed=0)
 
 
 def test_synthetic_tree_is_the_networks_tree():
   import jax
   from gqa_t5.model.network import Transformer
   for kv, cross in ((None, None), (2, 1)):
-    config = _config(num_kv_heads=kv, num_cross_kv_heads=cross)
+    config = tiny_config("convert", num_kv_heads=kv, num_cross_kv_heads=cross)
     variables = jax.eval_shape(lambda: Transformer(config).init(
         jax.random.PRNGKey(0), *_batch(), enable_dropout=False))
     shapes = {n: tuple(v.shape) for n, v in tree_lib.flatten(variables["params"]).items()}
@@ -64,8 +58,8 @@ def test_synthetic_tree_is_the_networks_tree():
 
 @pytest.mark.parametrize("method", ["mean", "first", "aligned"])
 def test_k_equal_n_is_the_identity(params, method):
-  out, out_config = converter.convert_params(params, _config(), converter.ConversionSpec(N, method=method))
-  assert out_config == _config()
+  out, out_config = converter.convert_params(params, tiny_config("convert"), converter.ConversionSpec(N, method=method))
+  assert out_config == tiny_config("convert")
   flat, flat_out = tree_lib.flatten(params), tree_lib.flatten(out)
   assert all(np.array_equal(flat[n], flat_out[n]) for n in flat)
 
@@ -73,7 +67,7 @@ def test_k_equal_n_is_the_identity(params, method):
 def _with_equal_heads_in_groups(params, k):
   """Copies the first head of each group over the group's other key/value heads."""
   flat = dict(tree_lib.flatten(params))
-  g, h = N // k, _config().head_dim
+  g, h = N // k, tiny_config("convert").head_dim
   for name in flat:
     if name.startswith("decoder/layers_") and name.endswith(("key/kernel", "value/kernel")):
       heads = flat[name].reshape(flat[name].shape[0], k, g, h).copy()
@@ -86,15 +80,15 @@ def _with_equal_heads_in_groups(params, k):
 def test_gqa_logits_equal_mha_logits_when_group_heads_are_equal(params, method, k, cross):
   batch = _batch()
   equal = _with_equal_heads_in_groups(params, min(k, cross or k))
-  reference = _logits(_config(), equal, batch)
+  reference = _logits(tiny_config("convert"), equal, batch)
   spec = converter.ConversionSpec(k, cross, method=method)
-  out, out_config = converter.convert_params(equal, _config(), spec)
+  out, out_config = converter.convert_params(equal, tiny_config("convert"), spec)
   assert out_config.self_attention_kv_heads == k
   assert out_config.cross_attention_kv_heads == (cross or k)
   np.testing.assert_allclose(_logits(out_config, out, batch), reference, atol=1e-5, rtol=1e-5)
   # Sanity: on the original (unequal) heads the converted model does differ.
-  changed, _ = converter.convert_params(params, _config(), spec)
-  assert not np.allclose(_logits(out_config, changed, batch), _logits(_config(), params, batch),
+  changed, _ = converter.convert_params(params, tiny_config("convert"), spec)
+  assert not np.allclose(_logits(out_config, changed, batch), _logits(tiny_config("convert"), params, batch),
                          atol=1e-3)
 
 
@@ -112,12 +106,12 @@ def test_rotated_unpooled_model_gives_the_same_logits(params):
                              pooling.rotate_attention(q, k, v, o, qk, vo)):
         flat[f"{prefix}/{part}/kernel"] = value
   rotated = tree_lib.unflatten(flat)
-  np.testing.assert_allclose(_logits(_config(), rotated, batch),
-                             _logits(_config(), params, batch), atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(_logits(tiny_config("convert"), rotated, batch),
+                             _logits(tiny_config("convert"), params, batch), atol=2e-5, rtol=1e-5)
 
 
 def test_aligned_conversion_changes_only_decoder_attention(params):
-  out, out_config = converter.convert_params(params, _config(), converter.ConversionSpec(1, method="aligned"))
+  out, out_config = converter.convert_params(params, tiny_config("convert"), converter.ConversionSpec(1, method="aligned"))
   assert out_config.self_attention_kv_heads == 1 and out_config.cross_attention_kv_heads == 1
   flat, flat_out = tree_lib.flatten(params), tree_lib.flatten(out)
   for name in flat:
@@ -251,7 +245,7 @@ def test_cli_converts_a_hugging_face_checkpoint(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from gqa_t5.checkpoints import hf
-  config = transformers.T5Config(vocab_size=53, d_model=16, d_kv=6, d_ff=24, num_layers=1,
+  config = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=6, d_ff=24, num_layers=1,
                                  num_decoder_layers=2, num_heads=N, feed_forward_proj="gated-gelu",
                                  tie_word_embeddings=False)
   torch.manual_seed(0)
@@ -274,7 +268,7 @@ def test_cli_converts_a_hugging_face_checkpoint(tmp_path):
 def test_input_grams_cover_every_layer_and_skip_padding(params):
   from gqa_t5.convert import calibration
   batch = [np.asarray(a) for a in _batch(2)]
-  grams = calibration.input_grams(_config(), params, batch)
+  grams = calibration.input_grams(tiny_config("convert"), params, batch)
   assert sorted(grams) == sorted(f"decoder/layers_{i}/{layer}" for i in range(2)
                                  for layer in ("self_attention", "encoder_decoder_attention"))
   for gram in grams.values():
@@ -286,7 +280,7 @@ def test_input_grams_cover_every_layer_and_skip_padding(params):
                          grams["decoder/layers_1/self_attention"])
   # An all-padding example adds no tokens: the statistics do not move.
   padded = [np.concatenate([a, np.zeros_like(a[:1])]) for a in batch]
-  padded_grams = calibration.input_grams(_config(), params, padded)
+  padded_grams = calibration.input_grams(tiny_config("convert"), params, padded)
   for name in grams:
     np.testing.assert_allclose(padded_grams[name], grams[name], rtol=1e-5, atol=1e-7)
 

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from checkpoint_fixtures import entries, small_config
+from checkpoint_fixtures import entries
+from tiny_configs import tiny_config
 from gqa_t5.checkpoints import atomic, synthetic, t5x_legacy, orbax_format
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(TESTS)
 @pytest.fixture
 def source(tmp_path):
   path = str(tmp_path / "mha")
-  synthetic.write_t5x(path, small_config(), compression="none")
+  synthetic.write_t5x(path, tiny_config("checkpoint"), compression="none")
   return path
 
 
@@ -136,7 +137,7 @@ def test_original_moved_aside_by_a_killed_overwrite_is_put_back(tmp_path):
 
 
 def test_in_process_interrupt_between_tensors_removes_the_partial_output(tmp_path):
-  params = synthetic.random_params(small_config())
+  params = synthetic.random_params(tiny_config("checkpoint"))
   out = tmp_path / "ckpt"
   writes = []
   original = t5x_legacy.T5XWriter.write

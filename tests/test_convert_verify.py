@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from checkpoint_fixtures import small_config
+from tiny_configs import tiny_config
 from gqa_t5 import cli as gqa_cli
 from gqa_t5.checkpoints import checksums, detect, synthetic, t5x_legacy
 from gqa_t5.convert import cli, converter, verify
@@ -17,7 +17,7 @@ WO = "encoder/layers_1/mlp/wo/kernel"
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("src") / "ckpt")
-  synthetic.write_t5x(path, small_config(), compression="none")
+  synthetic.write_t5x(path, tiny_config("checkpoint"), compression="none")
   return path
 
 

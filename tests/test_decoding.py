@@ -9,7 +9,8 @@ import pytest
 
 from gqa_t5 import decoding
 from gqa_t5.models import EncoderDecoderModel
-from model_fixtures import init_params, tiny_batch, tiny_config
+from model_fixtures import init_params, tiny_batch
+from tiny_configs import tiny_config
 
 EOS = 1
 
@@ -147,7 +148,7 @@ def test_invalid_sampling_settings_name_the_setting():
 @pytest.fixture(scope="module")
 def model_and_params():
   batch = tiny_batch()
-  module, params = init_params(tiny_config(2), batch)
+  module, params = init_params(tiny_config("network", 2), batch)
   return EncoderDecoderModel(module), params, batch
 
 
@@ -165,7 +166,7 @@ def test_top1_sampling_is_greedy_and_sampling_varies_with_rng(model_and_params):
 
 def test_decoding_stops_at_eos_and_pads_after_it(model_and_params):
   _, params, batch = model_and_params
-  module, _ = init_params(tiny_config(2), batch)
+  module, _ = init_params(tiny_config("network", 2), batch)
   # EOS = a token greedy decoding produces, so that rows end early.
   first = np.asarray(EncoderDecoderModel(module, eos_id=-1).predict_batch(params, batch))
   eos = int(first[0, 1])

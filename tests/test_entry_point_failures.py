@@ -22,7 +22,7 @@ from gqa_t5.convert import cli as convert_cli  # noqa: E402
 from gqa_t5.demo_data import prepare  # noqa: E402
 from gqa_t5.reproduce import cli as reproduce_cli  # noqa: E402
 from gqa_t5.reproduce.pipeline import run as reproduce_run  # noqa: E402
-from checkpoint_fixtures import small_config  # noqa: E402
+from tiny_configs import tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,7 +147,7 @@ def test_verbose_keeps_the_traceback(tmp_path):
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("src") / "ckpt")
-  synthetic.write_t5x(path, small_config())
+  synthetic.write_t5x(path, tiny_config("checkpoint"))
   return path
 
 

@@ -84,7 +84,7 @@ def test_the_holder_refreshes_its_lock(tmp_path, monkeypatch):
 def test_a_second_trainer_is_refused_before_writing_anything(tmp_path, live_process):
   pytest.importorskip("seqio")
   import trainer_fixtures as fx
-  from gqa_t5 import optim
+  from gqa_t5 import optim, schedules
   from gqa_t5 import train as train_lib
   fx.register_toy_task()
   model_dir = str(tmp_path / "run")
@@ -93,6 +93,6 @@ def test_a_second_trainer_is_refused_before_writing_anything(tmp_path, live_proc
   with pytest.raises(model_dir_lib.ModelDirLocked, match=f"process {live_process.pid}"):
     train_lib.train(model=fx.tiny_model(2), train_dataset_cfg=fx.dataset_cfg(),
                     model_dir=model_dir, total_steps=2,
-                    optimizer=optim.Adafactor(learning_rate=optim.constant(0.05)),
+                    optimizer=optim.Adafactor(learning_rate=schedules.constant(0.05)),
                     eval_period=0, progress=False)
   assert os.listdir(model_dir) == [model_dir_lib.LOCK_FILE]  # no model_config.json, checkpoints

@@ -8,10 +8,11 @@ import pytest
 from gqa_t5 import decoding
 from gqa_t5.batches import check_batch
 from gqa_t5.models import EncoderDecoderModel
-from model_fixtures import KV_HEADS, init_params, tiny_batch, tiny_config
+from model_fixtures import KV_HEADS, init_params, tiny_batch
+from tiny_configs import VARIANTS, tiny_config
 
 LENGTH = 6
-VOCAB = 67  # tiny_config's
+VOCAB = VARIANTS["network"]["vocab_size"]
 
 
 def weights_through_eos(tokens, eos_id=1):
@@ -33,7 +34,7 @@ def score_of(model, params, inputs, tokens):
 @pytest.fixture(scope="module", params=KV_HEADS)
 def model_and_params(request):
   batch = tiny_batch()
-  module, params = init_params(tiny_config(request.param), batch)
+  module, params = init_params(tiny_config("network", request.param), batch)
   return EncoderDecoderModel(module), params, batch
 
 
@@ -160,7 +161,7 @@ def test_loss_fn_reports_accuracy(model_and_params):
 @pytest.fixture(scope="module")
 def gqa_model():
   batch = tiny_batch()
-  module, params = init_params(tiny_config(2), batch)
+  module, params = init_params(tiny_config("network", 2), batch)
   return EncoderDecoderModel(module), params, batch
 
 

@@ -12,7 +12,8 @@ import fixture_paths
 from flax import traverse_util
 
 from gqa_t5.model import T5Config, Transformer
-from model_fixtures import KV_HEADS, forward, init_params, tiny_batch, tiny_config
+from model_fixtures import KV_HEADS, forward, init_params, tiny_batch
+from tiny_configs import tiny_config
 
 # bfloat16 activations vs float32, max abs logits difference (the logits are O(3) here).
 BF16_LOGITS_ATOL = 0.25
@@ -41,7 +42,7 @@ def param_table(config: T5Config) -> str:
 @pytest.mark.parametrize("name,kv_heads,cross_kv_heads", [
     ("mha", None, None), ("gqa2_cross1", 2, 1)])
 def test_parameter_tree_matches_golden(name, kv_heads, cross_kv_heads):
-  config = tiny_config(kv_heads, num_cross_kv_heads=cross_kv_heads)
+  config = tiny_config("network", kv_heads, num_cross_kv_heads=cross_kv_heads)
   golden_path = os.path.join(GOLDEN_DIR, f"param_tree_{name}.txt")
   table = param_table(config)
   if os.environ.get("GQA_T5_UPDATE_GOLDENS"):
@@ -53,8 +54,7 @@ def test_parameter_tree_matches_golden(name, kv_heads, cross_kv_heads):
 
 def test_mha_tree_equals_the_tree_t5x_wrote():
   """Paths, shapes and logical axes as t5x's own model-info.txt of the fixture checkpoint."""
-  config = T5Config(vocab_size=1152, emb_dim=128, num_heads=8, head_dim=32, mlp_dim=256,
-                    num_encoder_layers=3, num_decoder_layers=2)
+  config = tiny_config("t5x_fixture")
   ours = {}
   for line in param_table(config).splitlines():
     path, rest = line.split(" ", 1)
@@ -110,7 +110,7 @@ def assert_equal_on_real_targets(stepped, teacher_forced, batch):
 @pytest.mark.parametrize("num_kv_heads", KV_HEADS)
 def test_cached_decoding_equals_teacher_forcing(num_kv_heads):
   batch = tiny_batch()
-  module, params = init_params(tiny_config(num_kv_heads), batch)
+  module, params = init_params(tiny_config("network", num_kv_heads), batch)
   teacher_forced = forward(module, params, batch)
   stepped, cache = decode_step_by_step(module, params, batch)
   assert_equal_on_real_targets(stepped, teacher_forced, batch)
@@ -121,7 +121,7 @@ def test_cached_decoding_equals_teacher_forcing(num_kv_heads):
 
 def test_cross_kv_heads_can_differ_from_self_kv_heads():
   batch = tiny_batch()
-  module, params = init_params(tiny_config(2, num_cross_kv_heads=1), batch)
+  module, params = init_params(tiny_config("network", 2, num_cross_kv_heads=1), batch)
   teacher_forced = forward(module, params, batch)
   stepped, cache = decode_step_by_step(module, params, batch)
   assert_equal_on_real_targets(stepped, teacher_forced, batch)
@@ -133,7 +133,7 @@ def test_cross_kv_heads_can_differ_from_self_kv_heads():
 def test_encoder_keys_values_are_projected_once_per_sequence():
   """After the first step the cross-attention reads its cache, not the `encoded` it is handed."""
   batch = tiny_batch()
-  module, params = init_params(tiny_config(2), batch)
+  module, params = init_params(tiny_config("network", 2), batch)
   reference, _ = decode_step_by_step(module, params, batch)
   garbage = jnp.full((3, 9, 24), 123.0)
   reused, _ = decode_step_by_step(module, params, batch, encoded_override=garbage)
@@ -142,7 +142,7 @@ def test_encoder_keys_values_are_projected_once_per_sequence():
 
 def test_dropout_is_active_only_when_enabled():
   batch = tiny_batch()
-  module, params = init_params(tiny_config(2, dropout_rate=0.3), batch)
+  module, params = init_params(tiny_config("network", 2, dropout_rate=0.3), batch)
   plain = forward(module, params, batch)
   again = forward(module, params, batch)
   dropped = jax.jit(lambda p, b, r: module.apply({"params": p}, **b, enable_dropout=True,
@@ -154,11 +154,11 @@ def test_dropout_is_active_only_when_enabled():
 
 def test_bfloat16_activations_keep_float32_params_and_logits():
   batch = tiny_batch()
-  module, params = init_params(tiny_config(1, dtype=jnp.bfloat16), batch)
+  module, params = init_params(tiny_config("network", 1, dtype=jnp.bfloat16), batch)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   logits = forward(module, params, batch)
   assert logits.dtype == jnp.float32
-  logits32 = forward(Transformer(tiny_config(1)), params, batch)
+  logits32 = forward(Transformer(tiny_config("network", 1)), params, batch)
   assert float(jnp.max(jnp.abs(logits - logits32))) < BF16_LOGITS_ATOL
 
 
@@ -167,7 +167,7 @@ def test_bfloat16_logits_tolerance_catches_a_wrong_head_pairing(num_kv_heads):
   """bfloat16 logits differ from float32 by ~0.05 here; pairing every query head with the next
   group's key/value head (rolled key/value kernels) moves them by more than 3."""
   batch = tiny_batch()
-  config = tiny_config(num_kv_heads)
+  config = tiny_config("network", num_kv_heads)
   module, params = init_params(config.replace(dtype=jnp.bfloat16), batch)
   logits32 = forward(Transformer(config), params, batch)
   assert float(jnp.max(jnp.abs(forward(module, params, batch) - logits32))) < BF16_LOGITS_ATOL
@@ -184,7 +184,7 @@ def test_bfloat16_logits_tolerance_catches_a_wrong_head_pairing(num_kv_heads):
 
 def test_padding_in_inputs_does_not_change_logits():
   batch = tiny_batch()
-  module, params = init_params(tiny_config(2), batch)
+  module, params = init_params(tiny_config("network", 2), batch)
   logits = forward(module, params, batch)
   longer = dict(batch)
   longer["encoder_input_tokens"] = jnp.pad(batch["encoder_input_tokens"], ((0, 0), (0, 4)))
@@ -195,7 +195,7 @@ def test_padding_in_inputs_does_not_change_logits():
 def test_scanned_layers_equal_unrolled_layers(remat_policy):
   from gqa_t5.model.scanning import stack_layers, unstack_layers
   batch = tiny_batch()
-  config = tiny_config(2)
+  config = tiny_config("network", 2)
   module, params = init_params(config, batch)
   scanned_config = config.replace(scan_layers=True, remat_policy=remat_policy)
   scanned_params = stack_layers(params)
@@ -219,7 +219,7 @@ def test_scanned_layers_equal_unrolled_layers(remat_policy):
 def test_cache_is_batch_leading_except_cache_index_as_t5x_expects():
   """t5x's cache_map expands every cache leaf along axis 0 for beams, except `cache_index`."""
   batch = tiny_batch()
-  module, params = init_params(tiny_config(2), batch)
+  module, params = init_params(tiny_config("network", 2), batch)
   _, cache = module.apply({"params": params}, batch["encoder_input_tokens"],
                           jnp.ones_like(batch["decoder_input_tokens"]),
                           jnp.ones_like(batch["decoder_input_tokens"]), decode=True,

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from gqa_t5 import optim
+from gqa_t5 import optim, schedules
 
 
 def _numpy_adafactor_step(param, grad, state, step, lr, factored_dims=None, decay_rate=0.8,
@@ -63,7 +63,7 @@ def test_factoring_plan_matches_t5x_heuristic():
 
 def test_three_steps_match_numpy_reference():
   params, grads = _params_and_grads()
-  lr_fn = optim.t5_schedule("constant", base_learning_rate=0.01)
+  lr_fn = schedules.t5_schedule("constant", base_learning_rate=0.01)
   tx = optim.Adafactor(learning_rate=lr_fn).transform()
   state = tx.init(jax.tree.map(jnp.asarray, params))
   assert set(state.stats["kernel"]) == {"v_row", "v_col"}
@@ -145,19 +145,19 @@ def test_momentum_option():
 
 
 def test_schedules():
-  rsqrt = optim.rsqrt_decay(warmup_steps=10_000)
+  rsqrt = schedules.rsqrt_decay(warmup_steps=10_000)
   assert float(rsqrt(0)) == pytest.approx(0.01)
   assert float(rsqrt(10_000)) == pytest.approx(0.01)
   assert float(rsqrt(40_000)) == pytest.approx(0.005)
   assert float(rsqrt(1_000_000)) == pytest.approx(0.001)
-  assert float(optim.constant(0.001)(123)) == pytest.approx(0.001)
-  t5 = optim.t5_schedule("constant * rsqrt_decay", 1.0, 10_000)
+  assert float(schedules.constant(0.001)(123)) == pytest.approx(0.001)
+  t5 = schedules.t5_schedule("constant * rsqrt_decay", 1.0, 10_000)
   for step in (0, 5000, 20_000, 1_000_000):
     assert float(t5(step)) == pytest.approx(float(rsqrt(step)))
-  warm = optim.t5_schedule("constant * linear_warmup", 2.0, 100)
+  warm = schedules.t5_schedule("constant * linear_warmup", 2.0, 100)
   assert float(warm(50)) == pytest.approx(1.0)
   with pytest.raises(ValueError, match="unknown learning-rate factor 'cosine'"):
-    optim.t5_schedule("constant * cosine")
+    schedules.t5_schedule("constant * cosine")
 
 
 def test_learning_rate_schedule_reads_the_step_count():
@@ -175,10 +175,23 @@ def test_global_step_drives_the_learning_rate_and_count_the_decay():
   # while beta2 restarts at 0 (v = g^2 at the first update, as T5X's step_offset).
   p = jnp.full((4,), 3.0)
   g = jnp.asarray([1.0, -2.0, 0.5, 4.0])
-  tx = optim.Adafactor(learning_rate=optim.rsqrt_decay()).transform()
+  tx = optim.Adafactor(learning_rate=schedules.rsqrt_decay()).transform()
   state = tx.init(p)
   updates, state = tx.update(g, state, p, step=jnp.asarray(10**6))
   np.testing.assert_allclose(np.asarray(updates), -0.001 * 3.0 * np.sign(np.asarray(g)),
                              rtol=1e-5)
   assert int(state.count) == 1
   np.testing.assert_allclose(np.asarray(state.stats["v"]), np.asarray(g) ** 2, rtol=1e-6)
+
+
+def test_schedules_keep_their_gin_names_from_before_schedules_py():
+  gin = pytest.importorskip("gin")
+  gin.clear_config()
+  try:
+    gin.parse_config("from __gin__ import dynamic_registration\n"
+                     "from gqa_t5 import optim\n"
+                     "optim.constant.value = 0.25\n")
+    assert optim.constant is schedules.constant  # the same function, not a copy
+    assert float(gin.get_configurable(schedules.constant)()(3)) == 0.25
+  finally:
+    gin.clear_config()

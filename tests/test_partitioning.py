@@ -8,14 +8,7 @@ import pytest
 
 import trainer_fixtures as fx
 from gqa_t5 import partitioning
-from gqa_t5.model.config import T5Config
-
-
-def _config(num_heads=8, num_kv_heads=None, num_cross_kv_heads=None, mlp_dim=64,
-            vocab_size=320):
-  return T5Config(vocab_size=vocab_size, emb_dim=32, num_heads=num_heads, head_dim=4,
-                  mlp_dim=mlp_dim, num_encoder_layers=1, num_decoder_layers=1,
-                  num_kv_heads=num_kv_heads, num_cross_kv_heads=num_cross_kv_heads)
+from tiny_configs import tiny_config
 
 
 def test_standard_rules_follow_t5x_and_shard_kv_heads_only_when_divisible():
@@ -36,8 +29,8 @@ def test_standard_rules_follow_t5x_and_shard_kv_heads_only_when_divisible():
 
 
 def test_partitioner_maps_logical_axes_to_specs():
-  p = partitioning.Partitioner(data_parallel=1, model_parallel=1).setup_for(_config(
-      num_kv_heads=2))
+  p = partitioning.Partitioner(data_parallel=1, model_parallel=1).setup_for(tiny_config(
+      "partitioning", num_kv_heads=2))
   assert tuple(p.logical_to_spec(("embed", "joined_kv"))) == (None, "model")
   assert tuple(p.logical_to_spec(("batch", "length"))) == ("data", None)
   assert p.mesh_shape == (1, 1)
@@ -54,8 +47,8 @@ def test_partitioner_refuses_rules_that_miss_a_logical_axis():
                      match=r"partitioner's logical axis rules do not cover logical axis/axes "
                            r"\['grouped_kv'\].*decoder/layers_0/self_attention/key/kernel"):
     p.shardings(axes)
-  ok = partitioning.Partitioner(data_parallel=1, model_parallel=1).setup_for(_config(
-      num_kv_heads=2))
+  ok = partitioning.Partitioner(data_parallel=1, model_parallel=1).setup_for(tiny_config(
+      "partitioning", num_kv_heads=2))
   spec = ok.shardings(axes)["decoder"]["layers_0"]["self_attention"]["key"]["kernel"].spec
   assert tuple(spec) == (None, "model")  # K = 2 divides a model axis of 1
 
@@ -77,22 +70,22 @@ def test_validation_names_the_field_and_the_sizes_that_work():
   with pytest.raises(partitioning.PartitioningError,
                      match=r"num_heads=6 is not a multiple of the model axis size 4.*"
                            r"Model axis sizes that would work on 8 devices: \[1, 2\]"):
-    partitioning.validate(_config(num_heads=6), (2, 4))
+    partitioning.validate(tiny_config("partitioning", num_heads=6), (2, 4))
   with pytest.raises(partitioning.PartitioningError, match=r"mlp_dim=60"):
-    partitioning.validate(_config(mlp_dim=60), (1, 8))
+    partitioning.validate(tiny_config("partitioning", mlp_dim=60), (1, 8))
   with pytest.raises(partitioning.PartitioningError,
                      match=r"micro-batch of 6 examples .* data axis of size 4; use a batch "
                            r"size that is a multiple of 8"):
-    partitioning.validate(_config(), (4, 2), batch_size=12, num_microbatches=2)
+    partitioning.validate(tiny_config("partitioning"), (4, 2), batch_size=12, num_microbatches=2)
   with pytest.raises(partitioning.PartitioningError, match=r"not a multiple of "
                                                             r"num_microbatches=5"):
-    partitioning.validate(_config(), (1, 1), batch_size=8, num_microbatches=5)
+    partitioning.validate(tiny_config("partitioning"), (1, 1), batch_size=8, num_microbatches=5)
 
 
 def test_kv_layout_message_explains_replication():
-  text = partitioning.validate(_config(num_kv_heads=2), (2, 4), batch_size=8)
+  text = partitioning.validate(tiny_config("partitioning", num_kv_heads=2), (2, 4), batch_size=8)
   assert "K=2" in text and "replicated" in text and "[1, 2]" in text
-  text = partitioning.validate(_config(num_kv_heads=8), (1, 8), batch_size=8)
+  text = partitioning.validate(tiny_config("partitioning", num_kv_heads=8), (1, 8), batch_size=8)
   assert "sharded over model axis 8" in text
 
 

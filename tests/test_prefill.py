@@ -8,7 +8,8 @@ from gqa_t5 import decoding
 from gqa_t5.model import Transformer
 from gqa_t5.model.scanning import stack_layers
 from gqa_t5.models import EncoderDecoderModel
-from model_fixtures import KV_HEADS, forward, init_params, tiny_batch, tiny_config
+from model_fixtures import KV_HEADS, forward, init_params, tiny_batch
+from tiny_configs import tiny_config
 from test_network import decode_step_by_step
 
 
@@ -30,7 +31,7 @@ def test_prefill_equals_step_by_step_decoding(num_kv_heads):
   """Per-example prompt lengths: the prefilled cache is the cache after feeding each prompt
   step by step, and the next step's logits match."""
   batch = tiny_batch()
-  module, params = init_params(tiny_config(num_kv_heads), batch)
+  module, params = init_params(tiny_config("network", num_kv_heads), batch)
   enc, dec_in = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
   lengths = np.array([2, 4, 3])
   # T5X's prompt: BOS then the prompt tokens; its non-zero count is the prefill length.
@@ -87,7 +88,7 @@ def decode_step_by_step_cache(module, params, batch, cache_length):
 
 def test_prefill_logits_equal_teacher_forcing_and_flags_are_checked():
   batch = tiny_batch()
-  module, params = init_params(tiny_config(2), batch)
+  module, params = init_params(tiny_config("network", 2), batch)
   dec_in = batch["decoder_input_tokens"]
   logits, cache, encoded = prefill(module, params, batch, dec_in,
                                    prefill_lengths=jnp.full((3,), 6))
@@ -105,7 +106,7 @@ def test_greedy_continuation_after_prefill_equals_step_by_step(scan_layers):
   """Our loop from a prefilled cache (`decoding.prefill_inputs`, per-example prompt lengths)
   produces what it produces after the prompt was fed one token at a time."""
   batch = tiny_batch()
-  module, params = init_params(tiny_config(2), batch)
+  module, params = init_params(tiny_config("network", 2), batch)
   if scan_layers:
     module, params = Transformer(module.config.replace(scan_layers=True)), stack_layers(params)
   model = EncoderDecoderModel(module)

@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pytest
 
-from checkpoint_fixtures import entries, small_config, write_hf
+from checkpoint_fixtures import entries, write_hf
+from tiny_configs import tiny_config
 from gqa_t5.checkpoints import detect, msgpack_codec, orbax_format, synthetic, t5x_legacy
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.errors import CheckpointError
@@ -25,7 +26,7 @@ WO = "encoder/layers_1/mlp/wo/kernel"
 
 def _params(**changes):
   """Random parameters; `changes` maps a tensor name to a function editing it in place."""
-  flat = tree_lib.flatten(synthetic.random_params(small_config()))
+  flat = tree_lib.flatten(synthetic.random_params(tiny_config("checkpoint")))
   for name, change in changes.items():
     change(flat[name.replace("__", "/")])
   return flat
@@ -111,7 +112,7 @@ def inf_in_copied_tensor(root):
 
 def _hf(root, flat):
   path = os.path.join(root, "src")
-  write_hf(path, small_config(), tree_lib.unflatten(flat))
+  write_hf(path, tiny_config("checkpoint"), tree_lib.unflatten(flat))
   return path
 
 
@@ -280,8 +281,8 @@ def test_in_memory_conversion_checks_finiteness_too():
   flat = _params(**{KEY: lambda a: a.__setitem__((1, 1), np.inf)})
   params = tree_lib.unflatten(flat)
   with pytest.raises(CheckpointError, match=f"tensor '{KEY}' of the parameters has 1 non-finite"):
-    converter.convert_params(params, small_config(), converter.ConversionSpec(2))
-  out, _ = converter.convert_params(params, small_config(), converter.ConversionSpec(2),
+    converter.convert_params(params, tiny_config("checkpoint"), converter.ConversionSpec(2))
+  out, _ = converter.convert_params(params, tiny_config("checkpoint"), converter.ConversionSpec(2),
                                     allow_nonfinite=True)
   assert np.isinf(out["decoder"]["layers_0"]["self_attention"]["key"]["kernel"]).any()
 

@@ -9,7 +9,8 @@ from gqa_t5 import decoding
 from gqa_t5.model import Transformer
 from gqa_t5.model.scanning import stack_layers, unstack_layers
 from gqa_t5.models import EncoderDecoderModel
-from model_fixtures import KV_HEADS, init_params, tiny_batch, tiny_config
+from model_fixtures import KV_HEADS, init_params, tiny_batch
+from tiny_configs import tiny_config
 
 LENGTH = 6
 
@@ -17,7 +18,7 @@ LENGTH = 6
 @pytest.fixture(scope="module", params=KV_HEADS)
 def unrolled_and_scanned(request):
   batch = tiny_batch()
-  module, params = init_params(tiny_config(request.param), batch)
+  module, params = init_params(tiny_config("network", request.param), batch)
   scanned = Transformer(module.config.replace(scan_layers=True))
   return (EncoderDecoderModel(module), params, EncoderDecoderModel(scanned),
           stack_layers(params), batch)
@@ -83,7 +84,7 @@ def test_scanned_steps_equal_unrolled_steps_with_t5x_first_step_fill(unrolled_an
 
 def test_stack_and_unstack_round_trip():
   batch = tiny_batch()
-  _, params = init_params(tiny_config(2), batch)
+  _, params = init_params(tiny_config("network", 2), batch)
   stacked = stack_layers(params)
   assert stacked["decoder"]["layers"]["self_attention"]["key"]["kernel"].shape == (24, 2, 16)
   round_trip = unstack_layers(stacked)

@@ -7,15 +7,10 @@ import jax
 import pytest
 
 from gqa_t5 import partitioning, t5x_compat
-from gqa_t5.model import T5Config, Transformer
+from gqa_t5.model import Transformer
 from gqa_t5.models import EncoderDecoderModel
+from tiny_configs import tiny_config
 
-
-
-def _config(num_kv_heads, scan_layers=False, num_cross_kv_heads=None):
-  return T5Config(vocab_size=64, emb_dim=16, num_heads=4, head_dim=4, mlp_dim=32,
-                  num_encoder_layers=2, num_decoder_layers=2, num_kv_heads=num_kv_heads,
-                  num_cross_kv_heads=num_cross_kv_heads, scan_layers=scan_layers)
 
 
 CONFIGS = [(k, scan, cross) for k in (4, 2, 1) for scan in (False, True) for cross in (None, 1)]
@@ -23,7 +18,7 @@ CONFIGS = [(k, scan, cross) for k in (4, 2, 1) for scan in (False, True) for cro
 
 @pytest.mark.parametrize("k,scan,cross", CONFIGS)
 def test_rules_cover_every_logical_axis_of_the_parameter_tree(k, scan, cross):
-  config = _config(k, scan, cross)
+  config = tiny_config("t5x", k, scan_layers=scan, num_cross_kv_heads=cross)
   _, axes = partitioning.abstract_params_and_axes(EncoderDecoderModel(Transformer(config)))
   names = set(partitioning.logical_axis_names(axes))
   assert "grouped_kv" in names and ("layers" in names) == scan
@@ -36,7 +31,7 @@ def test_rules_cover_every_logical_axis_of_the_parameter_tree(k, scan, cross):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_rules_cover_every_logical_axis_of_the_cache(scan):
-  config = _config(2, scan)
+  config = tiny_config("t5x", 2, scan_layers=scan)
   model = EncoderDecoderModel(Transformer(config))
   params = partitioning.init_params(model, jax.random.PRNGKey(0))
   cache = model.init_cache(params, 3, 5, 4)
@@ -49,7 +44,7 @@ def test_rules_cover_every_logical_axis_of_the_cache(scan):
 
 
 def test_t5x_standard_tables_without_our_axes_are_refused_naming_them():
-  config = _config(2)
+  config = tiny_config("t5x", 2)
   # A t5x user's tables: t5x's standard partitioning and factor rules, which lack our axes.
   with pytest.raises(partitioning.LogicalAxisError,
                      match=r"do not cover logical axis/axes \['grouped_kv'\].*"

@@ -17,7 +17,8 @@ from gqa_t5 import partitioning, t5x_compat
 from gqa_t5.model import Transformer
 from gqa_t5.model.scanning import stack_layers
 from gqa_t5.models import EncoderDecoderModel
-from model_fixtures import init_params, tiny_batch, tiny_config
+from model_fixtures import init_params, tiny_batch
+from tiny_configs import VARIANTS, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETWORK_GIN = os.path.join(REPO, "gin", "t5x", "gqa_t5_network.gin")
@@ -282,8 +283,8 @@ def test_t5x_decoding_loops_on_our_scanned_and_unrolled_models(t5x_dir):
   from t5x import models as t5x_models
 
   batch = tiny_batch()
-  module, params = init_params(tiny_config(2), batch)
-  vocabulary = seqio.PassThroughVocabulary(size=67, eos_id=1)
+  module, params = init_params(tiny_config("network", 2), batch)
+  vocabulary = seqio.PassThroughVocabulary(size=VARIANTS["network"]["vocab_size"], eos_id=1)
   request = {"encoder_input_tokens": batch["encoder_input_tokens"],
              "decoder_input_tokens": jnp.zeros_like(batch["decoder_input_tokens"])}
   ours = EncoderDecoderModel(module).predict_batch(

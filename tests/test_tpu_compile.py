@@ -16,7 +16,7 @@ import pytest
 
 from gqa_t5 import aot
 from gqa_t5 import models
-from gqa_t5 import optim
+from gqa_t5 import optim, schedules
 from gqa_t5 import partitioning
 from gqa_t5 import perf_model
 from gqa_t5 import tpu_topology
@@ -211,7 +211,7 @@ def test_tiny_train_step_compiles_for_v4_8_and_the_dry_run_reports_the_fit(v4_8,
   spec = {k: ((8, 16), np.int32) for k in ("encoder_input_tokens", "decoder_input_tokens",
                                             "decoder_target_tokens", "decoder_loss_weights")}
   part = partitioning.Partitioner(data_parallel=-1, model_parallel=2, devices=v4_8)
-  step = trainer.Trainer(model, optim.Adafactor(learning_rate=optim.rsqrt_decay()), part, spec)
+  step = trainer.Trainer(model, optim.Adafactor(learning_rate=schedules.rsqrt_decay()), part, spec)
   report = trainer.dry_run_report(step, V4_AVAILABLE, what="tiny")
   assert report["fits"] and 0 < report["peak_bytes_per_device"] < GIB
   assert "tiny fits" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import trainer_fixtures as fx
-from gqa_t5 import gin_utils, input_pipeline, optim, partitioning
+from gqa_t5 import gin_utils, input_pipeline, optim, partitioning, schedules
 from gqa_t5 import train as train_lib
 from gqa_t5 import trainer as trainer_lib
 from gqa_t5.checkpoints import model_dir as model_dir_lib
@@ -43,7 +43,7 @@ def test_non_finite_update_is_never_checkpointed_and_stop_names_step_batch_check
     train_lib.train(
         model=_NaNGradientFromSecondStep(fx.tiny_model(2)), train_dataset_cfg=fx.dataset_cfg(),
         model_dir=str(tmp_path), total_steps=5, progress=False, eval_period=0, log_period=5,
-        optimizer=optim.Adafactor(learning_rate=optim.constant(0.05)),
+        optimizer=optim.Adafactor(learning_rate=schedules.constant(0.05)),
         checkpoint_cfg=model_dir_lib.CheckpointConfig(period=1, async_save=False))
   message = str(info.value)
   assert "non-finite at step 2" in message
@@ -76,7 +76,7 @@ def test_a_signal_without_save_on_preemption_stops_after_the_step_saving_nothing
           model=_SignalAtStep(fx.tiny_model(2), signal.SIGINT),
           train_dataset_cfg=fx.dataset_cfg(), model_dir=str(tmp_path), total_steps=5,
           progress=False, eval_period=0, log_period=5,
-          optimizer=optim.Adafactor(learning_rate=optim.constant(0.05)),
+          optimizer=optim.Adafactor(learning_rate=schedules.constant(0.05)),
           checkpoint_cfg=model_dir_lib.CheckpointConfig(period=4, save_on_preemption=False))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
   finally:

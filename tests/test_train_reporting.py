@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import trainer_fixtures as fx
-from gqa_t5 import gin_utils, jax_setup, optim
+from gqa_t5 import gin_utils, jax_setup, optim, schedules
 from gqa_t5 import train as train_lib
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 
@@ -38,7 +38,7 @@ def _tensorboard_scalars(log_dir, tag):
 def test_loss_per_token_is_the_same_in_bar_jsonl_and_tensorboard(tmp_path, capsys):
   train_lib.train(
       model=fx.tiny_model(2), train_dataset_cfg=fx.dataset_cfg(), model_dir=str(tmp_path),
-      total_steps=4, optimizer=optim.Adafactor(learning_rate=optim.constant(0.05)),
+      total_steps=4, optimizer=optim.Adafactor(learning_rate=schedules.constant(0.05)),
       log_period=2, eval_period=4, eval_steps=1, progress=True,
       train_eval_dataset_cfg=fx.dataset_cfg("validation", shuffle=False),
       checkpoint_cfg=model_dir_lib.CheckpointConfig(period=1000, async_save=False))

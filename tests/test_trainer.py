@@ -16,11 +16,11 @@ pytest.importorskip("seqio")
 pytest.importorskip("gin")
 
 import trainer_fixtures as fx
-from gqa_t5 import input_pipeline, optim, partitioning
+from gqa_t5 import initial_checkpoint, input_pipeline, optim, partitioning, schedules
 from gqa_t5 import train as train_lib
-from gqa_t5.checkpoints import initial
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 from gqa_t5 import trainer as trainer_lib
+from tiny_configs import tiny_config
 
 FIXTURE = fixture_paths.T5X_TINY
 
@@ -37,7 +37,7 @@ def _read_metrics(model_dir):
 
 def _train(model_dir, model, steps, **kwargs):
   args = dict(model=model, train_dataset_cfg=fx.dataset_cfg(), model_dir=str(model_dir),
-              total_steps=steps, optimizer=optim.Adafactor(learning_rate=optim.constant(0.05)),
+              total_steps=steps, optimizer=optim.Adafactor(learning_rate=schedules.constant(0.05)),
               eval_period=0, log_period=steps, progress=False,
               checkpoint_cfg=model_dir_lib.CheckpointConfig(period=1000, async_save=False))
   args.update(kwargs)
@@ -148,7 +148,7 @@ def test_model_dir_of_another_configuration_is_refused(tmp_path):
 def test_initial_checkpoint_with_other_shapes_names_tensor_and_shapes(tmp_path):
   source_dir = tmp_path / "mha"
   _train(source_dir, fx.tiny_model(4), 1)
-  with pytest.raises(initial.InitialCheckpointError,
+  with pytest.raises(initial_checkpoint.InitialCheckpointError,
                      match=r"tensor decoder/layers_0/encoder_decoder_attention/key/kernel has "
                            r"shape \(32, 32\) in the checkpoint but the configured model needs "
                            r"\(32, 8\)"):
@@ -173,9 +173,7 @@ def test_uptraining_from_a_multi_head_run_with_mean_pooling(tmp_path):
 def test_fine_tuning_starts_from_a_t5x_checkpoint(tmp_path):
   from gqa_t5 import models
   from gqa_t5.model import network
-  from gqa_t5.model.config import T5Config
-  config = T5Config(vocab_size=1152, emb_dim=128, num_heads=8, head_dim=32, mlp_dim=256,
-                    num_encoder_layers=3, num_decoder_layers=2, dropout_rate=0.0)
+  config = tiny_config("t5x_fixture", dropout_rate=0.0)
   model = models.EncoderDecoderModel(network.Transformer(config))
   # The fixture's 1,152-row embedding needs a task vocabulary of 1,025..1,152 ids.
   task = fx.register_toy_task("gqa_t5_test_toy_copy_1152", extra_ids=1152 - 259)
@@ -206,7 +204,7 @@ def test_initial_checkpoint_missing_a_parameter_is_refused_unless_allowed(tmp_pa
   shape = flat.pop(leaf).shape
   partial = tmp_path / "partial"
   t5x_legacy.save_t5x(str(partial), tree_lib.unflatten(flat), step=1)
-  with pytest.raises(initial.InitialCheckpointError,
+  with pytest.raises(initial_checkpoint.InitialCheckpointError,
                      match=rf"tensor {leaf} \({shape[0]},\) is missing from the checkpoint.*"
                            r"leave 1 parameter\(s\) freshly initialised.*"
                            r"train.allow_fresh_params = True"):

@@ -43,7 +43,7 @@ def main():
                                               args.process_id)
   import numpy as np
   import trainer_fixtures as fx
-  from gqa_t5 import optim, train as train_loop
+  from gqa_t5 import optim, schedules, train as train_loop
   from gqa_t5.checkpoints import model_dir as checkpointing
 
   if args.kill_in_save is not None:
@@ -95,7 +95,7 @@ def main():
 
   fx.register_toy_task()
   try:
-    state = _train(args, fx, optim, train_loop, checkpointing)
+    state = _train(args, fx, optim, schedules, train_loop, checkpointing)
   except checkpointing.Preempted as stopped:
     print(f"trainer_child: {stopped}", file=sys.stderr)
     sys.exit(stopped.exit_code)
@@ -110,12 +110,12 @@ def main():
     multihost_utils.process_allgather(state.params, tiled=True)
 
 
-def _train(args, fx, optim, train_loop, checkpointing):
+def _train(args, fx, optim, schedules, train_loop, checkpointing):
   return train_loop.train(
       model=fx.tiny_model(args.num_kv_heads, dropout_rate=0.1),
       train_dataset_cfg=fx.dataset_cfg(batch_size=args.batch_size),
       model_dir=args.model_dir, total_steps=args.total_steps,
-      optimizer=optim.Adafactor(learning_rate=optim.constant(0.05)),
+      optimizer=optim.Adafactor(learning_rate=schedules.constant(0.05)),
       checkpoint_cfg=checkpointing.CheckpointConfig(period=4, async_save=True),
       eval_period=0, log_period=2, progress=False)
 

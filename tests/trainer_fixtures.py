@@ -1,4 +1,5 @@
-"""Shared pieces of the trainer tests: a learnable toy seqio task and a tiny model.
+"""Shared pieces of the trainer tests: a learnable toy seqio task and a tiny model (the
+`tiny_configs` variant "trainer").
 
 The toy task copies a short random string over 8 letters (byte vocabulary, EOS = 1): a tiny
 model's loss falls within a few dozen steps. Examples are a fixed function of the index, so every process and
@@ -12,8 +13,10 @@ import sys
 
 import numpy as np
 
+from tiny_configs import VARIANTS, tiny_config
+
 TOY_TASK = "gqa_t5_test_toy_copy"
-VOCAB = 320  # seqio.ByteVocabulary's 259 ids, padded to a multiple of 64
+VOCAB = VARIANTS["trainer"]["vocab_size"]
 ALPHABET = "abcdefgh"
 LENGTHS = {"inputs": 16, "targets": 16}
 NUM_EXAMPLES = {"train": 512, "validation": 64}
@@ -56,19 +59,11 @@ def register_toy_task(name: str = TOY_TASK, extra_ids: int = 0):
   return name
 
 
-def tiny_config(num_kv_heads=None, dtype="float32", dropout_rate=0.0, **overrides):
-  from gqa_t5.model.config import T5Config
-  kwargs = dict(vocab_size=VOCAB, dtype=dtype, emb_dim=32, num_heads=4, num_encoder_layers=2,
-                num_decoder_layers=2, head_dim=8, mlp_dim=64, dropout_rate=dropout_rate,
-                num_kv_heads=num_kv_heads)
-  kwargs.update(overrides)
-  return T5Config(**kwargs)
-
-
 def tiny_model(num_kv_heads=None, **overrides):
   from gqa_t5 import models
   from gqa_t5.model import network
-  return models.EncoderDecoderModel(network.Transformer(tiny_config(num_kv_heads, **overrides)))
+  return models.EncoderDecoderModel(
+      network.Transformer(tiny_config("trainer", num_kv_heads, **overrides)))
 
 
 def dataset_cfg(split="train", batch_size=8, shuffle=True, pack=True, seed=0, task=TOY_TASK,

@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional
 import jax
 import numpy as np
 
-from gqa_t5 import jax_setup, models, optim, partitioning, perf_model, trainer as trainer_lib
+from gqa_t5 import jax_setup, models, optim, partitioning, perf_model, schedules
+from gqa_t5 import trainer as trainer_lib
 from gqa_t5.benchmarks import common, hf_reference
 from gqa_t5.model import Transformer, grouping, sizes
 
@@ -92,7 +93,7 @@ class Ours:
     model = models.EncoderDecoderModel(Transformer(config.replace(num_kv_heads=k)))
     spec = {name: (v.shape, v.dtype) for name, v in batch.items()}
     self.trainer = trainer_lib.Trainer(
-        model, optim.Adafactor(learning_rate=optim.constant(1e-3)), partitioning.Partitioner(),
+        model, optim.Adafactor(learning_rate=schedules.constant(1e-3)), partitioning.Partitioner(),
         spec)
     abstract_batch = {name: jax.ShapeDtypeStruct(s, d, sharding=self.trainer.batch_shardings[name])
                       for name, (s, d) in spec.items()}

@@ -20,11 +20,12 @@ blocks, with the G*T query rows of a key/value head as the matmuls' rows (`_quer
 
 Activation shardings (T5X's 1-D activation partitioning, logical names of model/axes.py): the
 flat query and context projections are ('batch', 'length', 'joined_kv'), so the N query heads
-split over the model axis; the reshape to [B, T, K, G, H] then splits K when K is a multiple of
-the model axis and G otherwise. Keys, values and caches are ('batch', kv head axis, 'length',
-'kv'), where the decoder's kv head axis is 'kv_heads' (sharded only when K is a multiple of the
-model axis, replicated otherwise) and the encoder's is 'heads'. Outside a partitioner's rules
-these constraints do nothing.
+split over the model axis; the reshape to [B, T, K, G, H] has no constraint of its own (its
+split follows the flat one's contiguous blocks: on K when K is a multiple of the model axis).
+Keys, values and caches are ('batch', kv head axis, 'length', 'kv'), where the decoder's kv
+head axis is 'kv_heads' (sharded only when K is a multiple of the model axis, replicated
+otherwise) and the encoder's is 'heads'. Outside a partitioner's rules these constraints do
+nothing.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""The logical axis names of the network's parameters and caches, and the tables that map them.
+"""The logical axis names of the network's parameters, activations and caches, and their rules.
 
 T5X's names ('embed', 'mlp', 'heads', 'joined_kv', 'kv', 'vocab', 'relpos_buckets', 'layers' when
 scanned, 'batch' and 'length' for activations) plus the two grouped-query attention adds for its K
 key/value heads:
   'grouped_kv'  the K*H output dim of the decoder's key/value kernels (parameters),
-  'kv_heads'   the K dim of key/value activations and decoding caches.
+  'kv_heads'   the K dim of the decoder's key/value activations (attention.py constrains them
+               with `nn.with_logical_constraint`) and decoding caches; the encoder's
+               keys/values, K = N always, use T5X's 'heads'.
 They shard over 'model' only when K is a multiple of the model axis size: each device then
 holds the key/value heads of exactly its own query heads (query head n uses key/value head
 n // (N/K), see grouping.py), so attention needs no communication. Otherwise they are

@@ -3,10 +3,10 @@ heads (`valid_kv_heads`) and of what a K is called (`kv_label`: MHA, MQA, GQA-K)
 
 Query head n = k*G + g (G = N/K) uses key/value head k: adjacent query heads form a group.
 A flat `[..., N*H]` projection therefore reshapes to `[..., K, G, H]` with no transpose, which is
-what the attention einsums rely on and what the checkpoint converter pools over. Everything
-that splits, pools, validates or names heads (attention, config validation, conversion, the
-benchmarks and the reproduction's reports) calls these functions; they work on numpy and jax
-arrays alike (reshapes only).
+what the attention einsums rely on and what the checkpoint converter pools over. The attention,
+the config's validation and the converter (`convert/pooling.py`, `convert/converter.py`) split,
+pool and validate heads through these functions, and the benchmarks, jobs and reports name K
+through `kv_label`; they work on numpy and jax arrays alike (reshapes only).
 """
 
 from __future__ import annotations

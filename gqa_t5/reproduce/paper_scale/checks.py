@@ -27,7 +27,7 @@ from gqa_t5 import partitioning
 from gqa_t5 import perf_model
 from gqa_t5 import train as train_lib
 from gqa_t5 import trainer
-from gqa_t5.checkpoints import initial as initial_checkpoint
+from gqa_t5 import initial_checkpoint
 from gqa_t5.checkpoints import lazy
 from gqa_t5.checkpoints import scanned
 from gqa_t5.checkpoints import source as source_lib
@@ -108,7 +108,7 @@ def check_conversion(model: jobs_lib.ModelSpec, config, abstract_params) -> str:
     out, out_config, changed = converter.plan(source, spec)
     source = dataclasses.replace(source, tensors=out, config=out_config)
   if config.scan_layers:
-    # As `initial.open_for_model` does on load: the unrolled layers stacked for a scanned model.
+    # As `initial_checkpoint.open_for_model` does on load: the unrolled layers stacked for a scanned model.
     source = dataclasses.replace(source, tensors=scanned.stack(source.tensors))
   try:
     initial_checkpoint.check_against(source, abstract_params)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from gqa_t5 import input_pipeline
 from gqa_t5 import jax_setup
 from gqa_t5 import optim
+from gqa_t5 import schedules
 from gqa_t5.demo_data import layout
 from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
@@ -157,7 +158,7 @@ class Pipeline:
     result = self._run("pretrain", config, lambda work: self._train(
         work, config=self._config(None), task=tasks.PRETRAIN_TASK, lengths=lengths,
         batch=p.pretrain_batch, total_steps=p.pretrain_steps,
-        learning_rate=optim.rsqrt_decay(p.pretrain_learning_rate, p.pretrain_warmup_steps),
+        learning_rate=schedules.rsqrt_decay(p.pretrain_learning_rate, p.pretrain_warmup_steps),
         initial=None, start_step=0))
     return result, result.directory / training.MODEL_DIR
 
@@ -212,7 +213,7 @@ class Pipeline:
       return self._train(
           work, config=self._config(k), task=tasks.PRETRAIN_TASK, lengths=lengths,
           batch=p.pretrain_batch, total_steps=total,
-          learning_rate=optim.rsqrt_decay(p.pretrain_learning_rate, p.pretrain_warmup_steps),
+          learning_rate=schedules.rsqrt_decay(p.pretrain_learning_rate, p.pretrain_warmup_steps),
           initial=None if previous is not None else str(start_path))
 
     return self._run(name, config, fn, [start] + ([previous] if previous is not None else []))
@@ -243,7 +244,7 @@ class Pipeline:
     tuned = self._run(f"finetune-{key}", config, lambda work: self._train(
         work, config=self._config(variant.kv_heads, p.finetune_dropout),
         task=tasks.FINETUNE_MIXTURE, lengths=lengths, batch=p.finetune_batch,
-        total_steps=total, learning_rate=optim.constant(p.finetune_lr),
+        total_steps=total, learning_rate=schedules.constant(p.finetune_lr),
         initial=str(start_path), seed=variant.seed), deps=[start])
     eval_config = {"tasks": dict(p.targets_lengths), "inputs_length": p.inputs_length,
                    "examples": p.eval_examples, "batch": p.eval_batch, "split": "test"}

@@ -19,7 +19,7 @@ from gqa_t5 import models
 from gqa_t5 import optim
 from gqa_t5 import partitioning
 from gqa_t5 import train as train_lib
-from gqa_t5.checkpoints import initial as initial_checkpoint
+from gqa_t5 import initial_checkpoint
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 from gqa_t5.convert import converter
 from gqa_t5.model import network
