@@ -220,9 +220,9 @@ def test_presets_list_every_variant_the_figures_need(name):
 def test_bad_presets_are_refused():
   base = presets.PRESETS["test"]
   with pytest.raises(ValueError, match="GQA key/value heads 3 must divide"):
-    presets.Preset(**{**base.__dict__, "gqa_kv_heads": 3})
+    presets.ReproducePreset(**{**base.__dict__, "gqa_kv_heads": 3})
   with pytest.raises(ValueError, match="method_alpha 0.2 is not one of"):
-    presets.Preset(**{**base.__dict__, "method_alpha": 0.2})
+    presets.ReproducePreset(**{**base.__dict__, "method_alpha": 0.2})
   with pytest.raises(ValueError, match="unknown preset 'huge'"):
     presets.get_preset("huge")
 

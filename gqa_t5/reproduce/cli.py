@@ -30,7 +30,7 @@ from gqa_t5.demo_data import layout
 from gqa_t5.demo_data import prepare
 from gqa_t5.reproduce.pipeline import presets
 from gqa_t5.reproduce.pipeline import run as run_lib
-from gqa_t5.reproduce.pipeline import stages
+from gqa_t5.reproduce.pipeline import stage_cache
 from gqa_t5.reproduce.report import claims
 from gqa_t5.reproduce.report import results as results_lib
 
@@ -98,7 +98,7 @@ def _list_stages(out: Path) -> int:
   for entry in sorted(stage_dir.iterdir()):
     if entry.name.endswith(".work"):
       print(f"  {entry.name[:-5]:<40} interrupted (resumes on the next run)")
-    elif (entry / stages.STAGE_FILE).exists():
+    elif (entry / stage_cache.STAGE_FILE).exists():
       print(f"  {entry.name:<40} done")
   return 0
 

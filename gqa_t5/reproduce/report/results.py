@@ -112,7 +112,7 @@ def paper_timing_rows(measured: Optional[Dict], sim: Dict) -> Optional[Dict[str,
           "bandwidth_bytes_per_s": measured["bandwidth_bytes_per_s"]}
 
 
-def noise_summary(variants: List[Dict], preset: presets_lib.Preset) -> Dict[str, Any]:
+def noise_summary(variants: List[Dict], preset: presets_lib.ReproducePreset) -> Dict[str, Any]:
   """Seed-to-seed changes of the repeated comparison's averages."""
   by_key = {(v["kv_heads"], v["method"], v["alpha"], v["seed"]): v for v in variants}
   pairs, diffs, loss_changes = [], [], []
@@ -141,7 +141,7 @@ def short_label(kv_heads: int, num_heads: int) -> str:
   return "MHA" if kv_heads == num_heads else ("MQA" if kv_heads == 1 else f"GQA-{kv_heads}")
 
 
-def _variant_record(item: Dict, preset: presets_lib.Preset, timing: Dict, n: int) -> Dict:
+def _variant_record(item: Dict, preset: presets_lib.ReproducePreset, timing: Dict, n: int) -> Dict:
   """One fine-tuned variant's row of results.json: its scores, losses and time."""
   v = item["variant"]
   mains = main_scores(item["scores"])
@@ -156,7 +156,7 @@ def _variant_record(item: Dict, preset: presets_lib.Preset, timing: Dict, n: int
           "time_per_step": t["time_per_step"]}
 
 
-def _summaries(variants: List[Dict], preset: presets_lib.Preset, n: int):
+def _summaries(variants: List[Dict], preset: presets_lib.ReproducePreset, n: int):
   """(Table 1's headline rows, Fig. 4's methods, Fig. 5's alpha curves) of seed 0."""
 
   def find(k, method="mean", alpha=0.0, seed=0):
@@ -179,7 +179,7 @@ def _summaries(variants: List[Dict], preset: presets_lib.Preset, n: int):
   return headline, methods, curves
 
 
-def assemble(*, preset: presets_lib.Preset, model: T5Config, pretrain: Dict,
+def assemble(*, preset: presets_lib.ReproducePreset, model: T5Config, pretrain: Dict,
              pretrain_origin: str, evaluations: List[Dict], timing: Dict,
              stages: Dict[str, Dict], wall_seconds: float,
              machine: Optional[str] = None, data_fingerprint: str = "",
@@ -187,7 +187,7 @@ def assemble(*, preset: presets_lib.Preset, model: T5Config, pretrain: Dict,
              paper_timing: Optional[Dict] = None) -> Dict[str, Any]:
   """The results dict from plain numbers (the pipeline and the tests both build it here).
 
-  evaluations: [{'variant': presets.Variant, 'scores': {task: {metric: value}},
+  evaluations: [{'variant': variants.FinetuneVariant, 'scores': {task: {metric: value}},
                  'finetune': {...}, 'start_loss': pretraining-objective loss of the
                  checkpoint fine-tuning started from (optional)}].
   conversions: [{'kv_heads', 'method', 'start_loss'}]: the pretraining-objective loss of each
@@ -229,31 +229,36 @@ def paper_scale_summary() -> Dict[str, Any]:
           "table1": {name: r["total"] for name, r in sim["table1"].items()}}
 
 
-def collect(pipeline, pre, evaluations, timed, wall_seconds: float,
-            probes=None, conversion_probes=None, paper_timed=None) -> Dict[str, Any]:
-  """The results dict of a pipeline run (see `assemble`)."""
+def collect(pipeline, wall_seconds: float) -> Dict[str, Any]:
+  """The results dict of a finished `run.Pipeline` (see `assemble`), read from its stage table
+  and the results of its stages."""
   p = pipeline.preset
+  stage_results = pipeline.stage_results
+  rows = {stage.name: stage for stage in pipeline.table}
   items = []
-  for variant, ev in evaluations.items():
-    tuned = pipeline.stage_results.get(f"finetune-{variant.key(pipeline.num_heads)}")
-    item = {"variant": variant, "scores": ev.result["scores"],
-            "finetune": tuned.result if tuned is not None else {}}
-    if probes and variant in probes:
-      item["start_loss"] = probes[variant].result["loss"]
-    items.append(item)
-  origin = (f"initialised from {pipeline.o.initial_checkpoint} (step {pre.result['step']})"
-            if pipeline.o.initial_checkpoint else
+  for stage in pipeline.table:
+    if stage.kind != "eval":
+      continue
+    (finetune,) = stage.needs
+    (start,) = rows[finetune].needs
+    items.append({"variant": stage.variant, "scores": stage_results[stage.name].result["scores"],
+                  "finetune": stage_results[finetune].result,
+                  "start_loss": stage_results[f"probe-{start}"].result["loss"]})
+  pre = stage_results["pretrain"]
+  origin = (f"initialised from {pipeline.options.initial_checkpoint} (step {pre.result['step']})"
+            if pipeline.options.initial_checkpoint else
             f"pretrained here for {p.pretrain_steps} steps of span corruption on the demo "
             f"corpus (batch {p.pretrain_batch}, inputs {p.pretrain_inputs_length} tokens)")
-  stages = {name: {"seconds": r.seconds, "cached": r.cached}
-            for name, r in pipeline.stage_results.items()}
+  stages = {name: {"seconds": r.seconds, "cached": r.cached} for name, r in stage_results.items()}
+  conversions = [{"kv_heads": stage.kv_heads, "method": stage.method,
+                  "start_loss": stage_results[f"probe-{stage.name}"].result["loss"]}
+                 for stage in pipeline.table if stage.kind == "convert"]
+  paper_timed = stage_results.get("paper-timing")
   return assemble(preset=p, model=pipeline.model.replace(vocab_size=pipeline.vocab_size),
                   pretrain=pre.result, pretrain_origin=origin, evaluations=items,
-                  timing=timed.result, stages=stages, wall_seconds=wall_seconds,
-                  data_fingerprint=pipeline.data["fingerprint"],
-                  paper_scale=paper_scale_summary(),
-                  conversions=[{"kv_heads": k, "method": method, "start_loss": r.result["loss"]}
-                               for (k, method), r in (conversion_probes or {}).items()],
+                  timing=stage_results["timing"].result, stages=stages,
+                  wall_seconds=wall_seconds, data_fingerprint=pipeline.data["fingerprint"],
+                  paper_scale=paper_scale_summary(), conversions=conversions,
                   paper_timing=paper_timed.result if paper_timed is not None else None)
 
 
