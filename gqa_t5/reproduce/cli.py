@@ -129,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   args = parse_args(argv)
   if args.redraw:
     results = results_lib.read_results(args.redraw)
-    results["claims"] = claims.evaluate_claims(results)  # this version's verdicts
+    results.claims = claims.evaluate_claims(results)  # this version's verdicts
     results_lib.write_all(results, args.redraw)
     return 0
   if args.preset == "paper":
@@ -152,8 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"gqa-t5 reproduce: error: {error}", file=sys.stderr)
     return 2
   print(f"\n{out}/REPORT.md:")
-  for claim in results["claims"]:
+  for claim in results.claims:
     print(f"  ({claim['id']}) {claim['verdict']} (tolerance: {claim.get('tolerance', '-')}): "
           f"{claim['statement']}")
-  print(f"{results['wall_seconds'] / 60:.1f} minutes")
+  print(f"{results.wall_seconds / 60:.1f} minutes")
   return 0
