@@ -126,10 +126,11 @@ class InferenceEvaluator:
 
 def inference_eval(model, partitioner, params, cfg: input_pipeline.DatasetConfig, step: int,
                    decoding: prediction.DecodingConfig = prediction.DecodingConfig(),
-                   num_examples: Optional[int] = None, log_dir: Optional[str] = None) -> Dict[str, float]:
+                   num_examples: Optional[int] = None,
+                   log_dir: Optional[str] = None) -> Dict[str, float]:
   """One-off `InferenceEvaluator`."""
-  return InferenceEvaluator(model, partitioner, cfg, decoding, num_examples, log_dir)(params,
-                                                                                       step)
+  evaluator = InferenceEvaluator(model, partitioner, cfg, decoding, num_examples, log_dir)
+  return evaluator(params, step)
 
 
 def _score_fn(model, partitioner, params, batch_size: int):

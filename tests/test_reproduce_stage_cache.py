@@ -134,4 +134,5 @@ def test_keys_depend_on_name_config_and_dependencies():
   dep = stage_cache.StageResult("up", "k1", None, {}, False, 0.0)
   assert base != stage_cache.stage_key("a", {"x": 1}, [dep])
   # Key order inside the configuration does not matter.
-  assert stage_cache.stage_key("a", {"x": 1, "y": 2}) == stage_cache.stage_key("a", {"y": 2, "x": 1})
+  swapped = stage_cache.stage_key("a", {"y": 2, "x": 1})
+  assert stage_cache.stage_key("a", {"x": 1, "y": 2}) == swapped

@@ -66,6 +66,11 @@ def uptrain_name(kv_heads: int, method: str, alpha: float, num_heads: int) -> st
   return f"uptrain-{conversion_name(kv_heads, method, num_heads)}-a{alpha:g}"
 
 
+def probe_of(stage_name: str) -> str:
+  """The name of the probe stage that scores `stage_name`'s checkpoint."""
+  return f"probe-{stage_name}"
+
+
 def stage_table(preset: presets_lib.ReproducePreset, num_heads: int) -> List[Stage]:
   """Every stage of `preset` for a model of `num_heads` query heads, in the order they run.
 
@@ -79,7 +84,7 @@ def stage_table(preset: presets_lib.ReproducePreset, num_heads: int) -> List[Sta
     convert = f"convert-{conversion_name(k, method, num_heads)}"
     table.append(Stage(convert, "convert", needs=("pretrain",), output=CHECKPOINT_DIR,
                        kv_heads=k, method=method))
-    table.append(Stage(f"probe-{convert}", "probe", needs=(convert,), kv_heads=k))
+    table.append(Stage(probe_of(convert), "probe", needs=(convert,), kv_heads=k))
     starts[(k, method, 0.0)] = convert
     previous = convert
     for alpha, steps in preset.uptrain_schedule(k, method):
@@ -88,14 +93,15 @@ def stage_table(preset: presets_lib.ReproducePreset, num_heads: int) -> List[Sta
       needs = (convert,) if previous == convert else (convert, previous)
       table.append(Stage(uptrain, "uptrain", needs=needs, output=MODEL_DIR, kv_heads=k,
                          method=method, alpha=alpha, steps=steps))
-      table.append(Stage(f"probe-{uptrain}", "probe", needs=(uptrain,), kv_heads=k))
+      table.append(Stage(probe_of(uptrain), "probe", needs=(uptrain,), kv_heads=k))
       starts[(k, method, alpha)] = uptrain
       previous = uptrain
   for variant in preset.quality_variants():
     if variant.kv_heads == num_heads:
       start = "pretrain"
-      if not any(stage.name == "probe-pretrain" for stage in table):
-        table.append(Stage("probe-pretrain", "probe", needs=("pretrain",), kv_heads=num_heads))
+      if not any(stage.name == probe_of("pretrain") for stage in table):
+        table.append(Stage(probe_of("pretrain"), "probe", needs=("pretrain",),
+                           kv_heads=num_heads))
     else:
       start = starts[(variant.kv_heads, variant.method, variant.alpha)]
     key = variant.key(num_heads)
@@ -107,7 +113,3 @@ def stage_table(preset: presets_lib.ReproducePreset, num_heads: int) -> List[Sta
     table.append(Stage("paper-timing", "paper-timing"))
   return table
 
-
-def probe_of(stage_name: str) -> str:
-  """The name of the probe stage that scores `stage_name`'s checkpoint."""
-  return f"probe-{stage_name}"

@@ -18,6 +18,7 @@ from gqa_t5.reproduce.paper_scale import roofline
 from gqa_t5.reproduce.paper_scale import timing_sim
 from gqa_t5.reproduce.pipeline import estimate
 from gqa_t5.reproduce.pipeline import presets as presets_lib
+from gqa_t5.reproduce.pipeline import stage_table
 from gqa_t5.reproduce.pipeline import variants as variants_lib
 from gqa_t5.reproduce.report import claims as claims_lib
 from gqa_t5.reproduce.report import figures
@@ -248,7 +249,7 @@ def collect(pipeline, wall_seconds: float) -> rr.Results:
     (start,) = rows[finetune].needs
     items.append({"variant": stage.variant, "scores": stage_results[stage.name].result["scores"],
                   "finetune": stage_results[finetune].result,
-                  "start_loss": stage_results[f"probe-{start}"].result["loss"]})
+                  "start_loss": stage_results[stage_table.probe_of(start)].result["loss"]})
   pre = stage_results["pretrain"]
   origin = (f"initialised from {pipeline.options.initial_checkpoint} (step {pre.result['step']})"
             if pipeline.options.initial_checkpoint else
@@ -256,7 +257,7 @@ def collect(pipeline, wall_seconds: float) -> rr.Results:
             f"corpus (batch {p.pretrain_batch}, inputs {p.pretrain_inputs_length} tokens)")
   stages = {name: {"seconds": r.seconds, "cached": r.cached} for name, r in stage_results.items()}
   conversions = [{"kv_heads": stage.kv_heads, "method": stage.method,
-                  "start_loss": stage_results[f"probe-{stage.name}"].result["loss"]}
+                  "start_loss": stage_results[stage_table.probe_of(stage.name)].result["loss"]}
                  for stage in pipeline.table if stage.kind == "convert"]
   paper_timed = stage_results.get("paper-timing")
   return assemble(preset=p, model=pipeline.model.replace(vocab_size=pipeline.vocab_size),

@@ -24,12 +24,18 @@ def _record_of(of):
 
 class _Record:
   """to_json / from_json for a dataclass of plain values and nested records (a field's
-  metadata "of" names the record type of its items)."""
+  metadata "of" names the record type of its items).
+
+  Not dataclass fields, set by `from_json` only: the keys an older file lacked (left out
+  again on writing) and the keys this version does not know (written back as they were).
+  """
+  _absent: Tuple[str, ...] = ()
+  _unknown: Mapping[str, Any] = {}
 
   def to_json(self) -> Dict[str, Any]:
     out = dict(self._unknown)
     for field in dataclasses.fields(self):
-      if field.name.startswith("_") or field.name in self._absent:
+      if field.name in self._absent:
         continue
       out[field.name] = _encode(getattr(self, field.name))
     return out
@@ -38,7 +44,7 @@ class _Record:
   def from_json(cls, data: Mapping[str, Any]):
     if not isinstance(data, Mapping):
       raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
-    known = [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+    known = dataclasses.fields(cls)
     values, absent = {}, []
     for field in known:
       if field.name in data:
@@ -78,12 +84,7 @@ def _decode(value: Any, of) -> Any:
 
 def _looks_like(value: Mapping[str, Any], of) -> bool:
   """Whether a JSON object is one `of` record (rather than a dict of them)."""
-  required = [f.name for f in dataclasses.fields(of) if not f.name.startswith("_")]
-  return any(name in value for name in required)
-
-
-def _private():
-  return dataclasses.field(default=(), repr=False, compare=False)
+  return any(field.name in value for field in dataclasses.fields(of))
 
 
 @dataclasses.dataclass
@@ -106,8 +107,6 @@ class VariantResult(_Record):
   start_loss: Optional[float] = None       # pretraining-objective loss of its start checkpoint
   time_per_sample: float = 0.0
   time_per_step: float = 0.0
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -118,8 +117,6 @@ class MethodResult(_Record):
   average: float
   loss: Optional[float] = None
   start_loss: Optional[float] = None
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -129,8 +126,6 @@ class AlphaPoint(_Record):
   average: float
   loss: Optional[float] = None
   start_loss: Optional[float] = None
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -139,8 +134,6 @@ class ConversionResult(_Record):
   kv_heads: int
   method: str
   start_loss: float
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -150,8 +143,6 @@ class NoisePair(_Record):
   seed0: float
   other: float
   change: float
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -160,8 +151,6 @@ class NoiseDifference(_Record):
   seed: int
   gqa_minus_mqa_seed0: float
   gqa_minus_mqa: float
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -173,8 +162,6 @@ class Noise(_Record):
   differences: List[NoiseDifference] = dataclasses.field(default_factory=list,
                                                          metadata=_record_of(NoiseDifference))
   loss: Optional[float] = None
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   def of(self, measure: str) -> Optional[float]:
     """The noise of a measure ('average' or 'loss'); None when not measured."""
@@ -197,8 +184,6 @@ class Scale(_Record):
   eval_examples: int
   data_fingerprint: str = ""
   dtype: Optional[str] = None
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -210,8 +195,6 @@ class Throughput(_Record):
   peak_flops: float
   peak_name: str
   mfu: Optional[float] = None
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -223,8 +206,6 @@ class PaperTimingRow(_Record):
   paper: Optional[float]
   size: str
   kv_heads: int
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -237,8 +218,6 @@ class PaperTimingTable(_Record):
   input_length: int = 0
   output_length: int = 0
   bandwidth_bytes_per_s: float = 0.0
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclasses.dataclass
@@ -267,8 +246,6 @@ class Results(_Record):
   paper_timing: Optional[PaperTimingTable] = dataclasses.field(
       default=None, metadata=_record_of(PaperTimingTable))
   claims: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
-  _absent: Tuple[str, ...] = _private()
-  _unknown: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   def find(self, kv_heads: int, method: str = "mean", alpha: float = 0.0,
            seed: int = 0) -> Optional[VariantResult]:
