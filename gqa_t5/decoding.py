@@ -295,5 +295,5 @@ def beam(*, inputs: jnp.ndarray, cache: Cache, tokens_to_logits: TokensToLogits,
   return beam_search(state, fn, b, length, num_decodes, alpha, eos_id, cache_offset)
 
 
-# By `evaluation.DecodingConfig.method`.
+# By `prediction.DecodingConfig.method`.
 DECODE_FNS = {"greedy": greedy, "sample": sample, "beam": beam}

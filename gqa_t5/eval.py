@@ -12,11 +12,13 @@ from typing import Dict, Optional, Sequence
 
 import jax
 
-from gqa_t5 import evaluation
+from gqa_t5 import checkpoint_loading
 from gqa_t5 import entry_point
+from gqa_t5 import evaluation
 from gqa_t5 import input_pipeline
 from gqa_t5 import metrics_writer
 from gqa_t5 import partitioning as partitioning_lib
+from gqa_t5 import prediction
 
 DESCRIPTION = ("decode a task's split with a checkpoint and report the task's metrics "
                "(gin configures gqa_t5.eval.evaluate)")
@@ -24,7 +26,7 @@ DESCRIPTION = ("decode a task's split with a checkpoint and report the task's me
 
 def evaluate(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_path: str,
              output_dir: str, partitioner: Optional[partitioning_lib.Partitioner] = None,
-             decoding: evaluation.DecodingConfig = evaluation.DecodingConfig(),
+             decoding: prediction.DecodingConfig = prediction.DecodingConfig(),
              num_examples: Optional[int] = None) -> Dict[str, float]:
   """Inference evaluation of a checkpoint: decode `dataset_cfg`'s split, score it with the
   task's metrics, write them to OUTPUT_DIR/metrics.jsonl and TensorBoard; returns them."""
@@ -32,7 +34,7 @@ def evaluate(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_pat
   input_pipeline.check_split(dataset_cfg)
   if getattr(model.module, "config", None) is not None:
     input_pipeline.check_vocab_size(dataset_cfg, model.module.config.vocab_size)
-  params, step = evaluation.load_checkpoint_params(model, partitioner, checkpoint_path)
+  params, step = checkpoint_loading.load_checkpoint_params(model, partitioner, checkpoint_path)
   metrics = evaluation.inference_eval(model, partitioner, params, dataset_cfg, step, decoding,
                                       num_examples, log_dir=output_dir)
   writer = metrics_writer.MetricsWriter(output_dir)

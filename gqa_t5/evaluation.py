@@ -1,6 +1,8 @@
-"""The evaluators, in the training loop and shared by the standalone runs (eval.py, infer.py):
-the teacher-forced loss loop, inference evaluation (decode + the task's metrics through
-`seqio.Evaluator`), batched decoding, loading a checkpoint's parameters, writing predictions.
+"""The evaluators, in the training loop and shared by the standalone runs (eval.py) and the
+reproduction: the teacher-forced loss loop (`teacher_forced_eval`, the one copy) with its
+dataset-driven forms (`TeacherForcedEvaluator` on the trainer's sharded step, `dataset_loss` for
+a one-off score), and inference evaluation (decoding through `prediction.Predictor`, scored with
+the task's metrics by `seqio.Evaluator`).
 
 Every process runs the same evaluation dataset; each contributes its slice of every batch to
 the global (data-sharded) array and reads back the gathered predictions, so multi-host
@@ -9,57 +11,28 @@ inference needs no extra coordination.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
 import os
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gqa_t5 import decoding as decoding_lib
-from gqa_t5 import initial_checkpoint as initial
 from gqa_t5 import input_pipeline
 from gqa_t5 import metrics_writer
-from gqa_t5 import partitioning as partitioning_lib
+from gqa_t5 import prediction
 from gqa_t5 import trainer as trainer_lib
-from gqa_t5.checkpoints import atomic
 from gqa_t5.checkpoints import model_dir as model_dir_lib
 
-
-@dataclasses.dataclass(frozen=True)
-class DecodingConfig:
-  """How inference decodes: 'greedy' (the paper's), 'beam' (`num_decodes` beams) or 'sample'
-  (one sample). The method picks the model's `decode_fn`, whatever the model was built with."""
-  method: str = "greedy"
-  max_decode_length: Optional[int] = None
-  num_decodes: int = 4
-  alpha: float = 0.6
-  temperature: float = 1.0
-  topk: int = 0
-
-  def decode_fn(self):
-    if self.method not in decoding_lib.DECODE_FNS:
-      raise ValueError(f"unknown decoding method {self.method!r}: use one of "
-                       f"{sorted(decoding_lib.DECODE_FNS)}")
-    return decoding_lib.DECODE_FNS[self.method]
-
-  def kwargs(self) -> Dict[str, Any]:
-    """`predict_batch_with_aux`'s keyword arguments."""
-    params = {"beam": dict(alpha=self.alpha),
-              "sample": dict(temperature=self.temperature, topk=self.topk)}.get(self.method, {})
-    if self.max_decode_length is not None:
-      params["max_decode_length"] = self.max_decode_length
-    return dict(decoder_params=params,
-                num_decodes=self.num_decodes if self.method == "beam" else 1)
+# Lived here before prediction.py: gin files that say `evaluation.DecodingConfig` keep working
+# (the same class, not a copy).
+DecodingConfig = prediction.DecodingConfig
 
 
 def teacher_forced_eval(model, params, batches: Iterable[Mapping[str, Any]],
                         eval_step: Optional[Callable[[Any, Any], Any]] = None
                         ) -> Dict[str, float]:
-  """THE teacher-forced loss loop: the model's `loss_fn` (losses.py) on every batch, summed,
+  """The teacher-forced loss loop: the model's `loss_fn` (losses.py) on every batch, summed,
   then per-token figures (`metrics_writer.summarize`: loss per non-padding target token, accuracy).
 
   eval_step(params, batch) -> summed metrics; default: the jitted `model.loss_fn` without
@@ -73,6 +46,16 @@ def teacher_forced_eval(model, params, batches: Iterable[Mapping[str, Any]],
   if total is None:
     raise ValueError("teacher-forced evaluation got no batch")
   return metrics_writer.summarize(total, getattr(model, "loss_normalizing_factor", None))
+
+
+def dataset_loss(model, params, cfg: input_pipeline.DatasetConfig, num_batches: int) -> float:
+  """Teacher-forced cross-entropy per target token (z-loss excluded) over the first
+  `num_batches` batches of `cfg`'s split, the last one zero-padded (padding rows weigh
+  nothing): a one-off score of a checkpoint on one host, with the jitted `model.loss_fn`."""
+  dataset = input_pipeline.get_dataset(cfg, num_epochs=1, drop_remainder=False)
+  batches = (input_pipeline.pad_batch(batch, cfg.batch_size)
+             for batch in dataset.take(num_batches).as_numpy_iterator())
+  return teacher_forced_eval(model, params, batches)["loss"]
 
 
 class TeacherForcedEvaluator:
@@ -98,68 +81,6 @@ class TeacherForcedEvaluator:
                        ) from None
 
 
-class Predictor:
-  """Batched, sharded decoding of an (index, features) dataset."""
-
-  def __init__(self, model, partitioner, params, batch_size: int,
-               decoding: DecodingConfig = DecodingConfig()):
-    self.model = model.with_decode_fn(decoding.decode_fn())
-    self.partitioner = partitioner
-    self.params = params
-    self.batch_size = batch_size
-    self.decoding = decoding
-    if batch_size % partitioner.mesh.shape["data"]:
-      raise ValueError(f"inference batch size {batch_size} is not a multiple of the data axis "
-                       f"size {partitioner.mesh.shape['data']}")
-
-  def _host_rows(self, batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    per_host = self.batch_size // jax.process_count()
-    start = jax.process_index() * per_host
-    return {k: v[start:start + per_host] for k, v in batch.items()}
-
-  def predict_batch(self, batch: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """(tokens [B, L], scores [B]) for a full global batch of numpy features."""
-    features = {k: batch[k] for k in ("encoder_input_tokens", "decoder_input_tokens")
-                if k in batch}
-    device_batch = self.partitioner.shard_batch(self._host_rows(features))
-    with self.partitioner.mesh, self.partitioner.axis_rules():
-      tokens, aux = self.model.predict_batch_with_aux(self.params, device_batch,
-                                                      **self.decoding.kwargs())
-    tokens = multihost_utils.process_allgather(tokens, tiled=True)
-    scores = multihost_utils.process_allgather(aux["scores"], tiled=True)
-    return np.asarray(tokens), np.asarray(scores)
-
-  def predict_dataset(self, ds) -> List[Tuple[int, List[int]]]:
-    """seqio's predict_fn: (index, features) dataset -> [(index, decoded tokens)].
-
-    Rows keep their full decode length (zeros after EOS): seqio stacks them into one array,
-    and the vocabulary's decode stops at EOS."""
-    results = []
-    for indices, batch in padded_batches(ds, self.batch_size):
-      tokens, _ = self.predict_batch(batch)
-      for row, index in enumerate(indices):
-        results.append((int(index), tokens[row].tolist()))
-    return results
-
-
-def padded_batches(ds, batch_size: int) -> Iterable[Tuple[List[int], Dict[str, np.ndarray]]]:
-  """Groups an (index, features) dataset into full batches (the last one zero-padded)."""
-  indices, rows = [], []
-  for index, features in ds.as_numpy_iterator():
-    indices.append(index)
-    rows.append(features)
-    if len(rows) == batch_size:
-      yield indices, _stack(rows, batch_size)
-      indices, rows = [], []
-  if rows:
-    yield indices, _stack(rows, batch_size)
-
-
-def _stack(rows: Sequence[Mapping[str, np.ndarray]], batch_size: int) -> Dict[str, np.ndarray]:
-  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  return input_pipeline.pad_batch(batch, batch_size)
-
-
 def _scalar(value) -> Optional[float]:
   value = getattr(value, "value", value)
   try:
@@ -174,8 +95,8 @@ class InferenceEvaluator:
   once: its dataset is cached in memory across evaluations)."""
 
   def __init__(self, model, partitioner, cfg: input_pipeline.DatasetConfig,
-               decoding: DecodingConfig = DecodingConfig(), num_examples: Optional[int] = None,
-               log_dir: Optional[str] = None):
+               decoding: prediction.DecodingConfig = prediction.DecodingConfig(),
+               num_examples: Optional[int] = None, log_dir: Optional[str] = None):
     import seqio  # pylint: disable=g-import-not-at-top
     input_pipeline.get_task(cfg)  # clear error for unknown names
     loggers = ()
@@ -192,7 +113,7 @@ class InferenceEvaluator:
 
   def __call__(self, params, step: int) -> Dict[str, float]:
     """{'<task>/<metric>': value}."""
-    predictor = Predictor(self.model, self.partitioner, params, self.cfg.batch_size,
+    predictor = prediction.Predictor(self.model, self.partitioner, params, self.cfg.batch_size,
                           self.decoding)
     metrics_future, _ = self.evaluator.evaluate(
         compute_metrics=True, step=step, predict_fn=predictor.predict_dataset,
@@ -208,11 +129,12 @@ class InferenceEvaluator:
 
 
 def inference_eval(model, partitioner, params, cfg: input_pipeline.DatasetConfig, step: int,
-                   decoding: DecodingConfig = DecodingConfig(), num_examples: Optional[int] = None,
+                   decoding: prediction.DecodingConfig = prediction.DecodingConfig(),
+                   num_examples: Optional[int] = None,
                    log_dir: Optional[str] = None) -> Dict[str, float]:
   """One-off `InferenceEvaluator`."""
-  return InferenceEvaluator(model, partitioner, cfg, decoding, num_examples, log_dir)(params,
-                                                                                       step)
+  evaluator = InferenceEvaluator(model, partitioner, cfg, decoding, num_examples, log_dir)
+  return evaluator(params, step)
 
 
 def _score_fn(model, partitioner, params, batch_size: int):
@@ -221,7 +143,7 @@ def _score_fn(model, partitioner, params, batch_size: int):
     results = []
     per_host = batch_size // jax.process_count()
     start = jax.process_index() * per_host
-    for indices, batch in padded_batches(ds, batch_size):
+    for indices, batch in prediction.padded_batches(ds, batch_size):
       keys = [k for k in ("encoder_input_tokens", "decoder_input_tokens",
                           "decoder_target_tokens", "decoder_loss_weights") if k in batch]
       host = {k: batch[k][start:start + per_host] for k in keys}
@@ -232,33 +154,6 @@ def _score_fn(model, partitioner, params, batch_size: int):
       results.extend((int(i), float(s)) for i, s in zip(indices, scores))
     return results
   return score
-
-
-def write_predictions(path: str, records: Iterable[Mapping[str, Any]]) -> int:
-  """Writes JSON lines atomically (temporary file, then rename); returns the count."""
-  if jax.process_index() != 0:
-    return 0
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  count = 0
-  with atomic.open_for_keeps(path, "w") as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + "\n")
-      count += 1
-  logging.info("wrote %d predictions to %s", count, path)
-  return count
-
-
-def load_checkpoint_params(model, partitioner, checkpoint_path: str,
-                           kv_conversion: Optional[str] = None):
-  """(device parameters placed for `partitioner`, step) of a checkpoint in any format, checked
-  tensor by tensor against the model (what eval and infer decode with)."""
-  config = getattr(model.module, "config", None)
-  if config is not None:
-    partitioner.setup_for(config)
-    partitioning_lib.validate(config, partitioner.mesh_shape)
-  abstract, axes = partitioning_lib.abstract_params_and_axes(model)
-  return initial.load_for_model(checkpoint_path, config, abstract, partitioner.shardings(axes),
-                                kv_conversion)
 
 
 class TrainingEvaluations:

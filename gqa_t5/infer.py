@@ -2,7 +2,7 @@
 standalone inference run gin configures (`gqa_t5.infer.infer`, T5X's infer.py) and its `main`.
 
 It decodes a task's split with a checkpoint and writes one JSON line per example; the
-batched decoding it uses lives in evaluation.py.
+batched decoding it uses lives in prediction.py.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import List, Optional, Sequence
 import jax
 import numpy as np
 
-from gqa_t5 import evaluation
+from gqa_t5 import checkpoint_loading
 from gqa_t5 import entry_point
 from gqa_t5 import input_pipeline
 from gqa_t5 import partitioning as partitioning_lib
+from gqa_t5 import prediction
 
 DESCRIPTION = ("decode a task's split with a checkpoint and write the predictions as JSON "
                "lines (gin configures gqa_t5.infer.infer)")
@@ -38,7 +39,7 @@ def _unpad(tokens: np.ndarray) -> List[int]:
 
 def infer(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_path: str,
           output_dir: str, partitioner: Optional[partitioning_lib.Partitioner] = None,
-          decoding: evaluation.DecodingConfig = evaluation.DecodingConfig(),
+          decoding: prediction.DecodingConfig = prediction.DecodingConfig(),
           num_examples: Optional[int] = None) -> str:
   """Decodes `dataset_cfg`'s split; writes one JSON line per example
   ({'index', 'inputs', 'prediction', 'targets', 'score'}) to
@@ -49,7 +50,7 @@ def infer(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_path: 
   input_pipeline.check_split(dataset_cfg)
   if getattr(model.module, "config", None) is not None:
     input_pipeline.check_vocab_size(dataset_cfg, model.module.config.vocab_size)
-  params, step = evaluation.load_checkpoint_params(model, partitioner, checkpoint_path)
+  params, step = checkpoint_loading.load_checkpoint_params(model, partitioner, checkpoint_path)
   ds = seqio.get_dataset(
       task, task_feature_lengths=dataset_cfg.task_feature_lengths,
       feature_converter=input_pipeline.feature_converter(pack=False),
@@ -57,14 +58,14 @@ def infer(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_path: 
       num_epochs=1, verbose=False, seed=dataset_cfg.seed)
   if num_examples is not None:
     ds = ds.take(num_examples)
-  predictor = evaluation.Predictor(model, partitioner, params, dataset_cfg.batch_size, decoding)
+  predictor = prediction.Predictor(model, partitioner, params, dataset_cfg.batch_size, decoding)
   features = task.output_features
   vocab_in = features["inputs"].vocabulary if "inputs" in features else None
   vocab_out = features["targets"].vocabulary
 
   # Every process decodes (the step is collective); only process 0 writes.
   records = []
-  for indices, batch in evaluation.padded_batches(ds.enumerate(), dataset_cfg.batch_size):
+  for indices, batch in prediction.padded_batches(ds.enumerate(), dataset_cfg.batch_size):
     tokens, scores = predictor.predict_batch(batch)
     for row, index in enumerate(indices):
       record = {"index": int(index),
@@ -78,7 +79,7 @@ def infer(*, model, dataset_cfg: input_pipeline.DatasetConfig, checkpoint_path: 
 
   path = os.path.join(output_dir, f"{dataset_cfg.mixture_or_task_name}-{dataset_cfg.split}-"
                                   f"{step}.jsonl")
-  evaluation.write_predictions(path, records)
+  prediction.write_predictions(path, records)
   if jax.process_index() == 0:
     print(path, flush=True)
   return path

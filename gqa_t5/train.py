@@ -37,6 +37,7 @@ from gqa_t5 import metrics_writer
 from gqa_t5 import optim
 from gqa_t5 import schedules
 from gqa_t5 import partitioning as partitioning_lib
+from gqa_t5 import prediction
 from gqa_t5 import tpu_topology
 from gqa_t5 import trainer as trainer_lib
 from gqa_t5.checkpoints import model_dir as model_dir_lib
@@ -53,7 +54,7 @@ def train(*, model, train_dataset_cfg: input_pipeline.DatasetConfig, model_dir: 
           allow_fresh_params: bool = False,
           eval_period: int = 1000, eval_steps: Optional[int] = 20, log_period: int = 100,
           infer_eval_num_examples: Optional[int] = None,
-          decoding: evaluation.DecodingConfig = evaluation.DecodingConfig(),
+          decoding: prediction.DecodingConfig = prediction.DecodingConfig(),
           num_microbatches: Optional[int] = None, random_seed: int = 0,
           dry_run: bool = False, dry_run_tpu: Optional[str] = None, progress: bool = True,
           stop_after_steps: Optional[int] = None,

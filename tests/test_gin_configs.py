@@ -9,12 +9,17 @@ import os
 import jax
 import pytest
 pytest.importorskip("gin")  # the data extra; absent on a TensorFlow-free GPU box
+import gin
 from gin import config as gin_config
 
 import trainer_fixtures as fx
+from gqa_t5 import evaluation
 from gqa_t5 import gin_utils
 from gqa_t5 import models
+from gqa_t5 import optim
 from gqa_t5 import partitioning
+from gqa_t5 import prediction
+from gqa_t5 import schedules
 from gqa_t5.model import network
 from gqa_t5.tasks import lengths
 
@@ -266,3 +271,27 @@ def test_entry_point_reports_missing_macros_with_exit_status_2(capsys):
   assert train.main(["--gin_file=t5_1_1/tiny.gin", "--gin_file=runs/pretrain.gin",
                      "--jax_cache_dir="]) == 2
   assert "REQUIRED gin macro(s) not set" in capsys.readouterr().err
+
+
+def test_schedules_keep_their_gin_names_from_before_schedules_py():
+  gin.clear_config()
+  try:
+    gin.parse_config("from __gin__ import dynamic_registration\n"
+                     "from gqa_t5 import optim\n"
+                     "optim.constant.value = 0.25\n")
+    assert optim.constant is schedules.constant  # the same function, not a copy
+    assert float(gin.get_configurable(schedules.constant)()(3)) == 0.25
+  finally:
+    gin.clear_config()
+
+
+def test_decoding_config_keeps_its_gin_name_from_before_prediction_py():
+  gin.clear_config()
+  try:
+    gin.parse_config("from __gin__ import dynamic_registration\n"
+                     "from gqa_t5 import evaluation\n"
+                     "evaluation.DecodingConfig.num_decodes = 3\n")
+    assert evaluation.DecodingConfig is prediction.DecodingConfig
+    assert gin.get_configurable(prediction.DecodingConfig)().num_decodes == 3
+  finally:
+    gin.clear_config()

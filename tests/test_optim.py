@@ -183,15 +183,3 @@ def test_global_step_drives_the_learning_rate_and_count_the_decay():
   assert int(state.count) == 1
   np.testing.assert_allclose(np.asarray(state.stats["v"]), np.asarray(g) ** 2, rtol=1e-6)
 
-
-def test_schedules_keep_their_gin_names_from_before_schedules_py():
-  gin = pytest.importorskip("gin")
-  gin.clear_config()
-  try:
-    gin.parse_config("from __gin__ import dynamic_registration\n"
-                     "from gqa_t5 import optim\n"
-                     "optim.constant.value = 0.25\n")
-    assert optim.constant is schedules.constant  # the same function, not a copy
-    assert float(gin.get_configurable(schedules.constant)()(3)) == 0.25
-  finally:
-    gin.clear_config()

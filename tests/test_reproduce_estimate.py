@@ -10,6 +10,7 @@ from gqa_t5 import metrics_writer
 from gqa_t5.reproduce.pipeline import estimate
 from gqa_t5.reproduce.pipeline import presets
 from gqa_t5.reproduce.pipeline import progress
+from gqa_t5.reproduce.pipeline import stage_table
 from gqa_t5.reproduce.pipeline import training
 
 GPU = presets.PRESETS["gpu"]
@@ -20,7 +21,7 @@ LENGTHS = {"gpu": {"inputs": 256, "targets": 58}, "quick": {"inputs": 64, "targe
 def plan_of(name):
   p = presets.PRESETS[name]
   config = p.model.replace(vocab_size=8192)
-  return estimate.plan(p, config, estimate.MACHINES[p.machine], LENGTHS[name])
+  return estimate.expected_seconds(p, config, estimate.MACHINES[p.machine], LENGTHS[name])
 
 
 def test_the_gpu_preset_is_sized_for_eight_minutes_on_an_h200():
@@ -100,3 +101,26 @@ def test_the_training_bars_eta_leaves_the_compiled_first_step_out(monkeypatch):
   assert stream.getvalue().endswith("ETA ?")  # no rate yet: not 27 hours
   bar.update(2, 10.0)
   assert "ETA 0:16:39" in stream.getvalue()  # 999 steps at 1 s each
+
+
+def test_the_estimate_prices_exactly_the_stage_table():
+  p = presets.PRESETS["quick"]
+  table = stage_table.stage_table(p, p.num_heads)
+  assert [name for name, _ in plan_of("quick")] == [stage.name for stage in table]
+  rows = {stage.name: stage for stage in table}
+  # The larger alpha continues the smaller one's run of the same conversion.
+  assert rows["uptrain-gqa2-mean-a0.1"].needs == ("convert-gqa2-mean", "uptrain-gqa2-mean-a0.05")
+  assert rows["uptrain-gqa2-mean-a0.05"].needs == ("convert-gqa2-mean",)
+  assert [rows[name].steps for name in ("uptrain-mqa-mean-a0.05", "uptrain-mqa-mean-a0.1")] == [
+      p.uptrain_steps(0.05), p.uptrain_steps(0.10) - p.uptrain_steps(0.05)]
+  # Every stage reads only stages before it, and the checkpoints it reads exist.
+  seen = set()
+  for stage in table:
+    assert set(stage.needs) <= seen, stage.name
+    if stage.kind in ("finetune", "uptrain", "convert", "probe"):
+      assert all(rows[need].output is not None for need in stage.needs), stage.name
+    seen.add(stage.name)
+  assert rows["finetune-mha-s0"].needs == ("pretrain",)
+  assert sum(stage.kind == "eval" for stage in table) == len(p.quality_variants())
+  with pytest.raises(ValueError, match="unknown kind 'train'"):
+    stage_table.Stage("x", "train")

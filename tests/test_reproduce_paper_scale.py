@@ -11,7 +11,7 @@ from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.paper_scale import checks
 from gqa_t5.reproduce.paper_scale import dry_run
 from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
-from gqa_t5.reproduce.pipeline import training
+from gqa_t5.reproduce.pipeline import variants
 
 
 def large_gqa8_jobs():
@@ -79,7 +79,7 @@ def test_a_checkpoint_that_does_not_fit_is_reported():
   """The public Large checkpoint, pooled to K=8, against a model of other dimensions."""
   config = T5Config(vocab_size=32128, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
                     num_encoder_layers=24, num_decoder_layers=24, num_kv_heads=2)
-  params, _ = partitioning.abstract_params_and_axes(training.make_model(config))
+  params, _ = partitioning.abstract_params_and_axes(variants.make_model(config))
   spec = jobs_lib.ModelSpec("large", "gqa8", 8, (), jobs_lib.LARGE_SLICE)
   with pytest.raises(checks.DryRunError, match="does not match the configured model"):
     checks.check_conversion(spec, config.replace(emb_dim=1024, num_heads=16, head_dim=64,

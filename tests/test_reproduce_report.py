@@ -3,6 +3,7 @@ figures, results.json and --redraw; the presets' variant lists."""
 
 import dataclasses
 import json
+import pathlib
 import struct
 
 import pytest
@@ -11,6 +12,7 @@ from gqa_t5.reproduce.pipeline import presets
 from gqa_t5.reproduce.report import claims
 from gqa_t5.reproduce.report import markdown
 from gqa_t5.reproduce.report import results as outputs
+from gqa_t5.reproduce.report import run_results
 
 # The mini preset plus a second GQA (K=4) at the uptraining alpha, as a preset may add.
 PRESET = dataclasses.replace(presets.PRESETS["mini"], extra_kv_heads=(4,))
@@ -71,25 +73,25 @@ PAPER_LIKE_TIMES = {1: 1.0, 2: 1.05, 4: 1.2, 8: 2.0}
 
 
 def verdicts(results):
-  return {c["id"]: c["verdict"] for c in results["claims"]}
+  return {c["id"]: c["verdict"] for c in results.claims}
 
 
 def test_paper_like_numbers_hold_every_claim():
   results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES)
-  assert results["noise"]["average"] == pytest.approx(0.1)
+  assert results.noise.average == pytest.approx(0.1)
   assert verdicts(results) == {"a": claims.HELD, "b": claims.HELD, "c": claims.HELD,
                                "d": claims.HELD}
   # The loss moves with quality here, so the loss verdicts agree.
-  assert results["noise"]["loss"] == pytest.approx(0.01)
-  assert [c.get("loss_verdict") for c in results["claims"]] == [claims.HELD] * 3 + [None]
-  assert [c.get("start_loss_verdict") for c in results["claims"]] == [claims.HELD] * 3 + [None]
-  a = next(c for c in results["claims"] if c["id"] == "a")
+  assert results.noise.loss == pytest.approx(0.01)
+  assert [c.get("loss_verdict") for c in results.claims] == [claims.HELD] * 3 + [None]
+  assert [c.get("start_loss_verdict") for c in results.claims] == [claims.HELD] * 3 + [None]
+  a = next(c for c in results.claims if c["id"] == "a")
   assert ("Straight after conversion, before uptraining: mean 6.50, first 7.25, random 9.00 "
           "(MHA before conversion: 3.50)") in a["start_loss_evidence"]
-  assert results["mha"]["loss"] == pytest.approx(7.0)
-  b = next(c for c in results["claims"] if c["id"] == "b")
+  assert results.mha.loss == pytest.approx(7.0)
+  b = next(c for c in results.claims if c["id"] == "b")
   assert b["numbers"]["recovered_share"] == pytest.approx(0.8)
-  assert [v["short_label"] for v in results["headline"]] == ["MHA", "MQA", "GQA-2", "GQA-4"]
+  assert [v.short_label for v in results.headline] == ["MHA", "MQA", "GQA-2", "GQA-4"]
 
 
 def test_contrary_numbers_fail_the_claims():
@@ -102,7 +104,7 @@ def test_contrary_numbers_fail_the_claims():
   v = verdicts(results)
   assert v == {"a": claims.NOT_HELD, "b": claims.NOT_HELD, "c": claims.NOT_HELD,
                "d": claims.NOT_HELD}
-  assert [c.get("loss_verdict") for c in results["claims"]][:3] == [claims.NOT_HELD] * 3
+  assert [c.get("loss_verdict") for c in results.claims][:3] == [claims.NOT_HELD] * 3
 
 
 def test_differences_within_noise_are_inconclusive():
@@ -110,7 +112,9 @@ def test_differences_within_noise_are_inconclusive():
   q[(1, "mean", 0.05)] = 27.05          # mean only 0.05 above first: below the noise
   results = synthetic(q, PAPER_LIKE_TIMES, noise_seed_shift=0.5)
   assert verdicts(results)["a"] == claims.WITHIN_NOISE
-  assert "seed noise 0.50" in next(c for c in results["claims"] if c["id"] == "a")["evidence"]
+  assert results.noise.average == pytest.approx(0.5)
+  a = next(c for c in results.claims if c["id"] == "a")
+  assert a["numbers"]["mean"] - a["numbers"]["first"] == pytest.approx(0.05)
 
 
 def test_scores_at_the_floor_decide_nothing():
@@ -118,34 +122,35 @@ def test_scores_at_the_floor_decide_nothing():
   results = synthetic(q, PAPER_LIKE_TIMES, noise_seed_shift=0.01)
   v = verdicts(results)
   assert v["a"] == v["b"] == v["c"] == claims.AT_FLOOR and v["d"] == claims.HELD
-  assert "barely produce task outputs" in markdown.report_markdown(results)
+  assert max(v.average for v in results.variants) < claims.FLOOR
+  assert claims.floor_note(results) in markdown.report_markdown(results)
   # The loss still decides.
-  assert [c["loss_verdict"] for c in results["claims"][:3]] == [claims.HELD] * 3
+  assert [c["loss_verdict"] for c in results.claims[:3]] == [claims.HELD] * 3
 
 
 def test_no_lead_of_mha_leaves_nothing_to_recover():
   q = paper_like_quality()
   q[(N, "mean", 0.0)] = 19.0  # MHA below MQA at alpha 0
   results = synthetic(q, PAPER_LIKE_TIMES)
-  b = next(c for c in results["claims"] if c["id"] == "b")
+  b = next(c for c in results.claims if c["id"] == "b")
   assert b["verdict"] == claims.NOT_HELD
-  assert "there is no gap to recover" in b["evidence"]
+  assert b["numbers"]["mha"] < b["numbers"]["mqa"]["0.0"]  # no lead of MHA to recover
   assert b["numbers"]["recovered_share"] is None
 
 
 def test_time_that_falls_with_more_groups_breaks_claim_d():
   results = synthetic(paper_like_quality(), {1: 1.0, 2: 0.8, 4: 1.2, 8: 2.0})
   assert verdicts(results)["d"] == claims.NOT_HELD
-  assert "do not always grow" in next(c for c in results["claims"] if c["id"] == "d")[
-      "evidence"]
+  d = next(c for c in results.claims if c["id"] == "d")
+  assert d["numbers"]["times"] == {"1": 1.0, "2": 0.8, "4": 1.2, "8": 2.0}
 
 
 def test_without_a_noise_measurement_the_report_says_so(tmp_path):
   quick = presets.PRESETS["quick"]
   assert quick.noise_seeds == ()
   results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES)
-  results["noise"] = {"average": None, "pairs": [], "differences": []}
-  results["claims"] = claims.evaluate_claims(results)
+  results.noise = run_results.Noise()
+  results.claims = claims.evaluate_claims(results)
   text = markdown.report_markdown(results)
   assert "Not measured at this preset" in text
   assert "noise not measured" in text
@@ -169,8 +174,8 @@ def test_write_all_and_redraw(tmp_path):
     assert width > 300 and height > 200
   table = (tmp_path / "table1.md").read_text()
   assert "| MHA-XXL | 1.51 | 47.2 |" in table            # the paper's table beside ours
-  mha = results["mha"]
-  assert f"| MHA | {mha['time_per_sample'] * 1e3:.2f} | {mha['average']:.2f} |" in table
+  mha = results.mha
+  assert f"| MHA | {mha.time_per_sample * 1e3:.2f} | {mha.average:.2f} |" in table
   gqa_rows = [line for line in table.splitlines() if line.startswith("| GQA-2 (alpha ")]
   assert len(gqa_rows) == 3 + len(PRESET.noise_seeds)  # every alpha, and the noise repeat
   report_text = (tmp_path / "REPORT.md").read_text()
@@ -181,7 +186,8 @@ def test_write_all_and_redraw(tmp_path):
   assert (f"learning rate equal to the pretraining schedule's final rate "
           f"({PRESET.finetune_lr:.3g})") in report_text
   stored = json.loads((tmp_path / "results.json").read_text())
-  assert stored["claims"] == json.loads(json.dumps(results["claims"]))
+  assert stored == json.loads(json.dumps(results.to_json()))
+  assert run_results.Results.from_json(stored).to_json() == stored
   # --redraw rebuilds everything from results.json alone.
   (tmp_path / "table1.md").unlink()
   (tmp_path / "fig4.png").unlink()
@@ -220,9 +226,9 @@ def test_presets_list_every_variant_the_figures_need(name):
 def test_bad_presets_are_refused():
   base = presets.PRESETS["test"]
   with pytest.raises(ValueError, match="GQA key/value heads 3 must divide"):
-    presets.Preset(**{**base.__dict__, "gqa_kv_heads": 3})
+    presets.ReproducePreset(**{**base.__dict__, "gqa_kv_heads": 3})
   with pytest.raises(ValueError, match="method_alpha 0.2 is not one of"):
-    presets.Preset(**{**base.__dict__, "method_alpha": 0.2})
+    presets.ReproducePreset(**{**base.__dict__, "method_alpha": 0.2})
   with pytest.raises(ValueError, match="unknown preset 'huge'"):
     presets.get_preset("huge")
 
@@ -230,7 +236,7 @@ def test_bad_presets_are_refused():
 def test_a_fall_inside_the_timing_tolerance_is_within_noise_not_held():
   # K=4 slightly slower than K=8 (MHA): the shape holds only inside the 5% tolerance.
   results = synthetic(paper_like_quality(), {1: 1.0, 2: 1.02, 4: 2.02, 8: 2.0})
-  d = next(c for c in results["claims"] if c["id"] == "d")
+  d = next(c for c in results.claims if c["id"] == "d")
   assert d["verdict"] == claims.WITHIN_NOISE
   assert d["tolerance"] == "timing differences under 5% count as equal"
   text = markdown.report_markdown(results)
@@ -244,3 +250,23 @@ def test_figures_and_tables_say_their_units():
   assert "| Average (%) |" in table and "Scores in %" in table
   report = markdown.report_markdown(results)
   assert "Above the floor?" in report and "Stated for this preset: 33 min" in report
+
+
+@pytest.mark.parametrize("name", ["quick", "mini"])
+def test_committed_results_load_typed_and_write_back_unchanged(name):
+  # Written by earlier versions (no pretrain_throughput, paper_timing or scale.dtype).
+  path = pathlib.Path(__file__).parent.parent / "results" / name / "results.json"
+  stored = json.loads(path.read_text())
+  results = run_results.Results.from_json(stored)
+  assert results.to_json() == stored
+  assert results.pretrain_throughput is None and results.paper_timing is None
+  assert results.mha.kv_heads == results.scale.num_heads == stored["scale"]["num_heads"]
+  assert [v.key for v in results.variants] == [v["key"] for v in stored["variants"]]
+  assert results.alpha_curves["MQA"][0].alpha == stored["alpha_curves"]["MQA"][0]["alpha"]
+
+
+def test_a_results_json_missing_a_required_field_is_named():
+  stored = synthetic(paper_like_quality(), PAPER_LIKE_TIMES).to_json()
+  del stored["scale"]["num_heads"]
+  with pytest.raises(ValueError, match="Scale has no 'num_heads'"):
+    run_results.Results.from_json(stored)

@@ -39,7 +39,7 @@ from gqa_t5.demo_data import prepare
 from gqa_t5.reproduce import compare
 from gqa_t5.reproduce.pipeline import presets
 from gqa_t5.reproduce.pipeline import run as run_lib
-from gqa_t5.reproduce.pipeline import stages
+from gqa_t5.reproduce.pipeline import stage_cache
 from gqa_t5.reproduce.report import claims
 from gqa_t5.reproduce.report import results as results_lib
 
@@ -47,7 +47,7 @@ DEFAULT_OUT_ROOT = "gqa_t5_runs"  # under the working directory; never the refer
 PROG = "gqa-t5 reproduce"
 # Expected failures beyond configuration and files (command_errors.EXPECTED_ERRORS): a stage
 # store that refuses a name or result, demo data that cannot be fetched or built.
-_EXPECTED = command_errors.EXPECTED_ERRORS + (stages.StageError, prepare.DemoDataError,
+_EXPECTED = command_errors.EXPECTED_ERRORS + (stage_cache.StageError, prepare.DemoDataError,
                                               fetch.ArchiveError, extract.ExtractionError)
 
 
@@ -119,7 +119,7 @@ def _list_stages(out: Path) -> int:
   for entry in sorted(stage_dir.iterdir()):
     if entry.name.endswith(".work"):
       print(f"  {entry.name[:-5]:<40} interrupted (resumes on the next run)")
-    elif (entry / stages.STAGE_FILE).exists():
+    elif (entry / stage_cache.STAGE_FILE).exists():
       print(f"  {entry.name:<40} done")
   return 0
 
@@ -169,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args: argparse.Namespace) -> int:
   if args.redraw:
     results = results_lib.read_results(args.redraw)
-    results["claims"] = claims.evaluate_claims(results)  # this version's verdicts
+    results.claims = claims.evaluate_claims(results)  # this version's verdicts
     results_lib.write_all(results, args.redraw)
     return 0
   if args.compare:
@@ -197,8 +197,8 @@ def _run(args: argparse.Namespace) -> int:
                             progress=not args.no_progress)
   results = run_lib.Pipeline(options).run()
   print(f"\n{out}/REPORT.md:")
-  for claim in results["claims"]:
+  for claim in results.claims:
     print(f"  ({claim['id']}) {claim['verdict']} (tolerance: {claim.get('tolerance', '-')}): "
           f"{claim['statement']}")
-  print(f"{results['wall_seconds'] / 60:.1f} minutes")
+  print(f"{results.wall_seconds / 60:.1f} minutes")
   return 0

@@ -34,7 +34,7 @@ import gin
 import jax
 
 from gqa_t5 import aot
-from gqa_t5 import evaluation
+from gqa_t5 import prediction
 from gqa_t5 import gin_utils
 from gqa_t5 import input_pipeline
 from gqa_t5 import jax_setup
@@ -125,7 +125,7 @@ def _lower(job: jobs_lib.Job, kwargs: Dict[str, Any], devices):
                                   kwargs.get("num_microbatches"), 0)
     return trainer.lower_train_step(), trainer_lib.memory_remedies(trainer)
   cfg = kwargs["dataset_cfg"]
-  decoding = kwargs.get("decoding") or evaluation.DecodingConfig()
+  decoding = kwargs.get("decoding") or prediction.DecodingConfig()
   lengths = cfg.task_feature_lengths
   lowered = aot.lower_predict(model.with_decode_fn(decoding.decode_fn()), partitioner,
                               cfg.batch_size, int(lengths["inputs"]), int(lengths["targets"]),

@@ -16,9 +16,9 @@ import math
 from typing import Dict, List, Tuple
 
 from gqa_t5 import perf_model
-from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.pipeline import presets as presets_lib
+from gqa_t5.reproduce.pipeline import stage_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,35 +111,39 @@ def paper_timing_seconds(machine: Machine, config: T5Config, kv_heads, batch: in
   return total
 
 
-def plan(p: presets_lib.Preset, cfg: T5Config, m: Machine,
-         lengths: Dict[str, int]) -> List[Tuple[str, float]]:
-  """(name, expected seconds) of every stage `run.Pipeline.run` asks for, in its order (a test
-  checks the order against a run's)."""
-  n = cfg.num_heads
-  train = lambda steps, batch, lens: train_seconds(m, cfg, steps, batch, lens)
-  probe = probe_seconds(m, cfg, p.probe_batches, p.pretrain_batch, lengths)
-  out = [("pretrain", train(p.pretrain_steps, p.pretrain_batch, lengths))]
-  for k, method in p.conversions():
-    name = f"{grouping.kv_name(k, n)}-{method}"
-    out += [(f"convert-{name}", convert_seconds(m, cfg)), (f"probe-convert-{name}", probe)]
-    for alpha, steps in p.uptrain_schedule(k, method):
-      out += [(f"uptrain-{name}-a{alpha:g}", train(steps, p.pretrain_batch, lengths)),
-              (f"probe-uptrain-{name}-a{alpha:g}", probe)]
-  ft_lengths = {"inputs": p.inputs_length, "targets": max(p.targets_lengths.values())}
-  for v in p.quality_variants():
-    if v.kv_heads == n and ("probe-pretrain", probe) not in out:
-      out.append(("probe-pretrain", probe))
-    out += [(f"finetune-{v.key(n)}", train(p.finetune_steps, p.finetune_batch, ft_lengths)),
-            (f"eval-{v.key(n)}", eval_seconds(m, cfg, p.targets_lengths, p.eval_examples,
-                                              p.eval_batch, p.inputs_length))]
-  out.append(("timing", timing_seconds(m, cfg, len(p.timing_kv_heads()), p.timing_batch,
-                                       p.timing_input_length, p.timing_output_length,
-                                       p.timing_repeats)))
-  if p.paper_timing:
-    out.append(("paper-timing", sum(paper_timing_seconds(
-        m, t.config(), t.kv_heads, t.batch, t.input_length, t.output_length, t.repeats)
-        for t in p.paper_timing)))
-  return out
+def stage_seconds(stage: stage_table.Stage, preset: presets_lib.ReproducePreset,
+                  config: T5Config, machine: Machine, lengths: Dict[str, int]) -> float:
+  """The expected seconds of one row of the stage table, by its kind.
+
+  config: the run's multi-head model (the vocabulary set); lengths: pretraining's."""
+  p = preset
+  if stage.kind in ("pretrain", "uptrain"):
+    return train_seconds(machine, config, stage.steps, p.pretrain_batch, lengths)
+  if stage.kind == "finetune":
+    finetune_lengths = {"inputs": p.inputs_length, "targets": max(p.targets_lengths.values())}
+    return train_seconds(machine, config, stage.steps, p.finetune_batch, finetune_lengths)
+  if stage.kind == "convert":
+    return convert_seconds(machine, config)
+  if stage.kind == "probe":
+    return probe_seconds(machine, config, p.probe_batches, p.pretrain_batch, lengths)
+  if stage.kind == "eval":
+    return eval_seconds(machine, config, p.targets_lengths, p.eval_examples, p.eval_batch,
+                        p.inputs_length)
+  if stage.kind == "timing":
+    return timing_seconds(machine, config, len(p.timing_kv_heads()), p.timing_batch,
+                          p.timing_input_length, p.timing_output_length, p.timing_repeats)
+  if stage.kind == "paper-timing":
+    return sum(paper_timing_seconds(machine, t.config(), t.kv_heads, t.batch, t.input_length,
+                                    t.output_length, t.repeats)
+               for t in p.paper_timing)
+  raise ValueError(f"stage {stage.name}: no cost function for kind {stage.kind!r}")
+
+
+def expected_seconds(preset: presets_lib.ReproducePreset, config: T5Config, machine: Machine,
+                     lengths: Dict[str, int]) -> List[Tuple[str, float]]:
+  """(name, expected seconds) of every row of the preset's stage table, in its order."""
+  return [(stage.name, stage_seconds(stage, preset, config, machine, lengths))
+          for stage in stage_table.stage_table(preset, config.num_heads)]
 
 
 def format_seconds(seconds: float) -> str:

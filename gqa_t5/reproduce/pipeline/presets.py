@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.pipeline.variants import PaperTiming
-from gqa_t5.reproduce.pipeline.variants import Variant
+from gqa_t5.reproduce.pipeline.variants import FinetuneVariant
 from gqa_t5.reproduce.pipeline.variants import config_dict
 from gqa_t5.reproduce.pipeline.variants import small_model
 
@@ -31,7 +31,7 @@ TASK_LABELS = {"demo_summarize": "Summarize (R1)", "demo_translate_en_de": "Tran
 
 
 @dataclasses.dataclass(frozen=True)
-class Preset:
+class ReproducePreset:
   """Everything one scale of the reproduction needs (see PRESETS)."""
   name: str
   description: str
@@ -127,22 +127,22 @@ class Preset:
     steps = [self.uptrain_steps(a) for a in alphas]
     return list(zip(alphas, [s - prev for s, prev in zip(steps, [0] + steps)]))
 
-  def mha(self, seed: int = 0) -> Variant:
-    return Variant(self.num_heads, "mean", 0.0, seed)
+  def mha(self, seed: int = 0) -> FinetuneVariant:
+    return FinetuneVariant(self.num_heads, "mean", 0.0, seed)
 
-  def quality_variants(self) -> List[Variant]:
+  def quality_variants(self) -> List[FinetuneVariant]:
     """Every fine-tuned model, seed 0 first, then the noise repeats."""
     out = [self.mha()]
     for k in (1, self.gqa_kv_heads):
-      out += [Variant(k, "mean", a) for a in self.alphas]
-    out += [Variant(k, "mean", self.method_alpha) for k in self.extra_kv_heads]
-    out += [Variant(1, m, self.method_alpha) for m in self.methods if m != "mean"]
+      out += [FinetuneVariant(k, "mean", a) for a in self.alphas]
+    out += [FinetuneVariant(k, "mean", self.method_alpha) for k in self.extra_kv_heads]
+    out += [FinetuneVariant(1, m, self.method_alpha) for m in self.methods if m != "mean"]
     out += self.noise_variants()
     return out
 
-  def noise_variants(self) -> List[Variant]:
+  def noise_variants(self) -> List[FinetuneVariant]:
     """The cheapest comparison (MQA vs GQA straight after conversion) with other seeds."""
-    return [Variant(k, "mean", 0.0, s) for s in self.noise_seeds
+    return [FinetuneVariant(k, "mean", 0.0, s) for s in self.noise_seeds
             for k in (1, self.gqa_kv_heads)]
 
   def conversions(self) -> List[Tuple[int, str]]:
@@ -161,7 +161,7 @@ class Preset:
     return out
 
 
-def smoke(preset: Preset) -> Preset:
+def smoke(preset: ReproducePreset) -> ReproducePreset:
   """The same preset's stages at seconds per stage: every kind of stage and every code path
   (alpha continuation, a non-mean conversion, noise seeds, both timings) with the same head
   structure, on a 1+1-layer model of width 32, a handful of steps and examples, tiny timing
@@ -185,15 +185,15 @@ def smoke(preset: Preset) -> Preset:
       methods=preset.methods[:2])
 
 
-PRESETS: Dict[str, Preset] = {}
+PRESETS: Dict[str, ReproducePreset] = {}
 
 
-def _register(preset: Preset) -> Preset:
+def _register(preset: ReproducePreset) -> ReproducePreset:
   PRESETS[preset.name] = preset
   return preset
 
 
-_register(Preset(
+_register(ReproducePreset(
     name="quick",
     description="The README's main job: every stage on real text with a small model and few "
                 "steps; its quality numbers are close to noise.",
@@ -209,7 +209,7 @@ _register(Preset(
     timing_batch=32, timing_input_length=512, timing_output_length=128, timing_repeats=5,
     checkpoint_period=100))
 
-_register(Preset(
+_register(ReproducePreset(
     name="mini",
     description="A model and step counts large enough to compare the variants, with the "
                 "run-to-run noise measured.",
@@ -232,7 +232,7 @@ _register(Preset(
 # 43 s; timing 26 s; the paper-shape timing (XXL x 6 K + Large) 123 s; 46 stages, 460 s =
 # 7.7 min in all, a
 # computed estimate (estimate.py has the assumptions; docs/REPRODUCE.md the table).
-_register(Preset(
+_register(ReproducePreset(
     name="gpu",
     description="One H200: a T5.1.1-Small-like model (59M parameters, 8 heads) trained long "
                 "enough that decoded scores rank the variants, and decode timing at the "
@@ -255,7 +255,7 @@ _register(Preset(
     machine="h200"))
 
 # Tests: a 1-layer model and a handful of steps on the tiny data set the tests build.
-_register(Preset(
+_register(ReproducePreset(
     name="test",
     description="for the tests only: seconds per stage, meaningless numbers",
     time_figure="seconds per stage (tests only)",
@@ -275,7 +275,7 @@ def public_names() -> List[str]:
   return [name for name, p in PRESETS.items() if not p.hidden]
 
 
-def get_preset(name: str, smoke_test: bool = False) -> Preset:
+def get_preset(name: str, smoke_test: bool = False) -> ReproducePreset:
   try:
     preset = PRESETS[name]
   except KeyError:

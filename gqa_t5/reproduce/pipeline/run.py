@@ -1,5 +1,6 @@
-"""The reproduction of one preset, top to bottom: the stages below run in this order, each cached
-and resumable (see stages.py), each announced as "stage i/N name (expected ~X s)" with an ETA.
+"""The reproduction of one preset, top to bottom: the rows of its stage table (stage_table.py)
+run in this order, each cached
+and resumable (see stage_cache.py), each announced as "stage i/N name (expected ~X s)" with an ETA.
 
   1. pretrain   a multi-head T5.1.1-style model, span corruption on the demo corpus (or take
                 --initial-checkpoint instead)
@@ -24,18 +25,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-
+from gqa_t5 import checkpoint_loading
+from gqa_t5 import evaluation
+from gqa_t5 import initial_checkpoint
 from gqa_t5 import input_pipeline
 from gqa_t5 import jax_setup
-from gqa_t5 import optim
+from gqa_t5 import partitioning
+from gqa_t5 import prediction
 from gqa_t5 import schedules
+from gqa_t5.convert import converter
 from gqa_t5.demo_data import layout
-from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.pipeline import estimate
 from gqa_t5.reproduce.pipeline import presets as presets_lib
 from gqa_t5.reproduce.pipeline import progress as progress_lib
-from gqa_t5.reproduce.pipeline import stages as stages_lib
+from gqa_t5.reproduce.pipeline import stage_cache
+from gqa_t5.reproduce.pipeline import stage_table
 from gqa_t5.reproduce.pipeline import tasks
 from gqa_t5.reproduce.pipeline import timing
 from gqa_t5.reproduce.pipeline import training
@@ -43,12 +48,11 @@ from gqa_t5.reproduce.pipeline import variants
 from gqa_t5.reproduce.report import results as results_lib
 
 WORK_DIR = "work"
-Start = Tuple[stages_lib.StageResult, Path]  # a checkpoint's stage and its path
 
 
 @dataclasses.dataclass
 class Options:
-  preset: presets_lib.Preset
+  preset: presets_lib.ReproducePreset
   out_dir: Path
   data_dir: Optional[str] = None
   initial_checkpoint: Optional[str] = None
@@ -57,43 +61,39 @@ class Options:
 
 
 class Pipeline:
-  """Runs the stages of one preset into `out_dir/work/stages` and collects their results."""
+  """Runs the rows of one preset's stage table into `out_dir/work/stages` and collects their
+  results."""
 
   def __init__(self, options: Options):
-    self.o = options
+    self.options = options
     self.preset = options.preset
     self.out_dir = Path(options.out_dir).absolute()
-    self.store = stages_lib.StageStore(self.out_dir / WORK_DIR, log=options.log)
-    self.stage_results: Dict[str, stages_lib.StageResult] = {}
+    self.store = stage_cache.StageStore(self.out_dir / WORK_DIR, log=options.log)
+    self.stage_results: Dict[str, stage_cache.StageResult] = {}
     self.model: T5Config = self.preset.model  # replaced by --initial-checkpoint's config
     self.machine = estimate.MACHINES[self.preset.machine]
+    self.table: List[stage_table.Stage] = stage_table.stage_table(self.preset, self.num_heads)
 
   # ---- the whole run -------------------------------------------------------------------------
 
   def run(self) -> Dict[str, Any]:
     start_time = time.time()
     self._setup()
-    p = self.preset
-    pre, pre_path = self.pretrain()
-    self._start_progress()
-    starts, conversion_probes = self.convert_and_uptrain(pre, pre_path)
-    evaluations, probes = {}, {}
-    for v in p.quality_variants():
-      start, path = (pre, pre_path) if v.kv_heads == self.num_heads else starts[
-          (v.kv_heads, v.method, v.alpha)]
-      probes[v] = self.probe(start, path, v.kv_heads)
-      evaluations[v] = self.finetune_and_eval(v, start, path)
-    timed = self.timing()
-    paper_timed = self.paper_timing()
-    results = results_lib.collect(self, pre, evaluations, timed, time.time() - start_time,
-                                  probes, conversion_probes, paper_timed)
-    results_lib.write_all(results, self.out_dir, log=self.o.log)
+    pretrain, *rest = self.table
+    self._run_stage(pretrain)
+    if self.options.initial_checkpoint:
+      self._adopt_initial_checkpoint()  # its model may have another head count
+      rest = self.table[1:]
+    for stage in rest:
+      self._run_stage(stage)
+    results = results_lib.collect(self, time.time() - start_time)
+    results_lib.write_all(results, self.out_dir, log=self.options.log)
     return results
 
-  def plan(self) -> List[Tuple[str, float]]:
-    """Every stage `run` asks for, in its order, with its expected seconds (estimate.py)."""
-    return estimate.plan(self.preset, self._config(None), self.machine,
-                         tasks.pretrain_lengths(self.preset.pretrain_inputs_length))
+  def expected_seconds(self) -> List[Tuple[str, float]]:
+    """(name, expected seconds) of every row of the stage table, in its order (estimate.py)."""
+    return estimate.expected_seconds(self.preset, self._config(None), self.machine,
+                                     tasks.pretrain_lengths(self.preset.pretrain_inputs_length))
 
   # ---- helpers -------------------------------------------------------------------------------
 
@@ -101,186 +101,269 @@ class Pipeline:
   def num_heads(self) -> int:
     return self.model.num_heads
 
-  def _run(self, name, config, fn, deps=()) -> stages_lib.StageResult:
-    if name in self.stage_results:  # asked for again in this run (e.g. a shared checkpoint)
-      return self.stage_results[name]
-    result = self.store.run(name, config, fn, deps)
-    self.stage_results[name] = result
-    return result
-
   def _setup(self) -> None:
-    self.data_dir = layout.require_complete(self.o.data_dir)
+    self.data_dir = layout.require_complete(self.options.data_dir)
     jax_setup.enable_compilation_cache(self.out_dir / WORK_DIR / "jax_cache")
     self.vocabulary = tasks.register(str(self.data_dir))
     self.vocab_size = self.preset.vocab_size or input_pipeline.padded_vocab_size(
         self.vocabulary.vocab_size)
     marker = Path(self.data_dir) / layout.MARKER
     self.data = {"fingerprint": hashlib.sha256(marker.read_bytes()).hexdigest()[:16]}
-    plan = self.plan()
-    self.store.progress = progress_lib.Progress(plan, log=self.o.log)
-    self.o.log(f"{len(plan)} stages, expected ~{estimate.format_seconds(sum(s for _, s in plan))}"
-               f" on {self.machine.name} (estimate.py); stated for this preset: "
-               f"{self.preset.time_figure}")
-
-  def _start_progress(self) -> None:
-    """After pretraining: --initial-checkpoint may have changed the model, so plan again."""
-    if self.o.initial_checkpoint:
-      old = self.store.progress
-      self.store.progress = progress_lib.Progress(self.plan(), log=self.o.log)
-      self.store.progress.done.update(old.done)
-      self.store.progress.start = old.start
+    expected = self.expected_seconds()
+    self.store.progress = progress_lib.Progress(expected, log=self.options.log)
+    total = estimate.format_seconds(sum(seconds for _, seconds in expected))
+    self.options.log(f"{len(expected)} stages, expected ~{total} on {self.machine.name} "
+                     f"(estimate.py); stated for this preset: {self.preset.time_figure}")
 
   def _config(self, kv_heads: Optional[int], dropout: float = 0.0) -> T5Config:
-    return training.variant_config(self.model, self.vocab_size, kv_heads, dropout)
+    return variants.variant_config(self.model, self.vocab_size, kv_heads, dropout)
+
+  def _pretrain_lengths(self) -> Dict[str, int]:
+    return tasks.pretrain_lengths(self.preset.pretrain_inputs_length)
+
+  def _needed(self, stage: stage_table.Stage) -> List[stage_cache.StageResult]:
+    return [self.stage_results[name] for name in stage.needs]
+
+  def checkpoint_of(self, name: str) -> Path:
+    """The checkpoint a finished stage left for the stages that read it."""
+    result = self.stage_results[name]
+    if name == "pretrain" and self.options.initial_checkpoint:
+      return Path(result.result["checkpoint"])  # taken as is, not copied
+    row = next(stage for stage in self.table if stage.name == name)
+    return result.directory / row.output
+
+  def _run_stage(self, stage: stage_table.Stage) -> stage_cache.StageResult:
+    config, fn = getattr(self, "_" + stage.kind.replace("-", "_"))(stage)
+    result = self.store.run(stage.name, config, fn, self._needed(stage))
+    self.stage_results[stage.name] = result
+    return result
 
   def _train(self, work: Path, *, config: T5Config, task: str, lengths, batch: int,
-             total_steps: int, learning_rate, initial: Optional[str], seed: int = 0,
+             total_steps: int, learning_rate, initial_checkpoint: Optional[str], seed: int = 0,
              start_step: Optional[int] = None):
-    self.o.log(f"  compiling the training step for {config.emb_dim}-wide K="
-               f"{config.self_attention_kv_heads} (the first step waits for it), then "
-               f"training to step {total_steps}")
+    self.options.log(f"  compiling the training step for {config.emb_dim}-wide K="
+                     f"{config.self_attention_kv_heads} (the first step waits for it), then "
+                     f"training to step {total_steps}")
     return training.train(
         work, config=config, vocabulary=self.vocabulary, task=task, feature_lengths=lengths,
         batch_size=batch, total_steps=total_steps, learning_rate=learning_rate,
-        initial_checkpoint=initial, seed=seed, checkpoint_period=self.preset.checkpoint_period,
-        progress=self.o.progress, start_step=start_step)
+        initial_checkpoint=initial_checkpoint, seed=seed,
+        checkpoint_period=self.preset.checkpoint_period, progress=self.options.progress,
+        start_step=start_step)
 
-  # ---- stage 1 -------------------------------------------------------------------------------
+  def _load(self, kv_heads: int, checkpoint: Path):
+    """(model, partitioner, device parameters, step) of a checkpoint with K = kv_heads."""
+    model = variants.make_model(self._config(kv_heads), self.vocabulary)
+    partitioner = partitioning.Partitioner()
+    params, step = checkpoint_loading.load_checkpoint_params(model, partitioner, str(checkpoint))
+    return model, partitioner, params, step
 
-  def pretrain(self) -> Start:
-    if self.o.initial_checkpoint:
-      return self._take_initial_checkpoint(os.path.abspath(self.o.initial_checkpoint))
+  # Each `_<kind>` below returns the stage's (configuration, function of its work directory):
+  # the configuration is what its cache key hashes, the function what runs on a miss.
+
+  # ---- pretrain ------------------------------------------------------------------------------
+
+  def _pretrain(self, stage: stage_table.Stage):
+    if self.options.initial_checkpoint:
+      return self._initial_checkpoint(os.path.abspath(self.options.initial_checkpoint))
     p = self.preset
-    lengths = tasks.pretrain_lengths(p.pretrain_inputs_length)
+    lengths = self._pretrain_lengths()
     config = {"model": variants.config_dict(self._config(None)), "steps": p.pretrain_steps,
               "batch": p.pretrain_batch, "lengths": lengths, "warmup": p.pretrain_warmup_steps,
               "learning_rate": p.pretrain_learning_rate, "data": self.data}
-    result = self._run("pretrain", config, lambda work: self._train(
-        work, config=self._config(None), task=tasks.PRETRAIN_TASK, lengths=lengths,
-        batch=p.pretrain_batch, total_steps=p.pretrain_steps,
-        learning_rate=schedules.rsqrt_decay(p.pretrain_learning_rate, p.pretrain_warmup_steps),
-        initial=None, start_step=0))
-    return result, result.directory / training.MODEL_DIR
 
-  def _take_initial_checkpoint(self, path: str) -> Start:
+    def pretrain(work: Path):
+      return self._train(
+          work, config=self._config(None), task=tasks.PRETRAIN_TASK, lengths=lengths,
+          batch=p.pretrain_batch, total_steps=p.pretrain_steps,
+          learning_rate=schedules.rsqrt_decay(p.pretrain_learning_rate, p.pretrain_warmup_steps),
+          initial_checkpoint=None, start_step=0)
+
+    return config, pretrain
+
+  def _initial_checkpoint(self, path: str):
+    """The pretrain stage for --initial-checkpoint: a multi-head checkpoint of equal stack
+    depths whose vocabulary covers the demo vocabulary, taken as is (nothing is copied); the
+    run's model becomes the checkpoint's."""
     if not os.path.exists(path):
       raise ValueError(f"--initial-checkpoint {path} does not exist")
-    stat = os.stat(path)
-    result = self._run("pretrain", {"initial_checkpoint": path, "mtime": stat.st_mtime},
-                       lambda work: training.take_initial_checkpoint(path, self.vocabulary))
-    model = dict(result.result["model"])
-    self.model = T5Config(**{**model, "dtype": self.preset.model.dtype})
-    self.vocab_size = result.result["vocab_size"]
-    return result, Path(result.result["checkpoint"])
+    config = {"initial_checkpoint": path, "mtime": os.stat(path).st_mtime}
 
-  # ---- stages 2 and 3 ------------------------------------------------------------------------
+    def take(work: Path):
+      source = initial_checkpoint.open_for_model(path, None)
+      model = source.config
+      if model.num_encoder_layers != model.num_decoder_layers:
+        raise ValueError(f"the reproduction needs equal encoder and decoder depths; the "
+                         f"checkpoint has {model.num_encoder_layers} and "
+                         f"{model.num_decoder_layers}")
+      if model.self_attention_kv_heads != model.num_heads:
+        raise ValueError(f"--initial-checkpoint {path} has {model.self_attention_kv_heads} "
+                         f"key/value heads for {model.num_heads} query heads: the "
+                         f"reproduction starts from a multi-head checkpoint")
+      if model.vocab_size < int(self.vocabulary.vocab_size):
+        raise ValueError(f"--initial-checkpoint {path} has vocab_size {model.vocab_size}, "
+                         f"smaller than the demo vocabulary's {self.vocabulary.vocab_size}")
+      return {"checkpoint": path, "step": int(source.step), "vocab_size": model.vocab_size,
+              "model": variants.config_dict(model)}
 
-  def convert_and_uptrain(self, pre, pre_path: Path):
-    """Every (K, method) the variants need: converted, probed, uptrained up to the largest
-    alpha a variant uses. Returns ({(K, method, alpha): Start}, {(K, method): probe})."""
-    starts: Dict[Tuple[int, str, float], Start] = {}
-    probes = {}
-    for k, method in self.preset.conversions():
-      conv = self.convert(pre, pre_path, k, method)
-      conv_path = conv.directory / conv.result["checkpoint"]
-      starts[(k, method, 0.0)] = (conv, conv_path)
-      probes[(k, method)] = self.probe(conv, conv_path, k)
-      previous = None
-      for alpha, _ in self.preset.uptrain_schedule(k, method):
-        previous = self.uptrain(pre, conv, conv_path, k, method, alpha, previous)
-        starts[(k, method, alpha)] = (previous, previous.directory / training.MODEL_DIR)
-        self.probe(previous, starts[(k, method, alpha)][1], k)
-    return starts, probes
+    return config, take
 
-  def convert(self, pre, pre_path: Path, k: int, method: str) -> stages_lib.StageResult:
-    name = f"convert-{grouping.kv_name(k, self.num_heads)}-{method}"
-    return self._run(name, {"kv_heads": k, "method": method, "seed": 0},
-                     lambda work: training.convert(work, str(pre_path), k, method), deps=[pre])
+  def _adopt_initial_checkpoint(self) -> None:
+    """The run's model and vocabulary size become --initial-checkpoint's (cached or not);
+    then the table and the progress counter are rebuilt for its head count."""
+    result = self.stage_results["pretrain"].result
+    self.model = T5Config(**{**result["model"], "dtype": self.preset.model.dtype})
+    self.vocab_size = result["vocab_size"]
+    self.table = stage_table.stage_table(self.preset, self.num_heads)
+    old = self.store.progress
+    self.store.progress = progress_lib.Progress(self.expected_seconds(), log=self.options.log)
+    self.store.progress.done.update(old.done)
+    self.store.progress.start = old.start
 
-  def uptrain(self, pre, start, start_path: Path, k: int, method: str, alpha: float,
-              previous: Optional[stages_lib.StageResult]) -> stages_lib.StageResult:
+  # ---- convert, uptrain, probe ---------------------------------------------------------------
+
+  def _convert(self, stage: stage_table.Stage):
+    config = {"kv_heads": stage.kv_heads, "method": stage.method, "seed": 0}
+    source = self.checkpoint_of("pretrain")
+
+    def convert(work: Path):
+      spec = converter.ConversionSpec(num_kv_heads=stage.kv_heads, method=stage.method, seed=0)
+      record = converter.convert(initial_checkpoint.resolve_path(str(source)),
+                                 str(work / stage_table.CHECKPOINT_DIR), spec,
+                                 output_format="t5x", overwrite=True)
+      return {"checkpoint": stage_table.CHECKPOINT_DIR, "step": int(record["source_step"]),
+              "changed_tensors": len(record["changed_tensors"])}
+
+    return config, convert
+
+  def _uptrain(self, stage: stage_table.Stage):
     p = self.preset
-    total = int(pre.result["step"]) + p.uptrain_steps(alpha)
-    lengths = tasks.pretrain_lengths(p.pretrain_inputs_length)
-    name = f"uptrain-{grouping.kv_name(k, self.num_heads)}-{method}-a{alpha:g}"
-    config = {"kv_heads": k, "method": method, "alpha": alpha, "total_steps": total,
-              "batch": p.pretrain_batch, "lengths": lengths, "warmup": p.pretrain_warmup_steps,
-              "learning_rate": p.pretrain_learning_rate, "data": self.data}
+    convert, *previous = stage.needs  # previous: the smaller alpha's run this one continues
+    total = int(self.stage_results["pretrain"].result["step"]) + p.uptrain_steps(stage.alpha)
+    lengths = self._pretrain_lengths()
+    config = {"kv_heads": stage.kv_heads, "method": stage.method, "alpha": stage.alpha,
+              "total_steps": total, "batch": p.pretrain_batch, "lengths": lengths,
+              "warmup": p.pretrain_warmup_steps, "learning_rate": p.pretrain_learning_rate,
+              "data": self.data}
 
-    def fn(work: Path):
-      if previous is not None:  # continue the smaller alpha's run
-        training.copy_model_dir(previous.directory / training.MODEL_DIR, work)
+    def uptrain(work: Path):
+      if previous:
+        training.copy_model_dir(self.checkpoint_of(previous[0]), work)
       return self._train(
-          work, config=self._config(k), task=tasks.PRETRAIN_TASK, lengths=lengths,
+          work, config=self._config(stage.kv_heads), task=tasks.PRETRAIN_TASK, lengths=lengths,
           batch=p.pretrain_batch, total_steps=total,
           learning_rate=schedules.rsqrt_decay(p.pretrain_learning_rate, p.pretrain_warmup_steps),
-          initial=None if previous is not None else str(start_path))
+          initial_checkpoint=None if previous else str(self.checkpoint_of(convert)))
 
-    return self._run(name, config, fn, [start] + ([previous] if previous is not None else []))
+    return config, uptrain
 
-  def probe(self, source: stages_lib.StageResult, path: Path,
-            kv_heads: int) -> stages_lib.StageResult:
-    """The pretraining objective's validation loss of a checkpoint, before fine-tuning."""
+  def _probe(self, stage: stage_table.Stage):
+    """The pretraining objective's validation loss of a checkpoint, before fine-tuning: what
+    conversion damages and uptraining repairs, free of fine-tuning noise."""
     p = self.preset
-    lengths = tasks.pretrain_lengths(p.pretrain_inputs_length)
+    lengths = self._pretrain_lengths()
     config = {"batches": p.probe_batches, "batch": p.pretrain_batch, "lengths": lengths,
               "split": "validation", "data": self.data}
-    return self._run(f"probe-{source.name}", config, lambda work: training.objective_loss(
-        config=self._config(kv_heads), vocabulary=self.vocabulary, checkpoint=str(path),
-        task=tasks.PRETRAIN_TASK, feature_lengths=lengths, batch_size=p.pretrain_batch,
-        num_batches=p.probe_batches), deps=[source])
+    (source,) = stage.needs
+    checkpoint = self.checkpoint_of(source)
 
-  # ---- stage 4 -------------------------------------------------------------------------------
+    def probe(work: Path):
+      model, _, params, step = self._load(stage.kv_heads, checkpoint)
+      dataset = input_pipeline.DatasetConfig(
+          mixture_or_task_name=tasks.PRETRAIN_TASK, task_feature_lengths=dict(lengths),
+          split="validation", batch_size=p.pretrain_batch, shuffle=False, seed=42, pack=True)
+      return {"loss": evaluation.dataset_loss(model, params, dataset, p.probe_batches),
+              "step": int(step)}
 
-  def finetune_and_eval(self, variant: presets_lib.Variant, start: stages_lib.StageResult,
-                        start_path: Path) -> stages_lib.StageResult:
+    return config, probe
+
+  # ---- finetune and eval ---------------------------------------------------------------------
+
+  def _finetune(self, stage: stage_table.Stage):
     p = self.preset
-    key = variant.key(self.num_heads)
-    total = int(start.result["step"]) + p.finetune_steps
+    variant = stage.variant
+    (start,) = stage.needs
+    total = int(self.stage_results[start].result["step"]) + p.finetune_steps
     lengths = {"inputs": p.inputs_length, "targets": max(p.targets_lengths.values())}
     config = {"kv_heads": variant.kv_heads, "seed": variant.seed, "total_steps": total,
               "batch": p.finetune_batch, "lengths": lengths, "learning_rate": p.finetune_lr,
               "dropout": p.finetune_dropout, "data": self.data}
-    tuned = self._run(f"finetune-{key}", config, lambda work: self._train(
-        work, config=self._config(variant.kv_heads, p.finetune_dropout),
-        task=tasks.FINETUNE_MIXTURE, lengths=lengths, batch=p.finetune_batch,
-        total_steps=total, learning_rate=schedules.constant(p.finetune_lr),
-        initial=str(start_path), seed=variant.seed), deps=[start])
-    eval_config = {"tasks": dict(p.targets_lengths), "inputs_length": p.inputs_length,
-                   "examples": p.eval_examples, "batch": p.eval_batch, "split": "test"}
+    start_checkpoint = self.checkpoint_of(start)
+
+    def finetune(work: Path):
+      return self._train(
+          work, config=self._config(variant.kv_heads, p.finetune_dropout),
+          task=tasks.FINETUNE_MIXTURE, lengths=lengths, batch=p.finetune_batch,
+          total_steps=total, learning_rate=schedules.constant(p.finetune_lr),
+          initial_checkpoint=str(start_checkpoint), seed=variant.seed)
+
+    return config, finetune
+
+  def _eval(self, stage: stage_table.Stage):
+    """Greedy decoding of `eval_examples` of each task's test split, scored with the task's
+    metrics, plus the teacher-forced loss of the same examples: {'scores': {task: {metric:
+    value}}}."""
+    p = self.preset
+    config = {"tasks": dict(p.targets_lengths), "inputs_length": p.inputs_length,
+              "examples": p.eval_examples, "batch": p.eval_batch, "split": "test"}
+    (tuned,) = stage.needs
+    checkpoint = self.checkpoint_of(tuned)
 
     def evaluate(work: Path):
-      self.o.log(f"  greedy decoding of {p.eval_examples} test examples x "
-                 f"{len(p.targets_lengths)} tasks (compiling the decoder first)")
-      return {"scores": training.evaluate(
-          work, config=self._config(variant.kv_heads), vocabulary=self.vocabulary,
-          checkpoint=str(tuned.directory / training.MODEL_DIR), tasks=p.targets_lengths,
-          inputs_length=p.inputs_length, num_examples=p.eval_examples,
-          batch_size=p.eval_batch)}
+      self.options.log(f"  greedy decoding of {p.eval_examples} test examples x "
+                       f"{len(p.targets_lengths)} tasks (compiling the decoder first)")
+      model, partitioner, params, step = self._load(stage.variant.kv_heads, checkpoint)
+      scores: Dict[str, Dict[str, float]] = {}
+      for task, targets_length in p.targets_lengths.items():
+        dataset = input_pipeline.DatasetConfig(
+            mixture_or_task_name=task,
+            task_feature_lengths={"inputs": p.inputs_length, "targets": targets_length},
+            split="test", batch_size=p.eval_batch, shuffle=False, seed=42, pack=False)
+        metrics = evaluation.inference_eval(
+            model, partitioner, params, dataset, step, prediction.DecodingConfig(method="greedy"),
+            num_examples=p.eval_examples, log_dir=str(work / "predictions"))
+        prefix = task + "/"
+        scores[task] = {name[len(prefix):]: float(value) for name, value in metrics.items()
+                        if name.startswith(prefix)}
+        # A far less noisy measure than decoded-text metrics on a few examples.
+        scores[task]["loss"] = evaluation.dataset_loss(model, params, dataset,
+                                                       -(-p.eval_examples // p.eval_batch))
+      return {"scores": scores}
 
-    return self._run(f"eval-{key}", eval_config, evaluate, deps=[tuned])
+    return config, evaluate
 
-  # ---- stage 5 -------------------------------------------------------------------------------
+  # ---- timing --------------------------------------------------------------------------------
 
-  def timing(self) -> stages_lib.StageResult:
+  def timing_kv_heads(self) -> List[int]:
+    """The K timed: every divisor of the run's head count."""
+    if self.model == self.preset.model:
+      return self.preset.timing_kv_heads()
+    return [k for k in range(1, self.num_heads + 1) if self.num_heads % k == 0]
+
+  def _timing(self, stage: stage_table.Stage):
     p = self.preset
-    ks = (p.timing_kv_heads() if self.model == p.model
-          else grouping.valid_kv_heads(self.num_heads))
-    config = {"model": variants.config_dict(self._config(None)), "kv_heads": ks,
+    kv_heads = self.timing_kv_heads()
+    config = {"model": variants.config_dict(self._config(None)), "kv_heads": kv_heads,
               "batch": p.timing_batch, "input_length": p.timing_input_length,
               "output_length": p.timing_output_length, "repeats": p.timing_repeats,
               "bandwidth_gb": p.timing_bandwidth_gb}
-    return self._run("timing", config, lambda work: timing.measure(
-        self._config(None), ks, batch=p.timing_batch, input_length=p.timing_input_length,
-        output_length=p.timing_output_length, repeats=p.timing_repeats,
-        bandwidth_gb=p.timing_bandwidth_gb, log=self.o.log))
 
-  def paper_timing(self) -> Optional[stages_lib.StageResult]:
+    def measure(work: Path):
+      return timing.measure(
+          self._config(None), kv_heads, batch=p.timing_batch,
+          input_length=p.timing_input_length, output_length=p.timing_output_length,
+          repeats=p.timing_repeats, bandwidth_gb=p.timing_bandwidth_gb, log=self.options.log)
+
+    return config, measure
+
+  def _paper_timing(self, stage: stage_table.Stage):
     """Decode timing at the paper's shapes (random weights), for Table 1 and Fig. 6."""
     p = self.preset
-    if not p.paper_timing:
-      return None
     config = {"timings": [dataclasses.asdict(t) for t in p.paper_timing],
               "bandwidth_gb": p.timing_bandwidth_gb}
-    return self._run("paper-timing", config, lambda work: timing.measure_paper_shapes(
-        p.paper_timing, p.timing_bandwidth_gb, log=self.o.log))
+
+    def measure(work: Path):
+      return timing.measure_paper_shapes(p.paper_timing, p.timing_bandwidth_gb,
+                                         log=self.options.log)
+
+    return config, measure

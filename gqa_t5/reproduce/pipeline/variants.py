@@ -1,13 +1,17 @@
-"""What a preset trains and times: the model variants (`Variant`: K, conversion method, alpha,
-seed), the paper-shape decode timings (`PaperTiming`), and the small T5.1.1-style `T5Config`s
-the presets are built from (`small_model`, `config_dict` for stage keys and results.json)."""
+"""What a preset trains and times: the fine-tuned model variants (`FinetuneVariant`: K,
+conversion method, alpha, seed), the paper-shape decode timings (`PaperTiming`), the small
+T5.1.1-style `T5Config`s the presets are built from (`small_model`, `config_dict` for stage keys
+and results.json), and the config and model a stage runs (`variant_config`, `make_model`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
-from gqa_t5.model import grouping, sizes
+from gqa_t5 import models
+from gqa_t5.model import grouping
+from gqa_t5.model import network
+from gqa_t5.model import sizes
 from gqa_t5.model.config import T5Config
 
 # The vocabulary size a preset's model is written with; the run replaces it by the demo
@@ -44,7 +48,7 @@ class PaperTiming:
 
 
 @dataclasses.dataclass(frozen=True)
-class Variant:
+class FinetuneVariant:
   """One fine-tuned model: K key/value heads (K = N: MHA), conversion method, alpha, seed."""
   kv_heads: int
   method: str = "mean"
@@ -79,3 +83,18 @@ def config_dict(config: T5Config) -> Dict:
   out["dtype"] = dtype if isinstance(dtype, str) else getattr(dtype, "__name__", str(dtype))
   out["mlp_activations"] = list(out["mlp_activations"])
   return out
+
+
+def variant_config(base: T5Config, vocab_size: int, kv_heads: Optional[int],
+                   dropout_rate: float = 0.0) -> T5Config:
+  """`base` with the run's vocabulary, K key/value heads (None or N: MHA) and dropout."""
+  k = None if kv_heads in (None, base.num_heads) else kv_heads
+  return base.replace(vocab_size=vocab_size, num_kv_heads=k, num_cross_kv_heads=None,
+                      dropout_rate=dropout_rate)
+
+
+def make_model(config: T5Config, vocabulary=None) -> models.EncoderDecoderModel:
+  """The model every stage trains or scores: T5.1.1's z-loss (gin/t5_1_1/base.gin), where the
+  class defaults to t5x's 0.0."""
+  return models.EncoderDecoderModel(network.Transformer(config), input_vocabulary=vocabulary,
+                                    output_vocabulary=vocabulary, z_loss=1e-4)

@@ -1,4 +1,4 @@
-"""The verdicts on the paper's claims (a)-(d) from a run's results dict (`results.collect`).
+"""The verdicts on the paper's claims (a)-(d) from a run's typed results (`run_results.Results`).
 
 A difference counts only when it exceeds the run-to-run noise the run measured (the same
 comparison fine-tuned with other seeds): inside it the verdict is "within noise", and every
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from gqa_t5.reproduce.report import paper
+from gqa_t5.reproduce.report import run_results as rr
 
 HELD = "held"
 NOT_RUN = "not run"
@@ -36,11 +37,11 @@ class Measure:
   NAMES = {"average": "average quality", "loss": "fine-tuned validation loss",
            "start_loss": "span-corruption loss before fine-tuning"}
 
-  def __init__(self, results: Dict, field: str):
+  def __init__(self, results: rr.Results, field: str):
     self.field = field
     self.sign = 1.0 if field == "average" else -1.0
     # The pretraining-objective loss of a checkpoint is deterministic: no seed noise applies.
-    self.noise = results["noise"].get(field) if field != "start_loss" else None
+    self.noise = results.noise.of(field) if field != "start_loss" else None
     self.name = self.NAMES[field]
 
   def tolerance_text(self) -> str:
@@ -55,25 +56,14 @@ class Measure:
               "seeds is not measured, so differences are taken at face value")
     return _noise_text(self.noise)
 
-  def score(self, variant: Optional[Dict]) -> Optional[float]:
-    """Higher is better, whatever the measure."""
-    if variant is None or variant.get(self.field) is None:
+  def score(self, variant) -> Optional[float]:
+    """Higher is better, whatever the measure (a `VariantResult`, or None: not run)."""
+    if variant is None or self.raw(variant) is None:
       return None
-    return self.sign * variant[self.field]
+    return self.sign * self.raw(variant)
 
-  def raw(self, variant: Dict) -> float:
-    return variant[self.field]
-
-
-def _find(results: Dict, kv_heads: int, method: str = "mean", alpha: float = 0.0,
-          seed: int = 0) -> Optional[Dict]:
-  n = results["scale"]["num_heads"]
-  for v in results["variants"]:
-    if v["seed"] != seed or v["kv_heads"] != kv_heads:
-      continue
-    if kv_heads == n or (v["method"] == method and abs(v["alpha"] - alpha) < 1e-9):
-      return v
-  return None
+  def raw(self, variant) -> Optional[float]:
+    return getattr(variant, self.field)
 
 
 def _greater(a: float, b: float, noise: Optional[float]) -> str:
@@ -95,9 +85,9 @@ def _not_run(claim_id: str, why: str) -> Dict:
   return {"id": claim_id, "verdict": NOT_RUN, "evidence": why}
 
 
-def claim_a(results: Dict, m: Measure) -> Dict:
-  a = results["preset"]["method_alpha"]
-  found = {meth: _find(results, 1, meth, a) for meth in ("mean", "first", "random", "aligned")}
+def claim_a(results: rr.Results, m: Measure) -> Dict:
+  a = results.preset["method_alpha"]
+  found = {meth: results.find(1, meth, a) for meth in ("mean", "first", "random", "aligned")}
   rows = {meth: v for meth, v in found.items() if m.score(v) is not None}
   needed = [meth for meth in ("mean", "first", "random") if meth not in rows]
   if needed:
@@ -114,22 +104,21 @@ def claim_a(results: Dict, m: Measure) -> Dict:
                     for meth in sorted(rows, key=lambda k: m.score(rows[k]), reverse=True))
   evidence = (f"MQA, alpha {a:g}, {m.name} by method, best first: {order} (mean {first} first, "
               f"first {second} random; {m.noise_text()}).")
-  converted = {c["method"]: c["start_loss"] for c in results.get("conversions", [])
-               if c["kv_heads"] == 1}
+  converted = {c.method: c.start_loss for c in results.conversions if c.kv_heads == 1}
   if m.field == "start_loss" and converted:
     evidence += (" Straight after conversion, before uptraining: " + ", ".join(
         f"{meth} {loss:.2f}" for meth, loss in sorted(converted.items(), key=lambda x: x[1]))
-        + " (MHA before conversion: " + fmt(m.raw(results["mha"])) + ").")
+        + " (MHA before conversion: " + fmt(m.raw(results.mha)) + ").")
   return {"id": "a", "verdict": verdict, "evidence": evidence,
           "numbers": {meth: m.raw(v) for meth, v in rows.items()}}
 
 
-def claim_b(results: Dict, m: Measure) -> Dict:
-  p = results["preset"]
+def claim_b(results: rr.Results, m: Measure) -> Dict:
+  p = results.preset
   g, alphas = p["gqa_kv_heads"], p["alphas"]
-  mha = m.score(results["mha"])
-  mqa = [m.score(_find(results, 1, "mean", a)) for a in alphas]
-  gqa = [m.score(_find(results, g, "mean", a)) for a in alphas]
+  mha = m.score(results.mha)
+  mqa = [m.score(results.find(1, "mean", a)) for a in alphas]
+  gqa = [m.score(results.find(g, "mean", a)) for a in alphas]
   if len(alphas) < 3 or None in mqa + gqa or mha is None:
     return _not_run("b", "the alpha sweep (0 and two uptraining proportions) was not run")
   noise = m.noise or 0.0
@@ -167,17 +156,16 @@ def claim_b(results: Dict, m: Measure) -> Dict:
                       "mha": raw * mha, "recovered_share": recovered}}
 
 
-def claim_c(results: Dict, m: Measure) -> Dict:
-  p = results["preset"]
+def claim_c(results: rr.Results, m: Measure) -> Dict:
+  p = results.preset
   g, a = p["gqa_kv_heads"], p["method_alpha"]
-  mha, mqa, gqa = results["mha"], _find(results, 1, "mean", a), _find(results, g, "mean", a)
+  mha, mqa, gqa = results.mha, results.find(1, "mean", a), results.find(g, "mean", a)
   if None in (m.score(mha), m.score(mqa), m.score(gqa)):
     return _not_run("c", "MQA or GQA was not fine-tuned at this preset")
   gqa_gap = m.score(mha) - m.score(gqa)
   mqa_gap = m.score(mha) - m.score(mqa)
   quality_close = gqa_gap <= max(m.noise or 0.0, CLOSE_QUALITY * max(mqa_gap, 0.0))
-  t_mha, t_mqa, t_gqa = (mha["time_per_sample"], mqa["time_per_sample"],
-                         gqa["time_per_sample"])
+  t_mha, t_mqa, t_gqa = mha.time_per_sample, mqa.time_per_sample, gqa.time_per_sample
   speed_share = (t_gqa - t_mqa) / (t_mha - t_mqa) if t_mha > t_mqa else None
   speed_close = speed_share is not None and speed_share <= CLOSE_SPEED
   verdict = HELD if quality_close and speed_close else NOT_HELD
@@ -196,12 +184,12 @@ def claim_c(results: Dict, m: Measure) -> Dict:
                       "speed_share": speed_share}}
 
 
-def claim_d(results: Dict, m: Optional[Measure] = None) -> Dict:
+def claim_d(results: rr.Results, m: Optional[Measure] = None) -> Dict:
   del m  # timing only
-  timing = results["timing"]["kv_heads"]
+  timing = results.timing["kv_heads"]
   ks = sorted(int(k) for k in timing)
   times = [timing[str(k)]["time_per_sample"] for k in ks]
-  g = results["preset"]["gqa_kv_heads"]
+  g = results.preset["gqa_kv_heads"]
   t1, tn, tg = times[0], times[-1], timing[str(g)]["time_per_sample"]
   rises = tn > t1 * (1 + TIME_TOLERANCE)
   monotone = all(b >= a * (1 - TIME_TOLERANCE) for a, b in zip(times, times[1:]))
@@ -221,7 +209,7 @@ def claim_d(results: Dict, m: Optional[Measure] = None) -> Dict:
       f"{'never fall' if monotone else 'do not always grow'} as K grows (within "
       f"{TIME_TOLERANCE:.0%}).")
   evidence += _where_decode_time_goes(timing, ks)
-  sim = results.get("paper_scale_roofline")
+  sim = results.paper_scale_roofline
   if sim:
     groups = sim["groups_xxl"]
     gk = sorted(int(k) for k in groups)
@@ -250,11 +238,11 @@ def _where_decode_time_goes(timing: Dict, ks: List[int]) -> str:
   return text
 
 
-def evaluate_claims(results: Dict) -> List[Dict]:
+def evaluate_claims(results: rr.Results) -> List[Dict]:
   """Each claim judged on the average quality; (a)-(c) also on the validation loss."""
   quality = Measure(results, "average")
   extra = [Measure(results, f) for f in ("loss", "start_loss")
-           if all(v.get(f) is not None for v in results["variants"])]
+           if all(getattr(v, f) is not None for v in results.variants)]
   at_floor = floor_note(results) is not None
   claims = []
   for fn in (claim_a, claim_b, claim_c, claim_d):
@@ -276,8 +264,8 @@ def evaluate_claims(results: Dict) -> List[Dict]:
 FLOOR = 5.0  # an average below this means the models barely produce task outputs
 
 
-def floor_note(results: Dict) -> Optional[str]:
-  best = max(v["average"] for v in results["variants"])
+def floor_note(results: rr.Results) -> Optional[str]:
+  best = max(v.average for v in results.variants)
   if best >= FLOOR:
     return None
   return (f"The best average quality of any variant is {best:.2f}: at this scale the "

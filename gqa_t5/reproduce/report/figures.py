@@ -1,16 +1,17 @@
 """Figures 3-6 of the paper, redrawn from a run's results.json (matplotlib, Agg backend).
 
-Every function takes the results dict `outputs.collect` builds and a path, and writes the PNG
+Every function takes the typed results (`run_results.Results`) and a path, and writes the PNG
 through a temporary file (a reader never sees half an image).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from gqa_t5.checkpoints import atomic
 from gqa_t5.reproduce.report import paper
+from gqa_t5.reproduce.report import run_results as rr
 
 _COLORS = {"MHA": "#1f77b4", "MQA": "#d62728", "GQA": "#2ca02c"}
 
@@ -31,25 +32,25 @@ def _color(attention: str) -> str:
   return _COLORS["GQA"] if attention.startswith("GQA") else _COLORS.get(attention, "#555555")
 
 
-def _scale_note(results: Dict) -> str:
-  s = results["scale"]
-  return (f"{results['preset']['name']} preset: {s['params'] / 1e6:.1f}M params, "
-          f"{s['pretrain_steps']} pretraining steps, {s['eval_examples']} test examples/task")
+def _scale_note(results: rr.Results) -> str:
+  s = results.scale
+  return (f"{results.preset['name']} preset: {s.params / 1e6:.1f}M params, "
+          f"{s.pretrain_steps} pretraining steps, {s.eval_examples} test examples/task")
 
 
-def _noise_bar(results: Dict) -> Optional[float]:
-  return results["noise"].get("average")
+def _noise_bar(results: rr.Results) -> Optional[float]:
+  return results.noise.average
 
 
-def figure3(results: Dict, path: str) -> None:
+def figure3(results: rr.Results, path: str) -> None:
   """Average quality vs time per sample (this run) beside the paper's Table 1 points."""
   plt = _pyplot()
   fig, (ax, ax_paper) = plt.subplots(1, 2, figsize=(11, 4.2))
   noise = _noise_bar(results)
-  for v in results["headline"]:
-    ax.errorbar(v["time_per_sample"] * 1e3, v["average"], yerr=noise, fmt="o", capsize=3,
-                color=_color(v["attention"]), ms=8)
-    ax.annotate(v["short_label"], (v["time_per_sample"] * 1e3, v["average"]),
+  for v in results.headline:
+    ax.errorbar(v.time_per_sample * 1e3, v.average, yerr=noise, fmt="o", capsize=3,
+                color=_color(v.attention), ms=8)
+    ax.annotate(v.short_label, (v.time_per_sample * 1e3, v.average),
                 textcoords="offset points", xytext=(6, 4), fontsize=9)
   ax.margins(x=0.25, y=0.2)  # room for the labels beside the outermost points
   ax.set_xlabel("time per sample (ms, this machine)")
@@ -94,27 +95,27 @@ _PANELS = (("average", "average quality, % (higher is better)"),
            ("start_loss", "span-corruption loss before fine-tuning\n(lower is better)"))
 
 
-def _panels(results: Dict, rows) -> List:
+def _panels(results: rr.Results, rows) -> List:
   """The measures every row has: quality always, the two losses when measured."""
   out = []
   for field, label in _PANELS:
-    if field == "average" or all(r.get(field) is not None for r in rows):
-      noise = results["noise"].get(field) if field != "start_loss" else None
+    if field == "average" or all(getattr(r, field) is not None for r in rows):
+      noise = results.noise.of(field) if field != "start_loss" else None
       out.append((field, label, noise))
   return out
 
 
-def figure4(results: Dict, path: str) -> None:
+def figure4(results: rr.Results, path: str) -> None:
   """Conversion methods: MQA uptrained with alpha = method_alpha, on every measure."""
   plt = _pyplot()
-  rows = results["methods"]
+  rows = results.methods
   panels = _panels(results, rows)
   fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-  names = [r["method"] for r in rows]
+  names = [r.method for r in rows]
   for ax, (field, label, noise) in zip(axes[0], panels):
-    _points(ax, names, [r[field] for r in rows], noise, label,
+    _points(ax, names, [getattr(r, field) for r in rows], noise, label,
             lower_is_better=field != "average")
-  alpha = results["preset"]["method_alpha"]
+  alpha = results.preset["method_alpha"]
   fig.suptitle(f"Figure 4: conversion methods, MQA uptrained alpha={alpha:g}; error bars: seed "
                f"noise (paper, T5-Large: mean > first > random)\n{_scale_note(results)}",
                fontsize=10, y=1.08)
@@ -122,21 +123,21 @@ def figure4(results: Dict, path: str) -> None:
   plt.close(fig)
 
 
-def figure5(results: Dict, path: str) -> None:
+def figure5(results: rr.Results, path: str) -> None:
   """Each measure vs uptraining proportion alpha for MQA and GQA; MHA as a line."""
   plt = _pyplot()
-  curves = results["alpha_curves"]
-  rows = [pt for points in curves.values() for pt in points] + [results["mha"]]
+  curves = results.alpha_curves
+  rows = [pt for points in curves.values() for pt in points] + [results.mha]
   panels = _panels(results, rows)
   fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
   for ax, (field, label, noise) in zip(axes[0], panels):
     for attention, points in curves.items():
-      ax.errorbar([pt["alpha"] for pt in points], [pt[field] for pt in points], yerr=noise,
+      ax.errorbar([pt.alpha for pt in points], [getattr(pt, field) for pt in points], yerr=noise,
                   marker="o", capsize=3, label=attention, color=_color(attention))
-    ax.axhline(results["mha"][field], color=_COLORS["MHA"], ls="--", label="MHA")
+    ax.axhline(getattr(results.mha, field), color=_COLORS["MHA"], ls="--", label="MHA")
     ax.set_xlabel("uptraining proportion alpha")
     ax.set_ylabel(label)
-    ax.set_xticks(results["preset"]["alphas"])
+    ax.set_xticks(results.preset["alphas"])
     ax.legend()
     ax.grid(alpha=0.3)
   fig.suptitle(f"Figure 5: quality vs uptraining proportion -- {_scale_note(results)}",
@@ -145,10 +146,10 @@ def figure5(results: Dict, path: str) -> None:
   plt.close(fig)
 
 
-def _paper_scale_panel(ax, results: Dict) -> None:
+def _paper_scale_panel(ax, results: rr.Results) -> None:
   """Fig. 6 at paper scale, each time over MHA-XXL's: the roofline for 8 TPU v4 chips, the
   paper's Table 1 points, and this run's measurement at the XXL shape when it made one."""
-  sim = results.get("paper_scale_roofline")
+  sim = results.paper_scale_roofline
   if not sim:
     ax.axis("off")
     return
@@ -161,14 +162,13 @@ def _paper_scale_panel(ax, results: Dict) -> None:
             ks[-1]: table["MHA-XXL"]["time"]}
   ax.plot(list(points), [t / table["MHA-XXL"]["time"] for t in points.values()], "s",
           color="black", ms=8, label="paper, Table 1 (TPU v4)")
-  measured = results.get("paper_timing")
-  if measured:
-    rows = {r["kv_heads"]: r["measured"] for r in measured["rows"].values()
-            if r["size"] == "xxl"}
+  measured = results.paper_timing
+  if measured is not None:
+    rows = {r.kv_heads: r.measured for r in measured.rows.values() if r.size == "xxl"}
     if ks[-1] in rows:
       mk = sorted(rows)
       ax.plot(mk, [rows[k] / rows[ks[-1]] for k in mk], "^--", color=_COLORS["MQA"], ms=8,
-              label=f"measured here ({results['machine']['description'][:40]})")
+              label=f"measured here ({results.machine['description'][:40]})")
   ax.set_xscale("log", base=2)
   ax.set_xticks(ks)
   ax.set_xticklabels([str(k) for k in ks])
@@ -180,14 +180,14 @@ def _paper_scale_panel(ax, results: Dict) -> None:
   ax.grid(alpha=0.3)
 
 
-def figure6(results: Dict, path: str) -> None:
+def figure6(results: rr.Results, path: str) -> None:
   """Time per sample vs number of groups (this machine, the preset's model), MHA as a line;
   beside it the paper-scale shape: roofline, the paper's points and any measurement here."""
   plt = _pyplot()
   fig, (ax, ax_paper) = plt.subplots(1, 2, figsize=(11, 4.2))
-  timing = results["timing"]
+  timing = results.timing
   ks = sorted(int(k) for k in timing["kv_heads"])
-  n = results["scale"]["num_heads"]
+  n = results.scale.num_heads
   groups = [k for k in ks if k < n]
   times = [timing["kv_heads"][str(k)]["time_per_sample"] * 1e3 for k in groups]
   ax.plot(groups, times, "o-", color=_COLORS["GQA"], label="GQA / MQA (K groups)")
@@ -214,7 +214,7 @@ def figure6(results: Dict, path: str) -> None:
 FIGURES = {"fig3.png": figure3, "fig4.png": figure4, "fig5.png": figure5, "fig6.png": figure6}
 
 
-def write_figures(results: Dict, out_dir: str) -> List[str]:
+def write_figures(results: rr.Results, out_dir: str) -> List[str]:
   paths = []
   for name, fn in FIGURES.items():
     path = os.path.join(out_dir, name)

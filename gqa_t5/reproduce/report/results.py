@@ -1,6 +1,7 @@
-"""Stage 6: gather every stage's numbers into results.json, then write table1.md, fig3-6.png and
-REPORT.md from it (`write_all` needs nothing but that dict, so outputs can be redrawn from a
-results.json alone: `gqa-t5 reproduce --redraw DIR`)."""
+"""Stage 6: gather every stage's numbers into the typed results (`run_results.Results`, written
+as results.json), then write table1.md, fig3-6.png and REPORT.md from them (`write_all` needs
+nothing but the results, so outputs can be redrawn from a results.json alone: `gqa-t5 reproduce
+--redraw DIR`)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.paper_scale import timing_sim
 from gqa_t5.reproduce.pipeline import estimate
 from gqa_t5.reproduce.pipeline import presets as presets_lib
+from gqa_t5.reproduce.pipeline import stage_table
 from gqa_t5.reproduce.pipeline import variants as variants_lib
 from gqa_t5.reproduce.report import claims as claims_lib
 from gqa_t5.reproduce.report import figures
 from gqa_t5.reproduce.report import markdown
 from gqa_t5.reproduce.report import paper
+from gqa_t5.reproduce.report import run_results as rr
 
 RESULTS_FILE = "results.json"
 
@@ -62,7 +65,7 @@ def model_params(model: T5Config) -> int:
   return perf_model.total_params(model.replace(num_kv_heads=None))
 
 
-def pretrain_throughput(pretrain: Dict, model: T5Config) -> Dict[str, Any]:
+def pretrain_throughput(pretrain: Dict, model: T5Config) -> rr.Throughput:
   """Tokens/s of the pretraining run (compile excluded where measured) and, on a GPU, its MFU
   against the H200's dense bf16 peak. FLOPs per token are 6 x the parameters that multiply
   (the input embedding is a lookup). A CPU has no peak in the machine table (its figure is an
@@ -72,13 +75,13 @@ def pretrain_throughput(pretrain: Dict, model: T5Config) -> Dict[str, Any]:
   machine = estimate.MACHINES["h200" if on_gpu else "cpu"]
   flops_per_token = 6.0 * estimate.params(model.replace(num_kv_heads=None))
   mfu = flops_per_token * tokens_per_s / machine.peak_flops if tokens_per_s and on_gpu else None
-  return {"tokens_per_second": tokens_per_s,
-          "compile_excluded": "steady_tokens_per_second" in pretrain,
-          "flops_per_token": flops_per_token,
-          "peak_flops": machine.peak_flops, "peak_name": machine.name, "mfu": mfu}
+  return rr.Throughput(tokens_per_second=tokens_per_s,
+                       compile_excluded="steady_tokens_per_second" in pretrain,
+                       flops_per_token=flops_per_token, peak_flops=machine.peak_flops,
+                       peak_name=machine.name, mfu=mfu)
 
 
-def paper_timing_rows(measured: Optional[Dict], sim: Dict) -> Optional[Dict[str, Any]]:
+def paper_timing_rows(measured: Optional[Dict], sim: Dict) -> Optional[rr.PaperTimingTable]:
   """Per paper-shape model: measured s/sample, the roofline here and on TPU v4, the paper's."""
   if not measured:
     return None
@@ -100,87 +103,93 @@ def paper_timing_rows(measured: Optional[Dict], sim: Dict) -> Optional[Dict[str,
         here = perf_model.time_per_sample(model, setup, chip,
                                           batch_per_chip=shape["batch"])["total"]
       tpu = sim["groups_xxl"].get(k) if size == "xxl" else sim["table1"].get(name)
-      rows[name] = {"measured": t["time_per_sample"], "roofline_here": here,
-                    "roofline_tpu": tpu, "paper": paper.TABLE1.get(name, {}).get("time"),
-                    "size": size, "kv_heads": int(k)}
-  return {"rows": rows, "batch": first["shape"]["batch"], "dtype": first["dtype"],
-          "input_length": first["shape"]["input_length"],
-          "output_length": first["shape"]["output_length"],
-          "bandwidth_bytes_per_s": measured["bandwidth_bytes_per_s"]}
+      rows[name] = rr.PaperTimingRow(
+          measured=t["time_per_sample"], roofline_here=here, roofline_tpu=tpu,
+          paper=paper.TABLE1.get(name, {}).get("time"), size=size, kv_heads=int(k))
+  return rr.PaperTimingTable(
+      rows=rows, batch=first["shape"]["batch"], dtype=first["dtype"],
+      input_length=first["shape"]["input_length"],
+      output_length=first["shape"]["output_length"],
+      bandwidth_bytes_per_s=measured["bandwidth_bytes_per_s"])
 
 
-def noise_summary(variants: List[Dict], preset: presets_lib.Preset) -> Dict[str, Any]:
+def noise_summary(variants: List[rr.VariantResult],
+                  preset: presets_lib.ReproducePreset) -> rr.Noise:
   """Seed-to-seed changes of the repeated comparison's averages."""
-  by_key = {(v["kv_heads"], v["method"], v["alpha"], v["seed"]): v for v in variants}
+  by_key = {(v.kv_heads, v.method, v.alpha, v.seed): v for v in variants}
   pairs, diffs, loss_changes = [], [], []
   for seed in preset.noise_seeds:
     for k in (1, preset.gqa_kv_heads):
       base, other = by_key.get((k, "mean", 0.0, 0)), by_key.get((k, "mean", 0.0, seed))
       if base is None or other is None:
         continue
-      pairs.append({"label": f"{base['short_label']} alpha 0 seed 0 vs seed {seed}",
-                    "seed0": base["average"], "other": other["average"],
-                    "change": abs(base["average"] - other["average"])})
-      if base.get("loss") is not None and other.get("loss") is not None:
-        loss_changes.append(abs(base["loss"] - other["loss"]))
-    mqa0, gqa0 = by_key.get((1, "mean", 0.0, 0)), by_key.get((preset.gqa_kv_heads, "mean",
-                                                               0.0, 0))
-    mqa, gqa = by_key.get((1, "mean", 0.0, seed)), by_key.get((preset.gqa_kv_heads, "mean",
-                                                              0.0, seed))
+      pairs.append(rr.NoisePair(label=f"{base.short_label} alpha 0 seed 0 vs seed {seed}",
+                                seed0=base.average, other=other.average,
+                                change=abs(base.average - other.average)))
+      if base.loss is not None and other.loss is not None:
+        loss_changes.append(abs(base.loss - other.loss))
+    mqa0 = by_key.get((1, "mean", 0.0, 0))
+    gqa0 = by_key.get((preset.gqa_kv_heads, "mean", 0.0, 0))
+    mqa = by_key.get((1, "mean", 0.0, seed))
+    gqa = by_key.get((preset.gqa_kv_heads, "mean", 0.0, seed))
     if None not in (mqa0, gqa0, mqa, gqa):
-      diffs.append({"seed": seed, "gqa_minus_mqa_seed0": gqa0["average"] - mqa0["average"],
-                    "gqa_minus_mqa": gqa["average"] - mqa["average"]})
-  return {"average": max((p["change"] for p in pairs), default=None), "pairs": pairs,
-          "differences": diffs, "loss": max(loss_changes, default=None)}
+      diffs.append(rr.NoiseDifference(seed=seed,
+                                      gqa_minus_mqa_seed0=gqa0.average - mqa0.average,
+                                      gqa_minus_mqa=gqa.average - mqa.average))
+  return rr.Noise(average=max((p.change for p in pairs), default=None), pairs=pairs,
+                  differences=diffs, loss=max(loss_changes, default=None))
 
 
-def _variant_record(item: Dict, preset: presets_lib.Preset, timing: Dict, n: int) -> Dict:
+def _variant_record(item: Dict, preset: presets_lib.ReproducePreset, timing: Dict,
+                    n: int) -> rr.VariantResult:
   """One fine-tuned variant's row of results.json: its scores, losses and time."""
   v = item["variant"]
   mains = main_scores(item["scores"])
   t = timing["kv_heads"][str(v.kv_heads)]
-  return {"key": v.key(n), "label": v.label(n), "short_label": grouping.kv_label(v.kv_heads, n),
-          "attention": v.attention_name(n), "kv_heads": v.kv_heads,
-          "method": v.method, "alpha": v.alpha, "seed": v.seed,
-          "uptrain_steps": preset.uptrain_steps(v.alpha) if v.kv_heads != n else 0,
-          "finetune": item.get("finetune", {}), "scores": item["scores"], "main_scores": mains,
-          "average": average(mains), "loss": mean_loss(item["scores"]),
-          "start_loss": item.get("start_loss"), "time_per_sample": t["time_per_sample"],
-          "time_per_step": t["time_per_step"]}
+  return rr.VariantResult(
+      key=v.key(n), label=v.label(n), short_label=grouping.kv_label(v.kv_heads, n),
+      attention=v.attention_name(n), kv_heads=v.kv_heads, method=v.method, alpha=v.alpha,
+      seed=v.seed, uptrain_steps=preset.uptrain_steps(v.alpha) if v.kv_heads != n else 0,
+      finetune=item.get("finetune", {}), scores=item["scores"], main_scores=mains,
+      average=average(mains), loss=mean_loss(item["scores"]),
+      start_loss=item.get("start_loss"), time_per_sample=t["time_per_sample"],
+      time_per_step=t["time_per_step"])
 
 
-def _summaries(variants: List[Dict], preset: presets_lib.Preset, n: int):
+def _summaries(results: rr.Results, preset: presets_lib.ReproducePreset):
   """(Table 1's headline rows, Fig. 4's methods, Fig. 5's alpha curves) of seed 0."""
-
-  def find(k, method="mean", alpha=0.0, seed=0):
-    for v in variants:
-      if (v["kv_heads"], v["seed"]) == (k, seed) and (
-          k == n or (v["method"] == method and abs(v["alpha"] - alpha) < 1e-9)):
-        return v
-    return None
-
+  find = results.find
+  n = results.scale.num_heads
   a = preset.method_alpha
   headline = [x for x in [find(n), find(1, "mean", a), find(preset.gqa_kv_heads, "mean", a)]
               + [find(k, "mean", a) for k in preset.extra_kv_heads] if x is not None]
-  fields = ("average", "loss", "start_loss")
-  methods = [{"method": m, "main_scores": find(1, m, a)["main_scores"],
-              **{f: find(1, m, a)[f] for f in fields}}
-             for m in presets_lib.METHODS if find(1, m, a) is not None]
-  curves = {grouping.kv_label(k, n): [{"alpha": al, **{f: find(k, "mean", al)[f] for f in fields}}
-                                       for al in preset.alphas if find(k, "mean", al) is not None]
-            for k in (1, preset.gqa_kv_heads)}
+  methods = []
+  for method in presets_lib.METHODS:
+    v = find(1, method, a)
+    if v is not None:
+      methods.append(rr.MethodResult(method=method, main_scores=v.main_scores,
+                                     average=v.average, loss=v.loss, start_loss=v.start_loss))
+  curves = {}
+  for k in (1, preset.gqa_kv_heads):
+    points = []
+    for alpha in preset.alphas:
+      v = find(k, "mean", alpha)
+      if v is not None:
+        points.append(rr.AlphaPoint(alpha=alpha, average=v.average, loss=v.loss,
+                                    start_loss=v.start_loss))
+    curves[grouping.kv_label(k, n)] = points
   return headline, methods, curves
 
 
-def assemble(*, preset: presets_lib.Preset, model: T5Config, pretrain: Dict,
+def assemble(*, preset: presets_lib.ReproducePreset, model: T5Config, pretrain: Dict,
              pretrain_origin: str, evaluations: List[Dict], timing: Dict,
              stages: Dict[str, Dict], wall_seconds: float,
              machine: Optional[str] = None, data_fingerprint: str = "",
              paper_scale: Optional[Dict] = None, conversions: Optional[List[Dict]] = None,
-             paper_timing: Optional[Dict] = None) -> Dict[str, Any]:
-  """The results dict from plain numbers (the pipeline and the tests both build it here).
+             paper_timing: Optional[Dict] = None) -> rr.Results:
+  """The typed results from plain numbers (the pipeline and the tests both build it here).
 
-  evaluations: [{'variant': presets.Variant, 'scores': {task: {metric: value}},
+  evaluations: [{'variant': variants.FinetuneVariant, 'scores': {task: {metric: value}},
                  'finetune': {...}, 'start_loss': pretraining-objective loss of the
                  checkpoint fine-tuning started from (optional)}].
   conversions: [{'kv_heads', 'method', 'start_loss'}]: the pretraining-objective loss of each
@@ -188,30 +197,27 @@ def assemble(*, preset: presets_lib.Preset, model: T5Config, pretrain: Dict,
   """
   n = model.num_heads
   variants = [_variant_record(item, preset, timing, n) for item in evaluations]
-  headline, methods, curves = _summaries(variants, preset, n)
-  results = {
-      "preset": preset.to_dict(),
-      "scale": {"description": preset.description, "num_heads": n,
-                "num_layers": model.num_encoder_layers, "emb_dim": model.emb_dim,
-                "head_dim": model.head_dim, "mlp_dim": model.mlp_dim,
-                "vocab_size": model.vocab_size, "params": model_params(model),
-                "dtype": variants_lib.config_dict(model)["dtype"],
-                "pretrain_steps": int(pretrain.get("step", preset.pretrain_steps)),
-                "pretrain_origin": pretrain_origin, "eval_examples": preset.eval_examples,
-                "data_fingerprint": data_fingerprint},
-      "pretrain": pretrain, "pretrain_throughput": pretrain_throughput(pretrain, model),
-      "paper_timing": paper_timing_rows(paper_timing, paper_scale or paper_scale_summary()),
-      "variants": variants, "headline": headline, "methods": methods,
-      "mha": next((v for v in variants if (v["kv_heads"], v["seed"]) == (n, 0)), None),
-      "alpha_curves": curves, "conversions": conversions or [], "timing": timing,
-      "noise": noise_summary(variants, preset),
-      "paper_scale_roofline": paper_scale,
-      "stages": stages, "wall_seconds": wall_seconds,
-      "stage_seconds": sum(s["seconds"] for s in stages.values()),
-      "machine": {"description": machine or machine_description(),
-                  "cpu_count": os.cpu_count()},
-  }
-  results["claims"] = claims_lib.evaluate_claims(results)
+  results = rr.Results(
+      preset=preset.to_dict(),
+      scale=rr.Scale(description=preset.description, num_heads=n,
+                     num_layers=model.num_encoder_layers, emb_dim=model.emb_dim,
+                     head_dim=model.head_dim, mlp_dim=model.mlp_dim,
+                     vocab_size=model.vocab_size, params=model_params(model),
+                     dtype=variants_lib.config_dict(model)["dtype"],
+                     pretrain_steps=int(pretrain.get("step", preset.pretrain_steps)),
+                     pretrain_origin=pretrain_origin, eval_examples=preset.eval_examples,
+                     data_fingerprint=data_fingerprint),
+      pretrain=pretrain, pretrain_throughput=pretrain_throughput(pretrain, model),
+      paper_timing=paper_timing_rows(paper_timing, paper_scale or paper_scale_summary()),
+      variants=variants, headline=[], methods=[], mha=None, alpha_curves={},
+      conversions=[rr.ConversionResult(**c) for c in conversions or []], timing=timing,
+      noise=noise_summary(variants, preset), paper_scale_roofline=paper_scale,
+      stages=stages, wall_seconds=wall_seconds,
+      stage_seconds=sum(s["seconds"] for s in stages.values()),
+      machine={"description": machine or machine_description(), "cpu_count": os.cpu_count()})
+  results.headline, results.methods, results.alpha_curves = _summaries(results, preset)
+  results.mha = results.find(n)
+  results.claims = claims_lib.evaluate_claims(results)
   return results
 
 
@@ -222,31 +228,36 @@ def paper_scale_summary() -> Dict[str, Any]:
           "table1": {name: r["total"] for name, r in sim["table1"].items()}}
 
 
-def collect(pipeline, pre, evaluations, timed, wall_seconds: float,
-            probes=None, conversion_probes=None, paper_timed=None) -> Dict[str, Any]:
-  """The results dict of a pipeline run (see `assemble`)."""
+def collect(pipeline, wall_seconds: float) -> rr.Results:
+  """The typed results of a finished `run.Pipeline` (see `assemble`), read from its stage table
+  and the results of its stages."""
   p = pipeline.preset
+  stage_results = pipeline.stage_results
+  rows = {stage.name: stage for stage in pipeline.table}
   items = []
-  for variant, ev in evaluations.items():
-    tuned = pipeline.stage_results.get(f"finetune-{variant.key(pipeline.num_heads)}")
-    item = {"variant": variant, "scores": ev.result["scores"],
-            "finetune": tuned.result if tuned is not None else {}}
-    if probes and variant in probes:
-      item["start_loss"] = probes[variant].result["loss"]
-    items.append(item)
-  origin = (f"initialised from {pipeline.o.initial_checkpoint} (step {pre.result['step']})"
-            if pipeline.o.initial_checkpoint else
+  for stage in pipeline.table:
+    if stage.kind != "eval":
+      continue
+    (finetune,) = stage.needs
+    (start,) = rows[finetune].needs
+    items.append({"variant": stage.variant, "scores": stage_results[stage.name].result["scores"],
+                  "finetune": stage_results[finetune].result,
+                  "start_loss": stage_results[stage_table.probe_of(start)].result["loss"]})
+  pre = stage_results["pretrain"]
+  origin = (f"initialised from {pipeline.options.initial_checkpoint} (step {pre.result['step']})"
+            if pipeline.options.initial_checkpoint else
             f"pretrained here for {p.pretrain_steps} steps of span corruption on the demo "
             f"corpus (batch {p.pretrain_batch}, inputs {p.pretrain_inputs_length} tokens)")
-  stages = {name: {"seconds": r.seconds, "cached": r.cached}
-            for name, r in pipeline.stage_results.items()}
+  stages = {name: {"seconds": r.seconds, "cached": r.cached} for name, r in stage_results.items()}
+  conversions = [{"kv_heads": stage.kv_heads, "method": stage.method,
+                  "start_loss": stage_results[stage_table.probe_of(stage.name)].result["loss"]}
+                 for stage in pipeline.table if stage.kind == "convert"]
+  paper_timed = stage_results.get("paper-timing")
   return assemble(preset=p, model=pipeline.model.replace(vocab_size=pipeline.vocab_size),
                   pretrain=pre.result, pretrain_origin=origin, evaluations=items,
-                  timing=timed.result, stages=stages, wall_seconds=wall_seconds,
-                  data_fingerprint=pipeline.data["fingerprint"],
-                  paper_scale=paper_scale_summary(),
-                  conversions=[{"kv_heads": k, "method": method, "start_loss": r.result["loss"]}
-                               for (k, method), r in (conversion_probes or {}).items()],
+                  timing=stage_results["timing"].result, stages=stages,
+                  wall_seconds=wall_seconds, data_fingerprint=pipeline.data["fingerprint"],
+                  paper_scale=paper_scale_summary(), conversions=conversions,
                   paper_timing=paper_timed.result if paper_timed is not None else None)
 
 
@@ -254,14 +265,14 @@ def _write_text(path: str, text: str) -> None:
   atomic.write_text(path, text)
 
 
-def write_all(results: Dict[str, Any], out_dir, log: Callable[[str], None] = print
+def write_all(results: rr.Results, out_dir, log: Callable[[str], None] = print
               ) -> List[str]:
   """results.json, table1.md, fig3-6.png and REPORT.md in `out_dir`."""
   out_dir = str(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   written = []
   path = os.path.join(out_dir, RESULTS_FILE)
-  _write_text(path, json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
+  _write_text(path, json.dumps(results.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n")
   written.append(path)
   path = os.path.join(out_dir, "table1.md")
   _write_text(path, markdown.table1_markdown(results))
@@ -275,11 +286,12 @@ def write_all(results: Dict[str, Any], out_dir, log: Callable[[str], None] = pri
   return written
 
 
-def read_results(out_dir) -> Dict[str, Any]:
+def read_results(out_dir) -> rr.Results:
+  """The typed results of DIR/results.json (one an older version wrote too)."""
   path = os.path.join(str(out_dir), RESULTS_FILE)
   try:
     with open(path) as f:
-      return json.load(f)
+      return rr.Results.from_json(json.load(f))
   except FileNotFoundError:
     raise FileNotFoundError(f"{path} does not exist: run `gqa-t5 reproduce --out "
                             f"{out_dir}` first") from None

@@ -1,10 +1,10 @@
-"""The reproduction's stage store: cached, resumable, all-or-nothing stages."""
+"""The reproduction's stage cache: cached, resumable, all-or-nothing stages."""
 
 import json
 
 import pytest
 
-from gqa_t5.reproduce.pipeline import stages
+from gqa_t5.reproduce.pipeline import stage_cache
 
 
 class Counter:
@@ -22,7 +22,7 @@ class Counter:
 
 def make_store(tmp_path):
   lines = []
-  return stages.StageStore(tmp_path, log=lines.append), lines
+  return stage_cache.StageStore(tmp_path, log=lines.append), lines
 
 
 def test_a_finished_stage_is_skipped_and_its_result_returned(tmp_path):
@@ -48,7 +48,7 @@ def test_a_changed_configuration_redoes_the_stage(tmp_path):
   store.run("train", {"steps": 10}, fn)
   changed = store.run("train", {"steps": 20}, fn)
   assert fn.calls == 2 and not changed.cached
-  assert json.loads((changed.directory / stages.STAGE_FILE).read_text())["config"] == {
+  assert json.loads((changed.directory / stage_cache.STAGE_FILE).read_text())["config"] == {
       "steps": 20}
   assert any("configuration changed" in line for line in lines)
 
@@ -83,7 +83,7 @@ def test_an_interrupted_stage_resumes_from_its_work_directory(tmp_path):
   work = tmp_path / "stages" / "train.work"
   assert work.is_dir() and not (tmp_path / "stages" / "train").exists()
   assert store.finished("train") is None
-  result = stages.StageStore(tmp_path, log=lines.append).run("train", {"steps": 10}, flaky)
+  result = stage_cache.StageStore(tmp_path, log=lines.append).run("train", {"steps": 10}, flaky)
   assert result.result == {"steps": 10}
   assert "progress.txt" in attempts[1]  # the second attempt saw the first one's work
   assert any("resuming" in line for line in lines)
@@ -112,9 +112,9 @@ def test_an_interrupted_stage_with_another_configuration_starts_over(tmp_path):
 
 def test_results_and_configurations_must_be_json(tmp_path):
   store, _ = make_store(tmp_path)
-  with pytest.raises(stages.StageError, match="not plain JSON"):
+  with pytest.raises(stage_cache.StageError, match="not plain JSON"):
     store.run("bad-config", {"value": object()}, Counter())
-  with pytest.raises(stages.StageError, match="not plain JSON"):
+  with pytest.raises(stage_cache.StageError, match="not plain JSON"):
     store.run("bad-result", {}, lambda work: {"nan": float("nan")})
   assert not (tmp_path / "stages" / "bad-result").exists()  # nothing half-finished
 
@@ -122,16 +122,17 @@ def test_results_and_configurations_must_be_json(tmp_path):
 @pytest.mark.parametrize("name", ["", "../escape", "a/b", ".hidden", "sp ace"])
 def test_stage_names_are_checked(tmp_path, name):
   store, _ = make_store(tmp_path)
-  with pytest.raises(stages.StageError, match="stage name"):
+  with pytest.raises(stage_cache.StageError, match="stage name"):
     store.run(name, {}, Counter())
 
 
 def test_keys_depend_on_name_config_and_dependencies():
-  base = stages.stage_key("a", {"x": 1})
-  assert base == stages.stage_key("a", {"x": 1})
-  assert base != stages.stage_key("b", {"x": 1})
-  assert base != stages.stage_key("a", {"x": 2})
-  dep = stages.StageResult("up", "k1", None, {}, False, 0.0)
-  assert base != stages.stage_key("a", {"x": 1}, [dep])
+  base = stage_cache.stage_key("a", {"x": 1})
+  assert base == stage_cache.stage_key("a", {"x": 1})
+  assert base != stage_cache.stage_key("b", {"x": 1})
+  assert base != stage_cache.stage_key("a", {"x": 2})
+  dep = stage_cache.StageResult("up", "k1", None, {}, False, 0.0)
+  assert base != stage_cache.stage_key("a", {"x": 1}, [dep])
   # Key order inside the configuration does not matter.
-  assert stages.stage_key("a", {"x": 1, "y": 2}) == stages.stage_key("a", {"y": 2, "x": 1})
+  swapped = stage_cache.stage_key("a", {"y": 2, "x": 1})
+  assert stage_cache.stage_key("a", {"x": 1, "y": 2}) == swapped

@@ -1,4 +1,4 @@
-"""Cached, resumable pipeline stages.
+"""Cached, resumable pipeline stages: the stage cache (`StageStore`).
 
 A stage is a named function of a configuration (and of the stages it reads). It works in
 `ROOT/stages/<name>.work/`, which survives a killed run so the stage can resume from what it
