@@ -203,8 +203,11 @@ def _noise_lines(results: rr.Results) -> List[str]:
             f". The largest change of an average, {noise.average:.2f}, is the noise level "
             f"the verdicts below use. It covers fine-tuning randomness (data order, dropout) "
             f"only, not pretraining or uptraining seeds.", ""]
-  return ["**Noise.** Not measured at this preset: the verdicts take every difference at "
-          "face value. Use `--preset mini` for verdicts that account for run-to-run noise.", ""]
+  return [f"**Noise.** Not measured at this preset: the verdicts use "
+          f"{claims_lib.DEFAULT_NOISE_SOURCE} (average {claims_lib.DEFAULT_NOISE['average']:.2f}"
+          f", loss {claims_lib.DEFAULT_NOISE['loss']:.3f}; results/mini) as the noise, and a "
+          f"difference within it is inconclusive. `--preset mini` measures the noise of its "
+          f"own scale.", ""]
 
 
 def _claims_lines(results: rr.Results) -> List[str]:
