@@ -84,8 +84,9 @@ def synthetic_batch(batch: int, lengths, vocab: int, seed: int = 0) -> Dict[str,
           "decoder_target_tokens": targets, "decoder_loss_weights": np.ones((batch, t), np.float32)}
 
 
-class Ours:
-  """One K: a Trainer, its lowered and compiled step, state and device batch."""
+class GqaTrainStep:
+  """gqa_t5's train step for one K (the side HF's is measured against): a Trainer, its lowered
+  and compiled step, state and device batch."""
 
   def __init__(self, config, k: int, batch: Dict[str, np.ndarray]):
     self.name = grouping.kv_label(k, config.num_heads)
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
                   f"K {args.kv}; compilation cache {cache_dir}")
   batch = synthetic_batch(args.batch, (s, t), config.vocab_size)
   start = time.perf_counter()
-  ours = [Ours(config, k, batch) for k in args.kv]
+  ours = [GqaTrainStep(config, k, batch) for k in args.kv]
   compiled = common.compile_parallel({o.name: o.lowered for o in ours})
   compile_s = time.perf_counter() - start
   for o in ours:
