@@ -150,12 +150,13 @@ def test_uptraining_continues_the_smaller_alphas_run(smoke_run, data_dir):
   preset = dataclasses.replace(SMOKE, alphas=(0.0, 0.5, 1.0), method_alpha=0.5)
   pipe = make_pipeline(preset, out, data_dir)
   pipe._setup()  # pylint: disable=protected-access
-  pre, pre_path = pipe.pretrain()
-  conv = pipe.convert(pre, pre_path, 1, "mean")
+  rows = {stage.name: stage for stage in pipe.table}
+  assert rows["uptrain-mqa-mean-a1"].needs == ("convert-mqa-mean", "uptrain-mqa-mean-a0.5")
+  for name in ("pretrain", "convert-mqa-mean"):
+    pipe._run_stage(rows[name])  # pylint: disable=protected-access
   assert pipe.store.executed == []  # both cached from the smoke run
-  conv_path = conv.directory / conv.result["checkpoint"]
-  half = pipe.uptrain(pre, conv, conv_path, 1, "mean", 0.5, None)
-  full = pipe.uptrain(pre, conv, conv_path, 1, "mean", 1.0, half)
+  half = pipe._run_stage(rows["uptrain-mqa-mean-a0.5"])  # pylint: disable=protected-access
+  full = pipe._run_stage(rows["uptrain-mqa-mean-a1"])  # pylint: disable=protected-access
   steps = SMOKE.pretrain_steps
   assert half.result["step"] == steps + steps // 2 and full.result["step"] == 2 * steps
   # The alpha 1.0 run is the alpha 0.5 run continued: its log starts with the earlier steps.
@@ -178,15 +179,17 @@ def test_initial_checkpoint_replaces_pretraining(smoke_run, data_dir, tmp_path):
   pipe = make_pipeline(SMOKE, tmp_path / "from_checkpoint", data_dir,
                        initial_checkpoint=str(checkpoint))
   pipe._setup()  # pylint: disable=protected-access
-  stage, path = pipe.pretrain()
-  assert path == checkpoint and stage.result["step"] == SMOKE.pretrain_steps
+  stage = pipe._run_stage(pipe.table[0])  # pylint: disable=protected-access
+  pipe._adopt_initial_checkpoint()  # pylint: disable=protected-access
+  assert pipe.checkpoint_of("pretrain") == checkpoint
+  assert stage.result["step"] == SMOKE.pretrain_steps
   assert pipe.model.replace(vocab_size=SMOKE.model.vocab_size) == SMOKE.model
   assert not (stage.directory / "model").exists()  # nothing was trained
   grouped = out / "work" / "stages" / "convert-mqa-mean" / "checkpoint"
   pipe = make_pipeline(SMOKE, tmp_path / "grouped", data_dir, initial_checkpoint=str(grouped))
   pipe._setup()  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="starts from a multi-head checkpoint"):
-    pipe.pretrain()
+    pipe._run_stage(pipe.table[0])  # pylint: disable=protected-access
 
 
 def test_the_default_output_is_outside_the_reference_results(tmp_path, monkeypatch):
