@@ -197,7 +197,8 @@ _register(ReproducePreset(
     name="quick",
     description="The README's main job: every stage on real text with a small model and few "
                 "steps; its quality numbers are close to noise.",
-    time_figure="4.2 min + 36 s demo-data preparation, measured from a fresh clone on a quiet 2-core x86-64 CPU",
+    time_figure=("12.9 min + 36 s demo-data preparation, measured on a quiet 2-core x86-64 "
+                 "CPU with a fresh compilation cache"),
     model=small_model(emb_dim=128, num_heads=8, head_dim=16, mlp_dim=256, layers=2),
     pretrain_steps=200, pretrain_batch=16, pretrain_inputs_length=64,
     pretrain_warmup_steps=100,
