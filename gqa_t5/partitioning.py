@@ -25,8 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # The rules tables and their check live with the axis names (model/axes.py); re-exported here.
 from gqa_t5.model.axes import (DATA, KV_HEAD_AXES, MODEL, T5X_STANDARD_RULES,  # noqa: F401
                                LogicalAxisError, LogicalRules, check_rules_cover, is_axes,
-                               kv_head_rules, kv_heads_shardable, logical_axis_names,
-                               standard_logical_axis_rules)
+                               kv_head_rules, kv_heads_shardable, kv_heads_sharded,
+                               logical_axis_names, standard_logical_axis_rules)
 
 
 class PartitioningError(ValueError):
@@ -118,7 +118,7 @@ def describe_kv_layout(config, model_axis_size: int) -> str:
   """How the key/value heads are laid out on the model axis, for the start-up log."""
   k_self, k_cross = config.self_attention_kv_heads, config.cross_attention_kv_heads
   ks = sorted({k_self, k_cross})
-  if all(kv_heads_shardable(k, model_axis_size) for k in ks):
+  if kv_heads_sharded(k_self, k_cross, model_axis_size):
     return (f"key/value heads K={k_self} (cross K={k_cross}) sharded over model axis "
             f"{model_axis_size}")
   good = [m for m in _divisors(config.num_heads) if all(k % m == 0 for k in ks)]

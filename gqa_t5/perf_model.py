@@ -25,10 +25,13 @@ the parameter and cache counts against the network's own trees. It holds:
 
     The model is partitioned over `model_parallel` chips (weights split evenly); caches are split
     evenly over the chips too ('ideal' layout: for K below the model-parallel size the caches
-    are sharded by batch, as in Pope et al. 2022), or, with `kv_layout='replicated'`,
-    K < model_parallel key/value heads are repeated on every chip of the model axis (what head
-    sharding alone does). The batch per chip is the largest up to `max_batch_per_chip` whose
-    weights and caches fit the memory given (default: the chip's HBM);
+    are sharded by batch, as in Pope et al. 2022), or, with `kv_layout='replicated'`, laid out
+    as the partitioner lays them out (head sharding alone, `kv_cache_copies`): the K heads are
+    split over the model axis when every K is a multiple of model_parallel, and otherwise ALL K
+    heads are held whole on every chip of the model axis (model_parallel copies of an even
+    split, for K = 4 on an 8-way axis as for K = 1). The batch per chip is the largest up to
+    `max_batch_per_chip` whose weights and caches fit the memory given (default: the chip's
+    HBM);
   * the FLOPs and time of a training step (`train_forward_flops`, `train_step_seconds`).
 
 Variants of a model are `T5Config`s too: `config.replace(num_kv_heads=k)`.
@@ -42,6 +45,7 @@ from typing import Dict, Optional
 import ml_dtypes  # noqa: F401  # pylint: disable=unused-import  # numpy then knows 'bfloat16'
 import numpy as np
 
+from gqa_t5.model import axes
 from gqa_t5.model.config import T5Config
 
 GIB = 2 ** 30
@@ -202,7 +206,7 @@ class Setup:
   bytes_per_value: int = 2          # bfloat16 weights and caches
   self_cache_read: str = "full"     # 'full': every step reads the whole fixed-size cache
                                     # (T5X's layout); 'filled': only the positions so far
-  kv_layout: str = "ideal"          # or 'replicated' (see the module docstring)
+  kv_layout: str = "ideal"          # or 'replicated' (`kv_cache_copies`)
   hbm_reserve_fraction: float = 0.0  # HBM kept free for activations and the program
 
 
@@ -216,21 +220,30 @@ def self_cache_positions_read(setup: Setup) -> float:
                    f"{setup.self_cache_read!r}")
 
 
-def _cache_replication(kv_heads: int, setup: Setup) -> float:
+def kv_cache_copies(config: T5Config, setup: Setup) -> int:
+  """How many times the chips of a model axis hold the decoding caches, relative to an even
+  split (each chip 1/model_parallel of them): the factor on a chip's cache bytes.
+
+  'ideal': 1. 'replicated': the partitioner's layout (gqa_t5/partitioning.py, asking the same
+  `axes.kv_heads_sharded`): 1 when the self- and cross-attention K are both multiples of
+  model_parallel (the heads are split over the axis), else model_parallel, as every chip then
+  holds all K heads of both caches. So K = 4 and K = 1 on an 8-way axis both give 8, K = 16 on
+  it 1, K = 8 on a 16-way axis 16. (Not model_parallel / K: a head is never split over chips.)
+  """
   if setup.kv_layout == "ideal":
-    return 1.0
+    return 1
   if setup.kv_layout == "replicated":
-    return max(1.0, setup.model_parallel / kv_heads)
+    sharded = axes.kv_heads_sharded(config.self_attention_kv_heads,
+                                    config.cross_attention_kv_heads, setup.model_parallel)
+    return 1 if sharded else setup.model_parallel
   raise ValueError(f"Setup.kv_layout must be 'ideal' or 'replicated', got {setup.kv_layout!r}")
 
 
 def _chip_caches(config: T5Config, setup: Setup) -> Dict[str, float]:
-  """One sample's caches on a chip of the model axis (repeated K heads counted per copy)."""
+  """One sample's caches on a chip of the model axis (replicated K heads counted per copy)."""
   caches = cache_bytes(config, setup.input_length, setup.output_length, setup.bytes_per_value)
-  return {"self_cache": caches["self_cache"] * _cache_replication(
-              config.self_attention_kv_heads, setup),
-          "cross_kv": caches["cross_kv"] * _cache_replication(
-              config.cross_attention_kv_heads, setup)}
+  copies = kv_cache_copies(config, setup)
+  return {"self_cache": caches["self_cache"] * copies, "cross_kv": caches["cross_kv"] * copies}
 
 
 def memory_per_chip(config: T5Config, setup: Setup, batch_per_chip: int) -> float:
@@ -278,9 +291,10 @@ def decode_step(config: T5Config, setup: Setup, chip: Chip,
   step = decode_step_bytes(config, batch_per_chip, setup.input_length, setup.output_length,
                            setup.bytes_per_value, setup.bytes_per_value)
   weights = step["weights"] / setup.model_parallel
-  self_cache = (step["self_cache"] * _cache_replication(config.self_attention_kv_heads, setup)
+  copies = kv_cache_copies(config, setup)
+  self_cache = (step["self_cache"] * copies
                 * self_cache_positions_read(setup) / setup.output_length)
-  cross_kv = step["cross_kv"] * _cache_replication(config.cross_attention_kv_heads, setup)
+  cross_kv = step["cross_kv"] * copies
   total_bytes = weights + self_cache + cross_kv
   flops = batch_per_chip * decode_step_flops_per_sample(config, setup)
   memory_time = total_bytes / chip.hbm_bytes_per_s

@@ -174,13 +174,44 @@ def test_self_cache_read_and_kv_layout_options():
   assert step["self_cache_bytes"] == pytest.approx(4 * 144 * 3.5 / 6)
   replicated = dataclasses.replace(SETUP, model_parallel=2, kv_layout="replicated")
   step = perf_model.decode_step(TINY, replicated, CHIP, 4)
-  assert step["cross_kv_bytes"] == 2 * 4 * 240  # K=1 repeated on both model shards
+  assert step["cross_kv_bytes"] == 2 * 4 * 240  # K=1 held whole on both model shards
   assert step["weights_bytes"] == 418  # weights split over the 2 chips
-  # Self- and cross-attention K apart: only the one below the model axis is repeated.
+  # Self-attention K=1, cross-attention K=2: one logical axis serves both, so the partitioner
+  # replicates both (K=2 alone would split over the 2 chips): both caches count 2 copies.
   step = perf_model.decode_step(TINY.replace(num_cross_kv_heads=2), replicated, CHIP, 4)
-  assert step["self_cache_bytes"] == 2 * 4 * 144 and step["cross_kv_bytes"] == 2 * 4 * 240
+  assert step["self_cache_bytes"] == 2 * 4 * 144 and step["cross_kv_bytes"] == 2 * 4 * 480
+  # Both K=2: split over the 2 chips, one copy as in the 'ideal' layout.
+  step = perf_model.decode_step(TINY.replace(num_kv_heads=2), replicated, CHIP, 4)
+  assert step["self_cache_bytes"] == 4 * 288 and step["cross_kv_bytes"] == 4 * 480
   with pytest.raises(ValueError, match="kv_layout"):
     perf_model.decode_step(TINY, perf_model.Setup(kv_layout="bogus"), CHIP, 4)
+
+
+@pytest.mark.parametrize("k, model_parallel, copies", [
+    (4, 8, 8),    # K=4 on an 8-way axis: all 4 heads on every chip (not 8 / 4 = 2 copies)
+    (1, 8, 8), (2, 4, 4), (16, 8, 1), (64, 8, 1), (8, 8, 1),
+    (8, 16, 16),  # K=8 on a 16-way axis: all 8 heads on every chip
+])
+def test_replicated_layout_holds_all_k_heads_on_every_chip_unless_they_split(
+    k, model_parallel, copies):
+  """The 'replicated' layout is the partitioner's: K heads split over the model axis when K is
+  a multiple of it, else every chip holds them all (model_parallel copies of an even split)."""
+  config = sizes.t5_1_1("xxl", num_kv_heads=k)  # N = 64
+  setup = perf_model.Setup(chips=16, model_parallel=model_parallel, kv_layout="replicated")
+  assert perf_model.kv_cache_copies(config, setup) == copies
+  # The same verdict as the partitioner's rules table for these K and model axis.
+  rules = dict(partitioning.standard_logical_axis_rules(k, k, model_parallel))
+  assert (rules["kv_heads"] == "model") == (copies == 1)
+  # A chip's memory and step bytes count every copy of both caches.
+  ideal = dataclasses.replace(setup, kv_layout="ideal")
+  caches = sum(perf_model.cache_bytes(config, setup.input_length, setup.output_length).values())
+  extra = (perf_model.memory_per_chip(config, setup, 3)
+           - perf_model.memory_per_chip(config, ideal, 3))
+  assert extra == 3 * (copies - 1) * caches
+  step = perf_model.decode_step(config, setup, perf_model.TPU_V4, 3)
+  step_ideal = perf_model.decode_step(config, ideal, perf_model.TPU_V4, 3)
+  assert step["bytes"] - step_ideal["bytes"] == 3 * (copies - 1) * caches
+  assert perf_model.kv_cache_copies(config, ideal) == 1
 
 
 def test_train_step_by_hand():

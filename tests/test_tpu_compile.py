@@ -19,6 +19,7 @@ from gqa_t5 import models
 from gqa_t5 import optim, schedules
 from gqa_t5 import partitioning
 from gqa_t5 import perf_model
+from gqa_t5 import t5x_compat
 from gqa_t5 import tpu_topology
 from gqa_t5 import trainer
 from gqa_t5.model import network
@@ -202,6 +203,38 @@ def test_tiny_decode_steps_fit_and_lay_out_kv_heads_by_the_rules(v4_8):
   # their steps move the same bytes: why MQA gains less on a partitioned model.
   assert step_bytes[8] > 1.5 * step_bytes[2]
   assert step_bytes[2] == pytest.approx(step_bytes[1], rel=0.02)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("k, model_axis", [(4, 4), (2, 4), (1, 4), (2, 2), (8, 4)])
+def test_performance_model_cache_copies_match_the_partitioners_cache_shards(v4_8, k, model_axis):
+  """The bytes of decoding caches one chip of a v4-8 slice holds under the partitioner's
+  shardings (no compile: shapes and shardings alone) are what the performance model's
+  'replicated' layout counts, K = 2 on a 4-way axis included (all 2 heads on every chip, 4
+  copies of an even split, not 4 / 2)."""
+  config = sizes.t5_1_1("tiny", num_kv_heads=k, num_cross_kv_heads=k, dropout_rate=0.0)  # N=8
+  setup = perf_model.Setup(chips=4, model_parallel=model_axis, input_length=16, output_length=8,
+                           kv_layout="replicated")
+  batch = 8
+  model = models.EncoderDecoderModel(network.Transformer(config))
+  part = partitioning.Partitioner(data_parallel=-1, model_parallel=model_axis, devices=v4_8)
+  params = aot.abstract_params(model, part)
+  with part.mesh, part.axis_rules():
+    shapes = jax.eval_shape(
+        lambda p: model.init_cache(p, batch, setup.input_length, setup.output_length), params)
+  shardings = part.shardings(t5x_compat.cache_logical_axes(shapes))
+  per_chip = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    if path[-1].key in ("cached_key", "cached_value"):
+      sharding = _cache_leaf(shardings, [p.key for p in path])
+      assert leaf.dtype.itemsize == setup.bytes_per_value
+      per_chip += np.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+  batch_per_chip = batch // setup.chips
+  model_bytes = (perf_model.memory_per_chip(config, setup, batch_per_chip)
+                 - perf_model.memory_per_chip(config, setup, 0))
+  assert per_chip == model_bytes
+  copies = 1 if k % model_axis == 0 else model_axis
+  assert perf_model.kv_cache_copies(config, setup) == copies
 
 
 @needs_libtpu

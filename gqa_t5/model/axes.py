@@ -62,12 +62,22 @@ def kv_heads_shardable(num_kv_heads: int, model_axis_size: int) -> bool:
   return num_kv_heads % model_axis_size == 0
 
 
+def kv_heads_sharded(num_kv_heads: Optional[int] = None,
+                     num_cross_kv_heads: Optional[int] = None, model_axis_size: int = 1) -> bool:
+  """Whether the key/value heads shard over the model axis: only when every given K (None:
+  multi-head, sharded like the query heads) is a multiple of `model_axis_size` (one logical
+  name serves the self- and cross-attention K). Otherwise every device of the model axis holds
+  all K heads of both. The one statement of the rule: the rules tables (`kv_head_rules`), the
+  start-up messages and the performance model (`perf_model.kv_head_copies`) all ask it."""
+  ks = [k for k in (num_kv_heads, num_cross_kv_heads) if k is not None]
+  return all(kv_heads_shardable(k, model_axis_size) for k in ks)
+
+
 def kv_head_rules(num_kv_heads: Optional[int] = None, num_cross_kv_heads: Optional[int] = None,
                   model_axis_size: int = 1) -> List[Tuple[str, Optional[str]]]:
-  """Rules for 'grouped_kv' and 'kv_heads': 'model' only when every given K (None: multi-head,
-  sharded like the query heads) is a multiple of `model_axis_size`, else replicated."""
-  ks = [k for k in (num_kv_heads, num_cross_kv_heads) if k is not None]
-  kv_axis = MODEL if all(kv_heads_shardable(k, model_axis_size) for k in ks) else None
+  """Rules for 'grouped_kv' and 'kv_heads': 'model' when `kv_heads_sharded`, else replicated."""
+  kv_axis = (MODEL if kv_heads_sharded(num_kv_heads, num_cross_kv_heads, model_axis_size)
+             else None)
   return [(name, kv_axis) for name in KV_HEAD_AXES]
 
 

@@ -54,7 +54,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       default=defaults.self_cache_read,
                       help="a step reads the whole self-attention cache (T5X) or the filled part")
   parser.add_argument("--kv-layout", choices=("ideal", "replicated"), default=defaults.kv_layout,
-                      help="caches split evenly over chips, or K < model-parallel heads repeated")
+                      help="caches split evenly over chips ('ideal'), or as the partitioner "
+                           "lays them out ('replicated'): all K heads on every chip of the "
+                           "model axis unless K is a multiple of --model-parallel")
   parser.add_argument("--hbm-reserve", type=float, default=defaults.hbm_reserve_fraction,
                       help="fraction of HBM kept free for activations")
   parser.add_argument("--json", default=None, help="also write every number to this JSON file")

@@ -44,6 +44,7 @@ from gqa_t5 import perf_model
 from gqa_t5 import t5x_compat
 from gqa_t5 import tpu_topology
 from gqa_t5.checkpoints import atomic
+from gqa_t5.model import axes
 from gqa_t5.model import network
 from gqa_t5.model import sizes
 from gqa_t5.reproduce.report import paper
@@ -135,10 +136,14 @@ def full_config(variant: Variant):
 def model_setup(variant: Variant, model_axis: int,
                 setup: perf_model.Setup) -> perf_model.Setup:
   """`setup` on a model axis of `model_axis` chips, with the key/value layout the partitioner
-  uses: K heads that do not split over the model axis are replicated."""
-  k = full_config(variant).self_attention_kv_heads
-  layout = "ideal" if k % model_axis == 0 else "replicated"
-  return dataclasses.replace(setup, model_parallel=model_axis, kv_layout=layout)
+  uses (`axes.kv_heads_sharded`): K heads that do not split over the model axis are held whole
+  on every chip of it ('replicated'); heads that split are labelled 'ideal' (either layout then
+  counts one copy)."""
+  config = full_config(variant)
+  sharded = axes.kv_heads_sharded(config.self_attention_kv_heads,
+                                  config.cross_attention_kv_heads, model_axis)
+  return dataclasses.replace(setup, model_parallel=model_axis,
+                             kv_layout="ideal" if sharded else "replicated")
 
 
 def batch_per_chip(variant: Variant, model_axis: int, setup: perf_model.Setup,
