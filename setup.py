@@ -45,6 +45,8 @@ setup(
     if (Path(__file__).parent / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["gqa_t5", "gqa_t5.*"]),
+    # The CPU decode kernels' source, compiled on first use (gqa_t5/model/cpu_kernels.py).
+    package_data={"gqa_t5.model": ["cpu_kernels.cc"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={

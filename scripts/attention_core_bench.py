@@ -8,7 +8,8 @@ einsum and as a fraction of the memory roofline (key/value bytes / bandwidth mea
 read-dominated sum in the same process).
 
 `current` is the core's einsum before issue 23 ('btkgh,bksh->bkgts'), `package` the core as the
-package has it now.
+package has it now: on a CPU in float32, the custom calls of gqa_t5/model/cpu_kernels.cc
+(gqa_t5/model/products.py; GQA_T5_CPU_KERNELS=0 makes it the rows einsum).
 
   PYTHONPATH=. python scripts/attention_core_bench.py          # the issue's shapes, f32 + bf16
   PYTHONPATH=. python scripts/attention_core_bench.py --t 1 --s 2048 --dtype float32 \

@@ -33,7 +33,7 @@ from gqa_t5 import jax_setup
 from gqa_t5 import perf_model
 from gqa_t5.benchmarks import common, decode_report
 from gqa_t5.benchmarks import decode_run as run_lib
-from gqa_t5.model import grouping, sizes
+from gqa_t5.model import cpu_kernels, grouping, sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +97,23 @@ def parse_args(argv=None):
                       help="stop after the first timed step of the first K (start-up figures)")
   args = parser.parse_args(argv)
   args.preset = PRESETS["smoke" if args.smoke else args.shape]
+  args.shape_name = shape_name(args)
   args.repeats = args.repeats or (2 if args.smoke else 3)
   return args, parser
+
+
+# Flags that change the named shape's model or run: its targets (start-up) no longer apply.
+_SHAPE_FLAGS = tuple(_DIMS) + ("size", "layers", "input_length", "output_length", "batch",
+                               "dtype")
+
+
+def shape_name(args) -> str:
+  """'smoke', the named shape, or 'custom (from NAME)' when flags changed what it runs."""
+  if args.smoke:
+    return "smoke"
+  if any(getattr(args, flag) is not None for flag in _SHAPE_FLAGS):
+    return f"custom (from {args.shape})"
+  return args.shape
 
 
 def build_config(args, parser):
@@ -162,6 +177,8 @@ def main(argv=None) -> int:
                   f"{config.num_heads}x{config.head_dim} heads, mlp {config.mlp_dim}, "
                   f"{config.num_decoder_layers} layers, {np.dtype(config.dtype).name}; K "
                   f"{kv_heads}; compilation cache {cache_dir} ({cached} entries)")
+  if facts["backend"] == "cpu":
+    common.progress(f"decode-step products on this CPU: {cpu_kernels.status()}")
   base = config.replace(num_kv_heads=None)
   init = run_lib.mha_initializer(base)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))

@@ -12,6 +12,7 @@ import numpy as np
 from gqa_t5.benchmarks import bandwidth as bandwidth_lib
 from gqa_t5.benchmarks import common, hf_reference
 from gqa_t5.benchmarks import decode_run as run_lib
+from gqa_t5.model import cpu_kernels
 
 # Start-up targets (process start -> first timed decode step), seconds: (shape, warm cache).
 # The smoke shape's generous target only exercises the check.
@@ -54,9 +55,10 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant]
   startup["process_start_to_first_timed_step_s"] = common.since_start()
   startup["first_step_ms"] = first.loop_times.pop() / shape.timed_steps * 1e3
   common.progress(f"first timed decode loop done: {startup['first_step_ms']:.3f} ms per step")
-  results = {"benchmark": "decode", "smoke": bool(args.smoke),
-             "shape": "smoke" if args.smoke else args.shape,
+  results = {"benchmark": "decode", "smoke": bool(args.smoke), "shape": args.shape_name,
              "device": common.device_facts(), "config": _config_facts(base),
+             "cpu_products": (cpu_kernels.status()
+                              if common.device_facts()["backend"] == "cpu" else None),
              "run": {"batch": shape.batch, "batch_how": batch_how,
                      "input_length": shape.input_length, "output_length": shape.output_length,
                      "timed_steps": shape.timed_steps,

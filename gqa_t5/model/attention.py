@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gqa_t5.model import grouping
+from gqa_t5.model import grouping, products
 from gqa_t5.model.layers import Dense, Dtype, RelativeBias, default_kernel_init, project
 
 
@@ -65,8 +65,7 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarr
   batch, length, num_kv_heads, group, head_dim = query.shape
   key_length = key.shape[2]
   rows = _query_rows(query)                                                 # [B, K, R, H]
-  logits = jnp.einsum("bkrh,bksh->bkrs", rows.astype(logits_dtype),
-                      key.astype(logits_dtype))                             # [B, K, R, S]
+  logits = products.logits(rows.astype(logits_dtype), key.astype(logits_dtype))  # [B, K, R, S]
   logits = logits.reshape(batch, num_kv_heads, group, length, key_length)  # [B, K, G, T, S]
   if bias is not None:
     grouped_bias = grouping.group_query_heads(bias, num_kv_heads, axis=1)   # [B|1, K, G, T, S]
@@ -80,7 +79,7 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarr
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, keep_shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0).astype(dtype)
   weights = weights.reshape(batch, num_kv_heads, group * length, key_length)  # [B, K, R, S]
-  context = jnp.einsum("bkrs,bksh->bkrh", weights, value.astype(dtype))     # [B, K, R, H]
+  context = products.context(weights, value.astype(dtype))                 # [B, K, R, H]
   context = context.reshape(batch, num_kv_heads, group, length, head_dim)   # [B, K, G, T, H]
   return context.transpose(0, 3, 1, 2, 4)                                   # [B, T, K, G, H]
 
@@ -89,12 +88,11 @@ def _query_rows(query: jnp.ndarray) -> jnp.ndarray:
   """[B, T, K, G, H] -> [B, K, R, H]: the R = G*T query rows that read key/value head k.
 
   Both products of the core are then one (B, K)-batched matrix product with a single row dim
-  against the [S, H] block of head k: [R, H] x [S, H]^T and [R, S] x [S, H]. This is the form
-  XLA:CPU runs fastest (scripts/attention_core_bench.py, issue 23): with the grouped letters
-  'btkgh,bksh->bkgts' XLA:CPU picked a transposed [S, G] product and ran the G = 2..8 decode
-  step at a quarter of the memory roofline, against about half with the rows. G = 1 (MHA) is
-  unchanged. It is the canonical batched matmul of every backend, so no backend needs another
-  form. Only the small query and context are transposed; keys/values are read in place.
+  against the [S, H] block of head k: [R, H] x [S, H]^T and [R, S] x [S, H] (`products.py`).
+  It is the canonical batched matmul of every backend, and the layout the CPU decode kernels
+  take; of the einsum forms it is also the one XLA:CPU ran fastest (with the grouped letters
+  'btkgh,bksh->bkgts' it picked a transposed [S, G] product; scripts/attention_core_bench.py).
+  Only the small query and context are transposed; keys/values are read in place.
   """
   batch, length, num_kv_heads, group, head_dim = query.shape
   rows = query.transpose(0, 2, 3, 1, 4)                                     # [B, K, G, T, H]

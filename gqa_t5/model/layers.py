@@ -17,6 +17,8 @@ from flax import linen as nn
 from flax import struct
 from flax.linen import partitioning as nn_partitioning
 
+from gqa_t5.model import products
+
 param_with_axes = nn_partitioning.param_with_axes
 Dtype = Any
 Initializer = Callable[..., jnp.ndarray]
@@ -54,8 +56,9 @@ class Dense(nn.Module):
 
 
 def project(x: jnp.ndarray, kernel: jnp.ndarray, dtype: Dtype) -> jnp.ndarray:
-  """x [..., in] @ kernel [in, out] in `dtype`."""
-  return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+  """x [..., in] @ kernel [in, out] in `dtype` (`products.dense`: a CPU decode step's few rows
+  take the streaming kernel)."""
+  return products.dense(x.astype(dtype), kernel.astype(dtype))
 
 
 class Embed(nn.Module):

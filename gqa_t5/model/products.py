@@ -1,0 +1,115 @@
+"""The network's matrix products, and the one place their formulation is chosen by backend.
+
+  logits:  rows [B, K, R, H] . keys [B, K, S, H]      -> [B, K, R, S]   (contract H)
+  context: weights [B, K, R, S] . values [B, K, S, H] -> [B, K, R, H]   (contract S)
+  dense:   x [..., D] . kernel [D, F]                  -> [..., F]       (every projection)
+
+R = G*T query rows read key/value head k (`attention._query_rows`). Keys and values stay at K
+heads: no formulation repeats them to N.
+
+Every backend runs them as einsums (the attention's two as one (B, K)-batched matrix product),
+with one exception chosen here by the platform the program is lowered for
+(`lax.platform_dependent`: a TPU or GPU program, or a TPU program compiled on a CPU host, never
+contains it): on XLA:CPU, in float32 on one device, a decode step's products are the custom calls
+of `cpu_kernels.cc`:
+  - logits and context with R <= MAX_KERNEL_ROWS query rows per key/value head and H a multiple
+    of 8. XLA runs them as batched matrix products with 1-8 rows at a quarter to a half of the
+    memory bandwidth, and worst at 2-8 rows, so a GQA step was slower than MHA's although it
+    reads fewer bytes (issue 23; scripts/attention_core_bench.py compares the einsum forms). The
+    kernels stream each head's keys and values with the rows' accumulators in registers, for
+    every K alike, so the step time follows the bytes.
+  - dense with at most MAX_KERNEL_ROWS rows (x's leading dims): XLA's general matrix product
+    packs the whole weight for a few rows; the kernel streams it once.
+Longer products (the encoder, prefill, training) are real matrix products that XLA's GEMMs run
+well, and stay einsums.
+
+The kernels' gradient is the einsum's, so they never change what training computes, and they
+match the einsums to float32 rounding (tests/test_cpu_kernels.py). GQA_T5_CPU_KERNELS=0 runs the
+einsums everywhere (`cpu_kernels.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from gqa_t5.model import cpu_kernels
+
+MAX_KERNEL_ROWS = 64
+
+
+def logits(rows: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
+  """rows [B, K, R, H], keys [B, K, S, H] -> [B, K, R, S]."""
+  if rows.shape[-1] % 8 == 0 and _use_kernel(rows.shape[-2], rows, keys):
+    return jax.lax.platform_dependent(rows, keys, cpu=_kernel_logits, default=_einsum_logits)
+  return _einsum_logits(rows, keys)
+
+
+def context(weights: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
+  """weights [B, K, R, S], values [B, K, S, H] -> [B, K, R, H]."""
+  if values.shape[-1] % 8 == 0 and _use_kernel(weights.shape[-2], weights, values):
+    return jax.lax.platform_dependent(weights, values, cpu=_kernel_context,
+                                      default=_einsum_context)
+  return _einsum_context(weights, values)
+
+
+def dense(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+  """x [..., D] @ kernel [D, F] -> [..., F] (both already in the computation dtype)."""
+  rows = math.prod(x.shape[:-1])
+  if _use_kernel(rows, x, kernel):
+    return jax.lax.platform_dependent(x, kernel, cpu=_kernel_dense, default=jnp.dot)
+  return jnp.dot(x, kernel)
+
+
+def _einsum_logits(rows, keys):
+  return jnp.einsum("bkrh,bksh->bkrs", rows, keys)                     # [B, K, R, S]
+
+
+def _einsum_context(weights, values):
+  return jnp.einsum("bkrs,bksh->bkrh", weights, values)                # [B, K, R, H]
+
+
+def _use_kernel(rows: int, a: jnp.ndarray, b: jnp.ndarray) -> bool:
+  if not 1 <= rows <= MAX_KERNEL_ROWS or a.dtype != jnp.float32 or b.dtype != jnp.float32:
+    return False
+  # A custom call has no sharding rule: keep it out of programs partitioned over devices.
+  if jax.device_count() != 1 or jax.devices()[0].platform != "cpu":
+    return False
+  return cpu_kernels.load() is not None
+
+
+def _ffi(name: str, a: jnp.ndarray, b: jnp.ndarray, out_shape) -> jnp.ndarray:
+  call = jax.ffi.ffi_call(cpu_kernels.TARGETS[name], jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method="broadcast_all")
+  return call(a, b)
+
+
+def _ffi_logits(rows, keys):
+  return _ffi("logits", rows, keys, rows.shape[:-1] + keys.shape[-2:-1])   # [B, K, R, S]
+
+
+def _ffi_context(weights, values):
+  return _ffi("context", weights, values, weights.shape[:-1] + values.shape[-1:])  # [B, K, R, H]
+
+
+def _ffi_dense(x, kernel):
+  flat = x.reshape(-1, x.shape[-1])                                     # [M, D]
+  y = jax.ffi.ffi_call(cpu_kernels.TARGETS["dense"],
+                       jax.ShapeDtypeStruct((flat.shape[0], kernel.shape[1]), jnp.float32),
+                       vmap_method="sequential")(flat, kernel)          # [M, F]
+  return y.reshape(x.shape[:-1] + kernel.shape[1:])                     # [..., F]
+
+
+def _with_einsum_gradient(kernel, einsum):
+  """`kernel` forward, the einsum's vector-Jacobian product backward."""
+  wrapped = jax.custom_vjp(kernel)
+  wrapped.defvjp(lambda a, b: (kernel(a, b), (a, b)),
+                 lambda saved, grad: jax.vjp(einsum, *saved)[1](grad))
+  return wrapped
+
+
+_kernel_logits = _with_einsum_gradient(_ffi_logits, _einsum_logits)
+_kernel_context = _with_einsum_gradient(_ffi_context, _einsum_context)
+_kernel_dense = _with_einsum_gradient(_ffi_dense, jnp.dot)

@@ -1,0 +1,220 @@
+"""The CPU decode kernels (gqa_t5/model/cpu_kernels.cc) against the einsums they replace.
+
+Reference-vs-fast: every product the kernels compute is compared with the einsum (or jnp.dot) it
+stands in for, on shapes that reach every code path (one row, odd rows, key lengths and widths
+that leave tails, leading batch dims, vmap), gradients included; and each test first checks that
+the compiled CPU program really calls the kernel, so none of them can pass on the fallback. The
+same programs lowered for TPU or GPU contain no custom call. A decode with the kernels gives the
+einsum path's logits and tokens. A missing compiler falls back with one warning, or is an error
+when the kernels are required.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gqa_t5.model import Transformer, attention, cpu_kernels, products
+from gqa_t5.models import EncoderDecoderModel
+from tests import tiny_configs
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.mode() == "off" or not cpu_kernels.available(),
+    reason="CPU kernels off or not buildable here (no C++ compiler): the einsums run instead")
+
+
+def _calls_kernel(fn, *args) -> bool:
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
+  return any(target in text for target in cpu_kernels.TARGETS.values())
+
+
+def _random(rng, *shape):
+  return jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+
+
+# (B, K, R, S, H): MHA's one row, GQA's few, MQA's many, tails of S (not a multiple of 4) and
+# of H (not a multiple of 64 or 32), the largest row count the kernels take.
+ATTENTION_SHAPES = [(2, 4, 1, 12, 64), (3, 2, 2, 7, 8), (1, 1, 8, 33, 16), (2, 3, 5, 9, 24),
+                    (2, 1, 64, 130, 40), (8, 4, 2, 512, 64)]
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_attention_products_match_the_einsums(shape):
+  b, k, r, s, h = shape
+  rng = np.random.default_rng(sum(shape))
+  rows, keys = _random(rng, b, k, r, h), _random(rng, b, k, s, h)
+  weights = jax.nn.softmax(_random(rng, b, k, r, s), axis=-1)
+  assert _calls_kernel(products.logits, rows, keys)
+  assert _calls_kernel(products.context, weights, keys)
+  np.testing.assert_allclose(jax.jit(products.logits)(rows, keys),
+                             jnp.einsum("bkrh,bksh->bkrs", rows, keys), rtol=1e-5, atol=2e-5)
+  np.testing.assert_allclose(jax.jit(products.context)(weights, keys),
+                             jnp.einsum("bkrs,bksh->bkrh", weights, keys), rtol=1e-5, atol=2e-6)
+
+
+# (x's shape, F): one row, a few, tails of F (not a multiple of 8) and of D (not of 4), a
+# decode step's [B, 1, D], the logits' width.
+DENSE_SHAPES = [((1, 8), 16), ((3, 24), 40), ((16, 66), 17), ((2, 1, 24), 40), ((8, 512), 1000),
+                ((4, 1, 64), 32128)]
+
+
+@pytest.mark.parametrize("x_shape,features", DENSE_SHAPES)
+def test_dense_matches_the_dot(x_shape, features):
+  rng = np.random.default_rng(features)
+  x, kernel = _random(rng, *x_shape), _random(rng, x_shape[-1], features)
+  assert _calls_kernel(products.dense, x, kernel)
+  np.testing.assert_allclose(jax.jit(products.dense)(x, kernel), jnp.dot(x, kernel),
+                             rtol=1e-5, atol=1e-4)
+
+
+def test_gradients_are_the_einsums_gradients():
+  rng = np.random.default_rng(0)
+  rows, keys = _random(rng, 2, 2, 4, 16), _random(rng, 2, 2, 9, 16)
+  x, kernel = _random(rng, 3, 16), _random(rng, 16, 24)
+
+  def loss(products_fn, reference):
+    return lambda a, b: jnp.sum(jnp.sin(products_fn(a, b))), \
+        lambda a, b: jnp.sum(jnp.sin(reference(a, b)))
+
+  for fn, ref, args in [
+      (products.logits, lambda a, b: jnp.einsum("bkrh,bksh->bkrs", a, b), (rows, keys)),
+      (products.context, lambda a, b: jnp.einsum("bkrs,bksh->bkrh", a, b),
+       (jax.nn.softmax(_random(rng, 2, 2, 4, 9)), keys)),
+      (products.dense, jnp.dot, (x, kernel))]:
+    ours, theirs = loss(fn, ref)
+    got = jax.grad(ours, argnums=(0, 1))(*args)
+    want = jax.grad(theirs, argnums=(0, 1))(*args)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_vmap_over_the_kernels():
+  rng = np.random.default_rng(1)
+  rows, keys = _random(rng, 3, 2, 2, 2, 8), _random(rng, 3, 2, 2, 6, 8)
+  x, kernel = _random(rng, 3, 4, 8), _random(rng, 8, 24)
+  np.testing.assert_allclose(jax.jit(jax.vmap(products.logits))(rows, keys),
+                             jnp.einsum("vbkrh,vbksh->vbkrs", rows, keys), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(jax.vmap(products.dense, in_axes=(0, None)))(x, kernel),
+                             jnp.einsum("vmd,df->vmf", x, kernel), rtol=1e-5, atol=1e-5)
+
+
+def test_only_cpu_programs_contain_the_kernels():
+  rows, keys = jnp.ones((2, 2, 2, 8)), jnp.ones((2, 2, 5, 8))
+  traced = jax.jit(products.logits).trace(rows, keys)
+  assert "GqaT5GroupedLogits" in traced.lower(lowering_platforms=("cpu",)).as_text()
+  for platform in ("tpu", "cuda"):
+    assert "custom_call" not in traced.lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "too_many_rows", "head_dim_not_multiple_of_8"])
+def test_shapes_the_kernels_do_not_take_stay_einsums(case):
+  rows, keys = jnp.ones((1, 1, 2, 8)), jnp.ones((1, 1, 5, 8))
+  if case == "bfloat16":
+    rows, keys = rows.astype(jnp.bfloat16), keys.astype(jnp.bfloat16)
+  elif case == "too_many_rows":
+    rows = jnp.ones((1, 1, products.MAX_KERNEL_ROWS + 1, 8))
+  else:
+    rows, keys = jnp.ones((1, 1, 2, 12)), jnp.ones((1, 1, 5, 12))
+  assert not _calls_kernel(products.logits, rows, keys)
+  assert _calls_kernel(products.logits, jnp.ones((1, 1, 2, 8)), jnp.ones((1, 1, 5, 8)))
+
+
+def test_a_training_length_projection_stays_a_matrix_product():
+  x, kernel = jnp.ones((4, 32, 16)), jnp.ones((16, 24))   # 128 rows
+  assert not _calls_kernel(products.dense, x, kernel)
+
+
+def test_grouped_decode_with_kernels_matches_the_einsum_path(monkeypatch):
+  """Greedy decoding of a tiny GQA model (prefilled cross-attention, cached self-attention):
+  the kernels' program gives the einsum program's logits and tokens."""
+  config = tiny_configs.tiny_config("network", num_kv_heads=2)   # N = 4, K = 2, H = 8
+  model = EncoderDecoderModel(Transformer(config))
+  params = model.get_initial_variables(jax.random.PRNGKey(0), {
+      "encoder_input_tokens": (2, 6), "decoder_input_tokens": (2, 5)})["params"]
+  batch = {"encoder_input_tokens": jnp.array([[5, 6, 7, 8, 1, 0], [9, 3, 4, 1, 0, 0]]),
+           "decoder_input_tokens": jnp.zeros((2, 5), jnp.int32)}
+
+  chosen = []
+  use_kernel = products._use_kernel
+  monkeypatch.setattr(products, "_use_kernel", lambda *args: chosen.append(use_kernel(*args))
+                      or chosen[-1])
+
+  def decode():
+    return model.predict_batch(params, batch)
+
+  def scores():
+    return jax.jit(model.score_batch)(params, dict(batch, decoder_target_tokens=jnp.array(
+        [[4, 5, 6, 1, 0], [7, 1, 0, 0, 0]]), decoder_loss_weights=jnp.array(
+        [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])))
+
+  tokens, score = decode(), scores()
+  assert chosen and all(chosen), "the tiny model's products should all take the kernels"
+  declined = []
+  monkeypatch.setattr(products, "_use_kernel", lambda *args: declined.append(args) and False)
+  jax.clear_caches()  # the model's jitted prediction would otherwise reuse the kernels' program
+  reference_tokens, reference_score = decode(), scores()
+  assert declined, "the einsum reference was not traced again"
+  np.testing.assert_array_equal(tokens, reference_tokens)
+  np.testing.assert_allclose(score, reference_score, rtol=1e-5, atol=1e-5)
+
+
+def test_the_core_never_repeats_keys_to_query_heads_with_the_kernels():
+  """The CPU program of a grouped decode step reads K-head keys and values: no operand of the
+  kernels has N heads."""
+  q = jnp.ones((2, 1, 2, 4, 8))          # [B, T, K, G, H]: N = 8 query heads, K = 2
+  k = v = jnp.ones((2, 2, 16, 8))        # [B, K, S, H]
+  text = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v)).trace(
+      q, k, v).lower(lowering_platforms=("cpu",)).as_text()
+  assert "GqaT5GroupedLogits" in text and "GqaT5GroupedContext" in text
+  assert "tensor<2x8x16x8xf32>" not in text   # keys repeated to N = 8 heads would be this
+
+
+def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_no_compiler_falls_back_with_one_warning_or_fails_when_required(tmp_path):
+  code = """
+      import jax.numpy as jnp, numpy as np
+      from gqa_t5.model import products
+      rows, keys = jnp.ones((1, 1, 2, 8)), jnp.ones((1, 1, 5, 8))
+      out = products.logits(rows, keys) + products.logits(rows, keys)
+      np.testing.assert_allclose(out, 2 * jnp.einsum("bkrh,bksh->bkrs", rows, keys))
+      print("einsums ok")
+  """
+  env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"),
+             GQA_T5_KERNEL_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+  env.pop(cpu_kernels.ENV, None)
+  auto = _run(code, env)
+  assert auto.returncode == 0, auto.stderr[-3000:]
+  assert "einsums ok" in auto.stdout
+  assert auto.stderr.count("the CPU decode kernels are unavailable") == 1, auto.stderr[-3000:]
+  assert "no C++ compiler" in auto.stderr
+  required = _run(code, dict(env, **{cpu_kernels.ENV: "1"}))
+  assert required.returncode != 0
+  assert "KernelUnavailableError" in required.stderr and "no C++ compiler" in required.stderr
+  assert not list((tmp_path / "cache").glob("*.so"))
+
+
+def test_the_build_is_cached_per_source_and_left_whole(tmp_path, monkeypatch):
+  compiler = cpu_kernels._compiler()
+  monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path))
+  path = cpu_kernels.library_path(compiler)
+  assert path.parent == tmp_path and path.name.startswith("cpu_kernels-")
+  assert cpu_kernels.library_path(compiler) == path        # stable for the same inputs
+  monkeypatch.setattr(cpu_kernels, "SOURCE", tmp_path / "broken.cc")
+  (tmp_path / "broken.cc").write_text("this is not C++\n")
+  broken = cpu_kernels.library_path(compiler)
+  assert broken != path                                     # another source, another file
+  with pytest.raises(RuntimeError, match="failed"):
+    cpu_kernels.build(compiler, broken)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.cc"]   # no half-written file
