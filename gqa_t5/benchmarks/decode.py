@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -34,6 +34,7 @@ from gqa_t5 import perf_model
 from gqa_t5.benchmarks import common, decode_report
 from gqa_t5.benchmarks import decode_run as run_lib
 from gqa_t5.model import cpu_kernels, grouping, sizes
+from gqa_t5.model.config import T5Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,12 +140,53 @@ def build_config(args, parser):
   return config, kv_heads
 
 
-def run_shape(args, config, kv_heads, params_bytes: int) -> Tuple[run_lib.RunShape, str]:
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One benchmark run, typed: what `main` makes of the flags, and what the main job's timing
+  stage (`reproduce/pipeline/timing.py`) passes directly.
+
+  `config` is the MHA model (its num_kv_heads is ignored); each K in `kv_heads` (falling) is its
+  paper conversion. `batch` None fits the largest batch to the device's memory.
+  """
+  config: T5Config
+  kv_heads: Tuple[int, ...]
+  input_length: int
+  output_length: int
+  batch: Optional[int]
+  timed_steps: Optional[int] = None        # None: output_length
+  repeats: int = 3
+  encode_batch: int = 8
+  memory_fraction: float = 0.8
+  bandwidth_mib: Optional[int] = None      # None: sized for the device
+  compare_hf: bool = False
+  startup_only: bool = False
+  smoke: bool = False
+  shape_name: str = "custom"
+  json: Optional[str] = None
+  jax_cache_dir: Optional[str] = common.DEFAULT_CACHE_DIR
+
+
+def request_from_args(args, parser) -> Request:
+  config, kv_heads = build_config(args, parser)
+  if args.compare_hf and kv_heads[0] != config.num_heads:
+    parser.error(f"--compare-hf needs K = num_heads = {config.num_heads} among --kv-heads")
   p = args.preset
-  s = args.input_length or p.input_length
-  t = args.output_length or p.output_length
-  steps = min(args.timed_steps or p.timed_steps or t, t)
-  batch, how = args.batch or p.batch, "given"
+  output_length = args.output_length or p.output_length
+  return Request(
+      config=config, kv_heads=tuple(kv_heads), input_length=args.input_length or p.input_length,
+      output_length=output_length, batch=args.batch or p.batch,
+      timed_steps=args.timed_steps or p.timed_steps, repeats=args.repeats,
+      encode_batch=args.encode_batch, memory_fraction=args.memory_fraction,
+      bandwidth_mib=args.bandwidth_mib, compare_hf=args.compare_hf,
+      startup_only=args.startup_only, smoke=args.smoke, shape_name=args.shape_name,
+      json=args.json, jax_cache_dir=args.jax_cache_dir)
+
+
+def run_shape(request: Request, params_bytes: int) -> Tuple[run_lib.RunShape, str]:
+  """The run's batch and lengths, and how the batch was chosen."""
+  config, s, t = request.config, request.input_length, request.output_length
+  steps = min(request.timed_steps or t, t)
+  batch, how = request.batch, "given"
   if batch is None:
     limit = common.device_facts()["memory_bytes_limit"]
     if not limit:
@@ -153,25 +195,24 @@ def run_shape(args, config, kv_heads, params_bytes: int) -> Tuple[run_lib.RunSha
     itemsize = np.dtype(config.dtype).itemsize
     # The pooled key/value kernels (self and cross) of every GQA/MQA variant.
     params_bytes += sum(4 * config.num_decoder_layers * config.emb_dim * k * config.head_dim
-                        * itemsize for k in kv_heads if k != config.num_heads)
+                        * itemsize for k in request.kv_heads if k != config.num_heads)
     # Prefilling may hold a second copy of the caches; the encoded batch stays alive. The
     # encoder's attention buffers (chunks of --encode-batch rows) are gone by then.
     per_sequence = (2 * sum(perf_model.cache_bytes(mha, s, t).values())
                     + s * config.emb_dim * itemsize)
-    batch = perf_model.fit_batch(per_sequence, params_bytes, limit, args.memory_fraction,
+    batch = perf_model.fit_batch(per_sequence, params_bytes, limit, request.memory_fraction,
                                  multiple=8)
     how = (f"fitted: {limit / 2**30:.1f} GiB limit, {params_bytes / 2**30:.1f} GiB weights, "
-           f"{per_sequence / 2**30:.2f} GiB per sequence, {args.memory_fraction:.0%} usable")
-  return run_lib.RunShape(batch, s, t, steps, args.encode_batch), how
+           f"{per_sequence / 2**30:.2f} GiB per sequence, {request.memory_fraction:.0%} usable")
+  return run_lib.RunShape(batch, s, t, steps, request.encode_batch), how
 
 
-def main(argv=None) -> int:
-  args, parser = parse_args(argv)
-  cache_dir = jax_setup.enable_compilation_cache(args.jax_cache_dir)
+def run(request: Request) -> Dict[str, Any]:
+  """Times the request, prints the summary (and writes `request.json`); returns the results:
+  per-K figures, bandwidth, start-up, the HF comparison and the checks."""
+  cache_dir = jax_setup.enable_compilation_cache(request.jax_cache_dir)
   cached = len(os.listdir(cache_dir)) if cache_dir else 0
-  config, kv_heads = build_config(args, parser)
-  if args.compare_hf and kv_heads[0] != config.num_heads:
-    parser.error(f"--compare-hf needs K = num_heads = {config.num_heads} among --kv-heads")
+  config, kv_heads = request.config, list(request.kv_heads)
   facts = common.device_facts()
   common.progress(f"{facts['backend']} ({facts['device_kind']}); model {config.emb_dim}d "
                   f"{config.num_heads}x{config.head_dim} heads, mlp {config.mlp_dim}, "
@@ -183,18 +224,24 @@ def main(argv=None) -> int:
   init = run_lib.mha_initializer(base)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-  shape, how = run_shape(args, config, kv_heads, params_bytes)
+  shape, how = run_shape(request, params_bytes)
   common.progress(f"batch {shape.batch} ({how}), input {shape.input_length}, caches for "
                   f"{shape.output_length} steps, {shape.timed_steps} timed steps per loop")
   variants = [run_lib.Variant(base, k, shape, abstract) for k in kv_heads]
   results, inputs = decode_report.measure(
-      args, base, shape, variants, init, batch_how=how,
+      request, base, shape, variants, init, batch_how=how,
       startup={"cache_dir": cache_dir, "cache_entries_before": cached, "cache_warm": cached > 0})
-  if args.compare_hf and not args.startup_only:
-    results["hf"] = decode_report.compare_hf(base, variants[0], shape, args, inputs)
-  results["checks"] = decode_report.checks(results, args)
+  if request.compare_hf and not request.startup_only:
+    results["hf"] = decode_report.compare_hf(base, variants[0], shape, request, inputs)
+  results["checks"] = decode_report.checks(results, request)
   decode_report.print_summary(results)
-  common.write_json(args.json, results)
+  common.write_json(request.json, results)
+  return results
+
+
+def main(argv=None) -> int:
+  args, parser = parse_args(argv)
+  run(request_from_args(args, parser))
   return 0
 
 

@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List, Sequence
 
@@ -73,15 +72,16 @@ def measure_paper_shapes(timings: Sequence[variants_lib.PaperTiming], bandwidth_
                  "bandwidth_gb": bandwidth_gb}, log)
 
 
-def _benchmark(flags: List[str], output_length: int, batch: int) -> Dict:
+def _benchmark(config: T5Config, kv_heads: Sequence[int], *, batch: int, input_length: int,
+               output_length: int, repeats: int, bandwidth_gb: float) -> Dict:
   """Runs the decode benchmark in this process; its figures in the stage's format."""
-  with tempfile.TemporaryDirectory() as scratch:
-    path = os.path.join(scratch, "decode.json")
-    # The benchmark's own lines ("compiling K=...", "timing round ...") become progress lines.
-    with contextlib.redirect_stdout(_ProgressWriter()):
-      decode.main(flags + ["--jax-cache-dir", "", "--json", path])
-    with open(path) as f:
-      result = json.load(f)
+  request = decode.Request(
+      config=config, kv_heads=tuple(sorted(set(kv_heads), reverse=True)),
+      input_length=input_length, output_length=output_length, batch=batch, repeats=repeats,
+      bandwidth_mib=max(1, int(bandwidth_gb * 1024)), jax_cache_dir="")
+  # The benchmark's own lines ("compiling K=...", "timing round ...") become progress lines.
+  with contextlib.redirect_stdout(_ProgressWriter()):
+    result = decode.run(request)
   encode_per_sample = result["encode_s"] / batch
   per_k = {}
   for r in result["per_k"]:
@@ -94,18 +94,6 @@ def _benchmark(flags: List[str], output_length: int, batch: int) -> Dict:
         "time_per_step_median": r["step_ms_median"] / 1e3,
         "bytes_per_step": r["bytes_per_step"], "roofline_fraction": r["roofline_fraction"]}
   return {"kv_heads": per_k, "bandwidth": result["bandwidth"], "config": result["config"]}
-
-
-def _flags(config: T5Config, kv_heads: Sequence[int], *, batch: int, input_length: int,
-           output_length: int, repeats: int, bandwidth_gb: float) -> List[str]:
-  dims = {"--emb-dim": config.emb_dim, "--num-heads": config.num_heads,
-          "--head-dim": config.head_dim, "--mlp-dim": config.mlp_dim,
-          "--layers": config.num_decoder_layers, "--vocab": config.vocab_size, "--batch": batch,
-          "--input-length": input_length, "--output-length": output_length,
-          "--repeats": repeats, "--bandwidth-mib": max(1, int(bandwidth_gb * 1024))}
-  flags = [item for flag, value in dims.items() for item in (flag, str(value))]
-  return flags + ["--dtype", jnp.dtype(config.dtype).name,
-                  "--kv-heads", ",".join(str(k) for k in kv_heads)]
 
 
 def _progress(text: str) -> None:
@@ -134,9 +122,8 @@ def _measure_preset(request: Dict) -> Dict:
   _progress(f"K = {', '.join(map(str, request['kv_heads']))}: compiling and timing "
             f"(batch {shape['batch']}, input {shape['input_length']}, output "
             f"{shape['output_length']})")
-  run = _benchmark(_flags(config, request["kv_heads"], repeats=request["repeats"],
-                          bandwidth_gb=request["bandwidth_gb"], **shape),
-                   request["output_length"], request["batch"])
+  run = _benchmark(config, request["kv_heads"], repeats=request["repeats"],
+                   bandwidth_gb=request["bandwidth_gb"], **shape)
   bandwidth = run["bandwidth"]
   return {"kv_heads": run["kv_heads"], "bandwidth_bytes_per_s": bandwidth["used_bytes_per_s"],
           "bandwidth_before": bandwidth["before_bytes_per_s"],
@@ -154,9 +141,8 @@ def _measure_paper(request: Dict) -> Dict:
     _progress(f"T5.1.1-{timing.size} K = {', '.join(map(str, timing.kv_heads))}: initialising, "
               f"compiling and timing (batch {timing.batch}, input {timing.input_length}, output "
               f"{timing.output_length})")
-    run = _benchmark(_flags(timing.config(), timing.kv_heads, repeats=timing.repeats,
-                            bandwidth_gb=request["bandwidth_gb"], **shape),
-                     timing.output_length, timing.batch)
+    run = _benchmark(timing.config(), timing.kv_heads, repeats=timing.repeats,
+                     bandwidth_gb=request["bandwidth_gb"], **shape)
     seconds = time.perf_counter() - start
     for figures in run["kv_heads"].values():
       figures["stage_seconds"] = seconds / len(run["kv_heads"])
