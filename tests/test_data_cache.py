@@ -11,13 +11,12 @@ reads every affected path partly (and, as a control, that the same reads with se
 restored do print it), and batch-for-batch equality of the data with and without the cache.
 """
 
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+import trainer_fixtures as fx
 from test_reproduce_pipeline import write_tiny_demo_data
 
 WARNING = "did not fully read the dataset being cached"
@@ -74,8 +73,9 @@ def partial_dir(tmp_path_factory):
 
 
 def test_no_partial_cache_warning(partial_dir):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", SCRIPT, str(partial_dir)], env=env,
+  env = fx.subprocess_env()
+  env["TF_CPP_MIN_LOG_LEVEL"] = "0"  # TF's warnings shown, as they were in the issue's runs
+  result = subprocess.run([fx.PYTHON, "-c", SCRIPT, str(partial_dir)], env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   control, rest = result.stderr.split("=== seqio-cache done\n")
