@@ -34,10 +34,11 @@ def _sentence(rng, words, n):
   return " ".join(rng.choice(words) for _ in range(n)).capitalize() + "."
 
 
-def write_tiny_demo_data(root):
-  """A complete demo-data directory (layout.MARKER last) with a 150-piece vocabulary."""
+def write_tiny_demo_data(root, sizes=None):
+  """A complete demo-data directory (layout.MARKER last) with a 150-piece vocabulary;
+  `sizes`: examples per split (default 48 train, 8 validation, 8 test)."""
   rng = random.Random(0)
-  sizes = {"train": 48, "validation": 8, "test": 8}
+  sizes = sizes or {"train": 48, "validation": 8, "test": 8}
   records = {}
   for dataset, splits in layout.DATASETS.items():
     for split in splits:

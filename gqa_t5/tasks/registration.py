@@ -24,10 +24,35 @@ def tokenize_and_trim() -> list:
   return [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
 
 
+class Task(seqio.Task):
+  """A seqio.Task that never caches its source in memory (`try_in_mem_cache` is ignored).
+
+  seqio caches the raw records of any split with fewer than 10,000 examples in memory
+  (`ds.cache()` before the preprocessors), which pays only when the whole split is read, and
+  more than once. Here it almost never is: training stops after N steps, the probes and the
+  teacher-forced losses read their first batches, seqio.Evaluator takes its first
+  `num_examples` (and keeps a cache of its own of just those). Each such partial read made
+  tf.data discard the half-filled cache and print `cache_dataset_ops.cc ... did not fully read
+  the dataset being cached` (about 70 lines per `gqa-t5 reproduce` run, issue 21).
+
+  The cache only memoises the source's records (the preprocessors run after it), so where the
+  source yields the same records in the same order on every pass (the demo data's files; any
+  single pass, as every evaluation is) the examples and batches are the same without it. A
+  TFDS source that shuffles its files may now order them differently from the second epoch on
+  (the cache replayed the first epoch's order); only a split under seqio's threshold was
+  cached, and on a pod that threshold is 10,000 examples times the number of hosts.
+  """
+
+  def get_dataset(self, *args, try_in_mem_cache: bool = False, **kwargs):
+    del try_in_mem_cache  # Mixture.get_dataset passes True: refused for every caller.
+    return super().get_dataset(*args, try_in_mem_cache=False, **kwargs)
+
+
 def add_task(name: str, **task_kwargs) -> seqio.Task:
-  """Registers `name`, replacing an earlier registration of that name."""
+  """Registers `name` (a `Task`: no in-memory cache), replacing an earlier registration of
+  that name."""
   seqio.TaskRegistry.remove(name)
-  return seqio.TaskRegistry.add(name, **task_kwargs)
+  return seqio.TaskRegistry.add(name, task_cls=Task, **task_kwargs)
 
 
 def add_span_corruption_task(name: str, source: seqio.DataSource,
