@@ -88,8 +88,8 @@ class _DropPrefixes(logging.Filter):
 def quiet_logs() -> None:
   """Loads TensorFlow (if installed) with its CUDA probing silenced and its GPUs hidden (the
   data pipeline runs on the host; JAX keeps the accelerators), and filters seqio's advice."""
-  # TF's C++ INFO and WARNING lines (e.g. tf.data's partial-cache notice on eval splits); its
-  # errors still show.
+  # TF's C++ INFO and WARNING lines; its errors still show. (tf.data's partial-cache notice came
+  # through even so in the main job; tasks/registration.py removes its cause instead.)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   # libtpu installed only to compile for TPUs (the `tpu` extra): no TPU probing, no warnings.
   tpu_topology.hide_absent_tpu()
