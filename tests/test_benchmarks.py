@@ -124,7 +124,9 @@ def test_cpu_shapes_are_issue_23s_model_at_inputs_512_and_2048():
             config.num_decoder_layers, config.num_encoder_layers, config.vocab_size) == (
                 512, 8, 64, 1024, 6, 6, 32128)
     assert str(config.dtype) == "float32" and kv_heads == [8, 4, 2, 1]
-    run, _ = decode.run_shape(args, config, kv_heads, 0)
+    request = decode.request_from_args(args, parser)
+    assert request.shape_name == shape and request.kv_heads == (8, 4, 2, 1)
+    run, _ = decode.run_shape(request, 0)
     assert (run.batch, run.input_length, run.output_length) == (8, input_length, 128)
   # On the long shape the cross-attention keys/values are most of an MHA step's bytes.
   step = perf_model.decode_step_bytes(config.replace(num_kv_heads=None), 8, 2048, 128)
@@ -133,6 +135,13 @@ def test_cpu_shapes_are_issue_23s_model_at_inputs_512_and_2048():
   args, parser = decode.parse_args(["--shape", "CPU", "--layers", "2"])
   config, kv_heads = decode.build_config(args, parser)
   assert config.num_decoder_layers == 2 and config.num_heads == 8
+  # ... and the run is no longer the named shape: the shape's start-up targets do not apply.
+  assert args.shape_name == "custom (from CPU)"
+  results = {"shape": args.shape_name, "startup": {
+      "cache_warm": False, "process_start_to_first_timed_step_s": 1e6, "compile_first_s": 0.0}}
+  assert decode_report.checks(results, args) == []
+  results["shape"] = "L"
+  assert [c["passed"] for c in decode_report.checks(results, args)] == [False]
 
 
 def test_a_long_encoder_is_timed_once_a_short_one_best_of_repeats():
