@@ -284,26 +284,17 @@ ffi::Error ThreadCountImpl(ffi::ThreadPool pool, ffi::ResultBuffer<ffi::S32> cou
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5GroupedLogits, GroupedLogitsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// The three products' signature: the intra-op thread pool, two float32 operands, one result.
+#define GQA_T5_PRODUCT_BINDING                                            \
+  ffi::Ffi::Bind()                                                        \
+      .Ctx<ffi::ThreadPool>()                                             \
+      .Arg<ffi::Buffer<ffi::F32>>()                                       \
+      .Arg<ffi::Buffer<ffi::F32>>()                                       \
+      .Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5GroupedContext, GroupedContextImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5RowsMatmul, RowsMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5GroupedLogits, GroupedLogitsImpl, GQA_T5_PRODUCT_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5GroupedContext, GroupedContextImpl, GQA_T5_PRODUCT_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5RowsMatmul, RowsMatmulImpl, GQA_T5_PRODUCT_BINDING);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5ThreadCount, ThreadCountImpl,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Ret<ffi::Buffer<ffi::S32>>());
