@@ -4,11 +4,13 @@ Reference-vs-fast: every product the kernels compute is compared with the einsum
 stands in for, on shapes that reach every code path (one row, odd rows, key lengths and widths
 that leave tails, leading batch dims, vmap), gradients included; and each test first checks that
 the compiled CPU program really calls the kernel, so none of them can pass on the fallback. The
+builds for narrower instruction sets than this CPU's (AVX2, scalar) are compiled and compared too. The
 same programs lowered for TPU or GPU contain no custom call. A decode with the kernels gives the
 einsum path's logits and tokens. A missing compiler falls back with one warning, or is an error
 when the kernels are required.
 """
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -40,10 +42,12 @@ def _random(rng, *shape):
   return jnp.asarray(rng.standard_normal(shape).astype(np.float32))
 
 
-# (B, K, R, S, H): MHA's one row, GQA's few, MQA's many, tails of S (not a multiple of 4) and
-# of H (not a multiple of 64 or 32), the largest row count the kernels take.
+# (B, K, R, S, H): MHA's one row, GQA's few, MQA's many, tails of S (not a multiple of 4, past a
+# 64-key block) and of R (not a multiple of 8, 4 or 2), H a multiple of 64, of 32 only, of 16
+# only and of 8 only (each tile width of the kernels), the largest row count the kernels take.
 ATTENTION_SHAPES = [(2, 4, 1, 12, 64), (3, 2, 2, 7, 8), (1, 1, 8, 33, 16), (2, 3, 5, 9, 24),
-                    (2, 1, 64, 130, 40), (8, 4, 2, 512, 64)]
+                    (2, 1, 64, 130, 40), (8, 4, 2, 512, 64), (1, 2, 6, 70, 64), (2, 1, 3, 5, 32),
+                    (1, 2, 9, 66, 48)]
 
 
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES)
@@ -60,10 +64,11 @@ def test_attention_products_match_the_einsums(shape):
                              jnp.einsum("bkrs,bksh->bkrh", weights, keys), rtol=1e-5, atol=2e-6)
 
 
-# (x's shape, F): one row, a few, tails of F (not a multiple of 8) and of D (not of 4), a
+# (x's shape, F): one row, a few, tails of F (not a multiple of 8 or 16, past a 256-column
+# block), of D (not a multiple of 4 or 8) and of the rows (not of 2 or 4), the most rows, a
 # decode step's [B, 1, D], the logits' width.
-DENSE_SHAPES = [((1, 8), 16), ((3, 24), 40), ((16, 66), 17), ((2, 1, 24), 40), ((8, 512), 1000),
-                ((4, 1, 64), 32128)]
+DENSE_SHAPES = [((1, 8), 16), ((3, 24), 40), ((16, 66), 17), ((2, 1, 24), 40), ((5, 20), 300),
+                ((64, 44), 530), ((8, 512), 1000), ((4, 1, 64), 32128)]
 
 
 @pytest.mark.parametrize("x_shape,features", DENSE_SHAPES)
@@ -73,6 +78,50 @@ def test_dense_matches_the_dot(x_shape, features):
   assert _calls_kernel(products.dense, x, kernel)
   np.testing.assert_allclose(jax.jit(products.dense)(x, kernel), jnp.dot(x, kernel),
                              rtol=1e-5, atol=1e-4)
+
+
+# The narrower instruction sets' builds (this machine's own build is the one tested above): the
+# compiler flags that remove AVX-512, and AVX/AVX2/FMA as well (the portable scalar code).
+NARROWER_BUILDS = {"avx2": ("-mno-avx512f",),
+                   "scalar": ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-avx")}
+
+
+@pytest.fixture(scope="module")
+def narrower_targets(tmp_path_factory):
+  """{build: {product: FFI target name}}: each build compiled here and registered under its own
+  names, so its tiles run whatever this CPU's own build uses."""
+  compiler = cpu_kernels._compiler()
+  targets = {}
+  for name, flags in NARROWER_BUILDS.items():
+    path = tmp_path_factory.mktemp(name) / "cpu_kernels.so"
+    cpu_kernels.build(compiler, path, extra_flags=flags)
+    library = ctypes.cdll.LoadLibrary(str(path))
+    targets[name] = {}
+    for product in ("logits", "context", "dense"):
+      symbol = cpu_kernels.TARGETS[product]
+      targets[name][product] = f"{symbol}_{name}"
+      jax.ffi.register_ffi_target(f"{symbol}_{name}", jax.ffi.pycapsule(getattr(library, symbol)),
+                                  platform="cpu")
+  return targets
+
+
+@pytest.mark.parametrize("build", sorted(NARROWER_BUILDS))
+def test_narrower_instruction_set_builds_match_the_einsums(narrower_targets, build):
+  call = lambda product, out, *args: jax.ffi.ffi_call(
+      narrower_targets[build][product], jax.ShapeDtypeStruct(out, jnp.float32))(*args)
+  rng = np.random.default_rng(7)
+  for b, k, r, s, h in ATTENTION_SHAPES:
+    rows, keys = _random(rng, b * k, r, h), _random(rng, b * k, s, h)
+    weights = jax.nn.softmax(_random(rng, b * k, r, s), axis=-1)
+    np.testing.assert_allclose(call("logits", (b * k, r, s), rows, keys),
+                               jnp.einsum("prh,psh->prs", rows, keys), rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(call("context", (b * k, r, h), weights, keys),
+                               jnp.einsum("prs,psh->prh", weights, keys), rtol=1e-5, atol=2e-6)
+  for x_shape, features in DENSE_SHAPES:
+    x = _random(rng, int(np.prod(x_shape[:-1])), x_shape[-1])
+    kernel = _random(rng, x_shape[-1], features)
+    np.testing.assert_allclose(call("dense", (x.shape[0], features), x, kernel),
+                               jnp.dot(x, kernel), rtol=1e-5, atol=1e-4)
 
 
 def test_gradients_are_the_einsums_gradients():

@@ -4,13 +4,20 @@
 // gqa_t5/model/products.py for grouped decode steps on a CPU. Why they exist (issue 23): with
 // G = N/K >= 2 query rows per key/value head, XLA:CPU runs the two products as batched matrix
 // products with 2-8 rows at a quarter of the memory bandwidth, so a GQA decode step was slower
-// than MHA's although it reads fewer bytes. These kernels read each cached key and value once
-// per row (from L1/L2 after the first row of a head) with every row's FMAs in registers.
+// than MHA's although it reads fewer bytes. These kernels read each cached key and value from
+// memory once, by one thread, for all the query rows of its head, with the rows' accumulators
+// in registers.
 //
 // The third, RowsMatmul, is a decode step's dense projections (queries, keys, values, output,
 // MLP, logits: x [M, D] with M = B*T a few rows): XLA:CPU packs the whole weight matrix for a
 // general matrix product, so those ran at a third of the bandwidth; this one streams each weight
-// once, 16 columns at a time, with the rows' accumulators in registers.
+// once, a few rows at a time along their columns, for all rows of x.
+//
+// Each has three builds of its inner tiles, chosen at compile time by what -march=native offers:
+// AVX-512 (16 lanes: the rows' tiles share each loaded key, value or weight vector; the
+// fastest of the forms measured for issue 23), AVX2/FMA (8 lanes) and portable scalar code.
+// tests/test_cpu_kernels.py reaches every tile and tail of this machine's build, and compiles
+// and checks the narrower builds too.
 //
 // Shapes (row-major; leading dims folded into P = B*K, as products.py passes them):
 //   GroupedLogits:  rows [P, R, H], keys [P, S, H]      -> logits  [P, R, S]
@@ -146,27 +153,134 @@ inline void MatmulQuad(const float* x, const float* w, float* y, int64_t m, int6
 }
 #endif  // GQA_T5_AVX2
 
+#if defined(__AVX512F__)
+// y[m : m + MB, n0 : n1] += x[m : m + MB, d : d + 8] @ w[d : d + 8, n0 : n1] for n1 - n0 a
+// multiple of 16: eight weight rows stream past the rows' 8*MB broadcast x values. The first row
+// block (`prefetch`) also asks for the next eight weight rows into L2, so the next pass finds
+// them there; later row blocks read these weights from L1.
+template <int MB>
+inline void MatmulOctet512(const float* x, const float* w, float* y, int64_t m, int64_t d,
+                           int64_t n0, int64_t n1, int64_t D, int64_t N, bool prefetch) {
+  __m512 a[MB][8];
+  for (int i = 0; i < MB; ++i) {
+    for (int e = 0; e < 8; ++e) a[i][e] = _mm512_set1_ps(x[(m + i) * D + d + e]);
+  }
+  const float* w0 = w + d * N;
+  for (int64_t n = n0; n < n1; n += 16) {
+    __m512 v[8];
+    for (int e = 0; e < 8; ++e) v[e] = _mm512_loadu_ps(w0 + e * N + n);
+    if (prefetch && d + 16 <= D) {
+      for (int e = 0; e < 8; ++e) _mm_prefetch(reinterpret_cast<const char*>(w0 + (8 + e) * N + n), _MM_HINT_T1);
+    }
+    for (int i = 0; i < MB; ++i) {
+      float* yr = y + (m + i) * N + n;
+      __m512 acc = _mm512_loadu_ps(yr);
+      for (int e = 0; e < 8; ++e) acc = _mm512_fmadd_ps(a[i][e], v[e], acc);
+      _mm512_storeu_ps(yr, acc);
+    }
+  }
+}
+#endif  // __AVX512F__
+
+#if defined(__AVX512F__)
+// [sum(a), sum(b), sum(c), sum(d)] of four 16-lane vectors.
+inline __m128 Sum4x16(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const auto halves = [](__m512 x) {
+    return _mm256_add_ps(_mm512_castps512_ps256(x),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  };
+  return Sum4(halves(a), halves(b), halves(c), halves(d));
+}
+
+// logits[i, s + j] for rows i < RB and keys j < 4 (H a multiple of 16): 4*RB accumulators; the
+// four keys are loaded once per 16 lanes for all RB rows.
+template <int RB>
+inline void LogitsTile512(const float* q, const float* k, float* out, int64_t H, int64_t S) {
+  __m512 acc[RB][4];
+  for (int i = 0; i < RB; ++i) {
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t h = 0; h < H; h += 16) {
+    __m512 kv[4];
+    for (int j = 0; j < 4; ++j) kv[j] = _mm512_loadu_ps(k + j * H + h);
+    for (int i = 0; i < RB; ++i) {
+      const __m512 qv = _mm512_loadu_ps(q + i * H + h);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(qv, kv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    _mm_storeu_ps(out + i * S, Sum4x16(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+  }
+}
+
+// context[i, 0 : 16*HB] = sum_s w[i, s] * v[s, 0 : 16*HB] for rows i < RB: RB*HB accumulators;
+// each value vector is loaded once for all RB rows.
+template <int RB, int HB>
+inline void ContextTile512(const float* w, const float* v, float* out, int64_t S, int64_t H) {
+  __m512 acc[RB][HB];
+  for (int i = 0; i < RB; ++i) {
+    for (int j = 0; j < HB; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    __m512 vv[HB];
+    for (int j = 0; j < HB; ++j) vv[j] = _mm512_loadu_ps(v + s * H + 16 * j);
+    for (int i = 0; i < RB; ++i) {
+      const __m512 a = _mm512_set1_ps(w[i * S + s]);
+      for (int j = 0; j < HB; ++j) acc[i][j] = _mm512_fmadd_ps(a, vv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RB; ++i) {
+    for (int j = 0; j < HB; ++j) _mm512_storeu_ps(out + i * H + 16 * j, acc[i][j]);
+  }
+}
+
+// Columns [0, 16*HB) of every row's context, rows in blocks of up to 16/HB.
+template <int HB>
+void ContextRows512(const float* w, const float* v, float* out, int64_t R, int64_t S, int64_t H) {
+  int64_t r = 0;
+  if constexpr (HB <= 2) {
+    for (; r + 8 <= R; r += 8) ContextTile512<8, HB>(w + r * S, v, out + r * H, S, H);
+  }
+  for (; r + 4 <= R; r += 4) ContextTile512<4, HB>(w + r * S, v, out + r * H, S, H);
+  for (; r + 2 <= R; r += 2) ContextTile512<2, HB>(w + r * S, v, out + r * H, S, H);
+  for (; r < R; ++r) ContextTile512<1, HB>(w + r * S, v, out + r * H, S, H);
+}
+#endif  // __AVX512F__
+
 // Columns [n0, n1) of y = x @ w, accumulated in y (M x (n1 - n0) floats, in L1/L2). The weight
-// is read four rows at a time along their contiguous columns: four sequential streams, which
-// this kind of CPU prefetches; walking a register tile down the rows instead (N floats apart)
-// ran at a third of the bandwidth.
+// is read a few rows at a time along their contiguous columns: sequential streams, which this
+// kind of CPU prefetches; walking a register tile down the rows instead (N floats apart) ran at
+// a third of the bandwidth. With AVX-512, eight rows of 16 columns at a time (the fastest of the
+// variants measured for issue 23: 1.7x the AVX2 form at batch 8); else four rows of 8 columns.
 void MatmulColumns(const float* x, const float* w, float* y, int64_t M, int64_t D, int64_t N,
                    int64_t n0, int64_t n1) {
   for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + n0, y + m * N + n1, 0.0f);
   int64_t d = 0;
-#ifdef GQA_T5_AVX2
-  const int64_t vector_end = n0 + (n1 - n0) / 8 * 8;
+  int64_t vector_end = n0;
+#if defined(__AVX512F__)
+  vector_end = n0 + (n1 - n0) / 16 * 16;
+  for (; d + 8 <= D; d += 8) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) MatmulOctet512<4>(x, w, y, m, d, n0, vector_end, D, N, m == 0);
+    for (; m < M; ++m) MatmulOctet512<1>(x, w, y, m, d, n0, vector_end, D, N, m == 0);
+  }
+#elif defined(GQA_T5_AVX2)
+  vector_end = n0 + (n1 - n0) / 8 * 8;
   for (; d + 4 <= D; d += 4) {
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) MatmulQuad<2>(x, w, y, m, d, n0, vector_end, D, N);
     for (; m < M; ++m) MatmulQuad<1>(x, w, y, m, d, n0, vector_end, D, N);
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t j = vector_end; j < n1; ++j) {
-        for (int64_t e = d; e < d + 4; ++e) y[m * N + j] += x[m * D + e] * w[e * N + j];
-      }
-    }
   }
 #endif
+  // What the vector loops left: columns past the last full vector for the rows they covered,
+  // then every column of the remaining rows.
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = vector_end; j < n1; ++j) {
+      float acc = y[m * N + j];
+      for (int64_t e = 0; e < d; ++e) acc += x[m * D + e] * w[e * N + j];
+      y[m * N + j] = acc;
+    }
+  }
   for (; d < D; ++d) {
     for (int64_t m = 0; m < M; ++m) {
       const float a = x[m * D + d];
@@ -181,22 +295,29 @@ float Dot(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
-// Rows r0 (and r0 + 1 when `pair`) of one key/value head's logits, streaming all S keys.
-void LogitsRows(const float* q, const float* k, float* out, int64_t r0, bool pair, int64_t S,
-                int64_t H) {
-  int64_t s = 0;
-#ifdef GQA_T5_AVX2
-  for (; s + 4 <= S; s += 4) {
-    if (pair) {
-      LogitsTile2x4(q + r0 * H, k + s * H, out + r0 * S + s, H, S);
-    } else {
-      LogitsTile1x4(q + r0 * H, k + s * H, out + r0 * S + s, H);
+// Logits of all R rows of one key/value head for keys [s0, s1): each group of four keys is read
+// from memory once and stays in L1 while every row's tile uses it.
+void LogitsKeys(const float* q, const float* k, float* out, int64_t R, int64_t S, int64_t H,
+                int64_t s0, int64_t s1) {
+  int64_t s = s0;
+#if defined(__AVX512F__)
+  if (H % 16 == 0) {
+    for (; s + 4 <= s1; s += 4) {
+      int64_t r = 0;
+      for (; r + 4 <= R; r += 4) LogitsTile512<4>(q + r * H, k + s * H, out + r * S + s, H, S);
+      for (; r < R; ++r) LogitsTile512<1>(q + r * H, k + s * H, out + r * S + s, H, S);
     }
   }
 #endif
-  for (; s < S; ++s) {
-    out[r0 * S + s] = Dot(q + r0 * H, k + s * H, H);
-    if (pair) out[(r0 + 1) * S + s] = Dot(q + (r0 + 1) * H, k + s * H, H);
+#ifdef GQA_T5_AVX2
+  for (; s + 4 <= s1; s += 4) {
+    int64_t r = 0;
+    for (; r + 2 <= R; r += 2) LogitsTile2x4(q + r * H, k + s * H, out + r * S + s, H, S);
+    if (r < R) LogitsTile1x4(q + r * H, k + s * H, out + r * S + s, H);
+  }
+#endif
+  for (; s < s1; ++s) {
+    for (int64_t r = 0; r < R; ++r) out[r * S + s] = Dot(q + r * H, k + s * H, H);
   }
 }
 
@@ -229,10 +350,12 @@ ffi::Error GroupedLogitsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> rows,
   const float* q = rows.typed_data();
   const float* k = keys.typed_data();
   float* out = logits->typed_data();
-  const int64_t pairs = (R + 1) / 2;  // items: (head, row pair), the last maybe a single row
-  ParallelFor(pool, P * pairs, [&](int64_t item) {
-    const int64_t p = item / pairs, r0 = (item % pairs) * 2;
-    LogitsRows(q + p * R * H, k + p * S * H, out + p * R * S, r0, r0 + 1 < R, S, H);
+  // Items: (head, block of 64 keys): every key read from memory once, by one thread.
+  constexpr int64_t kKeys = 64;
+  const int64_t blocks = (S + kKeys - 1) / kKeys;
+  ParallelFor(pool, P * blocks, [&](int64_t item) {
+    const int64_t p = item / blocks, s0 = (item % blocks) * kKeys;
+    LogitsKeys(q + p * R * H, k + p * S * H, out + p * R * S, R, S, H, s0, std::min(S, s0 + kKeys));
   });
   return ffi::Error::Success();
 }
@@ -251,6 +374,24 @@ ffi::Error GroupedContextImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight
   const float* w = weights.typed_data();
   const float* v = values.typed_data();
   float* out = context->typed_data();
+#if defined(__AVX512F__)
+  // Items: (head, 16*HB columns of the head dim) with every row: each value read from memory
+  // once, by one thread. HB = 4 (the whole of H = 64) while four rows' accumulators fit.
+  const int hb = H % 64 == 0 && R <= 4 ? 4 : H % 32 == 0 ? 2 : H % 16 == 0 ? 1 : 0;
+  if (hb > 0) {
+    const int64_t chunks = H / (16 * hb);
+    ParallelFor(pool, P * chunks, [&](int64_t item) {
+      const int64_t p = item / chunks, h0 = (item % chunks) * 16 * hb;
+      const float* wp = w + p * R * S;
+      const float* vp = v + p * S * H + h0;
+      float* op = out + p * R * H + h0;
+      if (hb == 4) ContextRows512<4>(wp, vp, op, R, S, H);
+      if (hb == 2) ContextRows512<2>(wp, vp, op, R, S, H);
+      if (hb == 1) ContextRows512<1>(wp, vp, op, R, S, H);
+    });
+    return ffi::Error::Success();
+  }
+#endif
   ParallelFor(pool, P * R, [&](int64_t item) {  // items: (head, row)
     const int64_t p = item / R, r = item % R;
     ContextRowAll(w + (p * R + r) * S, v + p * S * H, out + (p * R + r) * H, S, H);
@@ -269,9 +410,8 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  // Items: column blocks, four per thread (at least 256 columns: long sequential runs).
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t block = std::max<int64_t>(256, (N / (4 * threads) + 7) / 8 * 8);
+  // Items: column blocks of 256 (1 KiB runs of each weight row; the block of y stays in L1).
+  const int64_t block = 256;
   ParallelFor(pool, (N + block - 1) / block, [&](int64_t item) {
     const int64_t n0 = item * block;
     MatmulColumns(xp, wp, yp, M, D, N, n0, std::min(N, n0 + block));

@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 
@@ -98,14 +98,16 @@ def library_path(compiler: str) -> Path:
   return cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
 
 
-def build(compiler: str, path: Path) -> None:
+def build(compiler: str, path: Path, extra_flags: Sequence[str] = ()) -> None:
   """Compiles the source to `path` (temporary name, then rename); raises with the compiler's
-  output on failure."""
+  output on failure. `extra_flags` follow -march=native (tests build the narrower instruction
+  sets' tiles with them, e.g. -mno-avx512f)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
   os.close(fd)
   try:
-    command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    command = [compiler, *_FLAGS, *extra_flags, f"-I{jax.ffi.include_dir()}", str(SOURCE),
+               "-o", tmp]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
       raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n"
