@@ -81,6 +81,10 @@ def check(name: str, passed: bool, detail: str) -> Dict[str, Any]:
 
 
 def print_checks(checks: List[Dict[str, Any]]) -> None:
+  """The benchmark's targets, PASS or FAIL each. They are reports: a benchmark's exit status
+  does not depend on them (a target may not apply to this machine), and the header says so."""
+  if checks:
+    print("targets (reported for information; the exit status does not depend on them):")
   for item in checks:
     print(f"{'PASS' if item['passed'] else 'FAIL'}  {item['name']}: {item['detail']}")
 

@@ -243,9 +243,7 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
   parent, name = os.path.split(path)
   with _deferred_signals():
     tmp = _make_temporary(parent, name, "tmp", path)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint should not be
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint should not be
     try:
       yield tmp
       raise_if_interrupted()  # asked to stop: do not publish
@@ -253,6 +251,13 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
+
+
+def _umask() -> int:
+  """The process's umask (reading it means setting it: set back at once)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return umask
 
 
 @contextlib.contextmanager
@@ -265,6 +270,7 @@ def open_for_keeps(path: os.PathLike, mode: str = "w", **open_kwargs) -> Iterato
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                              dir=directory)
   try:
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; open() would not
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f
       f.flush()
