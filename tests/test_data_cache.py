@@ -76,7 +76,7 @@ def test_no_partial_cache_warning(partial_dir):
   env = fx.subprocess_env()
   env["TF_CPP_MIN_LOG_LEVEL"] = "0"  # TF's warnings shown, as they were in the runs
   result = subprocess.run([fx.PYTHON, "-c", SCRIPT, str(partial_dir)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   control, rest = result.stderr.split("=== seqio-cache done\n")
   project, _ = rest.split("=== project done\n")

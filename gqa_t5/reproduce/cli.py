@@ -141,7 +141,7 @@ def _prepare_data(args) -> Path:
     if args.no_prepare:
       layout.require_complete(data_dir)  # raises, saying what to run
     print(f"demo data missing in {data_dir}: preparing it first (gqa-t5 prepare-demo-data; "
-          f"36 s on a quiet 2-core CPU, download included)")
+          f"36-51 s on a quiet 2-core CPU, download included)")
     prepare.prepare(data_dir)
   return data_dir
 

@@ -197,8 +197,9 @@ _register(ReproducePreset(
     name="quick",
     description="The README's main job: every stage on real text with a small model and few "
                 "steps; its quality numbers are close to noise.",
-    time_figure=("12.9 min + 36 s demo-data preparation, measured on a quiet 2-core x86-64 "
-                 "CPU with a fresh compilation cache"),
+    time_figure=("5.6-12.9 min + 36-51 s demo-data preparation on a quiet 2-core x86-64 CPU "
+                 "with a fresh compilation cache (5.6 min on two cores, 12.9 on two hardware "
+                 "threads of one core)"),
     model=small_model(emb_dim=128, num_heads=8, head_dim=16, mlp_dim=256, layers=2),
     pretrain_steps=200, pretrain_batch=16, pretrain_inputs_length=64,
     pretrain_warmup_steps=100,
@@ -214,7 +215,8 @@ _register(ReproducePreset(
     name="mini",
     description="A model and step counts large enough to compare the variants, with the "
                 "run-to-run noise measured.",
-    time_figure="33 min + 36 s demo-data preparation, measured on a quiet 2-core x86-64 CPU",
+    time_figure=("25-33 min + 36-51 s demo-data preparation on a quiet 2-core x86-64 CPU (25.2 "
+                 "min on two cores, 33 on two hardware threads of one core)"),
     model=small_model(emb_dim=128, num_heads=8, head_dim=16, mlp_dim=384, layers=2),
     pretrain_steps=1200, pretrain_batch=16, pretrain_inputs_length=96,
     pretrain_warmup_steps=200,
