@@ -76,6 +76,18 @@ def test_progress_lines_count_stages_and_bound_the_eta():
   assert lines[-1].startswith("stage 3/3 c (expected ~30 s)")
 
 
+def test_a_resumed_runs_eta_counts_only_the_stages_left():
+  lines = []
+  bar = progress.Progress([("a", 10.0), ("b", 20.0), ("c", 30.0)], log=lines.append,
+                          finished_before=["a", "b", "not-in-the-plan"])
+  assert bar.expected_left() == 30.0  # one stage left: its time, not the whole plan's
+  bar.begin("a", cached=True)
+  assert lines[-1].endswith("ETA 30 s")
+  bar.end("a", 0.0, cached=True)
+  bar.begin("b")  # finished before but stale: it runs after all and counts again
+  assert lines[-1].endswith("ETA 50 s")
+
+
 def test_steady_throughput_leaves_the_compile_out(tmp_path):
   # 100 tokens a step from step 0; the first step took 10 s (compile), then 1 s a step.
   records = []

@@ -4,13 +4,15 @@ The plan (every stage's name and expected seconds) is known before the first sta
 ETA is the expected time of the stages left, scaled by how the stages run so far compared with
 their expectations (cached stages count as taking no time, and the scale only applies once a
 stage has really run, so the first estimate is the plain expectation, not an extrapolation
-from a compile-heavy first step).
+from a compile-heavy first step). Stages a resumed run finds finished on disk count as cached
+from the start (`finished_before`): a run with one stage left expects that one stage, not the
+whole plan; one of them that turns out stale (its inputs changed) is counted again when it runs.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 from gqa_t5.reproduce.pipeline import estimate
 
@@ -18,13 +20,15 @@ from gqa_t5.reproduce.pipeline import estimate
 class Progress:
   """Counts stages against `plan` ([(name, expected seconds)]) and prints a line per stage."""
 
-  def __init__(self, plan: List[Tuple[str, float]], log: Callable[[str], None] = print):
+  def __init__(self, plan: List[Tuple[str, float]], log: Callable[[str], None] = print,
+               finished_before: Iterable[str] = ()):
     self.plan = plan
     self.expected: Dict[str, float] = dict(plan)
     self.index = {name: i for i, (name, _) in enumerate(plan)}
     self.log = log
     self.start = time.perf_counter()
     self.done: Dict[str, float] = {}       # name -> seconds it took now (0 when cached)
+    self.finished_before = set(finished_before) & set(self.expected)  # likely cached
     self.ran_expected = 0.0                 # expectation of the stages that really ran
     self.ran_actual = 0.0
 
@@ -41,11 +45,17 @@ class Progress:
     # Bounded, so one slow first stage cannot make the ETA absurd.
     return min(max(self.ran_actual / self.ran_expected, 0.25), 4.0)
 
+  def expected_left(self) -> float:
+    """Expected seconds of the stages neither done nor finished before this run."""
+    return sum(s for name, s in self.plan
+               if name not in self.done and name not in self.finished_before)
+
   def eta(self) -> float:
-    left = sum(s for name, s in self.plan if name not in self.done)
-    return left * self._scale()
+    return self.expected_left() * self._scale()
 
   def begin(self, name: str, cached: bool = False) -> None:
+    if not cached:
+      self.finished_before.discard(name)  # stale: it runs after all
     i = self.index.get(name)
     position = f"{i + 1}/{self.total}" if i is not None else f"?/{self.total}"
     expected = self.expected.get(name, 0.0)

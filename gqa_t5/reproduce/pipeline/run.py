@@ -109,11 +109,20 @@ class Pipeline:
         self.vocabulary.vocab_size)
     marker = Path(self.data_dir) / layout.MARKER
     self.data = {"fingerprint": hashlib.sha256(marker.read_bytes()).hexdigest()[:16]}
+    progress = self.store.progress = self._new_progress()
+    total = estimate.format_seconds(progress.expected_left())
+    finished = len(progress.finished_before)
+    before = (f" ({finished} finished by an earlier run: cached unless their inputs changed)"
+              if finished else "")
+    self.options.log(f"{progress.total} stages{before}, expected ~{total} on "
+                     f"{self.machine.name} (estimate.py); stated for this preset: "
+                     f"{self.preset.time_figure}")
+
+  def _new_progress(self) -> progress_lib.Progress:
+    """The stage counter of the current plan; stages a run finished before count as cached."""
     expected = self.expected_seconds()
-    self.store.progress = progress_lib.Progress(expected, log=self.options.log)
-    total = estimate.format_seconds(sum(seconds for _, seconds in expected))
-    self.options.log(f"{len(expected)} stages, expected ~{total} on {self.machine.name} "
-                     f"(estimate.py); stated for this preset: {self.preset.time_figure}")
+    finished = [name for name, _ in expected if self.store.finished(name) is not None]
+    return progress_lib.Progress(expected, log=self.options.log, finished_before=finished)
 
   def _config(self, kv_heads: Optional[int], dropout: float = 0.0) -> T5Config:
     return variants.variant_config(self.model, self.vocab_size, kv_heads, dropout)
@@ -216,7 +225,7 @@ class Pipeline:
     self.vocab_size = result["vocab_size"]
     self.table = stage_table.stage_table(self.preset, self.num_heads)
     old = self.store.progress
-    self.store.progress = progress_lib.Progress(self.expected_seconds(), log=self.options.log)
+    self.store.progress = self._new_progress()
     self.store.progress.done.update(old.done)
     self.store.progress.start = old.start
 
