@@ -11,6 +11,7 @@ from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.paper_scale import checks
 from gqa_t5.reproduce.paper_scale import dry_run
 from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
+from gqa_t5.reproduce.paper_scale import tpu_timing
 from gqa_t5.reproduce.pipeline import variants
 
 
@@ -84,3 +85,17 @@ def test_a_checkpoint_that_does_not_fit_is_reported():
   with pytest.raises(checks.DryRunError, match="does not match the configured model"):
     checks.check_conversion(spec, config.replace(emb_dim=1024, num_heads=16, head_dim=64,
                                                       mlp_dim=2816, num_kv_heads=8), params)
+
+
+def test_timing_runs_add_rows_to_the_committed_ones(tmp_path):
+  setup, chip = {"chips": 8}, {"name": "v4"}
+  row = lambda name, axis, v: {"name": name, "model_axis": axis, "value": v}
+  earlier = {"setup": setup, "chip": chip,
+             "rows": [row("MHA-Large", 8, 1), row("MQA-XXL", 8, 2), row("MHA-XXL", 8, 3)]}
+  new = {"setup": setup, "chip": chip, "rows": [row("MQA-XXL", 4, 4), row("MQA-XXL", 8, 5)]}
+  rows = tpu_timing.merged(earlier, new)["rows"]
+  # Redone rows replaced, others kept; by model axis, then in the paper's variant order.
+  assert [(r["name"], r["model_axis"], r["value"]) for r in rows] == [
+      ("MQA-XXL", 4, 4), ("MHA-Large", 8, 1), ("MHA-XXL", 8, 3), ("MQA-XXL", 8, 5)]
+  # Another set-up: nothing is kept from the earlier run.
+  assert tpu_timing.merged({**earlier, "setup": {"chips": 4}}, new) == new

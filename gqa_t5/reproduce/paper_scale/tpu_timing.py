@@ -289,9 +289,28 @@ def figure6(result: Dict, path: str) -> None:
   plt.close(fig)
 
 
+def merged(previous: Optional[Dict], result: Dict) -> Dict:
+  """`result` with the rows of `previous` it does not redo (another variant or model axis),
+  when both were computed for the same set-up and chip; rows by model axis, then variant."""
+  if not previous or (previous.get("setup"), previous.get("chip")) != (result["setup"],
+                                                                        result["chip"]):
+    return result
+  done = {(r["name"], r["model_axis"]) for r in result["rows"]}
+  rows = [r for r in previous["rows"] if (r["name"], r["model_axis"]) not in done]
+  order = {v.name: i for i, v in enumerate(variants())}
+  rows = sorted(rows + result["rows"], key=lambda r: (r["model_axis"], order.get(r["name"], 99)))
+  return {**result, "rows": rows}
+
+
 def write(out: str, result: Dict) -> None:
+  """timing.json, timing.md and fig6.png in `out`, keeping the rows an earlier run wrote there
+  for other variants or model axes (the full set is hours of compiles: runs add to it)."""
   os.makedirs(out, exist_ok=True)
-  atomic.write_text(os.path.join(out, "timing.json"), json.dumps(result, indent=1))
+  path = os.path.join(out, "timing.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      result = merged(json.load(f), result)
+  atomic.write_text(path, json.dumps(result, indent=1))
   chip = perf_model.TPU_V4
   text = ["# Table 1 and Fig. 6 from TPU v4 compiled programs", "",
           "Written by `gqa-t5 compile --timing --out DIR` (see "
