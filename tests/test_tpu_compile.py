@@ -4,10 +4,13 @@ sharded over the model axis when K is a multiple of it, replicated otherwise), a
 decode step reads fewer bytes as K falls. Skips where libtpu is not installed.
 
 Also the pure parts that need no libtpu: the fit verdict and the compiler-error parsing of
-gqa_t5/aot.py, the slice table, the job selection and the performance model's train-step time.
+gqa_t5/aot.py, the slice table, the job selection, the performance model's train-step time and
+the report that merges compiles made on several machines.
 """
 
 import importlib.util
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,7 @@ from gqa_t5.reproduce.paper_scale import compile as compile_lib
 from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
 from gqa_t5.reproduce.paper_scale import tpu_timing
 
+REPO = Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU,
                                   reason="libtpu is not installed (pip install -e '.[tpu]')")
@@ -44,6 +48,17 @@ def test_slices_count_chips_and_wrap_from_a_full_cube():
   assert tpu_topology.get_slice("v4-128").wraps == (True,) * 3
   with pytest.raises(ValueError, match="unknown TPU slice 'v5-8'.*v4-256"):
     tpu_topology.get_slice("v5-8")
+
+
+def test_a_report_keeps_its_rows_and_this_machines_compiles_supersede_them(tmp_path):
+  committed = json.loads((REPO / "results" / "paper_tpu_v4" / "compile_jobs.json").read_text())
+  first, second = committed[0], committed[1]
+  recompiled = dict(first, compile_seconds=first["compile_seconds"] + 1.0)
+  (tmp_path / "one.json").write_text(json.dumps(recompiled))
+  results = compile_lib.cached_results(str(tmp_path), earlier=[first, second])
+  assert sorted(r.name for r in results) == sorted([first["name"], second["name"]])
+  (again,) = [r for r in results if r.name == first["name"]]
+  assert again.compile_seconds == recompiled["compile_seconds"]   # the newer compile wins
 
 
 @pytest.mark.parametrize("message, needed", [

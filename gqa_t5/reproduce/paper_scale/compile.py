@@ -330,14 +330,18 @@ def compile_all(jobs: List[jobs_lib.Job], compiler: JobCompiler,
   return results
 
 
-def cached_results(cache_dir: str) -> List[CompiledJob]:
-  """Every result compiled into `cache_dir` so far (each setting `--search` tried, too), in
-  job order, then by peak memory."""
+def cached_results(cache_dir: str, earlier: Sequence[Dict[str, Any]] = ()) -> List[CompiledJob]:
+  """Every result compiled into `cache_dir` so far (each setting `--search` tried, too), after
+  the `earlier` ones (a report's compile_jobs.json, possibly from another machine), in job
+  order, then by peak memory."""
   latest: Dict[str, CompiledJob] = {}
+  records = list(earlier)
   # Oldest first, so a job and setting compiled again (its program changed) keeps the newest.
   for path in sorted(Path(cache_dir).glob("*.json"), key=lambda p: p.stat().st_mtime):
     with open(path) as f:
-      result = CompiledJob.from_dict(json.load(f))
+      records.append(json.load(f))
+  for record in records:
+    result = CompiledJob.from_dict(record)
     result.cached = True
     latest[json.dumps([result.name, result.settings], sort_keys=True)] = result
   results = list(latest.values())
@@ -375,7 +379,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                            "micro-batch setting (by the performance model) that fits")
   parser.add_argument("--from-cache", action="store_true",
                       help="compile nothing: report every job and setting compiled into "
-                           "--cache-dir so far (with --out, as compile_jobs.md/.json)")
+                           "--cache-dir so far (with --out, as compile_jobs.md/.json, added to "
+                           "what that report already holds)")
   parser.add_argument("--timing", action="store_true",
                       help="compile the decode programs of Table 1 / Fig. 6 instead of the jobs")
   parser.add_argument("--model-axes", default=",".join(map(str, tpu_timing.MODEL_AXES)),
@@ -395,7 +400,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.timing:
       return _timing(args)
     if args.from_cache:
-      results = cached_results(args.cache_dir)
+      # With --out, the report there keeps what it had; this machine's compiles supersede it.
+      report = os.path.join(args.out, "compile_jobs.json") if args.out else ""
+      earlier = []
+      if report and os.path.exists(report):
+        with open(report) as f:
+          earlier = json.load(f)
+      results = cached_results(args.cache_dir, earlier)
       for result in results:
         print(line(result))
       if args.out:
