@@ -24,7 +24,7 @@ REFERENCE = {
         {"id": "d", "verdict": "held", "numbers": {"share": 0.5}},
         {"id": "c", "verdict": "did not hold", "numbers": {"gqa_shortfall": 0.1}},
     ],
-    "preset": {"timing_batch": 8, "name": "quick"},
+    "preset": {"timing_batch": 8, "name": "quick", "time_figure": "5.6-12.9 min"},
     "machine": {"cpu_count": 2},
     "wall_seconds": 250.0,
 }
@@ -60,6 +60,7 @@ def _edit(path, value):
     # prose and paths are not compared
     (("claims", 0, "evidence"), "other words", False, False),
     (("variants", 0, "finetune", "model_dir"), "/elsewhere", False, False),
+    (("preset", "time_figure"), "13 min", False, False),  # a stated time, not a result
 ])
 def test_what_differs_and_what_is_information(path, value, fails, measured):
   result = compare.compare(_edit(path, value), REFERENCE)

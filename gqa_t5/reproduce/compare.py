@@ -8,8 +8,8 @@ position), in three kinds:
             one machine, so these must agree within `RTOL` (relative) / `ATOL` (absolute); a
             different CPU or library build may move the last digits, never more.
   labels    strings that are results (verdicts, labels, methods): must be equal. Prose
-            (`evidence`, `statement`, descriptions) is not compared: its numbers are compared
-            where they live.
+            (`evidence`, `statement`, descriptions, the preset's stated time) is not compared:
+            its numbers are compared where they live.
   measured  wall-clock times, throughputs, bandwidths, roofline fractions, MFU, the machine,
             claim (c)'s verdicts (they need the speed) and claim (d) (judged on times): they
             differ from machine to machine, so they are listed as information and never fail
@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 RTOL = 1e-4
 ATOL = 1e-6
-_PROSE = re.compile(r"(evidence|statement|description|model_dir|data_fingerprint)$")
+_PROSE = re.compile(r"(evidence|statement|description|time_figure|model_dir|data_fingerprint)$")
 _MEASURED_LEAF = re.compile(r"(seconds|^time_per|_time_per|tokens_per_second|roofline_fraction"
                             r"|roofline_here|bandwidth|^measured$|^mfu$|^cached$)")
 _MEASURED_SECTIONS = ("machine", "stages")
