@@ -254,7 +254,16 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
 
 
 def _umask() -> int:
-  """The process's umask (reading it means setting it: set back at once)."""
+  """The process's umask. Linux reports it in /proc without changing it; elsewhere reading it
+  means setting it and setting it back, a moment in which another thread's new file would get
+  no umask at all."""
+  try:
+    with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+      for line in status:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
   umask = os.umask(0)
   os.umask(umask)
   return umask
