@@ -44,10 +44,12 @@ def _random(rng, *shape):
 
 # (B, K, R, S, H): MHA's one row, GQA's few, MQA's many, tails of S (not a multiple of 4, past a
 # 64-key block) and of R (not a multiple of 8, 4 or 2), H a multiple of 64, of 32 only, of 16
-# only and of 8 only (each tile width of the kernels), the largest row count the kernels take.
+# only and of 8 only (each tile width of the kernels), the largest row count the kernels take;
+# one head split into several work items (logits key blocks, context column chunks) whose
+# context sums run over several 128-key blocks, and 512-key logits blocks with a short last one.
 ATTENTION_SHAPES = [(2, 4, 1, 12, 64), (3, 2, 2, 7, 8), (1, 1, 8, 33, 16), (2, 3, 5, 9, 24),
                     (2, 1, 64, 130, 40), (8, 4, 2, 512, 64), (1, 2, 6, 70, 64), (2, 1, 3, 5, 32),
-                    (1, 2, 9, 66, 48)]
+                    (1, 2, 9, 66, 48), (1, 1, 5, 301, 64), (2, 2, 8, 1030, 64)]
 
 
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES)
@@ -64,11 +66,14 @@ def test_attention_products_match_the_einsums(shape):
                              jnp.einsum("bkrs,bksh->bkrh", weights, keys), rtol=1e-5, atol=2e-6)
 
 
-# (x's shape, F): one row, a few, tails of F (not a multiple of 8 or 16, past a 256-column
-# block), of D (not a multiple of 4 or 8) and of the rows (not of 2 or 4), the most rows, a
-# decode step's [B, 1, D], the logits' width.
+# (x's shape, F): one row, a few, tails of F (not a multiple of 8 or 16, past a column block),
+# of D (not a multiple of 4 or 8) and of the rows (not of 2 or 4), the most rows, a decode
+# step's [B, 1, D], the logits' width; weights split into row ranges whose partial sums are
+# added (D of 128 and more, over 64K entries), with a range not a multiple of eight rows and
+# two column blocks.
 DENSE_SHAPES = [((1, 8), 16), ((3, 24), 40), ((16, 66), 17), ((2, 1, 24), 40), ((5, 20), 300),
-                ((64, 44), 530), ((8, 512), 1000), ((4, 1, 64), 32128)]
+                ((64, 44), 530), ((8, 512), 1000), ((4, 1, 64), 32128), ((3, 203), 403),
+                ((64, 136), 1030)]
 
 
 @pytest.mark.parametrize("x_shape,features", DENSE_SHAPES)
