@@ -20,12 +20,14 @@ of `cpu_kernels.cc`:
     every K alike, so the step time follows the bytes.
   - dense with at most MAX_KERNEL_ROWS rows (x's leading dims): XLA's general matrix product
     packs the whole weight for a few rows; the kernel streams it once.
-Longer products (the encoder, prefill, training) are real matrix products that XLA's GEMMs run
-well, and stay einsums.
+Longer products (the encoder, prefill, training at length) are real matrix products that XLA's
+GEMMs run well, and stay einsums.
 
-The kernels' gradient is the einsum's, so they never change what training computes, and they
-match the einsums to float32 rounding (tests/test_cpu_kernels.py). GQA_T5_CPU_KERNELS=0 runs the
-einsums everywhere (`cpu_kernels.py`).
+Under differentiation a product is the einsum forward and backward (`_forward_only`), so the
+kernels never change what training computes, even at sequence lengths short enough for them: a
+run trains the same on every CPU, whichever instruction set its kernels were built for. Outside
+it (decoding, evaluation) they match the einsums to float32 rounding (tests/test_cpu_kernels.py).
+GQA_T5_CPU_KERNELS=0 runs the einsums everywhere (`cpu_kernels.py`).
 """
 
 from __future__ import annotations
@@ -102,14 +104,15 @@ def _ffi_dense(x, kernel):
   return y.reshape(x.shape[:-1] + kernel.shape[1:])                     # [..., F]
 
 
-def _with_einsum_gradient(kernel, einsum):
-  """`kernel` forward, the einsum's vector-Jacobian product backward."""
+def _forward_only(kernel, einsum):
+  """`kernel` where nothing differentiates the product; under differentiation the einsum, forward
+  (the primal a gradient step uses) and backward (its vector-Jacobian product)."""
   wrapped = jax.custom_vjp(kernel)
-  wrapped.defvjp(lambda a, b: (kernel(a, b), (a, b)),
+  wrapped.defvjp(lambda a, b: (einsum(a, b), (a, b)),
                  lambda saved, grad: jax.vjp(einsum, *saved)[1](grad))
   return wrapped
 
 
-_kernel_logits = _with_einsum_gradient(_ffi_logits, _einsum_logits)
-_kernel_context = _with_einsum_gradient(_ffi_context, _einsum_context)
-_kernel_dense = _with_einsum_gradient(_ffi_dense, jnp.dot)
+_kernel_logits = _forward_only(_ffi_logits, _einsum_logits)
+_kernel_context = _forward_only(_ffi_context, _einsum_context)
+_kernel_dense = _forward_only(_ffi_dense, jnp.dot)
