@@ -22,6 +22,28 @@ TokensToLogits = Callable[[jnp.ndarray, Cache], Tuple[jnp.ndarray, Cache]]
 NEG_INF = -1.0e7
 
 
+def argmax_last(x: jnp.ndarray, width: int = 128) -> jnp.ndarray:
+  """`jnp.argmax(x, axis=-1)` for x [B, V]: the index of the first maximum, a NaN counting as
+  the maximum (a row with a NaN and no +inf gives its first NaN). Two short reductions: the max
+  of each block of `width` entries, then the first block holding the overall max and the first
+  maximum inside it. XLA:CPU runs argmax's paired (value, index) reduction one element at a
+  time: 0.38 ms per step over T5's 32,128 logits at batch 8, against 0.05 ms this way, for every
+  K alike (issue 23); on other backends it costs one more small reduction."""
+  batch, vocab = x.shape
+  pad = (-vocab) % width
+  if pad:
+    x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+  blocks = x.reshape(batch, -1, width)                                  # [B, V/W, W]
+  # XLA:CPU's max may skip a NaN; a block's sum never does. A NaN sum (a NaN, or +inf beside
+  # -inf) makes the block's max +inf, and inside it a NaN counts as +inf.
+  block_max = jnp.where(jnp.isnan(jnp.sum(blocks, axis=-1)), jnp.inf,
+                        jnp.max(blocks, axis=-1))                       # [B, V/W]
+  block = jnp.argmax(block_max, axis=-1)                                # [B]
+  inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [B, W]
+  inside = jnp.where(jnp.isnan(inside), jnp.inf, inside)
+  return block * width + jnp.argmax(inside, axis=-1)                    # [B]
+
+
 class SamplingState(NamedTuple):
   step: jnp.ndarray            # scalar: tokens produced so far
   sequences: jnp.ndarray       # [B, L] produced tokens (0 after EOS)
@@ -69,7 +91,7 @@ def temperature_sample(cache: Cache, tokens_to_logits: TokensToLogits, batch_siz
 
   def choose(logits, rng):
     if temperature == 0.0:
-      return jnp.argmax(logits, axis=-1)
+      return argmax_last(logits)
     scaled = logits / temperature
     if topk:
       kth = jax.lax.top_k(scaled, topk)[0][..., -1:]

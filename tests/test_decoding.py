@@ -178,3 +178,20 @@ def test_decoding_stops_at_eos_and_pads_after_it(model_and_params):
       ended += 1
       assert np.all(row[hits[0] + 1:] == 0)
   assert ended >= 1
+
+
+@pytest.mark.parametrize("vocab", [1, 127, 128, 300, 32128])
+def test_argmax_last_is_jnp_argmax(vocab):
+  """The greedy step's blocked argmax picks jnp.argmax's index: random rows, a tie (the first
+  maximum wins, across blocks too), a NaN (with no +inf in its row), a row of -inf, a vocabulary
+  not a multiple of 128."""
+  rng = np.random.default_rng(vocab)
+  x = rng.standard_normal((6, vocab)).astype(np.float32)
+  x[1, :] = 0.0                                        # every entry a tie: index 0
+  x[2, vocab // 2] = x[2, -1] = 50.0                   # tie across blocks: the first
+  x[3, :] = -np.inf
+  x[4, vocab // 3] = np.nan
+  x[5, -1] = 60.0                                      # the maximum in a padded last block
+  got = jax.jit(decoding.argmax_last)(jnp.asarray(x))
+  np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))
+  assert got[5] == vocab - 1 and got[1] == 0
