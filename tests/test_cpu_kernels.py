@@ -66,6 +66,21 @@ def test_attention_products_match_the_einsums(shape):
                              jnp.einsum("bkrs,bksh->bkrh", weights, keys), rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_softmax_matches_jax(shape):
+  """Rows of logits with a masked tail (finfo.min, as the core masks) and a large spread, so the
+  exponential's whole range and the tails of 16 lanes are reached."""
+  b, k, r, s, _ = shape
+  rng = np.random.default_rng(sum(shape))
+  logits = np.asarray(_random(rng, b, k, r, s)) * 30.0
+  logits[..., s - s // 3:] = np.finfo(np.float32).min
+  logits = jnp.asarray(logits)
+  assert _calls_kernel(products.softmax, logits)
+  got = jax.jit(products.softmax)(logits)
+  np.testing.assert_allclose(got, jax.nn.softmax(logits, axis=-1), rtol=2e-6, atol=1e-9)
+  assert np.all(np.asarray(got)[..., s - s // 3:] == 0.0)
+
+
 # (x's shape, F): one row, a few, tails of F (not a multiple of 8 or 16, past a column block),
 # of D (not a multiple of 4 or 8) and of the rows (not of 2 or 4), the most rows, a decode
 # step's [B, 1, D], the logits' width; weights split into row ranges whose partial sums are
@@ -102,7 +117,7 @@ def narrower_targets(tmp_path_factory):
     cpu_kernels.build(compiler, path, extra_flags=flags)
     library = ctypes.cdll.LoadLibrary(str(path))
     targets[name] = {}
-    for product in ("logits", "context", "dense"):
+    for product in ("logits", "context", "dense", "softmax"):
       symbol = cpu_kernels.TARGETS[product]
       targets[name][product] = f"{symbol}_{name}"
       jax.ffi.register_ffi_target(f"{symbol}_{name}", jax.ffi.pycapsule(getattr(library, symbol)),
@@ -122,6 +137,9 @@ def test_narrower_instruction_set_builds_match_the_einsums(narrower_targets, bui
                                jnp.einsum("prh,psh->prs", rows, keys), rtol=1e-5, atol=2e-5)
     np.testing.assert_allclose(call("context", (b * k, r, h), weights, keys),
                                jnp.einsum("prs,psh->prh", weights, keys), rtol=1e-5, atol=2e-6)
+    logits = _random(rng, b * k, r, s) * 30.0
+    np.testing.assert_allclose(call("softmax", (b * k, r, s), logits),
+                               jax.nn.softmax(logits, axis=-1), rtol=2e-6, atol=1e-9)
   for x_shape, features in DENSE_SHAPES:
     x = _random(rng, int(np.prod(x_shape[:-1])), x_shape[-1])
     kernel = _random(rng, x_shape[-1], features)
@@ -130,8 +148,8 @@ def test_narrower_instruction_set_builds_match_the_einsums(narrower_targets, bui
 
 
 def test_under_differentiation_the_products_are_the_einsums():
-  """Value and gradient bit for bit the einsums' (so training never depends on the kernels),
-  while the same call outside differentiation runs the kernel."""
+  """Value and gradient bit for bit the einsums' and jax's softmax (so training never depends
+  on the kernels), while the same call outside differentiation runs the kernel."""
   rng = np.random.default_rng(0)
   rows, keys = _random(rng, 2, 2, 4, 16), _random(rng, 2, 2, 9, 16)
   x, kernel = _random(rng, 3, 16), _random(rng, 16, 24)
@@ -144,7 +162,9 @@ def test_under_differentiation_the_products_are_the_einsums():
       (products.logits, lambda a, b: jnp.einsum("bkrh,bksh->bkrs", a, b), (rows, keys)),
       (products.context, lambda a, b: jnp.einsum("bkrs,bksh->bkrh", a, b),
        (jax.nn.softmax(_random(rng, 2, 2, 4, 9)), keys)),
-      (products.dense, jnp.dot, (x, kernel))]:
+      (products.dense, jnp.dot, (x, kernel)),
+      (lambda a, _: products.softmax(a), lambda a, _: jax.nn.softmax(a, axis=-1),
+       (_random(rng, 2, 2, 4, 9), keys))]:
     assert _calls_kernel(fn, *args)
     ours, theirs = loss(fn, ref)
     got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(*args)

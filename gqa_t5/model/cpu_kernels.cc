@@ -27,6 +27,8 @@
 // R = G*T query rows per key/value head, S key length, H head dim (a multiple of 8).
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -394,6 +396,59 @@ void ContextRowAll(const float* w, const float* v, float* out, int64_t S, int64_
   }
 }
 
+#if defined(__AVX512F__)
+// exp(x) for 16 lanes of x <= 0, to about 2 ulp: x = n*ln2 + r (ln2 split in two so n*ln2 is
+// exact), e^r by its degree-6 Taylor polynomial on |r| <= ln2/2, times 2^n by scalef. x is first
+// raised to -110, where e^x is already 0 in float32, so a masked key's huge negative logit
+// cannot turn the reduction into garbage.
+inline __m512 Exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-110.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif  // __AVX512F__
+
+// y = softmax(x) of one row of S floats: the max, exp(x - max) with its sum, then 1/sum times
+// each, the row staying in L1 between the passes.
+void SoftmaxRow(const float* x, float* y, int64_t S) {
+  int64_t s = 0;
+  float max = -std::numeric_limits<float>::infinity();
+#if defined(__AVX512F__)
+  __m512 vmax = _mm512_set1_ps(max);
+  for (; s + 16 <= S; s += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(x + s));
+  max = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; s < S; ++s) max = std::max(max, x[s]);
+  s = 0;
+  float sum = 0.0f;
+#if defined(__AVX512F__)
+  const __m512 shift = _mm512_set1_ps(max);
+  __m512 vsum = _mm512_setzero_ps();
+  for (; s + 16 <= S; s += 16) {
+    const __m512 e = Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + s), shift));
+    _mm512_storeu_ps(y + s, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#endif
+  for (; s < S; ++s) {
+    y[s] = std::exp(x[s] - max);
+    sum += y[s];
+  }
+  const float scale = 1.0f / sum;
+  for (s = 0; s < S; ++s) y[s] *= scale;
+}
+
 }  // namespace
 
 ffi::Error GroupedLogitsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> rows,
@@ -468,6 +523,26 @@ ffi::Error GroupedContextImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight
   return ffi::Error::Success();
 }
 
+ffi::Error SoftmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  if (xd.size() < 1 || xd[xd.size() - 1] < 1) {
+    return ffi::Error::InvalidArgument("Softmax: x [..., S] with S >= 1 expected");
+  }
+  const int64_t S = xd[xd.size() - 1];
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < xd.size(); ++i) rows *= xd[i];
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  // Items: blocks of rows, about 64 KiB each, so a short row is not a task of its own.
+  const int64_t per_item = std::max<int64_t>(1, 16384 / S);
+  ParallelFor(pool, (rows + per_item - 1) / per_item, [&](int64_t item) {
+    const int64_t r1 = std::min(rows, (item + 1) * per_item);
+    for (int64_t r = item * per_item; r < r1; ++r) SoftmaxRow(xp + r * S, yp + r * S, S);
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
@@ -531,6 +606,11 @@ ffi::Error ThreadCountImpl(ffi::ThreadPool pool, ffi::ResultBuffer<ffi::S32> cou
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5GroupedLogits, GroupedLogitsImpl, GQA_T5_PRODUCT_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5GroupedContext, GroupedContextImpl, GQA_T5_PRODUCT_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5RowsMatmul, RowsMatmulImpl, GQA_T5_PRODUCT_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5Softmax, SoftmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GqaT5ThreadCount, ThreadCountImpl,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Ret<ffi::Buffer<ffi::S32>>());
