@@ -1,4 +1,5 @@
-// The grouped attention core's two products as XLA:CPU custom calls (jax.ffi), float32.
+// A CPU decode step's products (and its attention softmax) as XLA:CPU custom calls (jax.ffi),
+// float32.
 //
 // Built on first use by gqa_t5/model/cpu_kernels.py (g++ -O3 -march=native) and called by
 // gqa_t5/model/products.py for grouped decode steps on a CPU. Why they exist (issue 23): with
@@ -14,9 +15,14 @@
 // once, a few rows at a time along their columns, for all rows of x, each thread reading its own
 // contiguous range of the weight's rows.
 //
+// The fourth, Softmax, is the softmax between the two attention products in such a step: XLA's
+// max, exp, sum and divide over the logits cost 0.5 ms of a step at 2,048 keys, for every K
+// alike; this one makes one pass over each row while it sits in L1.
+//
 // Each has three builds of its inner tiles, chosen at compile time by what -march=native offers:
 // AVX-512 (16 lanes: the rows' tiles share each loaded key, value or weight vector; the
-// fastest of the forms measured for issue 23), AVX2/FMA (8 lanes) and portable scalar code.
+// fastest of the forms measured for issue 23), AVX2/FMA (8 lanes; Softmax: scalar) and portable
+// scalar code.
 // tests/test_cpu_kernels.py reaches every tile and tail of this machine's build, and compiles
 // and checks the narrower builds too.
 //
@@ -24,6 +30,7 @@
 //   GroupedLogits:  rows [P, R, H], keys [P, S, H]      -> logits  [P, R, S]
 //   GroupedContext: weights [P, R, S], values [P, S, H] -> context [P, R, H]
 //   RowsMatmul:     x [M, D], w [D, N]                   -> y [M, N]
+//   Softmax:        x [..., S]                           -> y [..., S]  (over S)
 // R = G*T query rows per key/value head, S key length, H head dim (a multiple of 8).
 
 #include <algorithm>
