@@ -22,9 +22,10 @@ of `cpu_kernels.cc`:
     every K alike, so the step time follows the bytes.
   - dense with at most MAX_KERNEL_ROWS rows (x's leading dims): XLA's general matrix product
     packs the whole weight for a few rows; the kernel streams it once.
-  - softmax where the logits and context are kernels: XLA's max, exp, sum and divide over the
-    logits took 0.5 ms of a step at 2,048 keys (the same for every K), the kernel one pass over
-    each row in L1.
+  - softmax over at most MAX_KERNEL_ROWS rows per key/value head (a decode step's; always
+    float32, whatever the model's dtype): XLA's max, exp, sum and divide over the logits took
+    0.5 ms of a step at 2,048 keys (the same for every K), the kernel one pass over each row in
+    L1.
 Longer products (the encoder, prefill, training at length) are real matrix products that XLA's
 GEMMs run well, and stay einsums.
 
