@@ -119,7 +119,7 @@ def test_the_gpu_preset_runs_every_stage_in_the_planned_order(smoke_run):
     assert set(v.scores) == set(presets.TASKS)
     assert 0.0 <= v.average <= 100.0
     assert v.loss > 0.0 and v.start_loss > 0.0 and v.time_per_sample > 0.0
-  assert sorted(int(k) for k in results.timing["kv_heads"]) == [1, 2, 4, 8]
+  assert results.timing.ks() == [1, 2, 4, 8]
   rows = results.paper_timing.rows
   assert list(rows) == ["MHA-Large", "MQA-XXL", "GQA-8-XXL", "MHA-XXL"]
   assert rows["MHA-XXL"].paper == 1.51 and rows["MHA-XXL"].roofline_tpu > 0.0
@@ -127,8 +127,8 @@ def test_the_gpu_preset_runs_every_stage_in_the_planned_order(smoke_run):
   stage = json.loads((out / "work" / "stages" / "finetune-mqa-mean-a0-s0" /
                       "STAGE.json").read_text())
   assert stage["result"]["step"] == SMOKE.pretrain_steps + SMOKE.finetune_steps
-  assert {c["id"] for c in results.claims} == {"a", "b", "c", "d"}
-  assert all(c["tolerance"] for c in results.claims)
+  assert {c.id for c in results.claims} == {"a", "b", "c", "d"}
+  assert all(c.tolerance for c in results.claims)
   table = (out / "table1.md").read_text()
   assert table.startswith("# Table 1, reproduced at `gpu-smoke` scale")
   assert "T_infer at the paper's shapes" in table and "| MHA-XXL |" in table

@@ -73,7 +73,13 @@ PAPER_LIKE_TIMES = {1: 1.0, 2: 1.05, 4: 1.2, 8: 2.0}
 
 
 def verdicts(results):
-  return {c["id"]: c["verdict"] for c in results.claims}
+  return {c.id: c.verdict for c in results.claims}
+
+
+def _check(claim, measure):
+  """A claim's verdict on a cross-check measure, or None where it has none."""
+  check = claim.checks.get(measure)
+  return None if check is None else check.verdict
 
 
 def test_paper_like_numbers_hold_every_claim():
@@ -83,14 +89,14 @@ def test_paper_like_numbers_hold_every_claim():
                                "d": claims.HELD}
   # The loss moves with quality here, so the loss verdicts agree.
   assert results.noise.loss == pytest.approx(0.01)
-  assert [c.get("loss_verdict") for c in results.claims] == [claims.HELD] * 3 + [None]
-  assert [c.get("start_loss_verdict") for c in results.claims] == [claims.HELD] * 3 + [None]
-  a = next(c for c in results.claims if c["id"] == "a")
+  assert [_check(c, "loss") for c in results.claims] == [claims.HELD] * 3 + [None]
+  assert [_check(c, "start_loss") for c in results.claims] == [claims.HELD] * 3 + [None]
+  a = next(c for c in results.claims if c.id == "a")
   assert ("Straight after conversion, before uptraining: mean 6.50, first 7.25, random 9.00 "
-          "(MHA before conversion: 3.50)") in a["start_loss_evidence"]
+          "(MHA before conversion: 3.50)") in a.checks["start_loss"].evidence
   assert results.mha.loss == pytest.approx(7.0)
-  b = next(c for c in results.claims if c["id"] == "b")
-  assert b["numbers"]["recovered_share"] == pytest.approx(0.8)
+  b = next(c for c in results.claims if c.id == "b")
+  assert b.numbers["recovered_share"] == pytest.approx(0.8)
   assert [v.short_label for v in results.headline] == ["MHA", "MQA", "GQA-2", "GQA-4"]
 
 
@@ -104,7 +110,7 @@ def test_contrary_numbers_fail_the_claims():
   v = verdicts(results)
   assert v == {"a": claims.NOT_HELD, "b": claims.NOT_HELD, "c": claims.NOT_HELD,
                "d": claims.NOT_HELD}
-  assert [c.get("loss_verdict") for c in results.claims][:3] == [claims.NOT_HELD] * 3
+  assert [_check(c, "loss") for c in results.claims][:3] == [claims.NOT_HELD] * 3
 
 
 def test_differences_within_noise_are_inconclusive():
@@ -113,8 +119,8 @@ def test_differences_within_noise_are_inconclusive():
   results = synthetic(q, PAPER_LIKE_TIMES, noise_seed_shift=0.5)
   assert verdicts(results)["a"] == claims.WITHIN_NOISE
   assert results.noise.average == pytest.approx(0.5)
-  a = next(c for c in results.claims if c["id"] == "a")
-  assert a["numbers"]["mean"] - a["numbers"]["first"] == pytest.approx(0.05)
+  a = next(c for c in results.claims if c.id == "a")
+  assert a.numbers["mean"] - a.numbers["first"] == pytest.approx(0.05)
 
 
 def test_scores_at_the_floor_decide_nothing():
@@ -125,24 +131,24 @@ def test_scores_at_the_floor_decide_nothing():
   assert max(v.average for v in results.variants) < claims.FLOOR
   assert claims.floor_note(results) in markdown.report_markdown(results)
   # The loss still decides.
-  assert [c["loss_verdict"] for c in results.claims[:3]] == [claims.HELD] * 3
+  assert [_check(c, "loss") for c in results.claims[:3]] == [claims.HELD] * 3
 
 
 def test_no_lead_of_mha_leaves_nothing_to_recover():
   q = paper_like_quality()
   q[(N, "mean", 0.0)] = 19.0  # MHA below MQA at alpha 0
   results = synthetic(q, PAPER_LIKE_TIMES)
-  b = next(c for c in results.claims if c["id"] == "b")
-  assert b["verdict"] == claims.NOT_HELD
-  assert b["numbers"]["mha"] < b["numbers"]["mqa"]["0.0"]  # no lead of MHA to recover
-  assert b["numbers"]["recovered_share"] is None
+  b = next(c for c in results.claims if c.id == "b")
+  assert b.verdict == claims.NOT_HELD
+  assert b.numbers["mha"] < b.numbers["mqa"]["0.0"]  # no lead of MHA to recover
+  assert b.numbers["recovered_share"] is None
 
 
 def test_time_that_falls_with_more_groups_breaks_claim_d():
   results = synthetic(paper_like_quality(), {1: 1.0, 2: 0.8, 4: 1.2, 8: 2.0})
   assert verdicts(results)["d"] == claims.NOT_HELD
-  d = next(c for c in results.claims if c["id"] == "d")
-  assert d["numbers"]["times"] == {"1": 1.0, "2": 0.8, "4": 1.2, "8": 2.0}
+  d = next(c for c in results.claims if c.id == "d")
+  assert d.numbers["times"] == {"1": 1.0, "2": 0.8, "4": 1.2, "8": 2.0}
 
 
 def test_without_a_noise_measurement_the_minis_measured_noise_is_used(tmp_path):
@@ -151,9 +157,9 @@ def test_without_a_noise_measurement_the_minis_measured_noise_is_used(tmp_path):
   results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES)
   results.noise = run_results.Noise()
   results.claims = claims.evaluate_claims(results)
-  a = next(c for c in results.claims if c["id"] == "a")
-  assert a["tolerance"] == "seed noise 0.81, the mini preset's measured seed noise"
-  assert a["loss_tolerance"] == "seed noise 0.03, the mini preset's measured seed noise"
+  a = next(c for c in results.claims if c.id == "a")
+  assert a.tolerance == "seed noise 0.81, the mini preset's measured seed noise"
+  assert a.checks["loss"].tolerance == "seed noise 0.03, the mini preset's measured seed noise"
   assert "Not measured at this preset" in markdown.report_markdown(results)
 
 
@@ -165,7 +171,7 @@ def test_the_default_noise_is_the_noise_the_committed_mini_run_measured():
 
 
 def _claim(results, claim_id):
-  return next(c for c in results.claims if c["id"] == claim_id)
+  return next(c for c in results.claims if c.id == claim_id)
 
 
 # The verdict rules of docs/REPRODUCE.md: (mean - first, first - random) differences of average
@@ -188,7 +194,7 @@ def test_verdict_rules_table(mean_minus_first, first_minus_random, noise, verdic
   if noise is None:
     results.noise = run_results.Noise()
     results.claims = claims.evaluate_claims(results)
-  assert _claim(results, "a")["verdict"] == verdict
+  assert _claim(results, "a").verdict == verdict
 
 
 def test_close_to_mha_needs_a_lead_of_mha_over_mqa_beyond_the_noise():
@@ -196,11 +202,11 @@ def test_close_to_mha_needs_a_lead_of_mha_over_mqa_beyond_the_noise():
   q[(N, "mean", 0.0)] = 28.0   # MHA does not lead MQA (28.0 at alpha 0.05)
   results = synthetic(q, PAPER_LIKE_TIMES, noise_seed_shift=0.5)
   c = _claim(results, "c")
-  assert c["verdict"] == claims.WITHIN_NOISE
-  assert "no gap for GQA to close" in c["evidence"]
+  assert c.verdict == claims.WITHIN_NOISE
+  assert "no gap for GQA to close" in c.evidence
   # A GQA that is slow is still "did not hold": its speed is not within any noise.
   slow = synthetic(q, {1: 1.0, 2: 1.9, 4: 1.95, 8: 2.0}, noise_seed_shift=0.5)
-  assert _claim(slow, "c")["verdict"] == claims.NOT_HELD
+  assert _claim(slow, "c").verdict == claims.NOT_HELD
 
 
 def _png_size(path):
@@ -283,9 +289,9 @@ def test_bad_presets_are_refused():
 def test_a_fall_inside_the_timing_tolerance_is_within_noise_not_held():
   # K=4 slightly slower than K=8 (MHA): the shape holds only inside the 5% tolerance.
   results = synthetic(paper_like_quality(), {1: 1.0, 2: 1.02, 4: 2.02, 8: 2.0})
-  d = next(c for c in results.claims if c["id"] == "d")
-  assert d["verdict"] == claims.WITHIN_NOISE
-  assert d["tolerance"] == "timing differences under 5% count as equal"
+  d = next(c for c in results.claims if c.id == "d")
+  assert d.verdict == claims.WITHIN_NOISE
+  assert d.tolerance == "timing differences under 5% count as equal"
   text = markdown.report_markdown(results)
   assert "**inconclusive (within noise)** (tolerance: timing differences under 5% count as equal)" in text
   assert "(tolerance: seed noise 0.10, measured in this run)" in text  # quality verdicts too

@@ -198,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
   results = run_lib.Pipeline(options).run()
   print(f"\n{out}/REPORT.md:")
   for claim in results.claims:
-    print(f"  ({claim['id']}) {claim['verdict']} (tolerance: {claim.get('tolerance', '-')}): "
-          f"{claim['statement']}")
+    print(f"  ({claim.id}) {claim.verdict} (tolerance: {claim.tolerance or '-'}): "
+          f"{claim.statement}")
   print(f"{results.wall_seconds / 60:.1f} minutes")
   return 0

@@ -10,7 +10,7 @@ Pure Python.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from gqa_t5.reproduce.report import paper
 from gqa_t5.reproduce.report import run_results as rr
@@ -85,12 +85,12 @@ def _greater(a: float, b: float, noise: float) -> str:
   return "~"
 
 
-def _not_run(claim_id: str, why: str) -> Dict:
-  return {"id": claim_id, "verdict": NOT_RUN, "evidence": why}
+def _not_run(claim_id: str, why: str) -> rr.Claim:
+  return rr.Claim(id=claim_id, verdict=NOT_RUN, evidence=why)
 
 
-def claim_a(results: rr.Results, m: Measure) -> Dict:
-  a = results.preset["method_alpha"]
+def claim_a(results: rr.Results, m: Measure) -> rr.Claim:
+  a = results.preset.method_alpha
   found = {meth: results.find(1, meth, a) for meth in ("mean", "first", "random", "aligned")}
   rows = {meth: v for meth, v in found.items() if m.score(v) is not None}
   needed = [meth for meth in ("mean", "first", "random") if meth not in rows]
@@ -113,13 +113,12 @@ def claim_a(results: rr.Results, m: Measure) -> Dict:
     evidence += (" Straight after conversion, before uptraining: " + ", ".join(
         f"{meth} {loss:.2f}" for meth, loss in sorted(converted.items(), key=lambda x: x[1]))
         + " (MHA before conversion: " + fmt(m.raw(results.mha)) + ").")
-  return {"id": "a", "verdict": verdict, "evidence": evidence,
-          "numbers": {meth: m.raw(v) for meth, v in rows.items()}}
+  return rr.Claim(id="a", verdict=verdict, evidence=evidence,
+                  numbers={meth: m.raw(v) for meth, v in rows.items()})
 
 
-def claim_b(results: rr.Results, m: Measure) -> Dict:
-  p = results.preset
-  g, alphas = p["gqa_kv_heads"], p["alphas"]
+def claim_b(results: rr.Results, m: Measure) -> rr.Claim:
+  g, alphas = results.preset.gqa_kv_heads, results.preset.alphas
   mha = m.score(results.mha)
   mqa = [m.score(results.find(1, "mean", a)) for a in alphas]
   gqa = [m.score(results.find(g, "mean", a)) for a in alphas]
@@ -156,15 +155,14 @@ def claim_b(results: rr.Results, m: Measure) -> Dict:
       + f"MQA's improvement from alpha {a1:g} to {a2:g} ({gain2:+.2f}; positive: better) is "
       f"{returns} its improvement from 0 to {a1:g} ({gain1:+.2f}). "
       f"{m.noise_text().capitalize()}.")
-  return {"id": "b", "verdict": verdict, "evidence": evidence,
-          "numbers": {"mqa": dict(zip(map(str, alphas), (raw * x for x in mqa))),
-                      "gqa": dict(zip(map(str, alphas), (raw * x for x in gqa))),
-                      "mha": raw * mha, "recovered_share": recovered}}
+  return rr.Claim(id="b", verdict=verdict, evidence=evidence,
+                  numbers={"mqa": dict(zip(map(str, alphas), (raw * x for x in mqa))),
+                           "gqa": dict(zip(map(str, alphas), (raw * x for x in gqa))),
+                           "mha": raw * mha, "recovered_share": recovered})
 
 
-def claim_c(results: rr.Results, m: Measure) -> Dict:
-  p = results.preset
-  g, a = p["gqa_kv_heads"], p["method_alpha"]
+def claim_c(results: rr.Results, m: Measure) -> rr.Claim:
+  g, a = results.preset.gqa_kv_heads, results.preset.method_alpha
   mha, mqa, gqa = results.mha, results.find(1, "mean", a), results.find(g, "mean", a)
   if None in (m.score(mha), m.score(mqa), m.score(gqa)):
     return _not_run("c", "MQA or GQA was not fine-tuned at this preset")
@@ -195,18 +193,18 @@ def claim_c(results: rr.Results, m: Measure) -> Dict:
       + ("" if has_gap else f"MHA does not lead MQA beyond the noise ({mqa_gap:+.2f}): there is "
                             f"no gap for GQA to close. ")
       + f"{m.noise_text().capitalize()}.")
-  return {"id": "c", "verdict": verdict, "evidence": evidence,
-          "numbers": {"gqa_shortfall": gqa_gap, "mqa_shortfall": mqa_gap,
-                      "speed_share": speed_share}}
+  return rr.Claim(id="c", verdict=verdict, evidence=evidence,
+                  numbers={"gqa_shortfall": gqa_gap, "mqa_shortfall": mqa_gap,
+                           "speed_share": speed_share})
 
 
-def claim_d(results: rr.Results, m: Optional[Measure] = None) -> Dict:
+def claim_d(results: rr.Results, m: Optional[Measure] = None) -> rr.Claim:
   del m  # timing only
-  timing = results.timing["kv_heads"]
-  ks = sorted(int(k) for k in timing)
-  times = [timing[str(k)]["time_per_sample"] for k in ks]
-  g = results.preset["gqa_kv_heads"]
-  t1, tn, tg = times[0], times[-1], timing[str(g)]["time_per_sample"]
+  timing = results.timing
+  ks = timing.ks()
+  times = [timing.of(k).time_per_sample for k in ks]
+  g = results.preset.gqa_kv_heads
+  t1, tn, tg = times[0], times[-1], timing.of(g).time_per_sample
   rises = tn > t1 * (1 + TIME_TOLERANCE)
   monotone = all(b >= a * (1 - TIME_TOLERANCE) for a, b in zip(times, times[1:]))
   share = (tg - t1) / (tn - t1) if tn > t1 else None
@@ -227,34 +225,33 @@ def claim_d(results: rr.Results, m: Optional[Measure] = None) -> Dict:
   evidence += _where_decode_time_goes(timing, ks)
   sim = results.paper_scale_roofline
   if sim:
-    groups = sim["groups_xxl"]
-    gk = sorted(int(k) for k in groups)
-    rise = (groups["8"] - groups["1"]) / (groups[str(gk[-1])] - groups["1"])
+    mha = sim.xxl_groups()[-1]
+    rise = (sim.xxl(8) - sim.xxl(1)) / (sim.xxl(mha) - sim.xxl(1))
     evidence += (f" At paper scale the roofline model predicts 1 -> 8 groups adds {rise:.0%} "
                  f"of the rise to MHA (scripts/simulate_paper_timing.py).")
-  return {"id": "d", "verdict": verdict, "evidence": evidence,
-          "tolerance": f"timing differences under {TIME_TOLERANCE:.0%} count as equal",
-          "numbers": {"times": dict(zip(map(str, ks), times)), "share": share}}
+  return rr.Claim(id="d", verdict=verdict, evidence=evidence,
+                  tolerance=f"timing differences under {TIME_TOLERANCE:.0%} count as equal",
+                  numbers={"times": dict(zip(map(str, ks), times)), "share": share})
 
 
-def _where_decode_time_goes(timing: Dict, ks: List[int]) -> str:
+def _where_decode_time_goes(timing: rr.DecodeTiming, ks: List[int]) -> str:
   """The encoder's share of a sample's time and each K's fraction of the memory roofline."""
-  rows = [timing[str(k)] for k in ks]
-  if not all("encode_time_per_sample" in r and "roofline_fraction" in r for r in rows):
+  rows = [timing.of(k) for k in ks]
+  if any(r.encode_time_per_sample is None or r.roofline_fraction is None for r in rows):
     return ""
-  shares = [r["encode_time_per_sample"] / r["time_per_sample"] for r in rows]
-  fractions = ", ".join(f"K={k}: {r['roofline_fraction']:.2f}" for k, r in zip(ks, rows))
+  shares = [r.encode_time_per_sample / r.time_per_sample for r in rows]
+  fractions = ", ".join(f"K={k}: {r.roofline_fraction:.2f}" for k, r in zip(ks, rows))
   text = (f" The encoder, the same for every K, takes {min(shares):.0%}-{max(shares):.0%} of a "
           f"sample's time; a decode step reaches this fraction of the machine's memory "
           f"roofline: {fractions}.")
-  if rows[0]["roofline_fraction"] < 0.5:
+  if rows[0].roofline_fraction < 0.5:
     text += (" Far from the roofline, a step's time is set by costs other than the bytes that "
              "fewer key/value heads save (on a CPU, at this size: dispatching a step's "
              "many small operations, which costs the same for every K).")
   return text
 
 
-def evaluate_claims(results: rr.Results) -> List[Dict]:
+def evaluate_claims(results: rr.Results) -> List[rr.Claim]:
   """Each claim judged on the average quality; (a)-(c) also on the validation loss."""
   quality = Measure(results, "average")
   extra = [Measure(results, f) for f in ("loss", "start_loss")
@@ -263,16 +260,17 @@ def evaluate_claims(results: rr.Results) -> List[Dict]:
   claims = []
   for fn in (claim_a, claim_b, claim_c, claim_d):
     claim = fn(results, quality)
-    claim["statement"] = paper.CLAIMS[claim["id"]]
-    claim.setdefault("tolerance", quality.tolerance_text())
-    if at_floor and fn is not claim_d and claim["verdict"] not in (NOT_RUN,):
-      claim["verdict"] = AT_FLOOR  # decoded-text scores this low compare nothing
+    claim.statement = paper.CLAIMS[claim.id]
+    if claim.tolerance is None:
+      claim.tolerance = quality.tolerance_text()
+    if at_floor and fn is not claim_d and claim.verdict != NOT_RUN:
+      claim.verdict = AT_FLOOR  # decoded-text scores this low compare nothing
     if fn is not claim_d:
       for m in extra:
         other = fn(results, m)
-        claim[f"{m.field}_verdict"] = other["verdict"]
-        claim[f"{m.field}_tolerance"] = m.tolerance_text()
-        claim[f"{m.field}_evidence"] = other["evidence"]
+        claim.checks[m.field] = rr.CrossCheck(verdict=other.verdict,
+                                              tolerance=m.tolerance_text(),
+                                              evidence=other.evidence)
     claims.append(claim)
   return claims
 

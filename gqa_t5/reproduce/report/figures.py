@@ -35,7 +35,7 @@ def _color(attention: str) -> str:
 
 def _scale_note(results: rr.Results) -> str:
   s = results.scale
-  return (f"{results.preset['name']} preset: {s.params / 1e6:.1f}M params, "
+  return (f"{results.preset.name} preset: {s.params / 1e6:.1f}M params, "
           f"{s.pretrain_steps} pretraining steps, {s.eval_examples} test examples/task")
 
 
@@ -122,7 +122,7 @@ def figure4(results: rr.Results, path: str) -> None:
   for ax, (field, label, noise) in zip(axes[0], panels):
     _points(ax, names, [getattr(r, field) for r in rows], noise, label,
             lower_is_better=field != "average")
-  alpha = results.preset["method_alpha"]
+  alpha = results.preset.method_alpha
   bars = ("error bars: seed noise" if any(noise is not None for _, _, noise in panels)
           else "no error bars: noise not measured at this preset")
   fig.suptitle(f"Figure 4: conversion methods, MQA uptrained alpha={alpha:g}; {bars} "
@@ -147,7 +147,7 @@ def figure5(results: rr.Results, path: str) -> None:
     ax.axhline(getattr(results.mha, field), color=_COLORS["MHA"], ls="--", label="MHA")
     ax.set_xlabel("uptraining proportion alpha")
     ax.set_ylabel(label)
-    ax.set_xticks(results.preset["alphas"])
+    ax.set_xticks(results.preset.alphas)
     ax.legend()
     ax.grid(alpha=0.3)
   fig.suptitle(f"Figure 5: quality vs uptraining proportion -- {_scale_note(results)}",
@@ -163,9 +163,9 @@ def _paper_scale_panel(ax, results: rr.Results) -> None:
   if not sim:
     ax.axis("off")
     return
-  ks = sorted(int(k) for k in sim["groups_xxl"])
-  mha = sim["groups_xxl"][str(ks[-1])]
-  ax.plot(ks, [sim["groups_xxl"][str(k)] / mha for k in ks], "o-", color=_COLORS["GQA"],
+  ks = sim.xxl_groups()
+  mha = sim.xxl(ks[-1])
+  ax.plot(ks, [sim.xxl(k) / mha for k in ks], "o-", color=_COLORS["GQA"],
           label="roofline, 8 TPU v4 (simulate_paper_timing)")
   table = paper.TABLE1
   points = {1: table["MQA-XXL"]["time"], 8: table["GQA-8-XXL"]["time"],
@@ -196,12 +196,11 @@ def figure6(results: rr.Results, path: str) -> None:
   plt = _pyplot()
   fig, (ax, ax_paper) = plt.subplots(1, 2, figsize=(11, 4.2))
   timing = results.timing
-  ks = sorted(int(k) for k in timing["kv_heads"])
   n = results.scale.num_heads
-  groups = [k for k in ks if k < n]
-  times = [timing["kv_heads"][str(k)]["time_per_sample"] * 1e3 for k in groups]
+  groups = [k for k in timing.ks() if k < n]
+  times = [timing.of(k).time_per_sample * 1e3 for k in groups]
   ax.plot(groups, times, "o-", color=_COLORS["GQA"], label="GQA / MQA (K groups)")
-  mha_ms = timing["kv_heads"][str(n)]["time_per_sample"] * 1e3
+  mha_ms = timing.of(n).time_per_sample * 1e3
   ax.axhline(mha_ms, color=_COLORS["MHA"], ls="--", label=f"MHA (K={n})")
   ax.set_xscale("log", base=2)
   ax.set_xticks(groups)
@@ -209,9 +208,9 @@ def figure6(results: rr.Results, path: str) -> None:
   ax.set_ylim(0.0, 1.15 * max(times + [mha_ms]))
   ax.set_xlabel("number of key/value groups K")
   ax.set_ylabel("time per sample (ms)")
-  shape = timing["shape"]
-  ax.set_title(f"This machine, this preset's model: batch {shape['batch']}, input "
-               f"{shape['input_length']}, output {shape['output_length']}", fontsize=9)
+  shape = timing.shape
+  ax.set_title(f"This machine, this preset's model: batch {shape.batch}, input "
+               f"{shape.input_length}, output {shape.output_length}", fontsize=9)
   ax.legend()
   ax.grid(alpha=0.3)
   _paper_scale_panel(ax_paper, results)

@@ -6,7 +6,7 @@ target token, times in ms (this run) or s (the paper).
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List, Optional, Union
 
 from gqa_t5.reproduce.pipeline import presets as presets_lib
 from gqa_t5.reproduce.report import claims as claims_lib
@@ -25,7 +25,7 @@ def table1_markdown(results: rr.Results) -> str:
   header = "| Model | T_infer (ms) | Average (%) | " + " | ".join(labels) + " |"
   rule = "|---" * (3 + len(labels)) + "|"
   lines = [
-      f"# Table 1, reproduced at `{results.preset['name']}` scale",
+      f"# Table 1, reproduced at `{results.preset.name}` scale",
       "",
       f"{s.description}",
       "",
@@ -33,11 +33,11 @@ def table1_markdown(results: rr.Results) -> str:
       f"d_model {s.emb_dim}, {s.num_heads} heads of {s.head_dim}, MLP {s.mlp_dim}, "
       f"vocabulary {s.vocab_size} ({s.params / 1e6:.1f}M parameters for MHA), "
       f"{s.pretrain_origin}. Uptrained models: alpha = "
-      f"{results.preset['method_alpha']:g}, mean pooling. Scores: greedy decoding of "
+      f"{results.preset.method_alpha:g}, mean pooling. Scores: greedy decoding of "
       f"{s.eval_examples} test examples per demo task. T_infer: time per sample of greedy "
       f"decoding on this machine ({results.machine['description']}), batch "
-      f"{results.timing['shape']['batch']}, input {results.timing['shape']['input_length']}"
-      f", output {results.timing['shape']['output_length']}.",
+      f"{results.timing.shape.batch}, input {results.timing.shape.input_length}"
+      f", output {results.timing.shape.output_length}.",
       "",
       header, rule]
   for v in results.headline:
@@ -146,11 +146,11 @@ def report_markdown(results: rr.Results) -> str:
   s = results.scale
   p = results.preset
   lines = [
-      f"# Reproduction report: `{p['name']}` preset", "",
+      f"# Reproduction report: `{p.name}` preset", "",
       f"**Scale.** {s.description} A T5.1.1-style model with {s.params / 1e6:.1f}M "
       f"parameters ({s.num_layers}+{s.num_layers} layers, d_model {s.emb_dim}, "
       f"{s.num_heads} heads), {s.pretrain_origin}; uptraining for alpha x "
-      f"{p['pretrain_steps']} steps; fine-tuning {p['finetune_steps']} steps on the mixture of "
+      f"{p.pretrain_steps} steps; fine-tuning {p.finetune_steps} steps on the mixture of "
       f"the demo summarisation, translation and QA tasks; {s.eval_examples} test examples "
       f"per task, greedy decoding. The paper used T5.1.1-XXL (11B parameters, 1M pretraining "
       f"steps) and seven public data sets: this is the same recipe several orders of magnitude "
@@ -158,7 +158,7 @@ def report_markdown(results: rr.Results) -> str:
       f"**Run.** {results.wall_seconds / 60:.1f} minutes of wall-clock time for this "
       f"invocation ({results.stage_seconds / 60:.1f} minutes of stage time in total, "
       f"cached stages included), on {results.machine['description']}. Stated for this "
-      f"preset: {p.get('time_figure', 'n/a')}.{_throughput_text(results)}", ""]
+      f"preset: {p.time_figure or 'n/a'}.{_throughput_text(results)}", ""]
   lines += _above_floor_lines(results)
   floor = claims_lib.floor_note(results)
   if floor:
@@ -178,8 +178,8 @@ def report_markdown(results: rr.Results) -> str:
       "- " + _timing_caveat(results),
       "- Fine-tuning is one run on the mixture of the three tasks (the paper fine-tunes each "
       "data set separately), at a constant learning rate equal to the pretraining schedule's "
-      f"final rate ({_finetune_lr(p):.3g}), as the paper's 0.001 is T5's, and for "
-      f"{p['finetune_steps']} steps, far from convergence.",
+      f"final rate ({p.finetune_rate():.3g}), as the paper's 0.001 is T5's, and for "
+      f"{p.finetune_steps} steps, far from convergence.",
       "- Uptrained variants have trained alpha x the pretraining steps more than MHA. While "
       "pretraining is far from converged, as here, those steps alone lower their loss; the "
       "paper's MHA checkpoint had converged, so there they only repair the conversion.",
@@ -195,9 +195,9 @@ def report_markdown(results: rr.Results) -> str:
 def _noise_lines(results: rr.Results) -> List[str]:
   p, noise = results.preset, results.noise
   if noise.average is not None:
-    return [f"**Noise.** The cheapest comparison (MQA vs GQA-{p['gqa_kv_heads']} straight "
+    return [f"**Noise.** The cheapest comparison (MQA vs GQA-{p.gqa_kv_heads} straight "
             f"after conversion, no uptraining) was fine-tuned again with seed(s) "
-            f"{', '.join(map(str, p['noise_seeds']))}: " + "; ".join(
+            f"{', '.join(map(str, p.noise_seeds))}: " + "; ".join(
                 f"{pair.label}: {pair.seed0:.2f} vs {pair.other:.2f}"
                 for pair in noise.pairs) +
             f". The largest change of an average, {noise.average:.2f}, is the noise level "
@@ -221,57 +221,41 @@ def _claims_lines(results: rr.Results) -> List[str]:
            "| claim | quality | fine-tuned loss | span loss before fine-tuning |",
            "|---|---|---|---|"]
   for claim in results.claims:
-    lines.append(f"| ({claim['id']}) {claim['statement']} | {_verdict(claim, '', True)} | "
-               f"{_verdict(claim, 'loss_')} | {_verdict(claim, 'start_loss_')} |")
+    lines.append(f"| ({claim.id}) {claim.statement} | {_verdict(claim, bold=True)} | "
+                 f"{_verdict(claim.checks.get('loss'))} | "
+                 f"{_verdict(claim.checks.get('start_loss'))} |")
   lines.append("")
   for claim in results.claims:
-    lines += [f"**({claim['id']}) {_verdict(claim, '')}.** {claim['evidence']}", ""]
+    lines += [f"**({claim.id}) {_verdict(claim)}.** {claim.evidence}", ""]
     for field, label in (("loss", "By fine-tuned loss"),
                          ("start_loss", "By span-corruption loss before fine-tuning")):
-      if f"{field}_evidence" in claim:
-        lines += [f"*{label}, {_verdict(claim, field + '_')}:* {claim[f'{field}_evidence']}",
-                  ""]
+      check = claim.checks.get(field)
+      if check is not None and check.evidence is not None:
+        lines += [f"*{label}, {_verdict(check)}:* {check.evidence}", ""]
   return lines
 
 
-def _verdict(claim: Dict, prefix: str, bold: bool = False) -> str:
-  """'held (tolerance: seed noise 0.12)'; '-' where the claim has no such verdict."""
-  verdict = claim.get(f"{prefix}verdict")
-  if verdict is None:
+def _verdict(judged: Optional[Union[rr.Claim, rr.CrossCheck]], bold: bool = False) -> str:
+  """'held (tolerance: seed noise 0.12)' of a claim or a cross-check; '-' for none."""
+  if judged is None:
     return "-"
-  tolerance = claim.get(f"{prefix}tolerance")
-  text = f"**{verdict}**" if bold else verdict
-  return text + (f" (tolerance: {tolerance})" if tolerance else "")
-
-
-def _finetune_lr(preset: Dict) -> float:
-  """The fine-tuning rate of a results.json preset (older files lack the derived one)."""
-  if preset.get("finetune_lr") is not None:
-    return preset["finetune_lr"]
-  if preset.get("finetune_learning_rate") is not None:
-    return preset["finetune_learning_rate"]
-  return preset["pretrain_learning_rate"] / max(preset["pretrain_steps"],
-                                                preset["pretrain_warmup_steps"]) ** 0.5
+  text = f"**{judged.verdict}**" if bold else judged.verdict
+  return text + (f" (tolerance: {judged.tolerance})" if judged.tolerance else "")
 
 
 def _timing_caveat(results: rr.Results) -> str:
   """What the decode timing measured, and how its byte mix compares with paper scale."""
   timing = results.timing
-  shape, per_k = timing["shape"], timing["kv_heads"]
-
-  def kv_share(k: str) -> float:
-    b = per_k[k]["bytes_per_step"]
-    return (b["cross_kv"] + b["self_cache"]) / b["total"]
-
-  mha, mqa = str(max(int(k) for k in per_k)), str(min(int(k) for k in per_k))
+  shape = timing.shape
+  mha, mqa = (timing.of(k).bytes_per_step for k in (timing.ks()[-1], timing.ks()[0]))
   share = ""
-  if all("bytes_per_step" in per_k[k] for k in (mha, mqa)):
-    share = (f" Key/value caches are {100 * kv_share(mha):.0f}% of the bytes an MHA step "
-             f"reads and {100 * kv_share(mqa):.0f}% of an MQA step's; the rest is weights, "
+  if mha is not None and mqa is not None:
+    share = (f" Key/value caches are {100 * mha.cache_share():.0f}% of the bytes an MHA step "
+             f"reads and {100 * mqa.cache_share():.0f}% of an MQA step's; the rest is weights, "
              f"read once per step whatever the batch.")
   return (f"Decode times are this machine's times of the preset's model at batch "
-          f"{shape['batch']}, input {shape['input_length']}, output {shape['output_length']} "
-          f"tokens (the paper's 4:1 input:output ratio), {timing.get('dtype', 'float32')}, on "
+          f"{shape.batch}, input {shape.input_length}, output {shape.output_length} "
+          f"tokens (the paper's 4:1 input:output ratio), {timing.dtype or 'float32'}, on "
           f"randomly initialised weights (time "
           f"does not depend on their values).{share} `scripts/simulate_paper_timing.py` "
           f"predicts paper-scale times on TPU v4 from a roofline model.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import jax
 
@@ -81,7 +81,8 @@ def pretrain_throughput(pretrain: Dict, model: T5Config) -> rr.Throughput:
                        peak_name=machine.name, mfu=mfu)
 
 
-def paper_timing_rows(measured: Optional[Dict], sim: Dict) -> Optional[rr.PaperTimingTable]:
+def paper_timing_rows(measured: Optional[Dict], sim: rr.PaperScaleRoofline
+                      ) -> Optional[rr.PaperTimingTable]:
   """Per paper-shape model: measured s/sample, the roofline here and on TPU v4, the paper's."""
   if not measured:
     return None
@@ -102,7 +103,7 @@ def paper_timing_rows(measured: Optional[Dict], sim: Dict) -> Optional[rr.PaperT
                          num_decoder_layers=shape["layers"], num_kv_heads=int(k))
         here = perf_model.time_per_sample(model, setup, chip,
                                           batch_per_chip=shape["batch"])["total"]
-      tpu = sim["groups_xxl"].get(k) if size == "xxl" else sim["table1"].get(name)
+      tpu = sim.groups_xxl.get(k) if size == "xxl" else sim.table1.get(name)
       rows[name] = rr.PaperTimingRow(
           measured=t["time_per_sample"], roofline_here=here, roofline_tpu=tpu,
           paper=paper.TABLE1.get(name, {}).get("time"), size=size, kv_heads=int(k))
@@ -140,20 +141,20 @@ def noise_summary(variants: List[rr.VariantResult],
                   differences=diffs, loss=max(loss_changes, default=None))
 
 
-def _variant_record(item: Dict, preset: presets_lib.ReproducePreset, timing: Dict,
+def _variant_record(item: Dict, preset: presets_lib.ReproducePreset, timing: rr.DecodeTiming,
                     n: int) -> rr.VariantResult:
   """One fine-tuned variant's row of results.json: its scores, losses and time."""
   v = item["variant"]
   mains = main_scores(item["scores"])
-  t = timing["kv_heads"][str(v.kv_heads)]
+  t = timing.of(v.kv_heads)
   return rr.VariantResult(
       key=v.key(n), label=v.label(n), short_label=grouping.kv_label(v.kv_heads, n),
       attention=v.attention_name(n), kv_heads=v.kv_heads, method=v.method, alpha=v.alpha,
       seed=v.seed, uptrain_steps=preset.uptrain_steps(v.alpha) if v.kv_heads != n else 0,
       finetune=item.get("finetune", {}), scores=item["scores"], main_scores=mains,
       average=average(mains), loss=mean_loss(item["scores"]),
-      start_loss=item.get("start_loss"), time_per_sample=t["time_per_sample"],
-      time_per_step=t["time_per_step"])
+      start_loss=item.get("start_loss"), time_per_sample=t.time_per_sample,
+      time_per_step=t.time_per_step)
 
 
 def _summaries(results: rr.Results, preset: presets_lib.ReproducePreset):
@@ -185,7 +186,8 @@ def assemble(*, preset: presets_lib.ReproducePreset, model: T5Config, pretrain: 
              pretrain_origin: str, evaluations: List[Dict], timing: Dict,
              stages: Dict[str, Dict], wall_seconds: float,
              machine: Optional[str] = None, data_fingerprint: str = "",
-             paper_scale: Optional[Dict] = None, conversions: Optional[List[Dict]] = None,
+             paper_scale: Optional[rr.PaperScaleRoofline] = None,
+             conversions: Optional[List[Dict]] = None,
              paper_timing: Optional[Dict] = None) -> rr.Results:
   """The typed results from plain numbers (the pipeline and the tests both build it here).
 
@@ -196,9 +198,10 @@ def assemble(*, preset: presets_lib.ReproducePreset, model: T5Config, pretrain: 
     converted checkpoint before any uptraining (optional).
   """
   n = model.num_heads
+  timing = rr.DecodeTiming.from_json(timing)
   variants = [_variant_record(item, preset, timing, n) for item in evaluations]
   results = rr.Results(
-      preset=preset.to_dict(),
+      preset=rr.PresetRecord.from_json(preset.to_dict()),
       scale=rr.Scale(description=preset.description, num_heads=n,
                      num_layers=model.num_encoder_layers, emb_dim=model.emb_dim,
                      head_dim=model.head_dim, mlp_dim=model.mlp_dim,
@@ -221,11 +224,12 @@ def assemble(*, preset: presets_lib.ReproducePreset, model: T5Config, pretrain: 
   return results
 
 
-def paper_scale_summary() -> Dict[str, Any]:
+def paper_scale_summary() -> rr.PaperScaleRoofline:
   """The roofline predictions for the figures (T5.1.1-XXL on TPU v4, default setup)."""
   sim = timing_sim.simulate(perf_model.Setup())
-  return {"groups_xxl": {str(k): r["total"] for k, r in sim["groups_xxl"].items()},
-          "table1": {name: r["total"] for name, r in sim["table1"].items()}}
+  return rr.PaperScaleRoofline(
+      groups_xxl={str(k): r["total"] for k, r in sim["groups_xxl"].items()},
+      table1={name: r["total"] for name, r in sim["table1"].items()})
 
 
 def collect(pipeline, wall_seconds: float) -> rr.Results:

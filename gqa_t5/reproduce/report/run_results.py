@@ -6,9 +6,10 @@ wrote; `Results.from_json` reads it back, including a file an older version wrot
 file lacks takes the field's default (None or empty) and stays out of what `to_json` writes
 again, and a key this version does not know is kept and written back as it was.
 
-The records below that came from elsewhere stay plain JSON: the preset (`ReproducePreset.to_dict`),
-the stages' own results (`pretrain`, `timing`), the stage times, the machine and the claims'
-verdicts (`claims.evaluate_claims`).
+What the report reads is typed: the preset's settings (`PresetRecord`), the decode timing
+(`DecodeTiming`), the paper-scale roofline (`PaperScaleRoofline`), the claims' verdicts
+(`Claim`). What it only prints or copies stays plain JSON:
+the pretrain stage's own result, the stage times and the machine.
 """
 
 from __future__ import annotations
@@ -221,9 +222,156 @@ class PaperTimingTable(_Record):
 
 
 @dataclasses.dataclass
+class PresetRecord(_Record):
+  """The preset a run used (`ReproducePreset.to_dict()`): the settings the report and the claims
+  read; the preset's other fields are kept as they are and written back."""
+  name: str
+  gqa_kv_heads: int
+  alphas: List[float]
+  method_alpha: float
+  noise_seeds: List[int]
+  pretrain_steps: int
+  pretrain_warmup_steps: int
+  pretrain_learning_rate: float
+  finetune_steps: int
+  finetune_learning_rate: Optional[float] = None
+  finetune_lr: Optional[float] = None      # derived; older files lack it
+  time_figure: Optional[str] = None        # older files lack it
+
+  def finetune_rate(self) -> float:
+    """The constant fine-tuning rate (for an older file, derived as `ReproducePreset` does)."""
+    if self.finetune_lr is not None:
+      return self.finetune_lr
+    if self.finetune_learning_rate is not None:
+      return self.finetune_learning_rate
+    return self.pretrain_learning_rate / max(self.pretrain_steps,
+                                             self.pretrain_warmup_steps) ** 0.5
+
+
+@dataclasses.dataclass
+class StepBytes(_Record):
+  """The bytes one decode step reads (`perf_model.decode_step_bytes`)."""
+  weights: int
+  cross_kv: int
+  self_cache: int
+  total: int
+
+  def cache_share(self) -> float:
+    """The key/value caches' share of the step's bytes."""
+    return (self.cross_kv + self.self_cache) / self.total
+
+
+@dataclasses.dataclass
+class KvTiming(_Record):
+  """One K's decode timing of the preset's model (seconds)."""
+  time_per_sample: float
+  time_per_step: float
+  kv_heads: Optional[int] = None
+  decode_time_per_sample: Optional[float] = None
+  encode_time_per_sample: Optional[float] = None
+  time_per_step_median: Optional[float] = None
+  bytes_per_step: Optional[StepBytes] = dataclasses.field(default=None,
+                                                          metadata=_record_of(StepBytes))
+  roofline_fraction: Optional[float] = None  # of the measured memory roofline
+
+
+@dataclasses.dataclass
+class TimingShape(_Record):
+  """The timed batch and lengths (the model's sizes are kept beside them, untyped)."""
+  batch: int
+  input_length: int
+  output_length: int
+
+
+@dataclasses.dataclass
+class DecodeTiming(_Record):
+  """The timing stage's result: every K of the preset's model at one shape."""
+  kv_heads: Dict[str, KvTiming] = dataclasses.field(metadata=_record_of(KvTiming))
+  shape: TimingShape = dataclasses.field(metadata=_record_of(TimingShape))
+  dtype: Optional[str] = None
+  bandwidth_bytes_per_s: Optional[float] = None
+
+  def ks(self) -> List[int]:
+    """The K timed, smallest first."""
+    return sorted(int(k) for k in self.kv_heads)
+
+  def of(self, kv_heads: int) -> KvTiming:
+    return self.kv_heads[str(kv_heads)]
+
+
+@dataclasses.dataclass
+class PaperScaleRoofline(_Record):
+  """The roofline model's seconds per sample at paper scale (T5.1.1 on TPU v4, `timing_sim`):
+  XXL by number of key/value groups, and Table 1's rows by name."""
+  groups_xxl: Dict[str, float]
+  table1: Dict[str, float]
+
+  def xxl(self, kv_heads: int) -> float:
+    return self.groups_xxl[str(kv_heads)]
+
+  def xxl_groups(self) -> List[int]:
+    """The K of the XXL curve, smallest first (the last is MHA)."""
+    return sorted(int(k) for k in self.groups_xxl)
+
+
+@dataclasses.dataclass
+class CrossCheck(_Record):
+  """A claim judged again on another measure than the paper's."""
+  verdict: str
+  tolerance: Optional[str] = None
+  evidence: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Claim(_Record):
+  """One claim's verdict on the paper's measure, its evidence and tolerance, and its verdicts on
+  the cross-check measures (`checks`, by measure: in results.json flat, as `loss_verdict`,
+  `loss_tolerance`, `loss_evidence`, ...)."""
+  id: str
+  verdict: str
+  evidence: str
+  statement: Optional[str] = None
+  tolerance: Optional[str] = None
+  numbers: Optional[Dict[str, Any]] = None   # absent when the claim was not run
+  checks: Dict[str, CrossCheck] = dataclasses.field(default_factory=dict)
+
+  _FLAT = ("verdict", "tolerance", "evidence")
+
+  def to_json(self) -> Dict[str, Any]:
+    out = dict(self._unknown)
+    out.update(id=self.id, verdict=self.verdict, evidence=self.evidence)
+    for name in ("statement", "tolerance", "numbers"):
+      if getattr(self, name) is not None:
+        out[name] = getattr(self, name)
+    for measure, check in self.checks.items():
+      for part in self._FLAT:
+        if getattr(check, part) is not None:
+          out[f"{measure}_{part}"] = getattr(check, part)
+    return out
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any]) -> "Claim":
+    if not isinstance(data, Mapping):
+      raise ValueError(f"Claim: expected a JSON object, got {type(data).__name__}")
+    for key in ("id", "verdict", "evidence"):
+      if key not in data:
+        raise ValueError(f"results.json: Claim has no {key!r} (it has {sorted(data)})")
+    measures = [key[:-len("_verdict")] for key in data if key.endswith("_verdict")]
+    flat = {f"{m}_{part}" for m in measures for part in cls._FLAT}
+    claim = cls(id=data["id"], verdict=data["verdict"], evidence=data["evidence"],
+                statement=data.get("statement"), tolerance=data.get("tolerance"),
+                numbers=data.get("numbers"),
+                checks={m: CrossCheck(**{part: data.get(f"{m}_{part}") for part in cls._FLAT})
+                        for m in measures})
+    own = {"id", "verdict", "evidence", "statement", "tolerance", "numbers"}
+    claim._unknown = {k: v for k, v in data.items() if k not in own and k not in flat}
+    return claim
+
+
+@dataclasses.dataclass
 class Results(_Record):
   """Everything a run measured and what the outputs show (results.json)."""
-  preset: Dict[str, Any]                   # `ReproducePreset.to_dict()`
+  preset: PresetRecord = dataclasses.field(metadata=_record_of(PresetRecord))
   scale: Scale = dataclasses.field(metadata=_record_of(Scale))
   pretrain: Dict[str, Any]                 # the pretrain stage's result
   variants: List[VariantResult] = dataclasses.field(metadata=_record_of(VariantResult))
@@ -232,7 +380,7 @@ class Results(_Record):
   mha: Optional[VariantResult] = dataclasses.field(metadata=_record_of(VariantResult))
   alpha_curves: Dict[str, List[AlphaPoint]] = dataclasses.field(
       metadata=_record_of(AlphaPoint))
-  timing: Dict[str, Any]                   # the timing stage's result ({'kv_heads': {K: ...}})
+  timing: DecodeTiming = dataclasses.field(metadata=_record_of(DecodeTiming))
   noise: Noise = dataclasses.field(metadata=_record_of(Noise))
   stages: Dict[str, Dict[str, Any]]        # {name: {'seconds', 'cached'}}
   wall_seconds: float
@@ -240,12 +388,13 @@ class Results(_Record):
   machine: Dict[str, Any]                  # {'description', 'cpu_count'}
   conversions: List[ConversionResult] = dataclasses.field(
       default_factory=list, metadata=_record_of(ConversionResult))
-  paper_scale_roofline: Optional[Dict[str, Any]] = None
+  paper_scale_roofline: Optional[PaperScaleRoofline] = dataclasses.field(
+      default=None, metadata=_record_of(PaperScaleRoofline))
   pretrain_throughput: Optional[Throughput] = dataclasses.field(
       default=None, metadata=_record_of(Throughput))
   paper_timing: Optional[PaperTimingTable] = dataclasses.field(
       default=None, metadata=_record_of(PaperTimingTable))
-  claims: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+  claims: List[Claim] = dataclasses.field(default_factory=list, metadata=_record_of(Claim))
 
   def find(self, kv_heads: int, method: str = "mean", alpha: float = 0.0,
            seed: int = 0) -> Optional[VariantResult]:
