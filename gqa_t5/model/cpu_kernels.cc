@@ -305,8 +305,8 @@ void ContextRows512(const float* w, const float* v, float* out, int64_t R, int64
 }
 #endif  // __AVX512F__
 
-// y[:, n0 : n1] = x[:, d0 : d1] @ w[d0 : d1, n0 : n1]: one work item of RowsMatmul (the block of
-// y, M x (n1 - n0) floats, stays in L1/L2). The weight is read a few rows at a time along their
+// y[:, n0 : n1] = x[:, d0 : d1] @ w[d0 : d1, n0 : n1]: one column block of a RowsMatmul thread's
+// rows (the block of y, M x (n1 - n0) floats, stays in L1/L2). The weight is read a few rows at a time along their
 // contiguous columns: sequential streams, which this kind of CPU prefetches; walking a register
 // tile down the rows instead (N floats apart) ran at a third of the bandwidth. With AVX-512,
 // eight rows of 16 columns at a time (the fastest of the variants measured for issue 23: 1.7x
@@ -561,34 +561,37 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  // Items: (range of weight rows, block of columns). Each thread's rows are a contiguous run of
-  // memory (whole rows when N <= the block), and each range leaves a partial y that the second
-  // pass adds up: splitting the columns instead left every thread half of each row, 1-2 KiB runs,
-  // at 12-18 GB/s against 25-34 this way (issue 23). Ranges are whole multiples of eight rows;
-  // the y block stays under 256 KiB (L2).
+  // Items: one contiguous range of weight rows per thread, walked in blocks of 256 columns, each
+  // range leaving a partial y that the calling thread adds up (issue 23). Splitting the columns
+  // instead left every thread half of each row, 1-2 KiB runs, at 12-18 GB/s. Blocks of 256
+  // columns keep a block's eight weight rows and its y (8 x 1 KiB each at 8 rows) in L1 between
+  // the row blocks of x: the 62.8 MiB logits weight streamed at 24-27 GB/s this way, against
+  // 18-19 GB/s in blocks of 4,096 columns (L2) and 22-24 GB/s with (range, block) items claimed
+  // by either thread, which put both threads on the same rows. Ranges are whole multiples of
+  // eight rows.
   // A weight of at most 256 KiB (a GQA step's key/value projections) is read on the calling
   // thread alone: waking a pool thread costs more than it saves there.
   constexpr int64_t kSmallWeight = 65536;
   const int64_t threads = D * N <= kSmallWeight ? 1 : std::max<int64_t>(1, pool.num_threads());
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, D / 64));
   const int64_t rows_per_part = (D / parts + 7) / 8 * 8;
-  const int64_t block = std::max<int64_t>(256, std::min<int64_t>(4096, 65536 / M / 16 * 16));
-  const int64_t blocks = (N + block - 1) / block;
+  constexpr int64_t kBlock = 256;
   // Partial sums of ranges 1.. (range 0 writes y itself), reused across calls on this thread.
   thread_local std::vector<float> scratch;
   if (parts > 1) scratch.resize(static_cast<size_t>((parts - 1) * M * N));
   float* partial = scratch.data();
-  const auto body = [&](int64_t item) {
-    const int64_t part = item / blocks, n0 = (item % blocks) * block;
+  const auto body = [&](int64_t part) {
     const int64_t d0 = std::min(D, part * rows_per_part);
     const int64_t d1 = part + 1 == parts ? D : std::min(D, d0 + rows_per_part);
     float* out = part == 0 ? yp : partial + (part - 1) * M * N;
-    MatmulBlock(xp, wp, out, M, D, N, d0, d1, n0, std::min(N, n0 + block));
+    for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+      MatmulBlock(xp, wp, out, M, D, N, d0, d1, n0, std::min(N, n0 + kBlock));
+    }
   };
   if (threads == 1) {
-    for (int64_t item = 0; item < parts * blocks; ++item) body(item);
+    for (int64_t part = 0; part < parts; ++part) body(part);
   } else {
-    ParallelFor(pool, parts * blocks, body);
+    ParallelFor(pool, parts, body);
   }
   for (int64_t part = 1; part < parts; ++part) {
     const float* add = partial + (part - 1) * M * N;
