@@ -178,7 +178,7 @@ def _paper_scale_panel(ax, results: rr.Results) -> None:
     if ks[-1] in rows:
       mk = sorted(rows)
       ax.plot(mk, [rows[k] / rows[ks[-1]] for k in mk], "^--", color=_COLORS["MQA"], ms=8,
-              label=f"measured here ({results.machine['description'][:40]})")
+              label=f"measured here ({results.machine.description[:40]})")
   ax.set_xscale("log", base=2)
   ax.set_xticks(ks)
   ax.set_xticklabels([str(k) for k in ks])

@@ -35,7 +35,7 @@ def table1_markdown(results: rr.Results) -> str:
       f"{s.pretrain_origin}. Uptrained models: alpha = "
       f"{results.preset.method_alpha:g}, mean pooling. Scores: greedy decoding of "
       f"{s.eval_examples} test examples per demo task. T_infer: time per sample of greedy "
-      f"decoding on this machine ({results.machine['description']}), batch "
+      f"decoding on this machine ({results.machine.description}), batch "
       f"{results.timing.shape.batch}, input {results.timing.shape.input_length}"
       f", output {results.timing.shape.output_length}.",
       "",
@@ -88,7 +88,7 @@ def _paper_timing_lines(results: rr.Results) -> List[str]:
   lines = ["", "## T_infer at the paper's shapes (random weights, this machine)", "",
            f"Greedy decoding, {paper_timing.dtype}, batch {paper_timing.batch}, input "
            f"{paper_timing.input_length}, output {paper_timing.output_length}, measured "
-           f"on {results.machine['description']}. Roofline: "
+           f"on {results.machine.description}. Roofline: "
            "`scripts/simulate_paper_timing.py`'s model for this chip (1 chip, the same batch) "
            "and for the paper's 8 TPU v4 chips (chip-seconds per sample).", "",
            "| Model | measured (ms/sample) | ratio to MHA-XXL | roofline here (ms) | "
@@ -157,7 +157,7 @@ def report_markdown(results: rr.Results) -> str:
       f"smaller, so absolute scores are not comparable and small differences may be noise.", "",
       f"**Run.** {results.wall_seconds / 60:.1f} minutes of wall-clock time for this "
       f"invocation ({results.stage_seconds / 60:.1f} minutes of stage time in total, "
-      f"cached stages included), on {results.machine['description']}. Stated for this "
+      f"cached stages included), on {results.machine.description}. Stated for this "
       f"preset: {p.time_figure or 'n/a'}.{_throughput_text(results)}", ""]
   lines += _above_floor_lines(results)
   floor = claims_lib.floor_note(results)
@@ -186,8 +186,8 @@ def report_markdown(results: rr.Results) -> str:
       "- Timings on a shared machine are pessimistic and vary between runs; each K is timed "
       "interleaved with the others, best of several repeats.", ""]
   lines += ["## Stages", "", "| stage | seconds | this run |", "|---|---|---|"]
-  for name, info in results.stages.items():
-    lines.append(f"| {name} | {info['seconds']:.0f} | {'cached' if info['cached'] else 'ran'} |")
+  for name, stage in results.stages.items():
+    lines.append(f"| {name} | {stage.seconds:.0f} | {'cached' if stage.cached else 'ran'} |")
   lines.append("")
   return "\n".join(lines)
 

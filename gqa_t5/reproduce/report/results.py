@@ -215,9 +215,10 @@ def assemble(*, preset: presets_lib.ReproducePreset, model: T5Config, pretrain: 
       variants=variants, headline=[], methods=[], mha=None, alpha_curves={},
       conversions=[rr.ConversionResult(**c) for c in conversions or []], timing=timing,
       noise=noise_summary(variants, preset), paper_scale_roofline=paper_scale,
-      stages=stages, wall_seconds=wall_seconds,
-      stage_seconds=sum(s["seconds"] for s in stages.values()),
-      machine={"description": machine or machine_description(), "cpu_count": os.cpu_count()})
+      stages={name: rr.StageTime(**stage) for name, stage in stages.items()},
+      wall_seconds=wall_seconds, stage_seconds=sum(s["seconds"] for s in stages.values()),
+      machine=rr.Machine(description=machine or machine_description(),
+                         cpu_count=os.cpu_count()))
   results.headline, results.methods, results.alpha_curves = _summaries(results, preset)
   results.mha = results.find(n)
   results.claims = claims_lib.evaluate_claims(results)

@@ -6,10 +6,10 @@ wrote; `Results.from_json` reads it back, including a file an older version wrot
 file lacks takes the field's default (None or empty) and stays out of what `to_json` writes
 again, and a key this version does not know is kept and written back as it was.
 
-What the report reads is typed: the preset's settings (`PresetRecord`), the decode timing
-(`DecodeTiming`), the paper-scale roofline (`PaperScaleRoofline`), the claims' verdicts
-(`Claim`). What it only prints or copies stays plain JSON:
-the pretrain stage's own result, the stage times and the machine.
+Every record the report reads is typed, down to the preset's settings (`PresetRecord`), the
+decode timing (`DecodeTiming`), the paper-scale roofline (`PaperScaleRoofline`) and the claims'
+verdicts (`Claim`). Only what it copies without reading stays plain JSON: the pretrain and
+finetune stages' own results and the claims' numbers.
 """
 
 from __future__ import annotations
@@ -369,6 +369,20 @@ class Claim(_Record):
 
 
 @dataclasses.dataclass
+class StageTime(_Record):
+  """One stage's seconds in this invocation, and whether its cached result was reused."""
+  seconds: float
+  cached: bool
+
+
+@dataclasses.dataclass
+class Machine(_Record):
+  """What the run ran on."""
+  description: str
+  cpu_count: Optional[int] = None
+
+
+@dataclasses.dataclass
 class Results(_Record):
   """Everything a run measured and what the outputs show (results.json)."""
   preset: PresetRecord = dataclasses.field(metadata=_record_of(PresetRecord))
@@ -382,10 +396,10 @@ class Results(_Record):
       metadata=_record_of(AlphaPoint))
   timing: DecodeTiming = dataclasses.field(metadata=_record_of(DecodeTiming))
   noise: Noise = dataclasses.field(metadata=_record_of(Noise))
-  stages: Dict[str, Dict[str, Any]]        # {name: {'seconds', 'cached'}}
+  stages: Dict[str, StageTime] = dataclasses.field(metadata=_record_of(StageTime))
   wall_seconds: float
   stage_seconds: float
-  machine: Dict[str, Any]                  # {'description', 'cpu_count'}
+  machine: Machine = dataclasses.field(metadata=_record_of(Machine))
   conversions: List[ConversionResult] = dataclasses.field(
       default_factory=list, metadata=_record_of(ConversionResult))
   paper_scale_roofline: Optional[PaperScaleRoofline] = dataclasses.field(
