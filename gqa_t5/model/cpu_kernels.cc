@@ -81,6 +81,17 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& body) {
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
+// Runs body(i) for i in [0, n) as one contiguous range of items per thread, each range in order:
+// a thread streams one region of memory, where items claimed one at a time put the threads on
+// neighbouring blocks of the same head.
+template <typename F>
+void ParallelRanges(ffi::ThreadPool& pool, int64_t n, const F& body) {
+  const int64_t parts = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), n);
+  ParallelFor(pool, parts, [&](int64_t part) {
+    for (int64_t i = part * n / parts; i < (part + 1) * n / parts; ++i) body(i);
+  });
+}
+
 template <typename Dims>
 int64_t LeadingSize(const Dims& dims) {
   int64_t p = 1;
@@ -480,7 +491,7 @@ ffi::Error GroupedLogitsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> rows,
     keys_per_item /= 2;
   }
   const int64_t blocks = (S + keys_per_item - 1) / keys_per_item;
-  ParallelFor(pool, P * blocks, [&](int64_t item) {
+  ParallelRanges(pool, P * blocks, [&](int64_t item) {
     const int64_t p = item / blocks, s0 = (item % blocks) * keys_per_item;
     LogitsKeys(q + p * R * H, k + p * S * H, out + p * R * S, R, S, H, s0,
                std::min(S, s0 + keys_per_item));
@@ -511,7 +522,7 @@ ffi::Error GroupedContextImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight
   while (hb > 1 && P * (H / (16 * hb)) < 2 * threads) hb /= 2;
   if (hb > 0) {
     const int64_t chunks = H / (16 * hb);
-    ParallelFor(pool, P * chunks, [&](int64_t item) {
+    ParallelRanges(pool, P * chunks, [&](int64_t item) {
       const int64_t p = item / chunks, h0 = (item % chunks) * 16 * hb;
       const float* wp = w + p * R * S;
       const float* vp = v + p * S * H + h0;
