@@ -317,11 +317,11 @@ void ContextRows512(const float* w, const float* v, float* out, int64_t R, int64
 #endif  // __AVX512F__
 
 // y[:, n0 : n1] = x[:, d0 : d1] @ w[d0 : d1, n0 : n1]: one column block of a RowsMatmul thread's
-// rows (the block of y, M x (n1 - n0) floats, stays in L1/L2). The weight is read a few rows at a time along their
-// contiguous columns: sequential streams, which this kind of CPU prefetches; walking a register
-// tile down the rows instead (N floats apart) ran at a third of the bandwidth. With AVX-512,
-// eight rows of 16 columns at a time (the fastest of the variants measured for issue 23: 1.7x
-// the AVX2 form at batch 8); else four rows of 8 columns.
+// rows (the block of y, M x (n1 - n0) floats, stays in L1/L2). The weight is read a few rows at a
+// time along their contiguous columns: sequential streams, which this kind of CPU prefetches;
+// walking a register tile down the rows instead (N floats apart) ran at a third of the
+// bandwidth. With AVX-512, eight rows of 16 columns at a time (the fastest of the variants
+// measured for issue 23: 1.7x the AVX2 form at batch 8); else four rows of 8 columns.
 void MatmulBlock(const float* x, const float* w, float* y, int64_t M, int64_t D, int64_t N,
                  int64_t d0, int64_t d1, int64_t n0, int64_t n1) {
   for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + n0, y + m * N + n1, 0.0f);
@@ -577,7 +577,7 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   // instead left every thread half of each row, 1-2 KiB runs, at 12-18 GB/s. Blocks of 256
   // columns keep a block's eight weight rows and its y (8 x 1 KiB each at 8 rows) in L1 between
   // the row blocks of x: the 62.8 MiB logits weight streamed at 24-27 GB/s this way, against
-  // 18-19 GB/s in blocks of 4,096 columns (L2) and 22-24 GB/s with (range, block) items claimed
+  // 18-19 GB/s in blocks of 4,096 columns (L2) and 13-24 GB/s with (range, block) items claimed
   // by either thread, which put both threads on the same rows. Ranges are whole multiples of
   // eight rows.
   // A weight of at most 256 KiB (a GQA step's key/value projections) is read on the calling
