@@ -30,6 +30,15 @@ TASK_LABELS = {"demo_summarize": "Summarize (R1)", "demo_translate_en_de": "Tran
                "demo_qa": "QA (F1)"}
 
 
+def finetune_rate(finetune_learning_rate: Optional[float], pretrain_learning_rate: float,
+                  pretrain_steps: int, pretrain_warmup_steps: int) -> float:
+  """The constant fine-tuning rate: the given one, else the rsqrt pretraining schedule's final
+  rate, base / sqrt(max(steps, warmup)) (the paper's 0.001 is T5's after its 1M steps)."""
+  if finetune_learning_rate is not None:
+    return finetune_learning_rate
+  return pretrain_learning_rate / max(pretrain_steps, pretrain_warmup_steps) ** 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class ReproducePreset:
   """Everything one scale of the reproduction needs (see PRESETS)."""
@@ -112,9 +121,8 @@ class ReproducePreset:
 
   @property
   def finetune_lr(self) -> float:
-    if self.finetune_learning_rate is not None:
-      return self.finetune_learning_rate
-    return self.pretrain_learning_rate / max(self.pretrain_steps, self.pretrain_warmup_steps) ** 0.5
+    return finetune_rate(self.finetune_learning_rate, self.pretrain_learning_rate,
+                         self.pretrain_steps, self.pretrain_warmup_steps)
 
   def uptrain_steps(self, alpha: float) -> int:
     return int(round(alpha * self.pretrain_steps))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from gqa_t5.reproduce.pipeline import presets
+
 
 def _record_of(of):
   """A field holding `of` records: one, a list of them or a dict of them, as the JSON has it."""
@@ -239,13 +241,11 @@ class PresetRecord(_Record):
   time_figure: Optional[str] = None        # older files lack it
 
   def finetune_rate(self) -> float:
-    """The constant fine-tuning rate (for an older file, derived as `ReproducePreset` does)."""
+    """The constant fine-tuning rate (an older file lacks it: derived as the preset derives it)."""
     if self.finetune_lr is not None:
       return self.finetune_lr
-    if self.finetune_learning_rate is not None:
-      return self.finetune_learning_rate
-    return self.pretrain_learning_rate / max(self.pretrain_steps,
-                                             self.pretrain_warmup_steps) ** 0.5
+    return presets.finetune_rate(self.finetune_learning_rate, self.pretrain_learning_rate,
+                                 self.pretrain_steps, self.pretrain_warmup_steps)
 
 
 @dataclasses.dataclass
