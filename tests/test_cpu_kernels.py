@@ -81,6 +81,39 @@ def test_softmax_matches_jax(shape):
   assert np.all(np.asarray(got)[..., s - s // 3:] == 0.0)
 
 
+# (B, K, G, T, S, mask batch): a decode step's one query row per head (MHA) and eight (MQA),
+# the full-sequence core's T > 1 (each row's mask row is its position's), a mask shared by the
+# batch, and key lengths that leave tails of 16 lanes.
+MASKED_SOFTMAX_SHAPES = [(2, 4, 1, 1, 37, 2), (2, 1, 8, 1, 130, 2), (1, 2, 2, 5, 9, 1),
+                         (3, 2, 4, 3, 16, 3)]
+
+
+@pytest.mark.parametrize("shape", MASKED_SOFTMAX_SHAPES)
+def test_masked_softmax_is_the_select_then_the_softmax_bit_for_bit(shape):
+  """The fused kernel against the unfused path it replaces (XLA's select, then the softmax
+  kernel), exactly, and against jax's softmax to rounding; with a row whose keys are all masked
+  (uniform weights, as the select then softmax give)."""
+  b, k, g, t, s, mask_batch = shape
+  rng = np.random.default_rng(sum(shape))
+  logits = _random(rng, b, k, g, t, s) * 30.0
+  mask = (rng.random((mask_batch, 1, t, s)) < 0.7).astype(np.float32)
+  mask[0, 0, t - 1, :] = 0.0
+  mask = jnp.asarray(mask)
+  text = jax.jit(products.masked_softmax).trace(logits, mask).lower(
+      lowering_platforms=("cpu",)).as_text()
+  assert cpu_kernels.TARGETS["masked_softmax"] in text
+  got = np.asarray(jax.jit(products.masked_softmax)(logits, mask))
+  unfused = np.asarray(jax.jit(products._select_then_softmax)(logits, mask))
+  np.testing.assert_array_equal(got, unfused)
+  allowed = np.asarray(mask)[:, :, None] > 0
+  reference = jax.nn.softmax(jnp.where(allowed, logits, np.finfo(np.float32).min), axis=-1)
+  np.testing.assert_allclose(got, reference, rtol=2e-6, atol=1e-9)
+  allowed = np.broadcast_to(allowed, got.shape)
+  some_allowed = np.broadcast_to(allowed.any(axis=-1, keepdims=True), got.shape)
+  assert np.all(got[~allowed & some_allowed] == 0.0)
+  np.testing.assert_allclose(got[0, :, :, t - 1], 1.0 / s, rtol=1e-6)
+
+
 # (x's shape, F): one row, a few, tails of F (not a multiple of 8 or 16, past a column block),
 # of D (not a multiple of 4 or 8) and of the rows (not of 2 or 4), the most rows, a decode
 # step's [B, 1, D], the logits' width; weights split into row ranges whose partial sums are
@@ -117,7 +150,7 @@ def narrower_targets(tmp_path_factory):
     cpu_kernels.build(compiler, path, extra_flags=flags)
     library = ctypes.cdll.LoadLibrary(str(path))
     targets[name] = {}
-    for product in ("logits", "context", "dense", "softmax"):
+    for product in ("logits", "context", "dense", "softmax", "masked_softmax"):
       symbol = cpu_kernels.TARGETS[product]
       targets[name][product] = f"{symbol}_{name}"
       jax.ffi.register_ffi_target(f"{symbol}_{name}", jax.ffi.pycapsule(getattr(library, symbol)),
@@ -140,6 +173,13 @@ def test_narrower_instruction_set_builds_match_the_einsums(narrower_targets, bui
     logits = _random(rng, b * k, r, s) * 30.0
     np.testing.assert_allclose(call("softmax", (b * k, r, s), logits),
                                jax.nn.softmax(logits, axis=-1), rtol=2e-6, atol=1e-9)
+  for b, k, g, t, s, mask_batch in MASKED_SOFTMAX_SHAPES:
+    logits = _random(rng, b, k, g, t, s) * 30.0
+    mask = jnp.asarray((rng.random((mask_batch, 1, t, s)) < 0.7).astype(np.float32))
+    np.testing.assert_allclose(
+        call("masked_softmax", logits.shape, logits, mask),
+        jax.nn.softmax(jnp.where(mask[:, :, None] > 0, logits, np.finfo(np.float32).min), axis=-1),
+        rtol=2e-6, atol=1e-9)
   for x_shape, features in DENSE_SHAPES:
     x = _random(rng, int(np.prod(x_shape[:-1])), x_shape[-1])
     kernel = _random(rng, x_shape[-1], features)
@@ -153,6 +193,7 @@ def test_under_differentiation_the_products_are_the_einsums():
   rng = np.random.default_rng(0)
   rows, keys = _random(rng, 2, 2, 4, 16), _random(rng, 2, 2, 9, 16)
   x, kernel = _random(rng, 3, 16), _random(rng, 16, 24)
+  causal = jnp.tril(jnp.ones((4, 4), jnp.float32))[None, None]         # [1, 1, T, S]
 
   def loss(products_fn, reference):
     return lambda a, b: jnp.sum(jnp.sin(products_fn(a, b))), \
@@ -164,7 +205,11 @@ def test_under_differentiation_the_products_are_the_einsums():
        (jax.nn.softmax(_random(rng, 2, 2, 4, 9)), keys)),
       (products.dense, jnp.dot, (x, kernel)),
       (lambda a, _: products.softmax(a), lambda a, _: jax.nn.softmax(a, axis=-1),
-       (_random(rng, 2, 2, 4, 9), keys))]:
+       (_random(rng, 2, 2, 4, 9), keys)),
+      (lambda a, _: products.masked_softmax(a, causal),
+       lambda a, _: jax.nn.softmax(jnp.where(causal[:, :, None] > 0, a, jnp.finfo(a.dtype).min),
+                                   axis=-1),
+       (_random(rng, 2, 2, 3, 4, 4), keys))]:
     assert _calls_kernel(fn, *args)
     ours, theirs = loss(fn, ref)
     got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(*args)

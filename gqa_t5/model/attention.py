@@ -70,12 +70,7 @@ def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarr
   if bias is not None:
     grouped_bias = grouping.group_query_heads(bias, num_kv_heads, axis=1)   # [B|1, K, G, T, S]
     logits = logits + grouped_bias.astype(logits_dtype)                     # [B, K, G, T, S]
-  if mask is not None:
-    allowed = mask[:, :, None] > 0                                          # [B|1, 1, 1, T, S]
-    logits = jnp.where(allowed, logits, jnp.finfo(logits_dtype).min)        # [B, K, G, T, S]
-  rows_logits = logits.astype(jnp.float32).reshape(
-      batch, num_kv_heads, group * length, key_length)                       # [B, K, R, S]
-  weights = products.softmax(rows_logits).reshape(logits.shape).astype(dtype)  # [B, K, G, T, S]
+  weights = products.masked_softmax(logits, mask).astype(dtype)            # [B, K, G, T, S]
   if dropout_rng is not None and dropout_rate > 0.0:
     keep_shape = weights.shape[:-2] + (1,) + weights.shape[-1:]             # [B, K, G, 1, S]
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, keep_shape)

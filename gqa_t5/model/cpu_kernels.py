@@ -40,6 +40,7 @@ CACHE_ENV = "GQA_T5_KERNEL_CACHE"
 # The FFI targets the source defines, by the name products.py uses.
 TARGETS = {"logits": "GqaT5GroupedLogits", "context": "GqaT5GroupedContext",
            "dense": "GqaT5RowsMatmul", "softmax": "GqaT5Softmax",
+           "masked_softmax": "GqaT5MaskedSoftmax",
            "thread_count": "GqaT5ThreadCount"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
