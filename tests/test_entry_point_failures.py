@@ -6,6 +6,9 @@ and a run refused by its checks leaves nothing in MODEL_DIR."""
 import glob
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,9 @@ from gqa_t5.demo_data import prepare  # noqa: E402
 from gqa_t5.reproduce import cli as reproduce_cli  # noqa: E402
 from gqa_t5.reproduce.pipeline import run as reproduce_run  # noqa: E402
 from tiny_configs import tiny_config  # noqa: E402
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,6 +116,28 @@ def test_truncated_latest_checkpoint_names_it_and_offers_the_previous(trained, t
                     "previous checkpoint is step 1"])
   assert len(line) < 1500
   assert not os.path.exists(run / model_dir_lib.LOCK_FILE)  # released on the error path
+
+
+def test_truncated_checkpoint_in_a_real_process_prints_the_one_line_only(trained, tmp_path):
+  """The same refusal as a user meets it, in a process of its own: the reads Orbax left in
+  flight when the first one failed complete after its event loop closed, and each used to print
+  an "Event loop is closed" traceback (600 lines around the error). Only the error line now."""
+  run = _copy(trained, tmp_path)
+  for data in glob.glob(str(run / "checkpoints" / "2" / "state" / "**" / "d" / "*"),
+                        recursive=True):
+    with open(data, "r+b") as f:
+      f.truncate(os.path.getsize(data) // 2)
+  program = ("import sys; sys.path.insert(0, 'tests'); import trainer_fixtures as fx; "
+             "from gqa_t5 import train; fx.register_toy_task(); "
+             f"sys.exit(train.main(fx.toy_train_flags({str(run)!r}, 3)))")
+  result = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "Event loop is closed" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines()
+            if line.startswith("gqa_t5.train: error:")]
+  assert len(errors) == 1 and "cannot restore the checkpoint of step 2" in errors[0]
 
 
 def test_resume_with_another_batch_size_is_one_line_and_closes_everything(trained, tmp_path,

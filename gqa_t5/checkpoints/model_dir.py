@@ -361,6 +361,7 @@ class Checkpointer:
               **{STATE_ITEM: ocp.args.StandardRestore(abstract_state.to_dict()),
                  DATA_ITEM: ocp.args.JsonRestore()}))
     except (ValueError, RuntimeError, OSError, KeyError, TypeError) as error:
+      orbax_format.quiet_reads_left_in_flight()
       raise CheckpointError(f"cannot restore the checkpoint of step {step} in {self.directory}"
                             f" (truncated or corrupt?): {_first_line(error)}."
                             f"{self._offer_previous(step)}") from error

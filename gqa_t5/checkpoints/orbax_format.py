@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -73,6 +74,36 @@ def _orbax():
   return ocp, jax, epath
 
 
+def quiet_reads_left_in_flight() -> None:
+  """Call when an Orbax restore has failed (the failure is then reported by the caller).
+
+  Orbax runs a restore's reads on an asyncio loop that it closes as soon as one read fails; the
+  other reads go on in tensorstore's threads, and when each completes, its wake-up of the
+  closed loop raises "Event loop is closed" in that thread. Python prints every one as an
+  ignored exception: a truncated checkpoint gave one line of error and 600 lines of these
+  tracebacks. This drops exactly those (a RuntimeError of that message raised by asyncio's
+  closed-loop check, with no object) and hands every other ignored exception to the hook that
+  was there, for the rest of the process.
+  """
+  if getattr(sys.unraisablehook, "_gqa_t5_quiet", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+      tb = tb.tb_next
+    closed_loop = (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+                   and unraisable.object is None and tb is not None
+                   and tb.tb_frame.f_code.co_name == "_check_closed")
+    if not closed_loop:
+      previous(unraisable)
+
+  hook._gqa_t5_quiet = True
+  sys.unraisablehook = hook
+
+
 def _metadata_tree(pytree_dir: str) -> Dict[str, Any]:
   ocp, _, epath = _orbax()
   try:
@@ -94,6 +125,7 @@ def _restore_subtree(pytree_dir: str, item: Mapping[str, Any], what: str) -> Dic
       return checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
           item=item, restore_args=restore_args, partial_restore=True))
   except Exception as error:
+    quiet_reads_left_in_flight()
     raise CheckpointError(f"cannot read {what} from Orbax checkpoint {pytree_dir}: "
                           f"{error}") from error
 
@@ -227,6 +259,7 @@ def load_orbax(path: str, extra_target: Any = None, validate: bool = False
       restored = checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
           item=item, restore_args=restore_args, partial_restore=True))
   except Exception as error:
+    quiet_reads_left_in_flight()
     raise CheckpointError(f"cannot restore Orbax checkpoint {pytree_dir}: {error}") from error
   params = restored[key]
   if validate:
