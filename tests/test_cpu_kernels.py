@@ -114,6 +114,22 @@ def test_masked_softmax_is_the_select_then_the_softmax_bit_for_bit(shape):
   np.testing.assert_allclose(got[0, :, :, t - 1], 1.0 / s, rtol=1e-6)
 
 
+def test_a_mask_of_another_shape_takes_the_select_then_the_softmax():
+  """A mask the kernel does not take ([B, K, T, S], one per key/value head, which the select
+  broadcasts) runs the unfused path, with the same result as jax's select and softmax."""
+  b, k, g, t, s = 2, 2, 3, 1, 20
+  rng = np.random.default_rng(3)
+  logits = _random(rng, b, k, g, t, s) * 10.0
+  mask = jnp.asarray((rng.random((b, k, t, s)) < 0.6).astype(np.float32))
+  text = jax.jit(products.masked_softmax).trace(logits, mask).lower(
+      lowering_platforms=("cpu",)).as_text()
+  assert cpu_kernels.TARGETS["masked_softmax"] not in text
+  reference = jax.nn.softmax(jnp.where(mask[:, :, None] > 0, logits, np.finfo(np.float32).min),
+                             axis=-1)
+  np.testing.assert_allclose(jax.jit(products.masked_softmax)(logits, mask), reference,
+                             rtol=2e-6, atol=1e-9)
+
+
 # (x's shape, F): one row, a few, tails of F (not a multiple of 8 or 16, past a column block),
 # of D (not a multiple of 4 or 8) and of the rows (not of 2 or 4), the most rows, a decode
 # step's [B, 1, D], the logits' width; weights split into row ranges whose partial sums are

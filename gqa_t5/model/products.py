@@ -82,9 +82,10 @@ def masked_softmax(logits: jnp.ndarray, mask: Optional[jnp.ndarray]) -> jnp.ndar
   select, then the same softmax: bit for bit the unfused result); XLA's separate select over
   the logits cost 85 us per cross-attention layer at 2,048 keys, for every K alike.
   """
-  group, length = logits.shape[2:4]
-  if (mask is not None and logits.dtype == jnp.float32
-      and _use_kernel(group * length, logits, logits)):
+  batch, _, group, length, key_length = logits.shape
+  kernel_mask = (mask is not None and mask.ndim == 4 and mask.shape[0] in (1, batch)
+                 and mask.shape[1:] == (1, length, key_length))    # the kernel's [B|1, 1, T, S]
+  if kernel_mask and logits.dtype == jnp.float32 and _use_kernel(group * length, logits, logits):
     return jax.lax.platform_dependent(logits, mask.astype(jnp.float32),
                                       cpu=_kernel_masked_softmax, default=_select_then_softmax)
   return _select_then_softmax(logits, mask)
