@@ -26,7 +26,7 @@ of `cpu_kernels.cc`:
   - softmax over at most MAX_KERNEL_ROWS rows per key/value head (a decode step's; always
     float32, whatever the model's dtype): XLA's max, exp, sum and divide over the logits took
     0.5 ms of a step at 2,048 keys (the same for every K), the kernel one pass over each row in
-    L1. With float32 logits the attention mask's select is done in the same pass
+    L1. With float32 logits the attention mask's select is done in the same passes
     (`masked_softmax`).
 Longer products (the encoder, prefill, training at length) are real matrix products that XLA's
 GEMMs run well, and stay einsums.
