@@ -19,7 +19,7 @@ import trainer_fixtures as fx  # noqa: E402
 from gqa_t5 import cli as gqa_cli  # noqa: E402
 from gqa_t5 import command_errors  # noqa: E402
 from gqa_t5 import train  # noqa: E402
-from gqa_t5.checkpoints import atomic, synthetic  # noqa: E402
+from gqa_t5.checkpoints import atomic, orbax_format, synthetic  # noqa: E402
 from gqa_t5.checkpoints import model_dir as model_dir_lib  # noqa: E402
 from gqa_t5.convert import cli as convert_cli  # noqa: E402
 from gqa_t5.demo_data import prepare  # noqa: E402
@@ -177,6 +177,25 @@ def source(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("src") / "ckpt")
   synthetic.write_t5x(path, tiny_config("checkpoint"))
   return path
+
+
+def test_convert_of_a_truncated_orbax_checkpoint_in_a_real_process_is_one_line(tmp_path):
+  """As the trainer's resume above: the reads Orbax left in flight print nothing."""
+  source = str(tmp_path / "orbax")
+  orbax_format.save_orbax(source, synthetic.random_params(tiny_config("checkpoint")))
+  for data in glob.glob(os.path.join(source, "**", "d", "*"), recursive=True):
+    with open(data, "r+b") as f:
+      f.truncate(os.path.getsize(data) // 2)
+  out = tmp_path / "out"
+  result = subprocess.run([sys.executable, "-m", "gqa_t5.cli", "convert", "--input", source,
+                           "--output", str(out), "--num-kv-heads", "2", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines()
+            if line.startswith("gqa-t5 convert: error:")]
+  assert len(errors) == 1 and source in errors[0], result.stderr[-3000:]
+  assert not out.exists()
 
 
 def test_convert_to_a_read_only_output_is_one_line(source, tmp_path, capsys, monkeypatch):

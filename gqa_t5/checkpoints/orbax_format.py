@@ -75,7 +75,7 @@ def _orbax():
 
 
 def quiet_reads_left_in_flight() -> None:
-  """Call when an Orbax restore has failed (the failure is then reported by the caller).
+  """Call when an Orbax read (a restore, or its metadata) has failed; the caller reports it.
 
   Orbax runs a restore's reads on an asyncio loop that it closes as soon as one read fails; the
   other reads go on in tensorstore's threads, and when each completes, its wake-up of the
@@ -109,6 +109,7 @@ def _metadata_tree(pytree_dir: str) -> Dict[str, Any]:
   try:
     metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(pytree_dir))
   except Exception as error:
+    quiet_reads_left_in_flight()
     raise CheckpointError(f"cannot read Orbax metadata of {pytree_dir}: "
                           f"{describe(error)}") from error
   return getattr(metadata, "tree", metadata)
