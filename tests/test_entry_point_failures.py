@@ -97,6 +97,13 @@ def trained(tmp_path_factory):
   return run
 
 
+def _truncate_data_files(orbax_dir) -> None:
+  """Cuts every data file of an Orbax checkpoint (its `d/` folders) to half its length."""
+  for data in glob.glob(os.path.join(str(orbax_dir), "**", "d", "*"), recursive=True):
+    with open(data, "r+b") as f:
+      f.truncate(os.path.getsize(data) // 2)
+
+
 def _copy(trained, tmp_path):
   run = tmp_path / "run"
   shutil.copytree(trained, run)
@@ -106,10 +113,7 @@ def _copy(trained, tmp_path):
 def test_truncated_latest_checkpoint_names_it_and_offers_the_previous(trained, tmp_path,
                                                                       capsys):
   run = _copy(trained, tmp_path)
-  for data in glob.glob(str(run / "checkpoints" / "2" / "state" / "**" / "d" / "*"),
-                        recursive=True):
-    with open(data, "r+b") as f:
-      f.truncate(os.path.getsize(data) // 2)
+  _truncate_data_files(run / "checkpoints" / "2" / "state")
   assert train.main(_train_flags(run, 3)) == 2
   line = _one_line(capsys, "gqa_t5.train: error:",
                    ["cannot restore the checkpoint of step 2", str(run / "checkpoints"),
@@ -123,10 +127,7 @@ def test_truncated_checkpoint_in_a_real_process_prints_the_one_line_only(trained
   flight when the first one failed complete after its event loop closed, and each used to print
   an "Event loop is closed" traceback (600 lines around the error). Only the error line now."""
   run = _copy(trained, tmp_path)
-  for data in glob.glob(str(run / "checkpoints" / "2" / "state" / "**" / "d" / "*"),
-                        recursive=True):
-    with open(data, "r+b") as f:
-      f.truncate(os.path.getsize(data) // 2)
+  _truncate_data_files(run / "checkpoints" / "2" / "state")
   program = ("import sys; sys.path.insert(0, 'tests'); import trainer_fixtures as fx; "
              "from gqa_t5 import train; fx.register_toy_task(); "
              f"sys.exit(train.main(fx.toy_train_flags({str(run)!r}, 3)))")
@@ -183,9 +184,7 @@ def test_convert_of_a_truncated_orbax_checkpoint_in_a_real_process_is_one_line(t
   """As the trainer's resume above: the reads Orbax left in flight print nothing."""
   source = str(tmp_path / "orbax")
   orbax_format.save_orbax(source, synthetic.random_params(tiny_config("checkpoint")))
-  for data in glob.glob(os.path.join(source, "**", "d", "*"), recursive=True):
-    with open(data, "r+b") as f:
-      f.truncate(os.path.getsize(data) // 2)
+  _truncate_data_files(source)
   out = tmp_path / "out"
   result = subprocess.run([sys.executable, "-m", "gqa_t5.cli", "convert", "--input", source,
                            "--output", str(out), "--num-kv-heads", "2", "--quiet"],
