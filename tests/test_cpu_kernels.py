@@ -10,6 +10,7 @@ einsum path's logits and tokens. A missing compiler falls back with one warning,
 when the kernels are required.
 """
 
+import concurrent.futures
 import ctypes
 import os
 import subprocess
@@ -242,6 +243,34 @@ def test_vmap_over_the_kernels():
                              jnp.einsum("vbkrh,vbksh->vbkrs", rows, keys), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(jax.jit(jax.vmap(products.dense, in_axes=(0, None)))(x, kernel),
                              jnp.einsum("vmd,df->vmf", x, kernel), rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_called_from_several_threads_at_once_match_the_einsums():
+  """Four threads run the kernels' programs at once, so their jobs meet on the kernels' own
+  helper threads (cpu_kernels.cc `Helpers`): each caller still gets its own results, whole."""
+  rng = np.random.default_rng(7)
+  inputs = [(_random(rng, 4, 2, 512, 64), _random(rng, 4, 2, 8, 64),
+             _random(rng, 8, 256), _random(rng, 256, 1000)) for _ in range(4)]
+
+  @jax.jit
+  def step(keys, rows, x, kernel):
+    logits = products.logits(rows, keys)                                 # [B, K, R, S]
+    weights = products.softmax(logits)
+    return logits, products.context(weights, keys), products.dense(x, kernel)
+
+  assert _calls_kernel(step, *inputs[0])
+  want = [jax.block_until_ready(step(*args)) for args in inputs]
+
+  def run(i):
+    got = [step(*inputs[i]) for _ in range(25)]
+    return [jax.tree.map(np.asarray, g) for g in got]
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as threads:
+    results = list(threads.map(run, range(4)))
+  for i, runs in enumerate(results):
+    for got in runs:
+      for g, w in zip(got, want[i]):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_only_cpu_programs_contain_the_kernels():

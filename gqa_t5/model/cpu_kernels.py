@@ -42,7 +42,7 @@ TARGETS = {"logits": "GqaT5GroupedLogits", "context": "GqaT5GroupedContext",
            "dense": "GqaT5RowsMatmul", "softmax": "GqaT5Softmax",
            "masked_softmax": "GqaT5MaskedSoftmax",
            "thread_count": "GqaT5ThreadCount"}
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 
 
 class KernelUnavailableError(RuntimeError):
