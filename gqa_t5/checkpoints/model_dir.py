@@ -355,13 +355,13 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    orbax_format.quiet_reads_left_in_flight()
     try:
       restored = self.manager.restore(
           step, args=ocp.args.Composite(
               **{STATE_ITEM: ocp.args.StandardRestore(abstract_state.to_dict()),
                  DATA_ITEM: ocp.args.JsonRestore()}))
     except (ValueError, RuntimeError, OSError, KeyError, TypeError) as error:
-      orbax_format.quiet_reads_left_in_flight()
       raise CheckpointError(f"cannot restore the checkpoint of step {step} in {self.directory}"
                             f" (truncated or corrupt?): {_first_line(error)}."
                             f"{self._offer_previous(step)}") from error

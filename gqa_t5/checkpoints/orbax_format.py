@@ -75,7 +75,7 @@ def _orbax():
 
 
 def quiet_reads_left_in_flight() -> None:
-  """Call when an Orbax read (a restore, or its metadata) has failed; the caller reports it.
+  """Call before an Orbax read (a restore, or its metadata); the caller reports a failure.
 
   Orbax runs a restore's reads on an asyncio loop that it closes as soon as one read fails; the
   other reads go on in tensorstore's threads, and when each completes, its wake-up of the
@@ -83,7 +83,8 @@ def quiet_reads_left_in_flight() -> None:
   ignored exception: a truncated checkpoint gave one line of error and 600 lines of these
   tracebacks. This drops exactly those (a RuntimeError of that message raised by asyncio's
   closed-loop check, with no object) and hands every other ignored exception to the hook that
-  was there, for the rest of the process.
+  was there, for the rest of the process. It is installed before the read, not after its
+  failure: a read can complete in between (a fresh-clone test run saw one such traceback).
   """
   if getattr(sys.unraisablehook, "_gqa_t5_quiet", False):
     return
@@ -106,10 +107,10 @@ def quiet_reads_left_in_flight() -> None:
 
 def _metadata_tree(pytree_dir: str) -> Dict[str, Any]:
   ocp, _, epath = _orbax()
+  quiet_reads_left_in_flight()
   try:
     metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(pytree_dir))
   except Exception as error:
-    quiet_reads_left_in_flight()
     raise CheckpointError(f"cannot read Orbax metadata of {pytree_dir}: "
                           f"{describe(error)}") from error
   return getattr(metadata, "tree", metadata)
@@ -121,12 +122,12 @@ def _restore_subtree(pytree_dir: str, item: Mapping[str, Any], what: str) -> Dic
   restore_args = jax.tree_util.tree_map(
       lambda x: ocp.RestoreArgs(restore_type=np.ndarray) if isinstance(x, np.ndarray)
       else ocp.RestoreArgs(), item)
+  quiet_reads_left_in_flight()
   try:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
       return checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
           item=item, restore_args=restore_args, partial_restore=True))
   except Exception as error:
-    quiet_reads_left_in_flight()
     raise CheckpointError(f"cannot read {what} from Orbax checkpoint {pytree_dir}: "
                           f"{error}") from error
 
@@ -255,12 +256,12 @@ def load_orbax(path: str, extra_target: Any = None, validate: bool = False
   restore_args = jax.tree_util.tree_map(
       lambda x: ocp.RestoreArgs(restore_type=np.ndarray) if isinstance(x, np.ndarray)
       and x.ndim else ocp.RestoreArgs(), item)
+  quiet_reads_left_in_flight()
   try:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
       restored = checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
           item=item, restore_args=restore_args, partial_restore=True))
   except Exception as error:
-    quiet_reads_left_in_flight()
     raise CheckpointError(f"cannot restore Orbax checkpoint {pytree_dir}: {error}") from error
   params = restored[key]
   if validate:
