@@ -114,6 +114,10 @@ def test_hf_check_target_is_the_backends():
   assert cpu["passed"] and cpu["name"].startswith("ours >= 2x") and "5x on a GPU" in cpu["name"]
   assert not gpu["passed"] and gpu["name"].startswith("ours >= 5x") and "2x on a CPU" in gpu[
       "name"]
+  # HF's 30 ms step against a 7.5 ms roofline is at 0.25 of it: 2x needs ours at 0.50.
+  bounded = decode_report.hf_check(hf, "cpu", roofline_step_ms=7.5)["detail"]
+  assert "at 0.25 of the memory roofline" in bounded and "2x needs ours at 0.50" in bounded
+  assert "roofline" not in cpu["detail"]
 
 
 def test_cpu_shapes_are_issue_23s_model_at_inputs_512_and_2048():

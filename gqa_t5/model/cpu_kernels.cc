@@ -67,7 +67,7 @@ namespace {
 // 50 us to start on a task (in a CPU-long MHA decode step, a quarter of the dense calls and every
 // call of the logits weight waited that long for their second thread). A decode step calls these
 // kernels every few to a hundred microseconds, so a spinning helper is already running when the
-// next job is posted (late in 4-6% of those calls; the step 7-10% faster). Spinning yields the
+// next job is posted (late in 4-6% of those calls; the step 8-11% faster). Spinning yields the
 // core to any other runnable thread, and stops after kSpin without a job.
 class Helpers {
  public:
