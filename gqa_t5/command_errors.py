@@ -33,8 +33,12 @@ def describe_error(error: BaseException) -> str:
 
 
 def report(prog: str, error: BaseException, note: str = "") -> None:
-  """Prints `PROG: error: <message>` (one line: a multi-line message is joined)."""
-  message = " ".join(describe_error(error).split("\n"))
+  """Prints `PROG: error: <message>` (one line: a multi-line message is joined, without the
+  line gin appends to an error raised inside a configured function, "In call to configurable
+  'train' (<function train at 0x...>)": the message already names what failed)."""
+  lines = [line for line in describe_error(error).split("\n")
+           if not line.strip().startswith("In call to configurable ")]
+  message = " ".join(lines)
   print(f"{prog}: error: {message}{note}", file=sys.stderr)
 
 

@@ -235,6 +235,7 @@ class _Loop:
   A step's metrics are read one step later so the host never stalls the device; a non-finite
   loss or update therefore stops the run at most one step after the bad one, and always
   before anything computed from it is saved (the state is also checked right before a save).
+  A save runs in the background; one that fails (a full disk) stops the run at the next step.
   """
 
   def __init__(self, trainer, batches, checkpointer, writer, evaluate, periods,
@@ -276,6 +277,7 @@ class _Loop:
     while step < last_step:
       host_batch = next(self.batches)
       state, metrics = self.trainer.train_step(state, self.trainer.shard_batch(host_batch))
+      self.checkpointer.check_background_save(at_step=step + 1)
       self._consume()
       self.pending = (step, metrics, self.batches.position - 1)
       step += 1

@@ -1,5 +1,6 @@
 """Format detection and the one-call readers the trainer uses (load_params / load_checkpoint)."""
 
+import shutil
 
 import numpy as np
 import pytest
@@ -59,6 +60,23 @@ def test_load_params_checks_the_callers_config(checkpoints):
   with pytest.raises(CheckpointError, match=r"'decoder/layers_0/self_attention/key/kernel' has "
                      r"shape \(16, 32\), expected \(16, 16\)"):
     load_params(str(root / "orbax"), config=gqa)
+
+
+def test_a_t5x_model_dir_names_its_latest_checkpoint(tmp_path, checkpoints):
+  """T5X's MODEL_DIR (checkpoint_<step>/ folders) given where a checkpoint is expected: the
+  error says so and names the latest one to pass (numerically latest, not by name)."""
+  root, _ = checkpoints
+  model_dir = tmp_path / "t5x_model_dir"
+  for step in (900, 1000, 20, 100):
+    shutil.copytree(root / "t5x", model_dir / f"checkpoint_{step}")
+  (model_dir / "checkpoint_5.tmp-1234").mkdir()  # an interrupted save: not a checkpoint
+  (model_dir / "config.gin").write_text("")
+  with pytest.raises(CheckpointError) as error:
+    detect_format(str(model_dir))
+  message = str(error.value)
+  assert "T5X model directory holding 4 checkpoint(s) (steps ..., 100, 900, 1000)" in message
+  assert message.endswith(f"the latest, {model_dir / 'checkpoint_1000'}")
+  assert detect_format(str(model_dir / "checkpoint_1000")) == "t5x"
 
 
 def test_unknown_and_undetectable(tmp_path, checkpoints):

@@ -166,6 +166,63 @@ def test_a_full_disk_during_a_save_is_one_line(trained, tmp_path, capsys, monkey
   assert not glob.glob(str(run / "checkpoints" / "*tmp*"))
 
 
+# The child's files may not grow past this once step 8's save starts: step 8's data files (0.8-1.2
+# MB for this model) cannot be written, while metrics.jsonl and the small JSON items can.
+_FILE_SIZE_LIMIT = 300_000
+_FAILING_BACKGROUND_SAVE = """
+import resource, signal, sys, time
+sys.path.insert(0, 'tests')
+import trainer_fixtures as fx
+from gqa_t5 import train
+from gqa_t5.checkpoints import model_dir as model_dir_lib
+start_save = model_dir_lib.Checkpointer.save
+
+def save_then_fail_to_write(self, state, data_state, force=False):
+  if int(state.step) != 8:
+    return start_save(self, state, data_state, force)
+  self.wait()  # step 4's save completes first, with no limit
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+  resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+  started = start_save(self, state, data_state, force)
+  while self.manager.is_saving_in_progress():  # its failure is known before step 9 runs
+    time.sleep(0.05)
+  return started
+
+model_dir_lib.Checkpointer.save = save_then_fail_to_write
+fx.register_toy_task()
+sys.exit(train.main(fx.toy_train_flags({run!r}, 12, "--gin.CHECKPOINT_PERIOD=4")))
+"""
+
+
+def test_a_background_save_that_fails_stops_the_run_at_once_in_one_line(tmp_path):
+  """A real failed write of a background save, in a process of its own: the run stops at the
+  first step after the save ended (not at the next save, a checkpoint period later; the child
+  waits for the save to end, so that step is 9), one line names the failed step,
+  the system's cause and the checkpoint a resume starts from, nothing else is printed (Orbax's
+  threads used to print 136 "Event loop is closed" tracebacks and log five more), the partial
+  folder is gone, and the run resumes from the complete checkpoint."""
+  run = tmp_path / "run"
+  program = _FAILING_BACKGROUND_SAVE.format(limit=_FILE_SIZE_LIMIT, run=str(run))
+  result = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 2, result.stderr[-3000:]
+  for noise in ("Traceback", "Event loop is closed", "ERROR"):
+    assert noise not in result.stderr, (noise, result.stderr[-3000:])
+  errors = [line for line in result.stderr.splitlines()
+            if line.startswith("gqa_t5.train: error:")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  for words in ("cannot save the checkpoint of step 8", str(run / "checkpoints"),
+                "File too large (writing ", "latest complete checkpoint is step 4"):
+    assert words in errors[0], (words, errors[0])
+  assert "configurable" not in errors[0]  # gin's note on the call is not the user's business
+  # Found by the first step after the save ended, not by the next save (step 12).
+  assert "its write in the background failed, found at step 9." in errors[0]
+  assert model_dir_lib.checkpoint_steps(str(run)) == [4]
+  assert os.listdir(run / "checkpoints") == ["4"]  # the partial step 8 removed
+  assert train.main(_train_flags(run, 12, "--gin.CHECKPOINT_PERIOD=4")) == 0
+  assert model_dir_lib.checkpoint_steps(str(run)) == [4, 8, 12]
+
+
 def test_verbose_keeps_the_traceback(tmp_path):
   with pytest.raises(ValueError, match="TRAIN_STEPS"):
     train.main(_train_flags(tmp_path / "run", "'ten'", "--verbose"))

@@ -7,7 +7,7 @@ validated against the T5.1.1 layout (and against `config` when given).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 from gqa_t5.checkpoints import confine
 from gqa_t5.checkpoints import hf, mesh_tf, orbax_format, t5x_legacy
@@ -65,6 +65,16 @@ def _describe_damage(ckpt_file: str) -> str:
           "checkpoint file starts with a msgpack map)")
 
 
+def _t5x_checkpoint_steps(path: str) -> List[int]:
+  """The steps of the `checkpoint_<step>/` folders in a directory (T5X's MODEL_DIR layout)."""
+  if not os.path.isdir(path):
+    return []
+  prefix = "checkpoint_"
+  return sorted(int(name[len(prefix):]) for name in os.listdir(path)
+                if name.startswith(prefix) and name[len(prefix):].isdigit()
+                and os.path.isdir(os.path.join(path, name)))
+
+
 def detect_format(path: str) -> str:
   """'t5x', 'orbax', 'hf' or 'mesh-tf'; CheckpointError naming the path otherwise."""
   if not os.path.exists(path) and not os.path.exists(path + ".index"):
@@ -88,6 +98,13 @@ def detect_format(path: str) -> str:
   if damaged:  # a 'checkpoint' file and no other format: a T5X checkpoint whose file is broken
     raise CheckpointError(f"damaged T5X checkpoint {path}: its checkpoint file {damaged} "
                           f"{_describe_damage(damaged)}")
+  steps = _t5x_checkpoint_steps(path)
+  if steps:  # T5X's MODEL_DIR, given where one of its checkpoints is expected
+    latest = os.path.join(path, f"checkpoint_{steps[-1]}")
+    raise CheckpointError(
+        f"{path} is a T5X model directory holding {len(steps)} checkpoint(s) (steps "
+        f"{'..., ' if len(steps) > 3 else ''}{', '.join(map(str, steps[-3:]))}), not a "
+        f"checkpoint: pass one of them, e.g. the latest, {latest}")
   raise CheckpointError(
       f"cannot detect the checkpoint format of {path}: expected a T5X checkpoint directory "
       "(msgpack 'checkpoint' file), an Orbax checkpoint ('state/_METADATA'), a Hugging Face "

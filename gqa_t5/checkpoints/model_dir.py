@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
@@ -39,7 +42,7 @@ from gqa_t5.checkpoints import orbax_format
 from gqa_t5.checkpoints import run_layout
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.atomic import Interrupted, owner_is_dead, process_owner
-from gqa_t5.checkpoints.errors import CheckpointError, describe
+from gqa_t5.checkpoints.errors import CheckpointError, describe, describe_os_error
 # The layout's names and look-ups, used through this module by the trainer and the tests.
 from gqa_t5.checkpoints.run_layout import (  # noqa: F401
     CHECKPOINTS_DIR, CHECKSUMS_ITEM, DATA_ITEM, INFERENCE_EVAL_DIR, LOCK_FILE, METRICS_FILE,
@@ -317,6 +320,12 @@ class Checkpointer:
         enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=(STATE_ITEM, DATA_ITEM, CHECKSUMS_ITEM))
+    # The step of the last save not yet known to be complete (a background save in flight).
+    self._in_flight: Optional[int] = None
+    # A failed save or restore is reported here as one CheckpointError: the tracebacks Orbax's
+    # threads print or log for it are noise around that line.
+    orbax_format.quiet_io_left_in_flight()
+    orbax_format.hold_logged_failures()
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -328,16 +337,13 @@ class Checkpointer:
   def all_steps(self):
     return list(self.manager.all_steps())
 
-  def _saving(self, what: str):
-    """Turns a failed write (a full disk: Orbax's RESOURCE_EXHAUSTED, a read-only or vanished
-    directory) into one CheckpointError naming the directory; an async save's error surfaces
-    at the next save or wait."""
-    return _save_errors(f"cannot save {what} in {self.directory}")
-
   def save(self, state, data_state: Mapping[str, Any], force: bool = False) -> bool:
+    """Starts the checkpoint of the state's step (in the background with `async_save`) once
+    the previous one is complete; a failed previous one raises CheckpointError naming it."""
     step = int(jax.device_get(state.step))
     if step in self.manager.all_steps():
       return False
+    self.wait(at_step=step)
     state_dict = state.to_dict()
     items = {STATE_ITEM: ocp.args.StandardSave(state_dict),
              DATA_ITEM: ocp.args.JsonSave(dict(data_state))}
@@ -346,8 +352,58 @@ class Checkpointer:
       sums = state_checksums(state_dict) if jax.process_index() == 0 else {}
       items[CHECKSUMS_ITEM] = ocp.args.JsonSave({"algorithm": checksums_lib.ALGORITHM,
                                                  "tensors": sums})
-    with self._saving(f"the checkpoint of step {step}"):
-      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except (ValueError, RuntimeError, OSError) as error:
+      raise self._save_failed(step, error) from error
+    if saved:
+      self._in_flight = step
+      if not self.cfg.async_save:
+        self.wait()
+    return saved
+
+  def check_background_save(self, at_step: Optional[int] = None) -> None:
+    """Between training steps: a background save that has ended is checked at once, so a
+    failed one (a full disk) stops the run at the next step rather than at the next save, a
+    checkpoint period later. Costs a flag read while a save is in flight, nothing otherwise."""
+    in_progress = getattr(self.manager, "is_saving_in_progress", None)
+    if self._in_flight is not None and in_progress is not None and not in_progress():
+      self.wait(at_step)
+
+  def wait(self, at_step: Optional[int] = None) -> None:
+    """Blocks until the save in flight is complete. One that failed, or that Orbax left
+    unfinished, raises CheckpointError naming its step, the cause and the latest complete
+    checkpoint, after its partial folder is removed (`at_step`: the training step at which the
+    failure was found, for the message)."""
+    if self.manager is None:
+      return
+    step, self._in_flight = self._in_flight, None
+    try:
+      self.manager.wait_until_finished()
+    except (ValueError, RuntimeError, OSError) as error:
+      raise self._save_failed(step, error, at_step) from error
+    # Orbax can log a failed commit and skip the checkpoint's finalisation without raising:
+    # the step's folder then never appears. (Process 0 renames it, so process 0 checks.)
+    if (step is not None and jax.process_index() == 0
+        and not os.path.isdir(self.step_dir(step))):
+      raise self._save_failed(step, orbax_format.last_held_failure(), at_step)
+
+  def _save_failed(self, step: Optional[int], error: Optional[BaseException],
+                   at_step: Optional[int] = None) -> CheckpointError:
+    """The CheckpointError of a failed save: its step, the directory, the cause as the system
+    named it, when it was found, and which checkpoint a resume would start from."""
+    what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    cause = _write_cause(error) if error is not None else "Orbax did not complete it"
+    found = (f"; its write in the background failed, found at step {at_step}"
+             if at_step is not None and step is not None and at_step != step else "")
+    if step is not None and jax.process_index() == 0:
+      for partial in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(partial, ignore_errors=True)  # its space back, on a full disk
+    complete = sorted(s for s in checkpoint_steps(os.path.dirname(self.directory))
+                      if s != step)
+    latest = (f" The latest complete checkpoint is step {complete[-1]}." if complete
+              else " No checkpoint of this run is complete.")
+    return CheckpointError(f"cannot save {what} in {self.directory}: {cause}{found}.{latest}")
 
   def restore(self, abstract_state, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
     """`abstract_state`: a state of jax.ShapeDtypeStruct leaves carrying the target shardings;
@@ -355,7 +411,6 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    orbax_format.quiet_reads_left_in_flight()
     try:
       restored = self.manager.restore(
           step, args=ocp.args.Composite(
@@ -424,20 +479,14 @@ class Checkpointer:
       skipped[step] = bad
     return None, skipped
 
-  def wait(self) -> None:
-    if self.manager is not None:
-      with self._saving("a checkpoint"):
-        self.manager.wait_until_finished()
-
   def close(self) -> None:
     """Joins the save in flight and stops Orbax's threads; a no-op the second time."""
     if self.manager is None:
       return
-    manager, self.manager = self.manager, None
     try:
-      with self._saving("a checkpoint"):
-        manager.wait_until_finished()
+      self.wait()
     finally:
+      manager, self.manager = self.manager, None
       manager.close()
 
 
@@ -448,11 +497,22 @@ def _first_line(error: BaseException) -> str:
   return text if len(text) <= 400 else text[:400] + "..."
 
 
-@contextlib.contextmanager
-def _save_errors(what: str):
-  try:
-    yield
-  except CheckpointError:
-    raise
-  except (ValueError, RuntimeError, OSError) as error:
-    raise CheckpointError(f"{what}: {_first_line(error)}") from error
+# tensorstore's write errors name the system's error by number ("[os_error_code='28']") or text
+# ("[OS error: No space left on device]") after the file, in a message of many lines.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_OS_ERROR_TEXT = re.compile(r"\[OS error: ([^\]]+)\]")
+_WRITTEN_FILE = re.compile(r'(?:Failed writing|local file):? "([^"]+)"')
+
+
+def _write_cause(error: BaseException) -> str:
+  """What made a write fail, as the user needs it first: 'No space left on device (writing
+  FILE)' from tensorstore's message, 'PATH: cause' from an OSError, else the first line."""
+  if isinstance(error, OSError):
+    return describe_os_error(error)
+  text = describe(error)
+  code, named = _OS_ERROR_CODE.search(text), _OS_ERROR_TEXT.search(text)
+  if code is None and named is None:
+    return _first_line(error)
+  cause = os.strerror(int(code.group(1))) if code is not None else named.group(1)
+  files = _WRITTEN_FILE.findall(text)
+  return cause + (f" (writing {files[-1]})" if files else "")

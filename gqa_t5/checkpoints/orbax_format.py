@@ -13,6 +13,7 @@ time, so converting XXL never holds the whole model in memory.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -74,17 +75,19 @@ def _orbax():
   return ocp, jax, epath
 
 
-def quiet_reads_left_in_flight() -> None:
-  """Call before an Orbax read (a restore, or its metadata); the caller reports a failure.
+def quiet_io_left_in_flight() -> None:
+  """Call before Orbax reads or writes (a restore, its metadata, a save); the caller reports a
+  failure.
 
-  Orbax runs a restore's reads on an asyncio loop that it closes as soon as one read fails; the
-  other reads go on in tensorstore's threads, and when each completes, its wake-up of the
-  closed loop raises "Event loop is closed" in that thread. Python prints every one as an
-  ignored exception: a truncated checkpoint gave one line of error and 600 lines of these
-  tracebacks. This drops exactly those (a RuntimeError of that message raised by asyncio's
-  closed-loop check, with no object) and hands every other ignored exception to the hook that
-  was there, for the rest of the process. It is installed before the read, not after its
-  failure: a read can complete in between (a fresh-clone test run saw one such traceback).
+  Orbax runs a restore's reads and a save's writes on an asyncio loop that it closes as soon as
+  one of them fails; the others go on in tensorstore's threads, and when each completes, its
+  wake-up of the closed loop raises "Event loop is closed" in that thread. Python prints every
+  one as an ignored exception: a truncated checkpoint gave one line of error and 600 lines of
+  these tracebacks, a full disk during a training save 136 of them. This drops exactly those (a
+  RuntimeError of that message raised by asyncio's closed-loop check, with no object) and hands
+  every other ignored exception to the hook that was there, for the rest of the process. It is
+  installed before the I/O, not after its failure: a read can complete in between (a
+  fresh-clone test run saw one such traceback).
   """
   if getattr(sys.unraisablehook, "_gqa_t5_quiet", False):
     return
@@ -105,9 +108,49 @@ def quiet_reads_left_in_flight() -> None:
   sys.unraisablehook = hook
 
 
+class _HeldFailures(logging.Filter):
+  """Drops the tracebacks Orbax logs for a failure it also raises, keeping the last one.
+
+  A failed background save is logged by each of Orbax's threads it passes through (the write,
+  the commit, the finalize thread, the wait), each with its traceback: five records of a few
+  dozen lines around the one error the trainer reports. Records of Orbax's own modules at ERROR
+  level that carry an exception are held back here; `last_held_failure` gives the last one's
+  exception, for the rare failure Orbax logs without raising it.
+  """
+
+  def __init__(self, orbax_dir: str):
+    super().__init__()
+    self.orbax_dir = orbax_dir
+    self.last = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if (record.levelno >= logging.ERROR and record.exc_info
+        and os.path.abspath(record.pathname).startswith(self.orbax_dir)):
+      self.last = record.exc_info[1]
+      return False
+    return True
+
+
+_held_failures: Optional[_HeldFailures] = None
+
+
+def hold_logged_failures() -> None:
+  """Installs `_HeldFailures` on the logger Orbax logs through (absl's), once per process."""
+  global _held_failures
+  if _held_failures is None:
+    ocp, _, _ = _orbax()
+    _held_failures = _HeldFailures(os.path.dirname(os.path.abspath(ocp.__file__)) + os.sep)
+    logging.getLogger("absl").addFilter(_held_failures)
+
+
+def last_held_failure() -> Optional[BaseException]:
+  """The exception of the last failure record `hold_logged_failures` held back, if any."""
+  return _held_failures.last if _held_failures is not None else None
+
+
 def _metadata_tree(pytree_dir: str) -> Dict[str, Any]:
   ocp, _, epath = _orbax()
-  quiet_reads_left_in_flight()
+  quiet_io_left_in_flight()
   try:
     metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(pytree_dir))
   except Exception as error:
@@ -122,7 +165,7 @@ def _restore_subtree(pytree_dir: str, item: Mapping[str, Any], what: str) -> Dic
   restore_args = jax.tree_util.tree_map(
       lambda x: ocp.RestoreArgs(restore_type=np.ndarray) if isinstance(x, np.ndarray)
       else ocp.RestoreArgs(), item)
-  quiet_reads_left_in_flight()
+  quiet_io_left_in_flight()
   try:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
       return checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
@@ -256,7 +299,7 @@ def load_orbax(path: str, extra_target: Any = None, validate: bool = False
   restore_args = jax.tree_util.tree_map(
       lambda x: ocp.RestoreArgs(restore_type=np.ndarray) if isinstance(x, np.ndarray)
       and x.ndim else ocp.RestoreArgs(), item)
-  quiet_reads_left_in_flight()
+  quiet_io_left_in_flight()
   try:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
       restored = checkpointer.restore(pytree_dir, args=ocp.args.PyTreeRestore(
@@ -330,6 +373,8 @@ def write_orbax_item(directory: str, params: Mapping[str, Any], step: int,
   registry = _serial_handler_registry()
   serial = registry.get(LazyTensor)
   handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+  quiet_io_left_in_flight()
+  hold_logged_failures()
   try:
     with ocp.Checkpointer(handler) as checkpointer:
       checkpointer.save(os.path.join(directory, STATE_ITEM), args=ocp.args.PyTreeSave(item))
