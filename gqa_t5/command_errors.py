@@ -25,20 +25,30 @@ EXPECTED_ERRORS: Tuple[Type[BaseException], ...] = (ValueError, KeyError, OSErro
 LOG_DIR_ENV_VAR = "GQA_T5_ERROR_LOG_DIR"
 
 
+def _unwrap_gin(error: BaseException) -> BaseException:
+  """The error a gin-configured function raised. gin re-raises it as a proxy: an instance of a
+  subclass of its type, of the same name, whose message appends "In call to configurable
+  'train' (<function train at 0x...>)" and whose OSError fields (errno, file name) are unset;
+  the original is the proxy's suppressed context (one proxy per configured call it crossed)."""
+  while (error.__suppress_context__ and error.__context__ is not None
+         and type(error) is not type(error.__context__)
+         and isinstance(error, type(error.__context__))
+         and type(error).__name__ == type(error.__context__).__name__):
+    error = error.__context__
+  return error
+
+
 def describe_error(error: BaseException) -> str:
   """The message of an expected failure; an OSError as 'PATH: cause'."""
+  error = _unwrap_gin(error)
   if isinstance(error, OSError):
     return describe_os_error(error)
   return str(error) or type(error).__name__
 
 
 def report(prog: str, error: BaseException, note: str = "") -> None:
-  """Prints `PROG: error: <message>` (one line: a multi-line message is joined, without the
-  line gin appends to an error raised inside a configured function, "In call to configurable
-  'train' (<function train at 0x...>)": the message already names what failed)."""
-  lines = [line for line in describe_error(error).split("\n")
-           if not line.strip().startswith("In call to configurable ")]
-  message = " ".join(lines)
+  """Prints `PROG: error: <message>` (one line: a multi-line message is joined)."""
+  message = " ".join(describe_error(error).split("\n"))
   print(f"{prog}: error: {message}{note}", file=sys.stderr)
 
 

@@ -1,8 +1,11 @@
 """All-or-nothing writes (gqa_t5/checkpoints/atomic.py) leave what an ordinary write would: the
 content, and the permissions the process's umask gives (not the temporary file's private 0600)."""
 
+import errno
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -41,3 +44,24 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
       f.write("half")
       raise RuntimeError("stopped mid-write")
   assert target.read_text() == "old" and os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_write_the_system_refuses_names_the_file_and_leaves_the_old_one(tmp_path):
+  """A real failed write (past a file-size limit, as a full disk fails one): the system's error
+  names no file, the one raised names the file being written; the old file stays, no debris."""
+  target = tmp_path / "predictions.jsonl"
+  atomic.write_text(target, "old")
+  program = (
+      "import resource, signal, sys\n"
+      "from gqa_t5.checkpoints import atomic\n"
+      "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+      "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+      "try:\n"
+      f"  atomic.write_text({str(target)!r}, 'x' * 100_000)\n"
+      "except OSError as error:\n"
+      "  print(error.errno, error.filename, error.__cause__.filename, sep='|')\n")
+  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == f"{errno.EFBIG}|{target}|None"
+  assert target.read_text() == "old" and os.listdir(tmp_path) == ["predictions.jsonl"]

@@ -3,6 +3,7 @@ command through the `gqa-t5` dispatcher), as a table: each is one line on stderr
 setting or path and the cause, a non-zero exit status and no traceback (that needs --verbose),
 and a run refused by its checks leaves nothing in MODEL_DIR."""
 
+import errno
 import glob
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("seqio")
-pytest.importorskip("gin")
+gin = pytest.importorskip("gin")
 
 import trainer_fixtures as fx  # noqa: E402
 from gqa_t5 import cli as gqa_cli  # noqa: E402
@@ -221,6 +222,27 @@ def test_a_background_save_that_fails_stops_the_run_at_once_in_one_line(tmp_path
   assert os.listdir(run / "checkpoints") == ["4"]  # the partial step 8 removed
   assert train.main(_train_flags(run, 12, "--gin.CHECKPOINT_PERIOD=4")) == 0
   assert model_dir_lib.checkpoint_steps(str(run)) == [4, 8, 12]
+
+
+@gin.configurable
+def _writes_to_a_full_disk(path="/x/predictions.jsonl"):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+@gin.configurable
+def _calls_another_configurable():
+  _writes_to_a_full_disk()
+
+
+def test_an_os_error_inside_configured_functions_names_its_path(capsys):
+  """gin re-raises an error of a configured function as a proxy whose OSError fields are unset
+  and whose message grows a line per configured call: the report still says 'PATH: cause'."""
+  with pytest.raises(OSError) as raised:
+    _calls_another_configurable()
+  assert "In call to configurable" in str(raised.value)  # what gin hands the entry point
+  command_errors.report("gqa_t5.infer", raised.value)
+  assert capsys.readouterr().err == ("gqa_t5.infer: error: /x/predictions.jsonl: No space left "
+                                     "on device\n")
 
 
 def test_verbose_keeps_the_traceback(tmp_path):

@@ -273,7 +273,8 @@ def _umask() -> int:
 def open_for_keeps(path: os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
   """Opens a temporary file beside `path` for writing; on a clean exit it is flushed to disk and
   renamed over `path`, on an error it is removed. The one way the package writes a file meant to
-  last: a reader never sees half a file, and a crash leaves the old one in place."""
+  last: a reader never sees half a file, and a crash leaves the old one in place. A failed write,
+  flush or sync (a full disk) raises an OSError naming `path`: the system names no file there."""
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
@@ -285,9 +286,11 @@ def open_for_keeps(path: os.PathLike, mode: str = "w", **open_kwargs) -> Iterato
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as error:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+      raise OSError(error.errno, error.strerror, path) from error
     raise
 
 
