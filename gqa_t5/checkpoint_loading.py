@@ -20,4 +20,5 @@ def load_checkpoint_params(model, partitioner, checkpoint_path: str,
     partitioning_lib.validate(config, partitioner.mesh_shape)
   abstract, axes = partitioning_lib.abstract_params_and_axes(model)
   return initial_checkpoint.load_for_model(checkpoint_path, config, abstract,
-                                           partitioner.shardings(axes), kv_conversion)
+                                           partitioner.shardings(axes), kv_conversion,
+                                           setting=initial_checkpoint.EVALUATION)

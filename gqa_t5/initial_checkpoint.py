@@ -39,6 +39,11 @@ class InitialCheckpointError(ValueError):
 # One flatten/unflatten for the whole project: the checkpoint readers' (slash-joined names).
 _flatten, _unflatten = tree_lib.flatten, tree_lib.unflatten
 
+# The setting a message names: training's start (which may leave parameters fresh, opted in)
+# or the checkpoint eval and infer decode with.
+TRAINING = "INITIAL_CHECKPOINT_PATH"
+EVALUATION = "CHECKPOINT_PATH"
+
 
 def resolve_path(path: str) -> str:
   """A MODEL_DIR of ours stands for its latest checkpoint (MODEL_DIR/checkpoints/<step>)."""
@@ -49,23 +54,25 @@ def resolve_path(path: str) -> str:
   return latest or path
 
 
-def _open_source(path: str):
+def _open_source(path: str, setting: str):
   path = resolve_path(path)
   if not os.path.exists(path) and "://" not in path:
-    raise InitialCheckpointError(f"initial checkpoint {path} does not exist")
+    raise InitialCheckpointError(f"{setting} {path} does not exist")
   return detect.open_checkpoint(path, config=None, validate=False)
 
 
-def open_for_model(path: str, config, kv_conversion: Optional[str] = None):
-  """Opens `path` lazily (metadata only); converts key/value heads if asked and needed."""
+def open_for_model(path: str, config, kv_conversion: Optional[str] = None,
+                   setting: str = TRAINING):
+  """Opens `path` lazily (metadata only); converts key/value heads if asked and needed.
+  `setting`: what errors call the path (TRAINING or EVALUATION)."""
   if kv_conversion is not None:
     if kv_conversion not in pooling.METHODS:
       raise InitialCheckpointError(f"unknown kv_conversion {kv_conversion!r}; use one of "
                                    f"{tuple(pooling.METHODS)} or None")
   try:
-    source = _open_source(path)
+    source = _open_source(path, setting)
   except (FileNotFoundError, OSError) as error:
-    raise InitialCheckpointError(f"INITIAL_CHECKPOINT_PATH {path}: {error}") from error
+    raise InitialCheckpointError(f"{setting} {path}: {error}") from error
   if kv_conversion and config is not None and _needs_kv_conversion(source, config):
     spec = converter.ConversionSpec(num_kv_heads=config.self_attention_kv_heads,
                                     num_cross_kv_heads=config.cross_attention_kv_heads,
@@ -107,11 +114,13 @@ def fresh_params(found: Mapping[str, Tuple[int, ...]],
                 if name not in found or tuple(found[name]) != tuple(expected[name]))
 
 
-def check_against(source, abstract_params, allow_fresh_params: bool = False) -> List[str]:
+def check_against(source, abstract_params, allow_fresh_params: bool = False,
+                  setting: str = TRAINING) -> List[str]:
   """Raises InitialCheckpointError naming each tensor that is missing, of another shape, or
   not a parameter of the model. With `allow_fresh_params`, missing and mis-shaped parameters
   are allowed instead and returned (they are to be initialised randomly); a tensor the model
-  does not have is refused all the same."""
+  does not have is refused all the same. `setting`: what the message calls the path; only
+  training's (TRAINING) offers the pooling at load and the opt-in to fresh parameters."""
   expected = {k: tuple(v.shape) for k, v in _flatten(abstract_params).items()}
   found = {k: tuple(v) for k, v in source.shapes().items()}
   fresh = fresh_params(found, expected)
@@ -123,14 +132,15 @@ def check_against(source, abstract_params, allow_fresh_params: bool = False) -> 
     shown = problems[:8]
     more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
     hint = ""
+    training = setting == TRAINING
     if any("key/kernel" in p or "value/kernel" in p for p in problems):
       hint = (" If the checkpoint is multi-head and the model GQA/MQA, convert it first "
-              "(gqa-t5 convert) or set kv_conversion='mean'.")
-    if fresh and not allow_fresh_params:
+              "(gqa-t5 convert)" + (" or set kv_conversion='mean'." if training else "."))
+    if fresh and not allow_fresh_params and training:
       hint += (f" Starting from it would leave {len(fresh)} parameter(s) freshly initialised; "
                "if that is meant, set train.allow_fresh_params = True (gin).")
     raise InitialCheckpointError(
-        f"initial checkpoint {source.path} does not match the configured model: "
+        f"{setting} {source.path} does not match the configured model: "
         + "; ".join(shown) + more + "." + hint)
   return fresh
 
@@ -157,10 +167,11 @@ def merge_fresh(params: Mapping[str, Any], fresh_values: Mapping[str, Any],
 
 
 def load_for_model(path: str, config, abstract_params, shardings,
-                   kv_conversion: Optional[str] = None):
-  """(device parameters placed with `shardings`, step) from any checkpoint format."""
-  source = open_for_model(path, config, kv_conversion)
-  check_against(source, abstract_params)
+                   kv_conversion: Optional[str] = None, setting: str = TRAINING):
+  """(device parameters placed with `shardings`, step) from any checkpoint format; `setting`:
+  what errors call the path."""
+  source = open_for_model(path, config, kv_conversion, setting)
+  check_against(source, abstract_params, setting=setting)
   params = read_params(source, abstract_params)
 
   def place(value, sharding):

@@ -224,7 +224,7 @@ def test_a_gin_typo_is_a_clear_error():
 _toy_flags = fx.toy_train_flags
 
 
-def test_train_eval_and_infer_entry_points(tmp_path):
+def test_train_eval_and_infer_entry_points(tmp_path, capsys):
   from gqa_t5 import eval as eval_main
   from gqa_t5 import infer as infer_main
   from gqa_t5 import train
@@ -252,9 +252,20 @@ def test_train_eval_and_infer_entry_points(tmp_path):
   assert [r["index"] for r in records] == list(range(12))
   assert all(set(r) >= {"inputs", "prediction", "targets", "score"} for r in records)
   assert all(set(r["inputs"]) <= set(fx.ALPHABET) for r in records)
-  # A wrong K for the checkpoint is refused naming the tensor.
+  # A wrong K for the checkpoint is refused naming the setting, the tensor and the remedy that
+  # applies to eval (not training's pooling at load or its opt-in to fresh parameters).
+  capsys.readouterr()
   assert eval_main.main([a.replace("gqa_2", "mqa") for a in common] + [
       "--gin_file=runs/eval.gin", f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval2'}'"]) == 2
+  err = capsys.readouterr().err
+  assert f"gqa_t5.eval: error: CHECKPOINT_PATH {run / 'checkpoints' / '2'} does not match" in err
+  assert "self_attention/key/kernel has shape (64, 32)" in err and "(gqa-t5 convert)." in err
+  for training_only in ("INITIAL_CHECKPOINT_PATH", "kv_conversion", "allow_fresh_params"):
+    assert training_only not in err, (training_only, err)
+  assert infer_main.main([a.replace(str(run), str(tmp_path / "nothing")) for a in common] + [
+      "--gin_file=runs/infer.gin", f"--gin.INFER_OUTPUT_DIR='{tmp_path / 'infer2'}'"]) == 2
+  assert (f"gqa_t5.infer: error: CHECKPOINT_PATH {tmp_path / 'nothing'} does not exist\n"
+          == capsys.readouterr().err.splitlines(keepends=True)[-1])
 
 
 def test_train_entry_point_dry_run_prints_memory_per_device(tmp_path, capsys):
