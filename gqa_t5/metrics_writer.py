@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from gqa_t5.checkpoints import model_dir as model_dir_lib
+from gqa_t5.checkpoints.errors import naming_the_file
 
 
 def add_metrics(total: Optional[Dict[str, float]], metrics: Mapping[str, Any]
@@ -105,7 +106,8 @@ class MetricsWriter:
       writer.write_scalars(int(step), clean)
     record = {"step": int(step), "split": split, "time": time.time()}
     record.update({k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()})
-    self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+    with naming_the_file(self._jsonl.name):  # line-buffered: a full disk fails this write
+      self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
 
   def flush(self) -> None:
     for writer in self._tb.values():

@@ -3,11 +3,13 @@ bar, metrics.jsonl and TensorBoard; evaluation lines on their own line; gin look
 survives same-named folders in the working directory; vocabulary mismatches refused; quiet
 logs on a machine without a GPU; JAX's compilation cache switched by one flag."""
 
+import errno
 import glob
 import json
 import os
 import re
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -108,3 +110,23 @@ def test_compilation_cache_flag_default_and_off(tmp_path, monkeypatch):
     assert jax.config.jax_compilation_cache_dir == path
   finally:
     jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def test_metrics_jsonl_that_cannot_grow_names_its_file(tmp_path):
+  """A real failed append to metrics.jsonl (past a file-size limit, as on a full disk): the
+  system's error names no file, the one raised names metrics.jsonl."""
+  program = (
+      "import resource, signal, sys\n"
+      "from gqa_t5 import metrics_writer\n"
+      f"writer = metrics_writer.MetricsWriter({str(tmp_path)!r}, tensorboard=False)\n"
+      "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+      "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+      "try:\n"
+      "  for step in range(1000):\n"
+      "    writer.write(step, {'loss': 1.0})\n"
+      "except OSError as error:\n"
+      "  print(error.errno, error.filename, sep='|')\n")
+  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == f"{errno.EFBIG}|{tmp_path / model_dir_lib.METRICS_FILE}"

@@ -28,7 +28,7 @@ import tempfile
 import threading
 from typing import IO, Any, Iterator, List, Optional
 
-from gqa_t5.checkpoints.errors import CheckpointError
+from gqa_t5.checkpoints.errors import CheckpointError, naming_the_file
 
 MARKER = ".gqa_t5-partial.json"
 _KINDS = ("tmp", "old")  # .NAME.tmp-*: a write in progress; .NAME.old-*: the replaced original
@@ -274,23 +274,21 @@ def open_for_keeps(path: os.PathLike, mode: str = "w", **open_kwargs) -> Iterato
   """Opens a temporary file beside `path` for writing; on a clean exit it is flushed to disk and
   renamed over `path`, on an error it is removed. The one way the package writes a file meant to
   last: a reader never sees half a file, and a crash leaves the old one in place. A failed write,
-  flush or sync (a full disk) raises an OSError naming `path`: the system names no file there."""
+  flush or sync (a full disk) raises an OSError naming `path` (`errors.naming_the_file`)."""
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                              dir=directory)
   try:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; open() would not
-    with os.fdopen(fd, mode, **open_kwargs) as f:
+    with naming_the_file(path), os.fdopen(fd, mode, **open_kwargs) as f:
       yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException as error:
+  except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
-    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
-      raise OSError(error.errno, error.strerror, path) from error
     raise
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, malformed or does not match what was asked for.
@@ -14,6 +17,18 @@ def describe(error: BaseException) -> str:
   """'Type: message' of a library's exception, never empty (msgpack's FormatError has none)."""
   message = str(error) or "raised without a message"
   return f"{type(error).__name__}: {message}"
+
+
+@contextlib.contextmanager
+def naming_the_file(path: str) -> Iterator[None]:
+  """A failed write, flush or sync of an open file (a full disk, a file-size limit) raises an
+  OSError that names no file: re-raised here naming `path`, so the one-line report says which."""
+  try:
+    yield
+  except OSError as error:
+    if error.filename is None and error.errno is not None:
+      raise OSError(error.errno, error.strerror, path) from error
+    raise
 
 
 def describe_os_error(error: OSError) -> str:
