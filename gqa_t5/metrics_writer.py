@@ -10,10 +10,12 @@ Only process 0 writes; other processes get a writer that drops everything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Dict, Mapping, Optional
@@ -70,6 +72,26 @@ def summarize(metrics: Mapping[str, Any], loss_normalizing_factor=None) -> Dict[
   return out
 
 
+# TensorFlow's errors start with the op's function name: "{{function_node __wrapped__...}} ".
+_TF_FUNCTION_PREFIX = re.compile(r"^\{\{[^}]*\}\}\s*")
+
+
+@contextlib.contextmanager
+def _summary_io(directory: str):
+  """TensorBoard's writer (TensorFlow underneath) fails with TensorFlow's own error type (a full
+  disk: ResourceExhaustedError "... events.out.tfevents...; No space left on device"): it is
+  re-raised as an OSError naming the summaries' folder and the file and cause TensorFlow gave,
+  an expected failure of files and disks like any other, reported in one line."""
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-except  # TensorFlow's, recognised below
+    if not any(cls.__name__ == "OpError" for cls in type(error).__mro__):
+      raise
+    lines = (getattr(error, "message", None) or str(error)).strip().splitlines() or [""]
+    cause = _TF_FUNCTION_PREFIX.sub("", lines[0])
+    raise OSError(f"cannot write TensorBoard summaries in {directory}: {cause}") from error
+
+
 class MetricsWriter:
   """write(step, {name: float}, split) -> TensorBoard `split/name` + one JSON line."""
 
@@ -103,22 +125,25 @@ class MetricsWriter:
     clean = {k: float(v) for k, v in scalars.items()}
     writer = self._writer(split) if self._tensorboard else None
     if writer is not None:
-      writer.write_scalars(int(step), clean)
+      with _summary_io(os.path.join(self._model_dir, split)):
+        writer.write_scalars(int(step), clean)
     record = {"step": int(step), "split": split, "time": time.time()}
     record.update({k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()})
     with naming_the_file(self._jsonl.name):  # line-buffered: a full disk fails this write
       self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
 
   def flush(self) -> None:
-    for writer in self._tb.values():
-      writer.flush()
+    for split, writer in self._tb.items():
+      with _summary_io(os.path.join(self._model_dir, split)):
+        writer.flush()
     if self._jsonl:
       self._jsonl.flush()
 
   def close(self) -> None:
-    for writer in self._tb.values():
-      writer.close()
-    self._tb = {}
+    tb, self._tb = self._tb, {}
+    for split, writer in tb.items():
+      with _summary_io(os.path.join(self._model_dir, split)):
+        writer.close()
     if self._jsonl:
       self._jsonl.close()
       self._jsonl = None

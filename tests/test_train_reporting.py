@@ -130,3 +130,31 @@ def test_metrics_jsonl_that_cannot_grow_names_its_file(tmp_path):
                           timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip() == f"{errno.EFBIG}|{tmp_path / model_dir_lib.METRICS_FILE}"
+
+
+def test_tensorboard_summaries_that_cannot_grow_name_their_file_in_one_error(tmp_path):
+  """A real failed write of TensorBoard's events file (past a file-size limit, as on a full
+  disk): TensorFlow's own error type becomes an OSError naming the folder and the events file,
+  which the entry points report in one line like any other full disk."""
+  pytest.importorskip("clu")
+  program = (
+      "import resource, signal, sys\n"
+      "from gqa_t5 import metrics_writer\n"
+      f"writer = metrics_writer.MetricsWriter({str(tmp_path)!r})\n"
+      "writer.write(0, {'loss': 1.0})\n"  # the events file exists before the limit
+      "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+      "resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))\n"
+      "try:\n"
+      "  for step in range(1, 2000):\n"
+      "    writer.write(step, {f'scalar_{i}': 1.0 for i in range(40)})\n"
+      "    writer.flush()\n"
+      "except OSError as error:\n"
+      "  print(type(error).__name__, error, sep='|')\n")
+  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  kind, message = result.stdout.strip().splitlines()[-1].split("|", 1)
+  assert kind == "OSError", result.stdout
+  assert message.startswith(f"cannot write TensorBoard summaries in {tmp_path / 'train'}: "
+                            f"{tmp_path / 'train'}/events.out.tfevents."), message
+  assert "{{" not in message and "\n" not in message
