@@ -4,11 +4,10 @@ content, and the permissions the process's umask gives (not the temporary file's
 import errno
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 
+import file_limits
 from gqa_t5.checkpoints import atomic
 
 
@@ -51,17 +50,11 @@ def test_a_write_the_system_refuses_names_the_file_and_leaves_the_old_one(tmp_pa
   names no file, the one raised names the file being written; the old file stays, no debris."""
   target = tmp_path / "predictions.jsonl"
   atomic.write_text(target, "old")
-  program = (
-      "import resource, signal, sys\n"
-      "from gqa_t5.checkpoints import atomic\n"
-      "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-      "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+  out = file_limits.run_with_file_size_limit(
+      "from gqa_t5.checkpoints import atomic",
       "try:\n"
       f"  atomic.write_text({str(target)!r}, 'x' * 100_000)\n"
       "except OSError as error:\n"
-      "  print(error.errno, error.filename, error.__cause__.filename, sep='|')\n")
-  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                          timeout=120)
-  assert result.returncode == 0, result.stderr
-  assert result.stdout.strip() == f"{errno.EFBIG}|{target}|None"
+      "  print(error.errno, error.filename, error.__cause__.filename, sep='|')", limit=4096)
+  assert out.strip() == f"{errno.EFBIG}|{target}|None"
   assert target.read_text() == "old" and os.listdir(tmp_path) == ["predictions.jsonl"]

@@ -9,12 +9,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+import file_limits
 import trainer_fixtures as fx
 from gqa_t5 import gin_utils, jax_setup, optim, schedules
 from gqa_t5 import train as train_lib
@@ -115,21 +115,15 @@ def test_compilation_cache_flag_default_and_off(tmp_path, monkeypatch):
 def test_metrics_jsonl_that_cannot_grow_names_its_file(tmp_path):
   """A real failed append to metrics.jsonl (past a file-size limit, as on a full disk): the
   system's error names no file, the one raised names metrics.jsonl."""
-  program = (
-      "import resource, signal, sys\n"
+  out = file_limits.run_with_file_size_limit(
       "from gqa_t5 import metrics_writer\n"
-      f"writer = metrics_writer.MetricsWriter({str(tmp_path)!r}, tensorboard=False)\n"
-      "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-      "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+      f"writer = metrics_writer.MetricsWriter({str(tmp_path)!r}, tensorboard=False)",
       "try:\n"
       "  for step in range(1000):\n"
       "    writer.write(step, {'loss': 1.0})\n"
       "except OSError as error:\n"
-      "  print(error.errno, error.filename, sep='|')\n")
-  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip() == f"{errno.EFBIG}|{tmp_path / model_dir_lib.METRICS_FILE}"
+      "  print(error.errno, error.filename, sep='|')", limit=4096)
+  assert out.strip() == f"{errno.EFBIG}|{tmp_path / model_dir_lib.METRICS_FILE}"
 
 
 def test_tensorboard_summaries_that_cannot_grow_name_their_file_in_one_error(tmp_path):
@@ -137,24 +131,18 @@ def test_tensorboard_summaries_that_cannot_grow_name_their_file_in_one_error(tmp
   disk): TensorFlow's own error type becomes an OSError naming the folder and the events file,
   which the entry points report in one line like any other full disk."""
   pytest.importorskip("clu")
-  program = (
-      "import resource, signal, sys\n"
+  out = file_limits.run_with_file_size_limit(
       "from gqa_t5 import metrics_writer\n"
       f"writer = metrics_writer.MetricsWriter({str(tmp_path)!r})\n"
-      "writer.write(0, {'loss': 1.0})\n"  # the events file exists before the limit
-      "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-      "resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))\n"
+      "writer.write(0, {'loss': 1.0})",  # the events file exists before the limit
       "try:\n"
       "  for step in range(1, 2000):\n"
       "    writer.write(step, {f'scalar_{i}': 1.0 for i in range(40)})\n"
       "    writer.flush()\n"
       "except OSError as error:\n"
-      "  print(type(error).__name__, error, sep='|')\n")
-  result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                          timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  kind, message = result.stdout.strip().splitlines()[-1].split("|", 1)
-  assert kind == "OSError", result.stdout
+      "  print(type(error).__name__, error, sep='|')", limit=16384)
+  kind, message = out.strip().splitlines()[-1].split("|", 1)
+  assert kind == "OSError", out
   assert message.startswith(f"cannot write TensorBoard summaries in {tmp_path / 'train'}: "
                             f"{tmp_path / 'train'}/events.out.tfevents."), message
   assert "{{" not in message and "\n" not in message
