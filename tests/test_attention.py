@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from gqa_t5.model import grouping
 from gqa_t5.model.attention import GroupedAttention, dot_product_attention
@@ -69,7 +70,7 @@ def test_keys_and_values_are_never_materialised_at_full_head_count(num_kv_heads)
   def collect(jaxpr):
     for eqn in jaxpr.eqns:
       shapes.extend(tuple(v.aval.shape) for v in eqn.outvars)
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jaxprs_in_params(eqn.params):
         collect(sub)
   collect(jaxpr.jaxpr)
   full = [s for s in shapes if S in s and N in s and H in s]

@@ -5,6 +5,7 @@ import os
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from gqa_t5.checkpoints import orbax_format, synthetic
@@ -30,6 +31,28 @@ def test_round_trip_in_t5x_layout(tmp_path):
   loaded, step, extra = orbax_format.load_orbax(path, validate=True)
   assert step == 5 and extra is None
   assert_trees_equal(params, loaded)
+
+
+class _NumpyHandlerThatAlwaysCopies(ocp.type_handlers.NumpyHandler):
+  """Orbax 0.12.0-0.12.4's NumpyHandler: no `deepcopy_host_arrays` keyword (it always copies)."""
+
+  def __init__(self, metadata_key=None, ocdbt_process_id=None):
+    super().__init__(metadata_key=metadata_key, ocdbt_process_id=ocdbt_process_id,
+                     deepcopy_host_arrays=True)
+
+
+def test_round_trip_with_an_orbax_whose_numpy_handler_has_no_copy_keyword(tmp_path, monkeypatch):
+  # The GPU box's Orbax is such a one: the keyword, passed unconditionally, failed every save.
+  monkeypatch.setattr(ocp.type_handlers, "NumpyHandler", _NumpyHandlerThatAlwaysCopies)
+  params = synthetic.random_params(tiny_config("checkpoint", num_kv_heads=2))
+  lazy = {name: LazyTensor(name, value.shape, value.dtype, lambda value=value: value)
+          for name, value in tree_lib.flatten(params).items()}
+  for i, tree in enumerate([params, tree_lib.unflatten(lazy)]):
+    path = str(tmp_path / f"checkpoint_{i}")
+    orbax_format.save_orbax(path, tree, step=i)
+    loaded, step, _ = orbax_format.load_orbax(path)
+    assert step == i
+    assert_trees_equal(params, loaded)
 
 
 def test_extra_state_round_trips_with_its_structure(tmp_path):

@@ -13,6 +13,7 @@ time, so converting XXL never holds the whole model in memory.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import sys
@@ -321,6 +322,15 @@ def load_orbax(path: str, extra_target: Any = None, validate: bool = False
   return params, step, restored.get("extra") if has_extra else None
 
 
+def _no_host_copies(handler_class) -> Dict[str, bool]:
+  """The keyword that stops `handler_class` copying each numpy array before writing it, where
+  its Orbax has one: 0.12.5 added `deepcopy_host_arrays` (default True); 0.12.0-0.12.4 always
+  copy. A copy would double the memory of a save of numpy leaves; a LazyTensor copies cheaply
+  (its reader is shared), so a conversion streams with either."""
+  accepted = inspect.signature(handler_class.__init__).parameters
+  return {"deepcopy_host_arrays": False} if "deepcopy_host_arrays" in accepted else {}
+
+
 def _serial_handler_registry():
   """A type-handler registry that writes numpy arrays and LazyTensors one at a time."""
   ocp, jax, _ = _orbax()
@@ -334,7 +344,7 @@ def _serial_handler_registry():
     """
 
     def __init__(self):
-      super().__init__(deepcopy_host_arrays=False)
+      super().__init__(**_no_host_copies(ocp.type_handlers.NumpyHandler))
       self._locks: Dict[int, asyncio.Lock] = {}
       self.errors = []
 
