@@ -22,6 +22,7 @@ import numpy as np
 from flax.linen import partitioning as nn_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gqa_t5 import param_init
 # The rules tables and their check live with the axis names (model/axes.py); re-exported here.
 from gqa_t5.model.axes import (DATA, KV_HEAD_AXES, MODEL, T5X_STANDARD_RULES,  # noqa: F401
                                LogicalAxisError, LogicalRules, check_rules_cover, is_axes,
@@ -133,30 +134,19 @@ def params_logical_axes(params_axes) -> Any:
   return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-_INIT_SHAPES = {"encoder_input_tokens": (1, 1), "decoder_input_tokens": (1, 1)}
-
-
 def abstract_params_and_axes(model) -> Tuple[Any, Any]:
   """(parameter ShapeDtypeStructs, logical-axis tuples) of an `EncoderDecoderModel`.
 
   The one place that works out a model's parameters without allocating them. A module that
   declares no logical axes gets fully replicated ones (with a warning).
   """
-  variables = jax.eval_shape(lambda rng: model.get_initial_variables(rng, _INIT_SHAPES),
-                             jax.random.PRNGKey(0))
+  variables = jax.eval_shape(
+      lambda rng: model.get_initial_variables(rng, param_init.INIT_SHAPES), jax.random.PRNGKey(0))
   abstract = variables["params"]
   if "params_axes" in variables:
     return abstract, params_logical_axes(variables["params_axes"])
   logging.warning("the model declares no logical axes: parameters are replicated")
   return abstract, jax.tree.map(lambda p: (None,) * len(p.shape), abstract)
-
-
-def init_params(model, rng, shardings=None) -> Any:
-  """Random parameters created on the devices by one jitted initialiser (T5X's partitioned
-  init): nothing runs at full input size and nothing is placed twice. `shardings`: a tree of
-  shardings as `Partitioner.shardings` gives (None: default placement)."""
-  init = lambda r: model.get_initial_variables(r, _INIT_SHAPES)["params"]
-  return jax.jit(init, out_shardings=shardings)(rng)
 
 
 @dataclasses.dataclass

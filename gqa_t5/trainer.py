@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gqa_t5 import aot
 from gqa_t5 import optim
+from gqa_t5 import param_init
 from gqa_t5 import partitioning as partitioning_lib
 from gqa_t5 import tpu_topology
 
@@ -118,13 +119,13 @@ class Trainer:
   # --- state ------------------------------------------------------------------------------
 
   def init_state(self, step: int = 0) -> TrainState:
-    """Randomly initialised parameters (seed `self.seed`) and a fresh optimizer state, created
-    already sharded by one jitted function (the [1, 1] initialiser inside it)."""
-    def init(rng):
-      return create(partitioning_lib.init_params(self.model, rng), self.tx, step)
-
+    """Randomly initialised parameters (seed `self.seed`, `param_init`: created already
+    sharded) and a fresh optimizer state beside them."""
     with self.partitioner.mesh, self.partitioner.axis_rules():
-      return jax.jit(init, out_shardings=self.state_shardings)(jax.random.PRNGKey(self.seed))
+      params = param_init.init_params(self.model, jax.random.PRNGKey(self.seed),
+                                      self.params_shardings)
+      return jax.jit(lambda p: create(p, self.tx, step), out_shardings=self.state_shardings,
+                     donate_argnums=0)(params)
 
   def state_from_params(self, params, step: int = 0) -> TrainState:
     """Places host `params` (numpy tree) on the mesh and starts a fresh optimizer state."""

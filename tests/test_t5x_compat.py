@@ -6,7 +6,7 @@ import dataclasses
 import jax
 import pytest
 
-from gqa_t5 import partitioning, t5x_compat
+from gqa_t5 import param_init, partitioning, t5x_compat
 from gqa_t5.model import Transformer
 from gqa_t5.models import EncoderDecoderModel
 from tiny_configs import tiny_config
@@ -33,7 +33,7 @@ def test_rules_cover_every_logical_axis_of_the_parameter_tree(k, scan, cross):
 def test_rules_cover_every_logical_axis_of_the_cache(scan):
   config = tiny_config("t5x", 2, scan_layers=scan)
   model = EncoderDecoderModel(Transformer(config))
-  params = partitioning.init_params(model, jax.random.PRNGKey(0))
+  params = param_init.init_params(model, jax.random.PRNGKey(0))
   cache = model.init_cache(params, 3, 5, 4)
   axes = t5x_compat.cache_logical_axes(cache, scanned=scan)
   key_axes = axes["decoder"]["layers" if scan else "layers_0"]["self_attention"]["cached_key"]

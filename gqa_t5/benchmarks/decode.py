@@ -221,15 +221,14 @@ def run(request: Request) -> Dict[str, Any]:
   if facts["backend"] == "cpu":
     common.progress(f"decode-step products on this CPU: {cpu_kernels.status()}")
   base = config.replace(num_kv_heads=None)
-  init = run_lib.mha_initializer(base)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  abstract = run_lib.abstract_mha_params(base)
   params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
   shape, how = run_shape(request, params_bytes)
   common.progress(f"batch {shape.batch} ({how}), input {shape.input_length}, caches for "
                   f"{shape.output_length} steps, {shape.timed_steps} timed steps per loop")
   variants = [run_lib.Variant(base, k, shape, abstract) for k in kv_heads]
   results, inputs = decode_report.measure(
-      request, base, shape, variants, init, batch_how=how,
+      request, base, shape, variants, batch_how=how,
       startup={"cache_dir": cache_dir, "cache_entries_before": cached, "cache_warm": cached > 0})
   if request.compare_hf and not request.startup_only:
     results["hf"] = decode_report.compare_hf(base, variants[0], shape, request, inputs)

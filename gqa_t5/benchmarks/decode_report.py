@@ -28,22 +28,21 @@ HF_TARGETS = {"gpu": 5.0, "cpu": 2.0}
 ENCODE_ONCE_S = 1.0
 
 
-def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant], init,
+def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant],
             startup: Dict[str, Any], batch_how: str):
-  """Runs everything in order; returns (results, input tokens). The initialiser, encoder and
-  first K's functions compile together, from shapes, before any parameter exists."""
+  """Runs everything in order; returns (results, input tokens). The encoder and first K's
+  functions compile together, from shapes, before any parameter exists."""
   inputs = jax.random.randint(jax.random.PRNGKey(1), (shape.batch, shape.input_length), 2,
                               base.vocab_size)
-  rng = jax.random.PRNGKey(0)
   encoder = run_lib.Encoder(base, shape, variants[0].params)
-  extra = {"initialiser": init.lower(rng), "encoder": encoder.lowered}
+  extra = {"encoder": encoder.lowered}
   first = variants[0]
   startup["compile_first_s"] = run_lib.compile_variants([first], encoder.encoded_shape, inputs,
                                                         extra)
   encoder.compiled = extra["encoder"]
   common.progress("initialising parameters ...")
   start = time.perf_counter()
-  mha_params = jax.block_until_ready(extra["initialiser"](rng))
+  mha_params = jax.block_until_ready(run_lib.init_mha_params(base))
   first.set_params(mha_params)
   startup["init_params_s"] = time.perf_counter() - start
   common.progress("encoding ...")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_t5 import decoding
+from gqa_t5 import param_init
 from gqa_t5 import perf_model
 from gqa_t5.benchmarks import common
 from gqa_t5.convert import pooling
@@ -28,33 +29,30 @@ from gqa_t5.model.config import T5Config
 from gqa_t5.models import EncoderDecoderModel
 
 
-# get_initial_variables initialises on [1, 1] tokens whatever it is told; it needs the names.
-_INIT_SHAPES = {"encoder_input_tokens": (1, 1), "decoder_input_tokens": (1, 1)}
-
-
 def _model(config: T5Config) -> EncoderDecoderModel:
   return EncoderDecoderModel(Transformer(config), eos_id=-1)  # -1: never stop early
 
 
-def mha_initializer(config: T5Config):
-  """A function rng -> random MHA parameters at the activation dtype, as `partitioning.
-  init_params` draws them (T5X's initialisers, [1, 1] inputs: no full-size forward pass), with
-  the logits kernel tied to the embedding (transposed) so HF's T5, which ties them, can hold the
-  very same weights. Jitted whole, so no float32 copy outlives it and it can be lowered and
-  compiled beside the decode functions."""
-  model = _model(config)
-
-  def init(rng):
-    params = model.get_initial_variables(rng, _INIT_SHAPES)["params"]
-    params = jax.tree.map(lambda x: x.astype(config.dtype), params)
-    params["decoder"]["logits_dense"]["kernel"] = params["token_embedder"]["embedding"].T
-    return params
-
-  return jax.jit(init)
-
-
 def init_mha_params(config: T5Config, seed: int = 0):
-  return mha_initializer(config)(jax.random.PRNGKey(seed))
+  """Random MHA parameters at the activation dtype, as `param_init` draws them (T5X's
+  initialisers; cast as drawn, so no float32 copy outlives its group), with the logits kernel
+  tied to the embedding (transposed) so HF's T5, which ties them, can hold the very same
+  weights."""
+  params = param_init.init_params(_model(config), jax.random.PRNGKey(seed), dtype=config.dtype)
+  return _tie_logits(params, jax.jit(jnp.transpose))
+
+
+def abstract_mha_params(config: T5Config):
+  """`init_mha_params`'s shapes and dtypes, with nothing allocated."""
+  def init(rng):
+    params = _model(config).get_initial_variables(rng, param_init.INIT_SHAPES)["params"]
+    return _tie_logits(jax.tree.map(lambda x: x.astype(config.dtype), params), jnp.transpose)
+  return jax.eval_shape(init, jax.random.PRNGKey(0))
+
+
+def _tie_logits(params, transpose):
+  params["decoder"]["logits_dense"]["kernel"] = transpose(params["token_embedder"]["embedding"])
+  return params
 
 
 def pool_kv_heads(mha_params, config: T5Config, num_kv_heads: int):

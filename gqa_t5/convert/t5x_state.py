@@ -19,7 +19,7 @@ from typing import Dict, Mapping, Tuple
 
 import jax
 
-from gqa_t5 import optim, partitioning
+from gqa_t5 import optim, param_init, partitioning
 from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.errors import CheckpointError
 from gqa_t5.model.config import T5Config
@@ -28,7 +28,6 @@ from gqa_t5.models import EncoderDecoderModel
 
 _PLACEHOLDER = (1,)  # t5x's shape for a state leaf the parameter does not use
 _LEAVES = ("v_row", "v_col", "v", "m")
-_INIT_SHAPES = {"encoder_input_tokens": (1, 1), "decoder_input_tokens": (1, 1)}
 
 Shape = Tuple[int, ...]
 
@@ -38,7 +37,7 @@ def model_shapes_and_axes(config: T5Config) -> Tuple[Dict[str, Shape], Dict[str,
   model = EncoderDecoderModel(Transformer(config))
   # The key is made inside the trace: shapes only, so no accelerator backend is started.
   variables = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0),
-                                                                 _INIT_SHAPES))
+                                                                 param_init.INIT_SHAPES))
   shapes = {k: tuple(v.shape) for k, v in tree_lib.flatten(variables["params"]).items()}
   axes = partitioning.params_logical_axes(variables["params_axes"])
   return shapes, tree_lib.flatten(axes)

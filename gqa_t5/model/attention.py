@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from gqa_t5.model import grouping, products
-from gqa_t5.model.layers import Dense, Dtype, RelativeBias, default_kernel_init, project
+from gqa_t5.model.layers import Dense, Dtype, RelativeBias, project, scaled_kernel_init
 
 
 def dot_product_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray, *,
@@ -140,8 +140,7 @@ class GroupedAttention(nn.Module):
   def setup(self):
     grouping.group_size(self.num_heads, self.num_kv_heads)
     # T5 folds 1/sqrt(H) into the query initialiser instead of scaling logits.
-    scale = math.sqrt(self.head_dim)
-    query_init = lambda *args: default_kernel_init(*args) / scale
+    query_init = scaled_kernel_init(math.sqrt(self.head_dim))
     joined_q = self.num_heads * self.head_dim
     joined_kv = self.num_kv_heads * self.head_dim
     kv_axes = ("embed", self.kv_kernel_axis)

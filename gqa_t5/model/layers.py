@@ -7,8 +7,11 @@ both read them.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Iterator, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +22,48 @@ from flax.linen import partitioning as nn_partitioning
 
 from gqa_t5.model import products
 
-param_with_axes = nn_partitioning.param_with_axes
 Dtype = Any
 Initializer = Callable[..., jnp.ndarray]
 
 # T5X's initialisers: fan-in scaled normals for projections, unit normal for the embedding.
+# Each is one function object shared by every parameter drawn alike: `param_init` draws the
+# parameters that share an initialiser (and shape) with one program.
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 mlp_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+embedding_init = nn.initializers.normal(stddev=1.0)
+relative_bias_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+@functools.lru_cache(maxsize=None)
+def scaled_kernel_init(divisor: float) -> Initializer:
+  """`default_kernel_init` / divisor (T5's query kernels); one function per divisor."""
+  return lambda *args: default_kernel_init(*args) / divisor
+
+
+# While `recording_parameters` is active, every parameter's initialiser call goes to its
+# recorder instead: record(path, init_fn, key, shape, dtype) -> the value to use.
+_RECORDER: contextvars.ContextVar = contextvars.ContextVar("gqa_t5_parameter_recorder",
+                                                           default=None)
+
+
+@contextlib.contextmanager
+def recording_parameters(record: Callable[..., jnp.ndarray]) -> Iterator[None]:
+  """Routes each parameter's creation through `record` (for `param_init`), with its path in
+  the parameter tree, initialiser, the key flax gives it, shape and dtype."""
+  token = _RECORDER.set(record)
+  try:
+    yield
+  finally:
+    _RECORDER.reset(token)
+
+
+def param_with_axes(module: nn.Module, name: str, init_fn: Initializer, shape: Tuple[int, ...],
+                    dtype, axes: Tuple[str, ...]) -> jnp.ndarray:
+  """`module`'s parameter `name`, with logical axes (flax's `param_with_axes`)."""
+  record = _RECORDER.get()
+  if record is not None:
+    init_fn = functools.partial(record, tuple(module.path) + (name,), init_fn)
+  return nn_partitioning.param_with_axes(name, init_fn, shape, dtype, axes=axes, module=module)
 
 
 def _activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
@@ -48,8 +86,9 @@ class Dense(nn.Module):
   def setup(self):
     # setup() (not compact) so that `kernel` can be read outside __call__, e.g. to project
     # the encoder output inside a lax.cond in cached decoding.
-    self.kernel = param_with_axes("kernel", self.kernel_init, (self.in_features, self.features),
-                                  jnp.float32, axes=self.kernel_axes)
+    self.kernel = param_with_axes(self, "kernel", self.kernel_init,
+                                  (self.in_features, self.features), jnp.float32,
+                                  axes=self.kernel_axes)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     return project(x, self.kernel, self.dtype)
@@ -69,7 +108,7 @@ class Embed(nn.Module):
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.embedding = param_with_axes("embedding", nn.initializers.normal(stddev=1.0),
+    self.embedding = param_with_axes(self, "embedding", embedding_init,
                                      (self.num_embeddings, self.features), jnp.float32,
                                      axes=("vocab", "embed"))
 
@@ -88,7 +127,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    scale = param_with_axes("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32,
+    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), jnp.float32,
                             axes=("embed",))
     x = x.astype(jnp.float32)
     variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
@@ -176,8 +215,8 @@ class RelativePositionBiases(nn.Module):
 
   def setup(self):
     self.rel_embedding = param_with_axes(
-        "rel_embedding", nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
-        (self.num_heads, self.num_buckets), jnp.float32, axes=("heads", "relpos_buckets"))
+        self, "rel_embedding", relative_bias_init, (self.num_heads, self.num_buckets),
+        jnp.float32, axes=("heads", "relpos_buckets"))
 
   def table(self, bidirectional: bool) -> RelativeBias:
     """The bias as data, for decode steps that need only their own rows."""
