@@ -37,8 +37,7 @@ class _NumpyHandlerThatAlwaysCopies(ocp.type_handlers.NumpyHandler):
   """Orbax 0.12.0-0.12.4's NumpyHandler: no `deepcopy_host_arrays` keyword (it always copies)."""
 
   def __init__(self, metadata_key=None, ocdbt_process_id=None):
-    super().__init__(metadata_key=metadata_key, ocdbt_process_id=ocdbt_process_id,
-                     deepcopy_host_arrays=True)
+    super().__init__(metadata_key=metadata_key, ocdbt_process_id=ocdbt_process_id)
 
 
 def test_round_trip_with_an_orbax_whose_numpy_handler_has_no_copy_keyword(tmp_path, monkeypatch):
