@@ -35,7 +35,7 @@ def _model(config: T5Config) -> EncoderDecoderModel:
 
 def init_mha_params(config: T5Config, seed: int = 0):
   """Random MHA parameters at the activation dtype, as `param_init` draws them (T5X's
-  initialisers; cast as drawn, so no float32 copy outlives its group), with the logits kernel
+  initialisers; each cast as it is drawn, so no float32 copy is kept), with the logits kernel
   tied to the embedding (transposed) so HF's T5, which ties them, can hold the very same
   weights."""
   params = param_init.init_params(_model(config), jax.random.PRNGKey(seed), dtype=config.dtype)
