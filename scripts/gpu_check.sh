@@ -7,29 +7,45 @@
 #
 #   bash scripts/gpu_check.sh            # on the GPU box (jax[cuda], torch, transformers there)
 #   bash scripts/gpu_check.sh --smoke    # the same steps on a CPU, tiny shapes, < 2 minutes
+#   bash scripts/gpu_check.sh --only tests,train   # some steps (tests decode_L startup_L_warm
+#                                                  # decode_XXL train); the rest are "not run"
 #
 # It installs nothing: the package runs from this checkout (PYTHONPATH), so a box without
 # TensorFlow, seqio or gin-config needs only jax, flax, optax, orbax (and torch/transformers
 # for the HF comparisons). Budgets (seconds) can be overridden: T_TESTS, T_DECODE_L, T_WARM,
 # T_DECODE_XXL, T_TRAIN; PYTEST_FLAGS (default "-q -rfE", with "-n 8" where pytest-xdist is
 # installed) sets the tests' flags. Every failure is listed: one run must show them all.
+# The compilation caches live outside $OUT (in ${TMPDIR:-/tmp}), so $OUT holds only logs and
+# JSON: small enough to copy back whole. Keep your own console log outside $OUT too: the
+# script empties $OUT of earlier logs.
 set -u -o pipefail
 
+STEPS_ALL="tests decode_L startup_L_warm decode_XXL train"
 SMOKE=0
-for arg in "$@"; do
-  case "$arg" in
+ONLY="$STEPS_ALL"
+while [ $# -gt 0 ]; do
+  case "$1" in
     --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument $arg (use --smoke or nothing)" >&2; exit 2 ;;
+    --only) ONLY="${2:-}"; shift
+      for name in ${ONLY//,/ }; do
+        case " $STEPS_ALL " in *" $name "*) ;; *)
+          echo "gpu_check.sh: --only: no step '$name' (steps: $STEPS_ALL)" >&2; exit 2 ;;
+        esac
+      done ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (use --smoke, --only STEPS or nothing)" >&2
+       exit 2 ;;
   esac
+  shift
 done
+ONLY=" ${ONLY//,/ } "
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 OUT="${OUT:-./gpu_check_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-CACHE="$OUT/jax_cache"
+CACHE="${TMPDIR:-/tmp}/gqa_t5_gpu_check_cache"
 rm -rf "$CACHE"  # "cold" must mean cold
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
@@ -42,7 +58,7 @@ fi
 
 TESTS=()
 for pattern in tests/test_attention.py tests/test_network.py tests/test_models.py \
-               tests/test_decoding.py tests/test_checkpoints_*.py tests/test_convert*.py \
+               tests/test_param_init.py tests/test_decoding.py tests/test_checkpoints_*.py tests/test_convert*.py \
                tests/test_trainer.py; do
   for file in $pattern; do
     if [ -f "$file" ]; then TESTS+=("$file"); else echo "gpu_check.sh: no $file, skipped" >&2; fi
@@ -59,24 +75,28 @@ if [ "$SMOKE" = 1 ]; then
   TRAIN=(--smoke --compare-hf --peak-tflops 1)
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 else
-  # The first H200 run (jax 0.11.2): 8 workers ran about 80% of these tests in 150 s.
-  T_TESTS="${T_TESTS:-200}" T_DECODE_L="${T_DECODE_L:-100}" T_WARM="${T_WARM:-35}"
-  T_DECODE_XXL="${T_DECODE_XXL:-150}" T_TRAIN="${T_TRAIN:-110}"
+  # The H200 runs (jax 0.11.2): 8 workers ran 151 of these 211 tests in 168 s; decode_L took
+  # 105 s (HF included), startup_L_warm 13 s, decode_XXL 91 s, train 213 s with 10 steps.
+  T_TESTS="${T_TESTS:-130}" T_DECODE_L="${T_DECODE_L:-125}" T_WARM="${T_WARM:-25}"
+  T_DECODE_XXL="${T_DECODE_XXL:-105}" T_TRAIN="${T_TRAIN:-200}"
   WORKERS=""
   if "$PY" -c "import xdist" 2>/dev/null; then WORKERS="-n 8"; fi
   read -r -a TEST_ARGS <<< "${PYTEST_FLAGS:--q -rfE $WORKERS}"
   DECODE_L=(--shape L --compare-hf)
   DECODE_XXL=(--shape XXL)
-  TRAIN=(--compare-hf)
+  TRAIN=(--compare-hf --steps 5)
 fi
 
 START=$(date +%s)
-# step NAME TIMEOUT MEM_FRACTION COMMAND...: runs it under `timeout`, log in $OUT/NAME.log.
+# step NAME TIMEOUT MEM_FRACTION COMMAND...: runs it under `timeout`, log in $OUT/NAME.log. At
+# the limit the step gets SIGINT first: pytest then prints the failures it has seen, and a
+# benchmark its Python stack (where the time went).
 step() {
   local name="$1" limit="$2" fraction="$3"; shift 3
+  case "$ONLY" in *" $name "*) ;; *) echo "=== $name: not run (--only)"; return ;; esac
   echo "=== $name (timeout ${limit}s, XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction): $*"
   local begin=$(date +%s)
-  XLA_PYTHON_CLIENT_MEM_FRACTION="$fraction" timeout --kill-after=10 "$limit" "$@" 2>&1 \
+  XLA_PYTHON_CLIENT_MEM_FRACTION="$fraction" timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 \
     | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "{\"rc\": $rc, \"seconds\": $(( $(date +%s) - begin )), \"timeout_s\": $limit}" \
