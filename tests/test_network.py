@@ -12,6 +12,7 @@ import fixture_paths
 from flax import traverse_util
 
 from gqa_t5.model import T5Config, Transformer
+from gqa_t5.model.layers import relative_position_bucket
 from model_fixtures import KV_HEADS, forward, init_params, tiny_batch
 from tiny_configs import tiny_config
 
@@ -245,3 +246,95 @@ def test_t5x_is_optional_and_its_absence_is_explained():
     with pytest.raises(ImportError, match="not on PyPI"):
       t5x_compat.require_t5x()
 
+
+
+def _scatters_into(hlo: str, shape: str) -> int:
+  """How many scatters of a lowered program produce a tensor<shape...> (e.g. '8x32xf32')."""
+  results = re.findall(r'stablehlo\.scatter".*?\}\) : \([^\n]*?\) -> tensor<([0-9a-z]+)>', hlo,
+                       flags=re.DOTALL)
+  return sum(result.startswith(shape) for result in results)
+
+
+@pytest.mark.parametrize("platform, scatters", [("cpu", 2), ("cuda", 0), ("tpu", 0)])
+def test_relative_bias_gradient_is_a_scatter_on_cpu_only(platform, scatters):
+  # A GPU's scatter-add of every (query, key) pair's gradient into the [N, buckets] table is a
+  # contended atomic loop, and a TPU serialises it: there the gradient is a one-hot matrix
+  # product (products.bias_lookup). Both stacks (encoder and decoder) have their own table.
+  batch = tiny_batch()
+  config = tiny_config("network", 2)
+  module, params = init_params(config, batch)
+
+  def loss(p):
+    return jnp.sum(module.apply({"params": p}, **batch, enable_dropout=False) ** 2)
+
+  hlo = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=(platform,)).as_text()
+  table = params["encoder"]["relpos_bias"]["rel_embedding"].shape
+  assert _scatters_into(hlo, f"{table[0]}x{table[1]}x") == scatters
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("positions", ["shared", "per_example"])
+def test_relative_bias_table_gradients_agree(dtype, rtol, positions):
+  from gqa_t5.model import products
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(4, 32)), dtype)
+  buckets = jnp.asarray(rng.integers(0, 32, (1 if positions == "shared" else 3, 9, 11)), jnp.int32)
+  grad = jnp.asarray(rng.normal(size=(4,) + buckets.shape), dtype)          # [N, 1|B, T, S]
+  # The forward is the lookup itself, and on this CPU the gradient is the lookup's own transpose.
+  np.testing.assert_array_equal(products.bias_lookup(table, buckets),
+                                jnp.take(table, buckets, axis=1))
+  reference = jax.vjp(lambda t: jnp.take(t, buckets, axis=1), table)[1](grad)[0]
+  ours = jax.vjp(lambda t: products.bias_lookup(t, buckets), table)[1](grad)[0]
+  np.testing.assert_array_equal(ours, reference)
+  # The other platforms' formulation sums the same terms (in float32, then cast).
+  exact = np.einsum("nbts,btsk->nk", np.asarray(grad, np.float64),
+                    np.eye(32)[np.asarray(buckets)])
+  one_hot = products._one_hot_table_grad(grad, buckets, table)  # pylint: disable=protected-access
+  assert one_hot.dtype == table.dtype
+  scale = np.abs(exact).max()
+  np.testing.assert_allclose(np.asarray(one_hot, np.float64), exact, rtol=rtol, atol=rtol * scale)
+
+
+def test_token_embedding_gradient_accumulates_in_float32():
+  # bfloat16 activations, one token repeated 4,096 times (a padded batch's padding id): its
+  # gradient row is the sum of 4,096 rows, accumulated in float32 (in bfloat16 it came out 87%
+  # low: a bfloat16 sum stops growing).
+  from gqa_t5.model.layers import Embed
+  embed = Embed(num_embeddings=8, features=16, dtype=jnp.bfloat16)
+  variables = embed.init(jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32))
+  tokens = jnp.zeros((64, 64), jnp.int32).at[:, :3].set(5)
+  upstream = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, (64, 64, 16)), jnp.bfloat16)
+
+  def loss(params):
+    return jnp.sum(embed.apply({"params": params}, tokens).astype(jnp.float32) * upstream)
+
+  grad = jax.grad(loss)(variables["params"])["embedding"]
+  exact = np.asarray(upstream, np.float64)[np.asarray(tokens) == 0].sum(axis=0)
+  np.testing.assert_allclose(np.asarray(grad[0], np.float64), exact, rtol=1e-5)
+  np.testing.assert_array_equal(embed.apply(variables, tokens),
+                                variables["params"]["embedding"].astype(jnp.bfloat16)[tokens])
+
+
+def test_relative_bias_gradient_accumulates_in_float32():
+  # bfloat16 activations, 128 x 128 (query, key) pairs: the far buckets each sum thousands of
+  # pairs' gradients, in float32 on every platform (the table is looked up before the cast).
+  from gqa_t5.model.layers import RelativePositionBiases
+  relpos = RelativePositionBiases(num_buckets=32, max_distance=128, num_heads=2,
+                                  dtype=jnp.bfloat16)
+  positions = jnp.arange(128)
+  variables = relpos.init(jax.random.PRNGKey(0), positions, positions, bidirectional=True)
+  upstream = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, (1, 2, 128, 128)),
+                         jnp.bfloat16)
+
+  def loss(params):
+    bias = relpos.apply({"params": params}, positions, positions, bidirectional=True)
+    assert bias.dtype == jnp.bfloat16
+    return jnp.sum(bias.astype(jnp.float32) * upstream)
+
+  grad = jax.grad(loss)(variables["params"])["rel_embedding"]                 # [N, buckets]
+  buckets = np.asarray(relative_position_bucket(positions[None, :] - positions[:, None], True,
+                                                32, 128))                    # [T, S]
+  exact = np.stack([np.bincount(buckets.ravel(), np.asarray(upstream[0, n], np.float64).ravel(),
+                                minlength=32) for n in range(2)])
+  assert exact.max() > 1000
+  np.testing.assert_allclose(np.asarray(grad, np.float64), exact, rtol=1e-5)

@@ -36,6 +36,15 @@ kernels never change what training computes, even at sequence lengths short enou
 run trains the same on every CPU, whichever instruction set its kernels were built for. Outside
 it (decoding, evaluation) they match the einsums to float32 rounding (tests/test_cpu_kernels.py).
 GQA_T5_CPU_KERNELS=0 runs the einsums everywhere (`cpu_kernels.py`).
+
+One more choice by platform is a gradient's: the relative position bias is a lookup in a small
+table ([N, buckets]: `bias_lookup`), and differentiating a lookup makes a scatter-add of every
+(query, key) pair's gradient into the table's few cells. A GPU adds those with atomics that
+thousands of updates contend for (in bfloat16 always a compare-and-swap loop, in float32 too in
+jaxlib 0.10.2-0.11.0: openxla/xla#26371, #46225, jax-ml/jax#38806), and a TPU serialises a
+scatter. There the table's gradient is a one-hot matrix product (as T5X computes the bias),
+[N, T*S] . [T*S, buckets]; XLA:CPU adds the updates in a loop and keeps the scatter (so CPU
+training computes what it always did). The forward pass is the same lookup everywhere.
 """
 
 from __future__ import annotations
@@ -109,6 +118,50 @@ def dense(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   if _use_kernel(rows, x, kernel):
     return jax.lax.platform_dependent(x, kernel, cpu=_kernel_dense, default=jnp.dot)
   return jnp.dot(x, kernel)
+
+
+def bias_lookup(table: jnp.ndarray, buckets: jnp.ndarray) -> jnp.ndarray:
+  """table [N, buckets], bucket ids [1|B, T, S] -> [N, 1|B, T, S] (`jnp.take` along the table's
+  bucket axis); the table's gradient as the platform's best formulation (module docstring)."""
+  return _bias_lookup(table, buckets)
+
+
+def _take_buckets(table, buckets):
+  return jnp.take(table, buckets, axis=1)                              # [N, 1|B, T, S]
+
+
+def _scatter_table_grad(grad, buckets, table):
+  """The lookup's own transpose: a scatter-add of grad [N, 1|B, T, S] into [N, buckets]."""
+  return jax.vjp(lambda t: _take_buckets(t, buckets), table)[1](grad)[0]
+
+
+def _one_hot_table_grad(grad, buckets, table):
+  """The same sum as one matrix product over every (batch, query, key) position, in float32 at
+  full precision (a TPU's default would round the gradient to bfloat16; the product is small):
+  grad [N, 1|B, T, S] . one_hot(buckets) [1|B, T, S, buckets] -> [N, buckets]."""
+  one_hot = jax.nn.one_hot(buckets, table.shape[1], dtype=grad.dtype)  # [1|B, T, S, buckets]
+  summed = jnp.einsum("nbts,btsk->nk", grad, one_hot, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)               # [N, buckets]
+  return summed.astype(table.dtype)
+
+
+@jax.custom_vjp
+def _bias_lookup(table, buckets):
+  return _take_buckets(table, buckets)
+
+
+def _bias_lookup_fwd(table, buckets):
+  return _take_buckets(table, buckets), (buckets, table)
+
+
+def _bias_lookup_bwd(saved, grad):
+  buckets, table = saved
+  table_grad = jax.lax.platform_dependent(grad, buckets, table, cpu=_scatter_table_grad,
+                                          default=_one_hot_table_grad)
+  return table_grad, None
+
+
+_bias_lookup.defvjp(_bias_lookup_fwd, _bias_lookup_bwd)
 
 
 def _einsum_logits(rows, keys):
