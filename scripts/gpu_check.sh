@@ -58,8 +58,8 @@ fi
 
 TESTS=()
 for pattern in tests/test_attention.py tests/test_network.py tests/test_models.py \
-               tests/test_param_init.py tests/test_decoding.py tests/test_checkpoints_*.py tests/test_convert*.py \
-               tests/test_trainer.py; do
+               tests/test_param_init.py tests/test_decoding.py tests/test_checkpoints_*.py \
+               tests/test_convert*.py tests/test_trainer.py; do
   for file in $pattern; do
     if [ -f "$file" ]; then TESTS+=("$file"); else echo "gpu_check.sh: no $file, skipped" >&2; fi
   done
@@ -96,8 +96,8 @@ step() {
   case "$ONLY" in *" $name "*) ;; *) echo "=== $name: not run (--only)"; return ;; esac
   echo "=== $name (timeout ${limit}s, XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction): $*"
   local begin=$(date +%s)
-  XLA_PYTHON_CLIENT_MEM_FRACTION="$fraction" timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 \
-    | tee "$OUT/$name.log"
+  XLA_PYTHON_CLIENT_MEM_FRACTION="$fraction" timeout --signal=INT --kill-after=10 "$limit" "$@" \
+    2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "{\"rc\": $rc, \"seconds\": $(( $(date +%s) - begin )), \"timeout_s\": $limit}" \
     > "$OUT/$name.status.json"
