@@ -32,7 +32,8 @@ the parameter and cache counts against the network's own trees. It holds:
     split, for K = 4 on an 8-way axis as for K = 1). The batch per chip is the largest up to
     `max_batch_per_chip` whose weights and caches fit the memory given (default: the chip's
     HBM);
-  * the FLOPs and time of a training step (`train_forward_flops`, `train_step_seconds`).
+  * the FLOPs and time of a training step (`train_forward_flops`, `train_step_flops`: the model
+    FLOPs every MFU figure divides by, `train_step_seconds`).
 
 Variants of a model are `T5Config`s too: `config.replace(num_kv_heads=k)`.
 """
@@ -363,13 +364,12 @@ def train_forward_flops(config: T5Config, input_length: int,
   return {"matmul": weights, "attention": attention}
 
 
-def train_step_seconds(config: T5Config, *, batch: int, input_length: int, target_length: int,
-                       chips: int, model_parallel: int, remat_policy: str = "none",
-                       num_microbatches: int = 1, chip: Chip = TPU_V4) -> float:
-  """Seconds of one training step on each chip: compute at the chip's peak, plus the float32
-  weights read again by every extra micro-batch (forward and backward).
+def train_step_flops(config: T5Config, *, batch: int, input_length: int, target_length: int,
+                     remat_policy: str = "none") -> float:
+  """FLOPs of one training step of `batch` examples: the forward, the backward at twice the
+  forward, and the forward that rematerialisation computes again. With remat_policy 'none' these
+  are the model FLOPs that MFU divides by the step time and the peak.
 
-  Backward costs twice the forward. Rematerialisation adds the recomputed forward:
   'minimal' (T5X's checkpoint_dots_with_no_batch_dims) keeps the weight matmuls and recomputes
   the attention products; 'full' recomputes the whole forward of each layer.
   """
@@ -378,7 +378,17 @@ def train_step_seconds(config: T5Config, *, batch: int, input_length: int, targe
                "full": forward["matmul"] + forward["attention"]}
   if remat_policy not in recompute:
     raise ValueError(f"remat_policy must be one of {sorted(recompute)}, got {remat_policy!r}")
-  flops = batch * (3.0 * sum(forward.values()) + recompute[remat_policy])
+  return batch * (3.0 * sum(forward.values()) + recompute[remat_policy])
+
+
+def train_step_seconds(config: T5Config, *, batch: int, input_length: int, target_length: int,
+                       chips: int, model_parallel: int, remat_policy: str = "none",
+                       num_microbatches: int = 1, chip: Chip = TPU_V4) -> float:
+  """Seconds of one training step on each chip: its FLOPs (`train_step_flops`) at the chip's
+  peak, plus the float32 weights read again by every extra micro-batch (forward and backward).
+  """
+  flops = train_step_flops(config, batch=batch, input_length=input_length,
+                           target_length=target_length, remat_policy=remat_policy)
   weight_bytes = 4.0 * total_params(config) / model_parallel
   rereads = 2.0 * weight_bytes * (num_microbatches - 1)
   return flops / chips / chip.peak_flops + rereads / chip.hbm_bytes_per_s

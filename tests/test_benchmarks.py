@@ -243,9 +243,15 @@ def test_train_smoke_json_has_mfu_checks_and_hf(gpu_check_smoke):
   assert result["peak_tflops"] == 1.0
   for row in result["ours"]:
     assert row["step_s"] > 0 and row["tokens_per_s"] > 0
-    assert row["flops_per_step"] > 0 and 0 < row["mfu"] < 1
+    assert row["flops_per_step"] > 0 and row["xla_flops_per_step"] > 0 and 0 < row["mfu"] < 1
+  # Fewer key/value heads: fewer model FLOPs (the MFU numerator is the model's, per K).
+  flops = [row["flops_per_step"] for row in result["ours"]]
+  assert flops == sorted(flops, reverse=True) and flops[0] > flops[-1]
   names = [c["name"] for c in result["checks"]]
   assert names[:2] == ["GQA/MQA train no slower than MHA (3% tolerance)", "MFU >= 45%"]
   if result["hf"] and "skipped" not in result["hf"]:
     assert names[2] == "ours >= 1.5x HF transformers' tokens/s"
     assert result["hf"]["step_s"] > 0
+    # HF's T5 is the multi-head model: MHA's FLOPs, so its MFU compares with ours.
+    assert result["hf"]["flops_per_step"] == result["ours"][0]["flops_per_step"]
+    assert 0 < result["hf"]["mfu"] < 1

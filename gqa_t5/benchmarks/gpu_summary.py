@@ -128,7 +128,7 @@ def _print_train(train) -> None:
   hf = train["hf"] or {}
   if "step_s" in hf:
     rows.append({"name": "HF", "step_ms": round(hf["step_s"] * 1e3, 1),
-                 "tokens_per_s": round(hf["tokens_per_s"]), "mfu": None})
+                 "tokens_per_s": round(hf["tokens_per_s"]), "mfu": hf.get("mfu")})
   for o in rows:
     mfu = "n/a" if o["mfu"] is None else f"{o['mfu']:.1%}"
     print(f"  train {o['name']:>6}: {o['step_ms']:8.1f} ms/step, {o['tokens_per_s']:>10,} "

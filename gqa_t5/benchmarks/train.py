@@ -4,8 +4,12 @@ One step = forward + backward + Adafactor (gqa_t5.optim, T5.1.1's settings) upda
 random tokens (no padding), float32 parameters, bfloat16 activations, through
 `gqa_t5.trainer.Trainer` (partitioned init from shapes, the jitted step users train with).
 Reported per K: step time, tokens/s (B x (inputs + targets) per step), and model-FLOPs
-utilisation from XLA's FLOP count of the compiled step over the device's dense bf16 peak
-(--peak-tflops; known GPU/TPU kinds by name; n/a on a CPU unless given). Checks: GQA/MQA not
+utilisation: the model's FLOPs of a step (`perf_model.train_step_flops`: forward, backward at
+twice the forward; HF's row the same model's) per second over the device's dense bf16 peak
+(--peak-tflops; known GPU/TPU kinds by name; n/a on a CPU unless given). XLA's own count of the
+compiled step is reported beside it as information: it agrees on a CPU, but on a GPU it
+came out at about a fifth of the model's FLOPs (2026-12-04, an H200), so it does not measure
+utilisation there. Checks: GQA/MQA not
 slower than MHA, MFU >= 45%, and with --compare-hf ours >= 1.5x HF transformers' T5 (torch,
 same device and shapes, bf16 autocast, its Adafactor) in tokens/s. Steps of all models are
 interleaved so drift hits all alike.
@@ -50,7 +54,7 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=None, help="timed steps per model")
   parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
   parser.add_argument("--scan-layers", action="store_true",
-                      help="scan each stack (shorter compile; XLA may count FLOPs of one layer)")
+                      help="scan each stack (shorter compile)")
   parser.add_argument("--peak-tflops", type=float, default=None)
   parser.add_argument("--compare-hf", action="store_true")
   parser.add_argument("--hf-optimizer", choices=("adafactor", "adamw"), default="adafactor")
@@ -117,7 +121,8 @@ class GqaTrainStep:
     self.state, metrics = self.compiled(self.state, self.batch)
     return float(jax.block_until_ready(metrics["loss"]))
 
-  def flops(self) -> Optional[float]:
+  def xla_flops(self) -> Optional[float]:
+    """XLA's FLOP count of the compiled step (information: see the module's docstring)."""
     analysis = self.compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):
       analysis = analysis[0] if analysis else {}
@@ -150,12 +155,21 @@ def time_interleaved(fns, steps: int, warmup: int, labels) -> List[List[float]]:
   return times
 
 
-def figures(seconds: List[float], tokens: int, flops: Optional[float], peak) -> Dict[str, Any]:
+def model_flops(config, batch: int, lengths) -> float:
+  """The model FLOPs of one train step (`perf_model.train_step_flops`), MFU's numerator."""
+  return perf_model.train_step_flops(config, batch=batch, input_length=lengths[0],
+                                     target_length=lengths[1])
+
+
+def figures(seconds: List[float], tokens: int, flops: float, peak: Optional[float],
+            xla_flops: Optional[float] = None) -> Dict[str, Any]:
+  """Step time (median, min), tokens/s, the model FLOPs per second and MFU against `peak`
+  (TFLOP/s; None: unknown), and XLA's count of the step's FLOPs where there is one."""
   step = statistics.median(seconds)
   out = {"step_s": step, "min_step_s": min(seconds), "tokens_per_s": tokens / step,
-         "flops_per_step": flops}
-  out["achieved_tflops"] = flops / step / 1e12 if flops else None
-  out["mfu"] = out["achieved_tflops"] / peak if flops and peak else None
+         "flops_per_step": flops, "xla_flops_per_step": xla_flops,
+         "achieved_tflops": flops / step / 1e12}
+  out["mfu"] = out["achieved_tflops"] / peak if peak else None
   return out
 
 
@@ -225,11 +239,16 @@ def main(argv=None) -> int:
              "run": {"batch": args.batch, "input_length": s, "target_length": t,
                      "steps": args.steps, "tokens_per_step": tokens}, "peak_tflops": peak,
              "compile_s": compile_s, "process_start_to_first_step_s": first_step_s,
-             "ours": [dict(figures(times[i], tokens, o.flops(), peak), name=o.name, kv_heads=o.k,
-                           params=o.params()) for i, o in enumerate(ours)]}
+             "ours": []}
+  for o, seconds in zip(ours, times):
+    flops = model_flops(config.replace(num_kv_heads=o.k), args.batch, (s, t))
+    results["ours"].append(dict(figures(seconds, tokens, flops, peak, o.xla_flops()),
+                                name=o.name, kv_heads=o.k, params=o.params()))
   if "HF" in labels:
-    hf = dict(figures(times[-1], tokens, None, None), device=hf_reference.torch_device(),
-              optimizer=args.hf_optimizer)
+    # HF's T5 is the multi-head model: its FLOPs are MHA's.
+    hf = dict(figures(times[-1], tokens,
+                      model_flops(config.replace(num_kv_heads=None), args.batch, (s, t)), peak),
+              device=hf_reference.torch_device(), optimizer=args.hf_optimizer)
   results["hf"] = hf
   results["checks"] = checks(results)
   print_summary(results)
@@ -244,8 +263,10 @@ def print_summary(results: Dict[str, Any]) -> None:
                             if results["hf"] and "skipped" not in results["hf"] else [])
   for r in rows:
     mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+    xla = r.get("xla_flops_per_step")
+    counted = f" (XLA counts {xla / r['flops_per_step']:.2f}x the model's FLOPs)" if xla else ""
     print(f"{r['name']:>7}: {r['step_s'] * 1e3:9.1f} ms/step (min {r['min_step_s'] * 1e3:.1f}), "
-          f"{r['tokens_per_s']:12,.0f} tokens/s, MFU {mfu}")
+          f"{r['tokens_per_s']:12,.0f} tokens/s, MFU {mfu}{counted}")
   if results["hf"] and "skipped" in results["hf"]:
     print(f"HF comparison skipped: {results['hf']['skipped']}")
   common.print_checks(results["checks"])
