@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 
+from gqa_t5 import aot
 from gqa_t5 import eval as eval_lib
 from gqa_t5 import gin_utils
 from gqa_t5 import input_pipeline
@@ -69,21 +70,7 @@ def _flat(tree) -> Dict[str, Any]:
 
 
 def _flat_axes(tree) -> Dict[str, Tuple]:
-  out = {}
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      name = f"{prefix}/{key}" if prefix else str(key)
-      if isinstance(value, dict) or hasattr(value, "items"):
-        walk(value, name)
-      else:
-        out[name] = tuple(value)
-  walk(tree, "")
-  return out
-
-
-def _gib(n: float) -> str:
-  return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 28 else f"{n / 2 ** 20:.1f} MiB"
+  return {name: tuple(axes) for name, axes in _flat(tree).items()}
 
 
 def check_conversion(model: jobs_lib.ModelSpec, config, abstract_params) -> str:
@@ -165,7 +152,7 @@ def check_shardings(job: jobs_lib.Job, trainer_kwargs: Dict[str, Any], abstract:
                       f"{available / 2 ** 30:.2f} GiB of a {perf_model.TPU_V4.name} chip")
   kv = partitioning.describe_kv_layout(config, sl.model_parallel)
   return (f"{sl.name} mesh data={sl.data_parallel} x model={sl.model_parallel}: "
-          + ", ".join(f"{k} {_gib(v)}" for k, v in totals.items())
+          + ", ".join(f"{k} {aot.gib(v)}" for k, v in totals.items())
           + f" per chip; {kv}"), totals
 
 
@@ -223,14 +210,20 @@ def _check_datasets(job: jobs_lib.Job, kwargs: Dict[str, Any]) -> int:
   return batch
 
 
-def check_job(job: jobs_lib.Job, abstract: AbstractParams) -> jobs_lib.Job:
-  """Every check of one job; appends what it verified to `job.checks`."""
+def parse_job(job: jobs_lib.Job) -> Dict[str, Any]:
+  """The keyword arguments the job's gin files and bindings give its entry point, parsed as
+  `python -m gqa_t5.train|eval` parses them (a bad file or binding: DryRunError naming the job)."""
   bindings = [f"{k}={jobs_lib.gin_literal(v)}" for k, v in job.bindings.items()]
   try:
     gin_utils.parse(job.gin_files, bindings)
   except gin_utils.GinConfigError as error:
     raise DryRunError(f"{job.name}: {error}") from None
-  kwargs = gin.get_bindings(entry_point(job))
+  return gin.get_bindings(entry_point(job))
+
+
+def check_job(job: jobs_lib.Job, abstract: AbstractParams) -> jobs_lib.Job:
+  """Every check of one job; appends what it verified to `job.checks`."""
+  kwargs = parse_job(job)
   job.checks.append(f"gin: {' + '.join(job.gin_files)} parse, every REQUIRED macro set")
   model = kwargs["model"]
   config = model.module.config

@@ -30,12 +30,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import gin
 import jax
 
 from gqa_t5 import aot
 from gqa_t5 import prediction
-from gqa_t5 import gin_utils
 from gqa_t5 import input_pipeline
 from gqa_t5 import jax_setup
 from gqa_t5 import partitioning
@@ -46,7 +44,6 @@ from gqa_t5.checkpoints import atomic
 from gqa_t5.reproduce.paper_scale import checks
 from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
 from gqa_t5.reproduce.paper_scale import tpu_timing
-
 
 
 @dataclasses.dataclass
@@ -79,15 +76,6 @@ class CompiledJob:
 
 def default_cache_dir() -> str:
   return os.path.join(os.path.dirname(jax_setup.default_cache_dir()), "tpu_compile")
-
-
-def _parse(job: jobs_lib.Job) -> Dict[str, Any]:
-  bindings = [f"{k}={jobs_lib.gin_literal(v)}" for k, v in job.bindings.items()]
-  try:
-    gin_utils.parse(job.gin_files, bindings)
-  except gin_utils.GinConfigError as error:
-    raise checks.DryRunError(f"{job.name}: {error}") from None
-  return gin.get_bindings(checks.entry_point(job))
 
 
 def _settings(job: jobs_lib.Job, kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -171,7 +159,7 @@ class JobCompiler:
                         json.dumps(result.to_dict(), indent=1))
 
   def compile(self, job: jobs_lib.Job) -> CompiledJob:
-    kwargs = _parse(job)
+    kwargs = checks.parse_job(job)
     sl = job.model.slice
     t0 = time.perf_counter()
     lowered, remedies = _lower(job, kwargs, self.devices(sl.name))
@@ -223,7 +211,7 @@ def search(job: jobs_lib.Job, compiler: "JobCompiler", log: Callable[[str], None
   A setting that fails tells how many temporary bytes it needed; settings of the same
   rematerialisation whose temporaries, scaled by 1 / micro-batches, would not fit either are
   skipped without compiling."""
-  kwargs = _parse(job)
+  kwargs = checks.parse_job(job)
   config = kwargs["model"].module.config
   settings = _settings(job, kwargs)
   budget = perf_model.TPU_V4.available_bytes * tpu_topology.HEADROOM_FRACTION

@@ -19,14 +19,6 @@ from gqa_t5.checkpoints import atomic
 from gqa_t5.reproduce.paper_scale import checks
 from gqa_t5.reproduce.paper_scale import jobs as jobs_lib
 
-# Re-exported for callers of the dry run.
-DryRunError = checks.DryRunError
-build_jobs = jobs_lib.build_jobs
-
-
-def _write(path: str, content: str) -> None:
-  atomic.write_text(path, content)
-
 
 def _check_all(jobs: List[jobs_lib.Job], log: Callable[[str], None]) -> List:
   abstract = checks.AbstractParams()
@@ -73,7 +65,7 @@ def dry_run(out: Optional[str] = None, log: Callable[[str], None] = print,
     os.makedirs(out, exist_ok=True)
     for name, content in (("paper_commands.sh", text),
                           ("paper_dry_run.json", json.dumps(summary, indent=2))):
-      _write(os.path.join(out, name), content)
+      atomic.write_text(os.path.join(out, name), content)
       log(f"wrote {os.path.join(out, name)}")
   log(f"{len(jobs) - len(failures)} of {len(jobs)} paper-scale jobs check out "
       f"({summary['seconds']:.0f} s; no weights, data or TPU were used)")

@@ -2,11 +2,13 @@
 every progress line, the overall ETA, and the `gpu` preset's computed run time.
 
 A stage costs a start-up (data pipeline, tracing) and a compilation (mostly a persistent-cache
-hit after the first stage of a shape) plus its arithmetic: 6 x parameters x tokens per training
-step, 2 x parameters x tokens per forward pass, and a fixed time per greedy decode step (small
-models decode latency-bound). The paper-shape timing stage costs its roofline time on the
-machine (`gqa_t5/perf_model.py`) at an assumed fraction of it, plus compilation per K.
-Pure arithmetic: nothing is measured here.
+hit after the first stage of a shape) plus its arithmetic, counted by the one performance model
+(`gqa_t5/perf_model.py`): a training step's FLOPs (`train_step_flops`: the forward, the backward
+at twice it), a forward pass's (`train_forward_flops`: the encoder's weights on the input
+tokens, the decoder's on the target tokens, the attention products), and a fixed time per greedy
+decode step (small models decode latency-bound). The paper-shape timing stage costs its roofline
+time on the machine at an assumed fraction of it, plus compilation per K. Pure arithmetic:
+nothing is measured here.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ class Machine:
 
 
 MACHINES = {
-    # ~130 GFLOP/s sustained and the per-stage start-up, compile and decode-step costs fitted
-    # to the quick run from a fresh clone on a quiet 2-core x86-64 CPU (247 s of stages).
-    "cpu": Machine("2-core x86-64 CPU", peak_flops=1.3e11, mfu=1.0, stage_start_s=1.0,
-                   compile_s=1.0, decode_step_s=0.004),
+    # The model FLOPs per second, and the per-stage start-up and compile costs, fitted to the
+    # committed quick run (results/quick: 430 s of stages on a 2-core x86-64 CPU; at these sizes
+    # a step's overheads, not its arithmetic, set the rate).
+    "cpu": Machine("2-core x86-64 CPU", peak_flops=2.1e10, mfu=1.0, stage_start_s=1.6,
+                   compile_s=1.6, decode_step_s=0.004),
     # perf_model.H200's dense bf16 peak and HBM; 30% MFU as the conservative assumption.
     "h200": Machine("one NVIDIA H200", peak_flops=perf_model.H200.peak_flops, mfu=0.30,
                     stage_start_s=1.5, compile_s=1.5, decode_step_s=0.004,
@@ -51,44 +54,45 @@ MACHINES = {
 PAPER_TIMING_EFFICIENCY = 0.5  # measured decode reaches about half the roofline (assumed)
 
 
-def params(config: T5Config) -> int:
-  """The parameters that multiply: all but the input embedding (a lookup, no FLOPs)."""
-  return sum(perf_model.matmul_params(config).values())
-
-
-def train_flops_per_step(config: T5Config, batch: int, lengths: Dict[str, int]) -> float:
-  return 6.0 * params(config) * batch * (lengths["inputs"] + lengths["targets"])
+def forward_flops(config: T5Config, inputs: int, targets: int) -> float:
+  """FLOPs of one example's forward pass (targets 0: the encoder alone)."""
+  return sum(perf_model.train_forward_flops(config, inputs, targets).values())
 
 
 def train_seconds(machine: Machine, config: T5Config, steps: int, batch: int,
                   lengths: Dict[str, int]) -> float:
-  compute = steps * train_flops_per_step(config, batch, lengths) / machine.flops_per_s
-  return machine.stage_start_s + machine.compile_s + compute
+  flops = perf_model.train_step_flops(config, batch=batch, input_length=lengths["inputs"],
+                                      target_length=lengths["targets"])
+  return machine.stage_start_s + machine.compile_s + steps * flops / machine.flops_per_s
 
 
 def convert_seconds(machine: Machine, config: T5Config) -> float:
-  return machine.stage_start_s + params(config) * 4 * 3 / 1e9  # read, pool, write: ~1 GB/s
+  # Read, pool and write float32 weights at about 1 GB/s.
+  return machine.stage_start_s + perf_model.total_params(config) * 4 * 3 / 1e9
 
 
 def probe_seconds(machine: Machine, config: T5Config, batches: int, batch: int,
                   lengths: Dict[str, int]) -> float:
-  tokens = batches * batch * (lengths["inputs"] + lengths["targets"])
-  return machine.stage_start_s + machine.compile_s + 2.0 * params(config) * tokens / (
-      machine.flops_per_s)
+  flops = batches * batch * forward_flops(config, lengths["inputs"], lengths["targets"])
+  return machine.stage_start_s + machine.compile_s + flops / machine.flops_per_s
 
 
 def eval_seconds(machine: Machine, config: T5Config, targets_lengths: Dict[str, int],
                  examples: int, batch: int, inputs_length: int) -> float:
+  """Per task: greedy decoding (its encoder pass, then a fixed time per step) and the
+  teacher-forced loss of the same examples (a forward pass)."""
   batches = math.ceil(examples / batch)
   decode = sum(batches * t * machine.decode_step_s for t in targets_lengths.values())
-  encode = 2.0 * params(config) * examples * inputs_length * len(targets_lengths) * 2
+  flops = sum(examples * (forward_flops(config, inputs_length, 0)
+                          + forward_flops(config, inputs_length, t))
+              for t in targets_lengths.values())
   return (machine.stage_start_s + machine.compile_s * len(targets_lengths) + decode
-          + encode / machine.flops_per_s)
+          + flops / machine.flops_per_s)
 
 
 def timing_seconds(machine: Machine, config: T5Config, num_kv: int, batch: int,
                    input_length: int, output_length: int, repeats: int) -> float:
-  encode = 2.0 * params(config) * batch * input_length / machine.flops_per_s
+  encode = batch * forward_flops(config, input_length, 0) / machine.flops_per_s
   per_run = encode + output_length * machine.decode_step_s * max(1.0, batch / 32)
   return machine.stage_start_s + num_kv * (2 * machine.compile_s + (repeats + 1) * per_run)
 

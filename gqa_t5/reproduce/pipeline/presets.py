@@ -238,17 +238,17 @@ _register(ReproducePreset(
 
 # One H200: T5.1.1-Small's width (d_model 512, MLP 1024, 8+8 layers) with 8 heads of 64 (not 6)
 # so that GQA-2 and GQA-4 have real groups, 58.7M parameters (54.5M that multiply), bfloat16.
-# At 30% MFU of 989 TFLOP/s: pretraining 1,600 x 13.1 TFLOP (6 x 54.5M x 40.2k tokens) = 74 s;
-# uptraining 39 s; fine-tuning 11 x 200 steps 83 s; evaluation 73 s; probes and conversions
-# 43 s; timing 26 s; the paper-shape timing (XXL x 6 K + Large) 123 s; 46 stages, 460 s =
-# 7.7 min in all, a
-# computed estimate (estimate.py has the assumptions; docs/REPRODUCE.md the table).
+# At 30% MFU of 989 TFLOP/s: pretraining 1,600 steps of 6.78 TFLOP (perf_model.train_step_flops
+# of 128 x (256 + 58) tokens) = 40 s; uptraining 29 s; fine-tuning 11 x 200 steps 59 s;
+# evaluation 73 s; probes and conversions 42 s; timing 26 s; the paper-shape timing (XXL x 6 K
+# + Large) 123 s; 46 stages, 390 s = 6.5 min in all, a computed estimate (estimate.py has the
+# assumptions; docs/REPRODUCE.md the table).
 _register(ReproducePreset(
     name="gpu",
     description="One H200: a T5.1.1-Small-like model (59M parameters, 8 heads) trained long "
                 "enough that decoded scores rank the variants, and decode timing at the "
                 "paper's T5.1.1-XXL and -Large shapes.",
-    time_figure="about 7.7 min on one H200, a computed estimate (not yet measured)",
+    time_figure="about 6.5 min on one H200, a computed estimate (not yet measured)",
     model=small_model(emb_dim=512, num_heads=8, head_dim=64, mlp_dim=1024, layers=8,
                       dtype="bfloat16"),
     pretrain_steps=1600, pretrain_batch=128, pretrain_inputs_length=256,

@@ -20,6 +20,7 @@ from gqa_t5.reproduce.paper_scale import timing_sim
 from gqa_t5.reproduce.pipeline import estimate
 from gqa_t5.reproduce.pipeline import presets as presets_lib
 from gqa_t5.reproduce.pipeline import stage_table
+from gqa_t5.reproduce.pipeline import tasks
 from gqa_t5.reproduce.pipeline import variants as variants_lib
 from gqa_t5.reproduce.report import claims as claims_lib
 from gqa_t5.reproduce.report import figures
@@ -65,15 +66,19 @@ def model_params(model: T5Config) -> int:
   return perf_model.total_params(model.replace(num_kv_heads=None))
 
 
-def pretrain_throughput(pretrain: Dict, model: T5Config) -> rr.Throughput:
+def pretrain_throughput(pretrain: Dict, model: T5Config,
+                        lengths: Dict[str, int]) -> rr.Throughput:
   """Tokens/s of the pretraining run (compile excluded where measured) and, on a GPU, its MFU
-  against the H200's dense bf16 peak. FLOPs per token are 6 x the parameters that multiply
-  (the input embedding is a lookup). A CPU has no peak in the machine table (its figure is an
-  assumed sustained rate), so there MFU is None."""
+  against the H200's dense bf16 peak. FLOPs per token: the model's FLOPs of a training example
+  of the pretraining `lengths` (`perf_model.train_step_flops`) over its inputs + targets tokens.
+  A CPU has no peak in the machine table (its figure is a fitted sustained rate), so there MFU
+  is None."""
   tokens_per_s = pretrain.get("steady_tokens_per_second", pretrain.get("tokens_per_second"))
   on_gpu = jax.default_backend() == "gpu"
   machine = estimate.MACHINES["h200" if on_gpu else "cpu"]
-  flops_per_token = 6.0 * estimate.params(model.replace(num_kv_heads=None))
+  flops_per_token = perf_model.train_step_flops(
+      model.replace(num_kv_heads=None), batch=1, input_length=lengths["inputs"],
+      target_length=lengths["targets"]) / (lengths["inputs"] + lengths["targets"])
   mfu = flops_per_token * tokens_per_s / machine.peak_flops if tokens_per_s and on_gpu else None
   return rr.Throughput(tokens_per_second=tokens_per_s,
                        compile_excluded="steady_tokens_per_second" in pretrain,
@@ -210,7 +215,9 @@ def assemble(*, preset: presets_lib.ReproducePreset, model: T5Config, pretrain: 
                      pretrain_steps=int(pretrain.get("step", preset.pretrain_steps)),
                      pretrain_origin=pretrain_origin, eval_examples=preset.eval_examples,
                      data_fingerprint=data_fingerprint),
-      pretrain=pretrain, pretrain_throughput=pretrain_throughput(pretrain, model),
+      pretrain=pretrain,
+      pretrain_throughput=pretrain_throughput(
+          pretrain, model, tasks.pretrain_lengths(preset.pretrain_inputs_length)),
       paper_timing=paper_timing_rows(paper_timing, paper_scale or paper_scale_summary()),
       variants=variants, headline=[], methods=[], mha=None, alpha_curves={},
       conversions=[rr.ConversionResult(**c) for c in conversions or []], timing=timing,
@@ -266,10 +273,6 @@ def collect(pipeline, wall_seconds: float) -> rr.Results:
                   paper_timing=paper_timed.result if paper_timed is not None else None)
 
 
-def _write_text(path: str, text: str) -> None:
-  atomic.write_text(path, text)
-
-
 def write_all(results: rr.Results, out_dir, log: Callable[[str], None] = print
               ) -> List[str]:
   """results.json, table1.md, fig3-6.png and REPORT.md in `out_dir`."""
@@ -278,17 +281,17 @@ def write_all(results: rr.Results, out_dir, log: Callable[[str], None] = print
   written = []
   path = os.path.join(out_dir, RESULTS_FILE)
   text = json.dumps(results.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
-  _write_text(path, text)
+  atomic.write_text(path, text)
   written.append(path)
   # The rest is drawn from what results.json holds, in its (sorted) order, so that `--redraw`
   # reproduces every file byte for byte: the stage table, the figures' curves and legends.
   results = rr.Results.from_json(json.loads(text))
   path = os.path.join(out_dir, "table1.md")
-  _write_text(path, markdown.table1_markdown(results))
+  atomic.write_text(path, markdown.table1_markdown(results))
   written.append(path)
   written += figures.write_figures(results, out_dir)
   path = os.path.join(out_dir, "REPORT.md")
-  _write_text(path, markdown.report_markdown(results))
+  atomic.write_text(path, markdown.report_markdown(results))
   written.append(path)
   for path in written:
     log(f"wrote {path}")
