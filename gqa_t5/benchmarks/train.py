@@ -7,12 +7,11 @@ Reported per K: step time, tokens/s (B x (inputs + targets) per step), and model
 utilisation: the model's FLOPs of a step (`perf_model.train_step_flops`: forward, backward at
 twice the forward; HF's row the same model's) per second over the device's dense bf16 peak
 (--peak-tflops; known GPU/TPU kinds by name; n/a on a CPU unless given). XLA's own count of the
-compiled step is reported beside it as information: it agrees on a CPU, but on a GPU it
-came out at about a fifth of the model's FLOPs (2026-12-04, an H200), so it does not measure
-utilisation there. Checks: GQA/MQA not
-slower than MHA, MFU >= 45%, and with --compare-hf ours >= 1.5x HF transformers' T5 (torch,
-same device and shapes, bf16 autocast, its Adafactor) in tokens/s. Steps of all models are
-interleaved so drift hits all alike.
+compiled step is reported beside it as information: it agrees on a CPU, but on a GPU it came
+out at about a fifth of the model's FLOPs (2026-12-04, an H200), so it does not measure
+utilisation there. Checks: GQA/MQA not slower than MHA, MFU >= 45%, and with --compare-hf ours
+>= 1.5x HF transformers' T5 (torch, same device and shapes, bf16 autocast, its Adafactor) in
+tokens/s. Steps of all models are interleaved so drift hits all alike.
 
   gqa-t5 benchmark-train --compare-hf                 (T5.1.1-Large, inputs 512, targets 128)
   gqa-t5 benchmark-train --smoke --compare-hf --json out.json   (tiny, seconds on a CPU)

@@ -41,9 +41,10 @@ class Machine:
 
 
 MACHINES = {
-    # The model FLOPs per second, and the per-stage start-up and compile costs, fitted to the
-    # committed quick run (results/quick: 430 s of stages on a 2-core x86-64 CPU; at these sizes
-    # a step's overheads, not its arithmetic, set the rate).
+    # The model FLOPs per second, and the per-stage start-up and compile costs, fitted to a
+    # quick run on a 2-core x86-64 CPU (430 s of stages, 2026-12-04; at these sizes a step's
+    # overheads, not its arithmetic, set the rate). A test holds the estimate within 15% of
+    # the committed results/quick.
     "cpu": Machine("2-core x86-64 CPU", peak_flops=2.1e10, mfu=1.0, stage_start_s=1.6,
                    compile_s=1.6, decode_step_s=0.004),
     # perf_model.H200's dense bf16 peak and HBM; 30% MFU as the conservative assumption.
