@@ -223,8 +223,8 @@ _register(ReproducePreset(
     name="mini",
     description="A model and step counts large enough to compare the variants, with the "
                 "run-to-run noise measured.",
-    time_figure=("25-33 min + 36-51 s demo-data preparation on a quiet 2-core x86-64 CPU (25.2 "
-                 "and 30.8 min on two cores, 33 on two hardware threads of one core)"),
+    time_figure=("25-35 min + 36-51 s demo-data preparation on a quiet 2-core x86-64 CPU (25.2, "
+                 "30.8 and 34.6 min on two cores, 33 on two hardware threads of one core)"),
     model=small_model(emb_dim=128, num_heads=8, head_dim=16, mlp_dim=384, layers=2),
     pretrain_steps=1200, pretrain_batch=16, pretrain_inputs_length=96,
     pretrain_warmup_steps=200,
