@@ -310,8 +310,7 @@ def test_figures_and_tables_say_their_units():
 
 @pytest.mark.parametrize("name", ["quick", "mini"])
 def test_committed_results_load_typed_and_write_back_unchanged(name):
-  # mini was written by an earlier version (no pretrain_throughput or scale.dtype); quick by
-  # this one: both load and write back unchanged.
+  # Both were written by this version: they load typed and write back unchanged.
   path = pathlib.Path(__file__).parent.parent / "results" / name / "results.json"
   stored = json.loads(path.read_text())
   results = run_results.Results.from_json(stored)
@@ -321,6 +320,24 @@ def test_committed_results_load_typed_and_write_back_unchanged(name):
   assert results.mha.kv_heads == results.scale.num_heads == stored["scale"]["num_heads"]
   assert [v.key for v in results.variants] == [v["key"] for v in stored["variants"]]
   assert results.alpha_curves["MQA"][0].alpha == stored["alpha_curves"]["MQA"][0]["alpha"]
+
+
+def test_an_older_results_json_loads_and_writes_back_as_it_was():
+  # An earlier version wrote no pretrain_throughput, scale.dtype or conversions, and a later one
+  # may write keys this version does not know: defaults on reading, and on writing back the file
+  # as it was (no added defaults, the unknown keys kept).
+  path = pathlib.Path(__file__).parent.parent / "results" / "quick" / "results.json"
+  older = json.loads(path.read_text())
+  for key in ("pretrain_throughput", "conversions"):
+    del older[key]
+  del older["scale"]["dtype"]
+  older["scale"]["from_a_later_version"] = [1, 2]
+  older["variants"][0]["also_later"] = "kept"
+  results = run_results.Results.from_json(older)
+  assert results.pretrain_throughput is None and results.conversions == []
+  assert results.scale.dtype is None and results.variants[0].average == older["variants"][0][
+      "average"]
+  assert results.to_json() == older
 
 
 def test_a_results_json_missing_a_required_field_is_named():
