@@ -2,7 +2,9 @@
 # One prepared check of the GPU path on one GPU (an H200), in at most 10 minutes wall time:
 #   (a) the GPU-relevant tests, (b) start-up figures (Large cold and warm compilation cache, XXL
 #   cold), (c) benchmark-decode at shapes L (with --compare-hf) and XXL, (d) benchmark-train
-#   (Large, with --compare-hf). Each step has its own timeout and writes JSON (and a log) into
+#   (Large, with --compare-hf); the benchmarks with --profile (where each K's decode step and
+#   train step spend their time: operations, device busy vs idle). Each step has its own
+#   timeout and writes JSON (and a log) into
 #   ${OUT:-./gpu_check_out}; a summary table is printed and written as summary.json.
 #
 #   bash scripts/gpu_check.sh            # on the GPU box (jax[cuda], torch, transformers there)
@@ -70,21 +72,23 @@ if [ "$SMOKE" = 1 ]; then
   T_TESTS="${T_TESTS:-600}" T_DECODE_L="${T_DECODE_L:-600}" T_WARM="${T_WARM:-600}"
   T_DECODE_XXL="${T_DECODE_XXL:-600}" T_TRAIN="${T_TRAIN:-600}"
   TEST_ARGS=(--collect-only -q)  # on a CPU the suite's own run checks them; here: they import
-  DECODE_L=(--smoke --compare-hf)
-  DECODE_XXL=(--smoke --shape XXL --output-length 16 --timed-steps 4 --kv-heads 8,1)
-  TRAIN=(--smoke --compare-hf --peak-tflops 1)
+  DECODE_L=(--smoke --compare-hf --profile)
+  DECODE_XXL=(--smoke --shape XXL --output-length 16 --timed-steps 4 --kv-heads 8,1 --profile)
+  TRAIN=(--smoke --compare-hf --peak-tflops 1 --profile)
   export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 else
   # The H200 runs (jax 0.11.2): 8 workers ran 151 of these 211 tests in 168 s; decode_L took
-  # 105 s (HF included), startup_L_warm 13 s, decode_XXL 91 s, train 213 s with 10 steps.
-  T_TESTS="${T_TESTS:-130}" T_DECODE_L="${T_DECODE_L:-125}" T_WARM="${T_WARM:-25}"
-  T_DECODE_XXL="${T_DECODE_XXL:-105}" T_TRAIN="${T_TRAIN:-200}"
+  # 105 s (HF included), startup_L_warm 13 s, decode_XXL 91 s, train 213 s with 10 steps. The
+  # profiles (one traced loop, or two traced steps, per K) came later: 5 s more each, a guess.
+  # The limits add up to 600 s.
+  T_TESTS="${T_TESTS:-130}" T_DECODE_L="${T_DECODE_L:-130}" T_WARM="${T_WARM:-25}"
+  T_DECODE_XXL="${T_DECODE_XXL:-110}" T_TRAIN="${T_TRAIN:-205}"
   WORKERS=""
   if "$PY" -c "import xdist" 2>/dev/null; then WORKERS="-n 8"; fi
   read -r -a TEST_ARGS <<< "${PYTEST_FLAGS:--q -rfE $WORKERS}"
-  DECODE_L=(--shape L --compare-hf)
-  DECODE_XXL=(--shape XXL)
-  TRAIN=(--compare-hf --steps 5)
+  DECODE_L=(--shape L --compare-hf --profile)
+  DECODE_XXL=(--shape XXL --profile)
+  TRAIN=(--compare-hf --steps 5 --profile)
 fi
 
 START=$(date +%s)

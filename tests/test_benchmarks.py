@@ -13,7 +13,7 @@ import pytest
 from flax import traverse_util
 
 from gqa_t5 import perf_model
-from gqa_t5.benchmarks import convert, decode, decode_report, decode_run
+from gqa_t5.benchmarks import convert, decode, decode_report, decode_run, profile
 from gqa_t5.convert import converter
 from gqa_t5.model import sizes
 
@@ -204,6 +204,11 @@ def test_gpu_check_smoke_summary_has_every_section(gpu_check_smoke):
   assert all(startup[k] > 0 for k in ("L_cold_s", "L_warm_s", "XXL_cold_s"))
   assert summary["decode"]["L"]["per_k"] and summary["decode"]["XXL"]["per_k"]
   assert [o["name"] for o in summary["train"]["ours"]] == ["MHA", "MQA"]
+  # Every benchmark ran with --profile: each K's decode step and train step in figures.
+  rows = summary["decode"]["L"]["per_k"] + summary["train"]["ours"]
+  assert all(row["profile"]["operations"] > 0 for row in rows)
+  assert all(0 < row["profile"]["busy_ms"] <= row["profile"]["span_ms"] for row in rows)
+  assert "operations busy" in stdout
   assert "gpu_check summary" in stdout and "Some donated buffers" not in stdout
 
 
@@ -218,6 +223,7 @@ def test_decode_smoke_json_has_figures_checks_and_hf(gpu_check_smoke):
     assert set(row) >= {"kv_heads", "step_ms_min", "step_ms_median", "bytes_per_step",
                         "roofline_fraction", "speedup_vs_mha", "ideal_speedup"}
     assert row["step_ms_min"] > 0 and row["bytes_per_step"]["total"] > 0
+    _check_profile(row["profile"])
   names = [c["name"] for c in result["checks"]]
   assert names[:4] == ["start-up <= 120 s (cold compilation cache, shape smoke)",
                        "MHA decode step >= 0.5 of the memory roofline",
@@ -235,6 +241,31 @@ def test_decode_smoke_json_has_figures_checks_and_hf(gpu_check_smoke):
   assert warm["startup"]["cache_warm"] and "per_k" not in warm
   xxl = _load(out, "decode_XXL.json")
   assert (xxl["run"]["output_length"], xxl["run"]["timed_steps"]) == (16, 4)
+
+
+def _check_profile(summary):
+  """A benchmark row's profile (benchmarks/profile.py): operations per step, busy within span,
+  the top operations by time, each share a part of the busy time."""
+  assert "error" not in summary, summary
+  assert summary["kernels"] > 0 and 0 < summary["busy_ms"] <= summary["span_ms"]
+  times = [row["ms"] for row in summary["top"]]
+  assert times == sorted(times, reverse=True) and times[0] > 0
+  assert all(0 < row["share_of_busy"] <= 1.0 + 1e-9 for row in summary["top"])
+
+
+def test_profile_busy_time_is_the_union_of_intervals():
+  # Two overlapping operations (0-10, 5-12), one inside another (6-8), one after a gap (20-25).
+  events = [("a", 0, 10), ("b", 5, 7), ("c", 6, 2), ("d", 20, 5)]
+  assert profile._busy_ns(events) == 12 + 5
+
+
+def test_profile_of_a_jitted_function_names_its_operations():
+  f = jax.jit(lambda a, b: jax.numpy.tanh(a @ b).sum())
+  a = jax.numpy.ones((256, 256))
+  f(a, a).block_until_ready()
+  summary = profile.summarize(lambda: f(a, a), calls=2)
+  _check_profile(summary)
+  assert profile.lines(summary)[0].startswith("profile (")
 
 
 def test_train_smoke_json_has_mfu_checks_and_hf(gpu_check_smoke):
@@ -255,3 +286,5 @@ def test_train_smoke_json_has_mfu_checks_and_hf(gpu_check_smoke):
     # HF's T5 is the multi-head model: MHA's FLOPs, so its MFU compares with ours.
     assert result["hf"]["flops_per_step"] == result["ours"][0]["flops_per_step"]
     assert 0 < result["hf"]["mfu"] < 1
+  for row in result["ours"]:
+    _check_profile(row["profile"])

@@ -94,6 +94,9 @@ def parse_args(argv=None):
                       help="size of the bandwidth probe (default: sized for the device)")
   parser.add_argument("--compare-hf", action="store_true",
                       help="also time HF transformers' greedy generate (same device, weights)")
+  parser.add_argument("--profile", action="store_true",
+                      help="after timing, trace one decode loop per K and print where its time "
+                           "goes (operations per step, device busy vs idle, the top ones)")
   parser.add_argument("--startup-only", action="store_true",
                       help="stop after the first timed step of the first K (start-up figures)")
   args = parser.parse_args(argv)
@@ -160,6 +163,7 @@ class Request:
   bandwidth_mib: Optional[int] = None      # None: sized for the device
   compare_hf: bool = False
   startup_only: bool = False
+  profile: bool = False
   smoke: bool = False
   shape_name: str = "custom"
   json: Optional[str] = None
@@ -178,7 +182,8 @@ def request_from_args(args, parser) -> Request:
       timed_steps=args.timed_steps or p.timed_steps, repeats=args.repeats,
       encode_batch=args.encode_batch, memory_fraction=args.memory_fraction,
       bandwidth_mib=args.bandwidth_mib, compare_hf=args.compare_hf,
-      startup_only=args.startup_only, smoke=args.smoke, shape_name=args.shape_name,
+      startup_only=args.startup_only, profile=args.profile, smoke=args.smoke,
+      shape_name=args.shape_name,
       json=args.json, jax_cache_dir=args.jax_cache_dir)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from gqa_t5.benchmarks import bandwidth as bandwidth_lib
 from gqa_t5.benchmarks import common, hf_reference
 from gqa_t5.benchmarks import decode_run as run_lib
+from gqa_t5.benchmarks import profile
 from gqa_t5.model import cpu_kernels
 
 # Start-up targets (process start -> first timed decode step), seconds: (shape, warm cache).
@@ -88,6 +89,10 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant]
   results["encode_s"] = min(encode_times)
   results["encode_runs"] = len(encode_times)
   results["per_k"] = [_figures(v, first, shape, bandwidth, min(encode_times)) for v in variants]
+  if args.profile:
+    for variant, row in zip(variants, results["per_k"]):
+      common.progress(f"profiling one decode loop of K={variant.num_kv_heads} ...")
+      row["profile"] = variant.profile_loop(encoded, inputs)
   return results, inputs
 
 
@@ -236,6 +241,10 @@ def print_summary(results: Dict[str, Any]) -> None:
             f"{r['bytes_per_step']['total'] / 1e6:>9.1f} {r['roofline_fraction']:>8.2f} "
             f"{r['speedup_vs_mha']:>7.2f}x {r['ideal_speedup']:>5.2f}x "
             f"{r['speedup_vs_mha'] / r['ideal_speedup']:>8.0%}")
+    for r in results["per_k"]:
+      if "profile" in r:
+        print(f"K={r['kv_heads']} per step (roofline {r['roofline_step_ms']:.3f} ms): "
+              + "\n".join(profile.lines(r["profile"])))
   hf = results.get("hf")
   if hf and "skipped" in hf:
     print(f"HF comparison skipped: {hf['skipped']}")

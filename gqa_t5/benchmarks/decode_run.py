@@ -23,6 +23,7 @@ from gqa_t5 import decoding
 from gqa_t5 import param_init
 from gqa_t5 import perf_model
 from gqa_t5.benchmarks import common
+from gqa_t5.benchmarks import profile
 from gqa_t5.convert import pooling
 from gqa_t5.model import Transformer
 from gqa_t5.model.config import T5Config
@@ -142,6 +143,14 @@ class Variant:
     jax.tree.map(lambda x: x.delete(), cache)  # free the caches before the next variant's
     self.loop_times.append(seconds)
     return seconds
+
+
+  def profile_loop(self, encoded, inputs) -> Dict[str, Any]:
+    """A profile of one decode loop (`profile.summarize`, per step); the caches are prefilled
+    before the trace starts."""
+    cache = jax.block_until_ready(self.prepare(self.params, encoded, inputs))
+    return profile.summarize(lambda: self.loop(self.params, encoded, inputs, cache)[0],
+                             per=self.shape.timed_steps)
 
 
 class Encoder:

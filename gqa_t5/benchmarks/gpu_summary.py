@@ -48,6 +48,15 @@ def _startup_s(result) -> Optional[float]:
   return round(result["startup"]["process_start_to_first_timed_step_s"], 1)
 
 
+def _profile(row: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+  """A benchmark row's profile (`benchmarks/profile.py`), without its top operations."""
+  summary = row.get("profile")
+  if not summary or "error" in summary:
+    return summary
+  return {"operations": round(summary["kernels"]), "busy_ms": round(summary["busy_ms"], 3),
+          "span_ms": round(summary["span_ms"], 3), "top": summary["top"][0]["name"][:80]}
+
+
 def _decode(result) -> Optional[Dict[str, Any]]:
   if not result:
     return None
@@ -57,7 +66,8 @@ def _decode(result) -> Optional[Dict[str, Any]]:
       "bandwidth_GBps": round(bandwidth["used_bytes_per_s"] / 1e9, 1) if bandwidth else None,
       "per_k": [{"K": r["kv_heads"], "ms": round(r["step_ms_min"], 3),
                  "roofline": round(r["roofline_fraction"], 2),
-                 "speedup": round(r["speedup_vs_mha"], 2), "ideal": round(r["ideal_speedup"], 2)}
+                 "speedup": round(r["speedup_vs_mha"], 2), "ideal": round(r["ideal_speedup"], 2),
+                 "profile": _profile(r)}
                 for r in result.get("per_k", [])],
       "hf": result.get("hf"),
       "checks": [c for c in result.get("checks", []) if not c["name"].startswith("start-up")]}
@@ -68,7 +78,8 @@ def _train(result) -> Optional[Dict[str, Any]]:
     return None
   return {"ours": [{"name": o["name"], "step_ms": round(o["step_s"] * 1e3, 1),
                     "tokens_per_s": round(o["tokens_per_s"]),
-                    "mfu": None if o["mfu"] is None else round(o["mfu"], 3)}
+                    "mfu": None if o["mfu"] is None else round(o["mfu"], 3),
+                    "profile": _profile(o)}
                    for o in result["ours"]],
           "hf": result["hf"], "compile_s": round(result["compile_s"], 1),
           "checks": result["checks"]}
@@ -112,7 +123,7 @@ def print_summary(summary: Dict[str, Any]) -> None:
     print(f"  decode {name} (batch {d['batch']}, {d['bandwidth_GBps']} GB/s):")
     for k in d["per_k"]:
       print(f"    K={k['K']:>2}: {k['ms']:8.3f} ms/step, roofline {k['roofline']:.2f}, "
-            f"speed-up {k['speedup']:.2f}x (ideal {k['ideal']:.2f}x)")
+            f"speed-up {k['speedup']:.2f}x (ideal {k['ideal']:.2f}x)" + _profile_text(k))
     hf = d["hf"] or {}
     if "speedup_ours_vs_hf" in hf:
       print(f"    HF generate {hf['step_ms']:.3f} ms/step: ours {hf['speedup_ours_vs_hf']:.2f}x")
@@ -132,7 +143,17 @@ def _print_train(train) -> None:
   for o in rows:
     mfu = "n/a" if o["mfu"] is None else f"{o['mfu']:.1%}"
     print(f"  train {o['name']:>6}: {o['step_ms']:8.1f} ms/step, {o['tokens_per_s']:>10,} "
-          f"tokens/s, MFU {mfu}")
+          f"tokens/s, MFU {mfu}" + _profile_text(o))
+
+
+def _profile_text(row: Dict[str, Any]) -> str:
+  p = row.get("profile")
+  if not p:
+    return ""
+  if "error" in p:
+    return f"; profile: {p['error']}"
+  return (f"; {p['operations']} operations busy {p['busy_ms']} of {p['span_ms']} ms, most: "
+          f"{p['top']}")
 
 
 def main(argv=None) -> int:

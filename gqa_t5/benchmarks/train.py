@@ -30,7 +30,7 @@ import numpy as np
 
 from gqa_t5 import jax_setup, models, optim, partitioning, perf_model, schedules
 from gqa_t5 import trainer as trainer_lib
-from gqa_t5.benchmarks import common, hf_reference
+from gqa_t5.benchmarks import common, hf_reference, profile
 from gqa_t5.model import Transformer, grouping, sizes
 
 # name: (size, input length, target length, batch, K values, activation dtype)
@@ -56,6 +56,9 @@ def parse_args(argv=None):
                       help="scan each stack (shorter compile)")
   parser.add_argument("--peak-tflops", type=float, default=None)
   parser.add_argument("--compare-hf", action="store_true")
+  parser.add_argument("--profile", action="store_true",
+                      help="after timing, trace two steps per K and print where their time goes "
+                           "(operations per step, device busy vs idle, the top ones)")
   parser.add_argument("--hf-optimizer", choices=("adafactor", "adamw"), default="adafactor")
   args = parser.parse_args(argv)
   size, s, t, b, kv, dtype = PRESETS["smoke" if args.smoke else args.shape]
@@ -243,6 +246,9 @@ def main(argv=None) -> int:
     flops = model_flops(config.replace(num_kv_heads=o.k), args.batch, (s, t))
     results["ours"].append(dict(figures(seconds, tokens, flops, peak, o.xla_flops()),
                                 name=o.name, kv_heads=o.k, params=o.params()))
+    if args.profile:
+      common.progress(f"profiling two steps of {o.name} ...")
+      results["ours"][-1]["profile"] = profile.summarize(o.step, calls=2)
   if "HF" in labels:
     # HF's T5 is the multi-head model: its FLOPs are MHA's.
     hf = dict(figures(times[-1], tokens,
@@ -266,6 +272,9 @@ def print_summary(results: Dict[str, Any]) -> None:
     counted = f" (XLA counts {xla / r['flops_per_step']:.2f}x the model's FLOPs)" if xla else ""
     print(f"{r['name']:>7}: {r['step_s'] * 1e3:9.1f} ms/step (min {r['min_step_s'] * 1e3:.1f}), "
           f"{r['tokens_per_s']:12,.0f} tokens/s, MFU {mfu}{counted}")
+  for r in results["ours"]:
+    if "profile" in r:
+      print(f"{r['name']} per step: " + "\n".join(profile.lines(r["profile"])))
   if results["hf"] and "skipped" in results["hf"]:
     print(f"HF comparison skipped: {results['hf']['skipped']}")
   common.print_checks(results["checks"])
