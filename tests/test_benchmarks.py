@@ -268,6 +268,13 @@ def test_profile_of_a_jitted_function_names_its_operations():
   assert profile.lines(summary)[0].startswith("profile (")
 
 
+def test_a_failing_profile_is_reported_not_raised():
+  def fails():
+    raise RuntimeError("no device")
+  assert profile.summarize(fails) == {"error": "profiling failed: RuntimeError: no device"}
+  assert profile.lines({"error": "x"}) == ["profile: x"]
+
+
 def test_train_smoke_json_has_mfu_checks_and_hf(gpu_check_smoke):
   out, _ = gpu_check_smoke
   result = _load(out, "train.json")
