@@ -157,12 +157,6 @@ def time_interleaved(fns, steps: int, warmup: int, labels) -> List[List[float]]:
   return times
 
 
-def model_flops(config, batch: int, lengths) -> float:
-  """The model FLOPs of one train step (`perf_model.train_step_flops`), MFU's numerator."""
-  return perf_model.train_step_flops(config, batch=batch, input_length=lengths[0],
-                                     target_length=lengths[1])
-
-
 def figures(seconds: List[float], tokens: int, flops: float, peak: Optional[float],
             xla_flops: Optional[float] = None) -> Dict[str, Any]:
   """Step time (median, min), tokens/s, the model FLOPs per second and MFU against `peak`
@@ -242,17 +236,18 @@ def main(argv=None) -> int:
                      "steps": args.steps, "tokens_per_step": tokens}, "peak_tflops": peak,
              "compile_s": compile_s, "process_start_to_first_step_s": first_step_s,
              "ours": []}
+  # MFU's numerator: the model's FLOPs of a step of each K (HF's T5 is the multi-head model).
+  step_flops = {k: perf_model.train_step_flops(config.replace(num_kv_heads=k), batch=args.batch,
+                                               input_length=s, target_length=t)
+                for k in args.kv + [None]}
   for o, seconds in zip(ours, times):
-    flops = model_flops(config.replace(num_kv_heads=o.k), args.batch, (s, t))
-    results["ours"].append(dict(figures(seconds, tokens, flops, peak, o.xla_flops()),
+    results["ours"].append(dict(figures(seconds, tokens, step_flops[o.k], peak, o.xla_flops()),
                                 name=o.name, kv_heads=o.k, params=o.params()))
     if args.profile:
       common.progress(f"profiling two steps of {o.name} ...")
       results["ours"][-1]["profile"] = profile.summarize(o.step, calls=2)
   if "HF" in labels:
-    # HF's T5 is the multi-head model: its FLOPs are MHA's.
-    hf = dict(figures(times[-1], tokens,
-                      model_flops(config.replace(num_kv_heads=None), args.batch, (s, t)), peak),
+    hf = dict(figures(times[-1], tokens, step_flops[None], peak),
               device=hf_reference.torch_device(), optimizer=args.hf_optimizer)
   results["hf"] = hf
   results["checks"] = checks(results)
