@@ -273,7 +273,14 @@ def test_the_chip_table_is_where_every_chip_figure_comes_from(monkeypatch):
 
 
 def test_table1_names_and_times_come_from_the_papers_table():
-  assert list(timing_sim.paper_variants()) == list(paper.TABLE1)
+  configs = paper.table1_configs()
+  assert list(configs) == list(paper.TABLE1)
+  # Each name is what model_name spells for its size and key/value heads.
+  for name, config in configs.items():
+    row = paper.TABLE1[name]
+    assert config.num_kv_heads == row["kv_heads"]
+    assert paper.model_name(row["size"], config.num_kv_heads, config.num_heads) == name
+  assert paper.xxl_seconds() == {1: 0.24, 8: 0.28, 64: 1.51}
   assert paper.table1_seconds() == {name: row["time"] for name, row in paper.TABLE1.items()}
   assert paper.model_name("xxl", 8, 64) == "GQA-8-XXL"
   assert paper.model_name("large", None, 16) == "MHA-Large"

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_paper_models_have_t5_sizes_and_table1_order():
-  variants = paper_timing.paper_variants()
+  variants = paper.table1_configs()
   assert 780e6 < perf_model.total_params(variants["MHA-Large"]) < 790e6
   assert 11.0e9 < perf_model.total_params(variants["MHA-XXL"]) < 11.3e9
   t = {name: perf_model.time_per_sample(config)["total"] for name, config in variants.items()}

@@ -112,19 +112,19 @@ def test_timing_batches_fit_the_compilers_hbm_within_the_headroom():
   budget = V4_AVAILABLE * tpu_topology.HEADROOM_FRACTION
   batches = {}
   for axis in tpu_timing.MODEL_AXES:
-    for variant in tpu_timing.variants():
-      b = tpu_timing.batch_per_chip(variant, axis, setup)
-      config = tpu_timing.full_config(variant)
-      variant_setup = tpu_timing.model_setup(variant, axis, setup)
-      assert perf_model.memory_per_chip(config, variant_setup, b) <= budget
+    for timed in tpu_timing.timed_models():
+      b = tpu_timing.batch_per_chip(timed, axis, setup)
+      config = tpu_timing.full_config(timed)
+      timed_setup = tpu_timing.model_setup(timed, axis, setup)
+      assert perf_model.memory_per_chip(config, timed_setup, b) <= budget
       assert (b == setup.max_batch_per_chip
-              or perf_model.memory_per_chip(config, variant_setup, b + 1) > budget)
-      batches[axis, variant.name] = b
+              or perf_model.memory_per_chip(config, timed_setup, b + 1) > budget)
+      batches[axis, timed.name] = b
   # MHA-XXL's caches are the ones that do not fit 32 per chip: 26 on a model axis of 8, 23 of 4
-  # (31 and 28 within the whole 32 GiB); every other variant runs 32.
+  # (31 and 28 within the whole 32 GiB); every other model runs 32.
   assert batches[8, "MHA-XXL"] == 26 and batches[4, "MHA-XXL"] == 23
   assert {b for (_, name), b in batches.items() if name != "MHA-XXL"} == {32}
-  assert [v.name for v in tpu_timing.variants()] == [
+  assert [v.name for v in tpu_timing.timed_models()] == [
       "MHA-Large", "MHA-XXL", "GQA-32-XXL", "GQA-16-XXL", "GQA-8-XXL", "GQA-4-XXL", "MQA-XXL"]
 
 

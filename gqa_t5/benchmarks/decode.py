@@ -231,7 +231,7 @@ def run(request: Request) -> Dict[str, Any]:
   shape, how = run_shape(request, params_bytes)
   common.progress(f"batch {shape.batch} ({how}), input {shape.input_length}, caches for "
                   f"{shape.output_length} steps, {shape.timed_steps} timed steps per loop")
-  variants = [run_lib.Variant(base, k, shape, abstract) for k in kv_heads]
+  variants = [run_lib.DecodeVariant(base, k, shape, abstract) for k in kv_heads]
   results, inputs = decode_report.measure(
       request, base, shape, variants, batch_how=how,
       startup={"cache_dir": cache_dir, "cache_entries_before": cached, "cache_warm": cached > 0})

@@ -29,7 +29,7 @@ HF_TARGETS = {"gpu": 5.0, "cpu": 2.0}
 ENCODE_ONCE_S = 1.0
 
 
-def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.Variant],
+def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.DecodeVariant],
             startup: Dict[str, Any], batch_how: str):
   """Runs everything in order; returns (results, input tokens). The encoder and first K's
   functions compile together, from shapes, before any parameter exists."""
@@ -109,7 +109,7 @@ def _config_facts(config) -> Dict[str, Any]:
           "vocab_size": config.vocab_size, "dtype": np.dtype(config.dtype).name}
 
 
-def _figures(v: run_lib.Variant, mha: run_lib.Variant, shape, bandwidth: float,
+def _figures(v: run_lib.DecodeVariant, mha: run_lib.DecodeVariant, shape, bandwidth: float,
              encode_s: float) -> Dict[str, Any]:
   step = min(v.loop_times) / shape.timed_steps
   return {"kv_heads": v.num_kv_heads, "step_ms_min": step * 1e3,
@@ -121,7 +121,7 @@ def _figures(v: run_lib.Variant, mha: run_lib.Variant, shape, bandwidth: float,
           "time_per_sample_s": (encode_s + step * shape.output_length) / shape.batch}
 
 
-def compare_hf(base, mha: run_lib.Variant, shape, args, inputs) -> Dict[str, Any]:
+def compare_hf(base, mha: run_lib.DecodeVariant, shape, args, inputs) -> Dict[str, Any]:
   if not hf_reference.available():
     return {"skipped": "torch and transformers are not installed"}
   dtype = np.dtype(base.dtype).name

@@ -84,7 +84,7 @@ class RunShape:
   encode_batch: int = 8    # rows per encoder call (bounds the encoder's attention buffers)
 
 
-class Variant:
+class DecodeVariant:
   """One K: its parameters, step bytes and compiled prepare / loop functions."""
 
   def __init__(self, base: T5Config, num_kv_heads: int, shape: RunShape, mha_params):
@@ -144,7 +144,6 @@ class Variant:
     self.loop_times.append(seconds)
     return seconds
 
-
   def profile_loop(self, encoded, inputs) -> Dict[str, Any]:
     """A profile of one decode loop (`profile.summarize`, per step); the caches are prefilled
     before the trace starts."""
@@ -173,7 +172,7 @@ class Encoder:
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
 
-def compile_variants(variants: List[Variant], encoded, inputs, extra=None) -> float:
+def compile_variants(variants: List[DecodeVariant], encoded, inputs, extra=None) -> float:
   """Lowers (here) and compiles (in threads) the variants' functions; returns wall seconds."""
   start = time.perf_counter()
   lowered = dict(extra or {})

@@ -358,7 +358,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--jobs", default=None,
                       help="comma-separated name patterns, e.g. 'GQA-8-XXL uptrain' or '*XXL*' "
-                           "(with --timing: variant names, e.g. 'MQA-XXL,GQA-8-XXL')")
+                           "(with --timing: model names, e.g. 'MQA-XXL,GQA-8-XXL')")
   parser.add_argument("--list", action="store_true", help="list the jobs and exit")
   parser.add_argument("--out", default=None,
                       help="write compile_jobs.md and compile_jobs.json here")

@@ -15,22 +15,8 @@ from gqa_t5.model import sizes
 from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.report import paper
 
-# Table 1's models: (size, key/value heads; None: multi-head).
-TABLE1_MODELS = (("large", None), ("xxl", None), ("xxl", 1), ("xxl", 8))
-
-
 def xxl(num_kv_heads: Optional[int] = None) -> T5Config:
   return sizes.t5_1_1("xxl", num_kv_heads=num_kv_heads)
-
-
-def paper_variants() -> Dict[str, T5Config]:
-  """The four models of the paper's Table 1 by the paper's names, sized by
-  `gqa_t5.model.sizes`."""
-  out = {}
-  for size, k in TABLE1_MODELS:
-    config = sizes.t5_1_1(size, num_kv_heads=k)
-    out[paper.model_name(size, k, config.num_heads)] = config
-  return out
 
 
 _CHIP = perf_model.TPU_V4
@@ -82,7 +68,7 @@ def setup_from_args(args: argparse.Namespace) -> perf_model.Setup:
 def simulate(setup: perf_model.Setup, chip: perf_model.Chip = _CHIP) -> Dict:
   """Every number the report prints: Table 1's four models and XXL for each group count."""
   table = {name: perf_model.time_per_sample(config, setup, chip)
-           for name, config in paper_variants().items()}
+           for name, config in paper.table1_configs().items()}
   mha = xxl()
   groups = {k: perf_model.time_per_sample(mha.replace(num_kv_heads=k), setup, chip)
             for k in grouping.valid_kv_heads(mha.num_heads)}

@@ -1,6 +1,6 @@
 """Table 1 and Figure 6 from programs compiled for TPU v4 (`gqa-t5 compile --timing`).
 
-For each variant (T5.1.1-XXL with K in {64, 32, 16, 8, 4, 1}, MHA-Large) at the paper's timing
+For each model (T5.1.1-XXL with K in {64, 32, 16, 8, 4, 1}, MHA-Large) at the paper's timing
 set-up (input 2048, output 512, 8 chips) and a model axis of 4 or 8 chips, TPU's compiler
 compiles the two programs decoding runs:
 
@@ -56,7 +56,8 @@ BYTES_TOLERANCE = 0.10
 
 
 @dataclasses.dataclass(frozen=True)
-class Variant:
+class TimedModel:
+  """One model of Table 1 / Fig. 6 to compile and time, named as the paper names it."""
   name: str
   size: str
   kv_heads: Optional[int]    # None: multi-head
@@ -66,12 +67,13 @@ class Variant:
                         num_encoder_layers=layers, num_decoder_layers=layers, dropout_rate=0.0)
 
 
-def variants() -> List[Variant]:
+def timed_models() -> List[TimedModel]:
   """MHA-Large, then XXL for each K of XXL_GROUPS, named as the paper names them."""
-  out = [Variant(paper.model_name("large", None, sizes.t5_1_1("large").num_heads), "large", None)]
+  out = [TimedModel(paper.model_name("large", None, sizes.t5_1_1("large").num_heads), "large",
+                    None)]
   n = sizes.t5_1_1("xxl").num_heads
   for k in XXL_GROUPS:
-    out.append(Variant(paper.model_name("xxl", k, n), "xxl", None if k == n else k))
+    out.append(TimedModel(paper.model_name("xxl", k, n), "xxl", None if k == n else k))
   return out
 
 
@@ -128,54 +130,54 @@ def _phase_seconds(figures: Dict, chip: perf_model.Chip) -> float:
   return max(figures["flops"] / chip.peak_flops, figures["bytes_accessed"] / chip.hbm_bytes_per_s)
 
 
-def full_config(variant: Variant):
-  """The variant's `T5Config` at its size's depth."""
-  return variant.config(sizes.t5_1_1(variant.size).num_decoder_layers)
+def full_config(timed: TimedModel):
+  """The model's `T5Config` at its size's depth."""
+  return timed.config(sizes.t5_1_1(timed.size).num_decoder_layers)
 
 
-def model_setup(variant: Variant, model_axis: int,
+def model_setup(timed: TimedModel, model_axis: int,
                 setup: perf_model.Setup) -> perf_model.Setup:
   """`setup` on a model axis of `model_axis` chips, with the key/value layout the partitioner
   uses (`axes.kv_heads_sharded`): K heads that do not split over the model axis are held whole
   on every chip of it ('replicated'); heads that split are labelled 'ideal' (either layout then
   counts one copy)."""
-  config = full_config(variant)
+  config = full_config(timed)
   sharded = axes.kv_heads_sharded(config.self_attention_kv_heads,
                                   config.cross_attention_kv_heads, model_axis)
   return dataclasses.replace(setup, model_parallel=model_axis,
                              kv_layout="ideal" if sharded else "replicated")
 
 
-def batch_per_chip(variant: Variant, model_axis: int, setup: perf_model.Setup,
+def batch_per_chip(timed: TimedModel, model_axis: int, setup: perf_model.Setup,
                    chip: perf_model.Chip = perf_model.TPU_V4) -> int:
   """The largest batch per chip (up to `setup.max_batch_per_chip`) whose weights and caches fit
   the HBM the compiler makes available to a program, within the jobs' headroom."""
   return perf_model.fitting_batch_per_chip(
-      full_config(variant), model_setup(variant, model_axis, setup), chip,
+      full_config(timed), model_setup(timed, model_axis, setup), chip,
       memory_bytes=chip.available_bytes * tpu_topology.HEADROOM_FRACTION)
 
 
-def time_variant(variant: Variant, model_axis: int, devices, setup: perf_model.Setup,
+def time_model(timed: TimedModel, model_axis: int, devices, setup: perf_model.Setup,
                  chip: perf_model.Chip = perf_model.TPU_V4, cache_dir: Optional[str] = None
                  ) -> Dict:
-  """Compiled figures, the time per sample and the performance model's figures of one variant
+  """Compiled figures, the time per sample and the performance model's figures of one model
   (each program's figures kept in `cache_dir`, by program, when given)."""
-  full = full_config(variant)
-  variant_setup = model_setup(variant, model_axis, setup)
-  per_chip = batch_per_chip(variant, model_axis, setup, chip)
+  full = full_config(timed)
+  timed_setup = model_setup(timed, model_axis, setup)
+  per_chip = batch_per_chip(timed, model_axis, setup, chip)
   batch = per_chip * setup.chips
   compiled = {}
   for layers in (1, 2):
-    lowered = lower_programs(variant.config(layers), model_axis, batch, setup, devices)
+    lowered = lower_programs(timed.config(layers), model_axis, batch, setup, devices)
     compiled[layers] = {name: aot.compile_figures(low, cache_dir, context=TIMING_SLICE)
                         for name, low in lowered.items()}
-  result = {"name": variant.name, "kv_heads": full.self_attention_kv_heads,
-            "model_axis": model_axis, "kv_layout": variant_setup.kv_layout,
+  result = {"name": timed.name, "kv_heads": full.self_attention_kv_heads,
+            "model_axis": model_axis, "kv_layout": timed_setup.kv_layout,
             "batch_per_chip": per_chip, "global_batch": batch}
   for program in ("encode", "step"):
     one, two = compiled[1][program], compiled[2][program]
     if not (one.compiled and two.compiled):
-      raise ValueError(f"{variant.name}: the {program} program does not compile at batch "
+      raise ValueError(f"{timed.name}: the {program} program does not compile at batch "
                        f"{batch}: {one.error or two.error}")
     result[program] = _extrapolate(one, two, full.num_decoder_layers)
   t = setup.output_length
@@ -185,8 +187,8 @@ def time_variant(variant: Variant, model_axis: int, devices, setup: perf_model.S
   xla = [result[p]["xla_seconds"] for p in ("encode", "step")]
   result["xla_seconds_per_sample"] = (None if None in xla
                                       else (xla[0] + t * xla[1]) / per_chip)
-  model = perf_model.time_per_sample(full, variant_setup, chip, per_chip)
-  model_step = perf_model.decode_step(full, variant_setup, chip, per_chip)
+  model = perf_model.time_per_sample(full, timed_setup, chip, per_chip)
+  model_step = perf_model.decode_step(full, timed_setup, chip, per_chip)
   result["model_seconds_per_sample"] = model["total"]
   result["model_step_bytes"] = model_step["bytes"]
   result["step_bytes_ratio"] = result["step"]["bytes_accessed"] / model_step["bytes"]
@@ -199,7 +201,7 @@ def run(devices=None, setup: perf_model.Setup = perf_model.Setup(),
         log: Callable[[str], None] = print,
         on_row: Optional[Callable[[Dict], None]] = None,
         cache_dir: Optional[str] = None) -> Dict:
-  """Every variant on every model axis; `on_row(result so far)` after each (the full set takes
+  """Every model on every model axis; `on_row(result so far)` after each (the full set takes
   an hour or more of compiles on a small CPU, so partial results are kept)."""
   devices = devices if devices is not None else tpu_topology.slice_devices(TIMING_SLICE)
   setup = dataclasses.replace(setup, chips=len(devices))
@@ -207,11 +209,11 @@ def run(devices=None, setup: perf_model.Setup = perf_model.Setup(),
   result = {"setup": dataclasses.asdict(setup), "chip": dataclasses.asdict(perf_model.TPU_V4),
             "rows": rows}
   for model_axis in model_axes:
-    for variant in variants():
-      if names and variant.name not in names:
+    for timed in timed_models():
+      if names and timed.name not in names:
         continue
-      row = time_variant(variant, model_axis, devices, setup, cache_dir=cache_dir)
-      log(f"  model axis {model_axis}: {variant.name:<12} batch/chip {row['batch_per_chip']:>2} "
+      row = time_model(timed, model_axis, devices, setup, cache_dir=cache_dir)
+      log(f"  model axis {model_axis}: {timed.name:<12} batch/chip {row['batch_per_chip']:>2} "
           f"{row['seconds_per_sample'] * 1e3:8.1f} chip-ms/sample (performance model "
           f"{row['model_seconds_per_sample'] * 1e3:.1f}); step bytes {row['step_bytes_ratio']:.3f}x"
           f" the model's")
@@ -276,9 +278,9 @@ def figure6(result: Dict, path: str) -> None:
             label=f"compiled, model axis {axis}")
     ax.plot([r["kv_heads"] for r in rows], [r["model_seconds_per_sample"] for r in rows], "x:",
             label=f"performance model, model axis {axis}")
-  ks = [1, 8, 64]
-  ax.plot(ks, [paper.table1_seconds()[n] for n in ("MQA-XXL", "GQA-8-XXL", "MHA-XXL")], "s--",
-          color="black", label="paper (Table 1, measured)")
+  points = paper.xxl_seconds()
+  ax.plot(list(points), list(points.values()), "s--", color="black",
+          label="paper (Table 1, measured)")
   ax.set_xscale("log", base=2)
   ax.set_xlabel("key/value groups K (T5.1.1-XXL, 64 query heads)")
   ax.set_ylabel("time per sample (chip-s)")
@@ -290,21 +292,21 @@ def figure6(result: Dict, path: str) -> None:
 
 
 def merged(previous: Optional[Dict], result: Dict) -> Dict:
-  """`result` with the rows of `previous` it does not redo (another variant or model axis),
-  when both were computed for the same set-up and chip; rows by model axis, then variant."""
+  """`result` with the rows of `previous` it does not redo (another model or model axis),
+  when both were computed for the same set-up and chip; rows by model axis, then timed."""
   if not previous or (previous.get("setup"), previous.get("chip")) != (result["setup"],
                                                                         result["chip"]):
     return result
   done = {(r["name"], r["model_axis"]) for r in result["rows"]}
   rows = [r for r in previous["rows"] if (r["name"], r["model_axis"]) not in done]
-  order = {v.name: i for i, v in enumerate(variants())}
+  order = {v.name: i for i, v in enumerate(timed_models())}
   rows = sorted(rows + result["rows"], key=lambda r: (r["model_axis"], order.get(r["name"], 99)))
   return {**result, "rows": rows}
 
 
 def write(out: str, result: Dict) -> None:
   """timing.json, timing.md and fig6.png in `out`, keeping the rows an earlier run wrote there
-  for other variants or model axes (the full set is hours of compiles: runs add to it)."""
+  for other models or model axes (the full set is hours of compiles: runs add to it)."""
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, "timing.json")
   if os.path.exists(path):

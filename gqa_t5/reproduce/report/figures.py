@@ -66,8 +66,8 @@ def figure3(results: rr.Results, path: str) -> None:
   ax.set_title(title, fontsize=9 if at_floor else 10, color="#b22222" if at_floor else "black")
   ax.grid(alpha=0.3)
   for name, row in paper.TABLE1.items():
-    ax_paper.plot(row["time"], row["average"], "o", color=_color(name.split("-XXL")[0]
-                                                                  .split("-Large")[0]), ms=8)
+    # The name's first part is its attention ('GQA-8-XXL': GQA).
+    ax_paper.plot(row["time"], row["average"], "o", color=_color(name.split("-")[0]), ms=8)
     ax_paper.annotate(name, (row["time"], row["average"]), textcoords="offset points",
                       xytext=(6, 4), fontsize=9)
   ax_paper.margins(x=0.25, y=0.2)
@@ -167,10 +167,8 @@ def _paper_scale_panel(ax, results: rr.Results) -> None:
   mha = sim.xxl(ks[-1])
   ax.plot(ks, [sim.xxl(k) / mha for k in ks], "o-", color=_COLORS["GQA"],
           label="roofline, 8 TPU v4 (simulate_paper_timing)")
-  table = paper.TABLE1
-  points = {1: table["MQA-XXL"]["time"], 8: table["GQA-8-XXL"]["time"],
-            ks[-1]: table["MHA-XXL"]["time"]}
-  ax.plot(list(points), [t / table["MHA-XXL"]["time"] for t in points.values()], "s",
+  points = paper.xxl_seconds()
+  ax.plot(list(points), [t / points[ks[-1]] for t in points.values()], "s",
           color="black", ms=8, label="paper, Table 1 (TPU v4)")
   measured = results.paper_timing
   if measured is not None:
