@@ -8,6 +8,9 @@ import struct
 
 import pytest
 
+from gqa_t5 import perf_model
+from gqa_t5.benchmarks import decode_report
+from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.pipeline import presets
 from gqa_t5.reproduce.report import claims
 from gqa_t5.reproduce.report import markdown
@@ -345,3 +348,34 @@ def test_a_results_json_missing_a_required_field_is_named():
   del stored["scale"]["num_heads"]
   with pytest.raises(ValueError, match="Scale has no 'num_heads'"):
     run_results.Results.from_json(stored)
+
+
+def test_paper_timing_rows_price_the_timed_model_on_a_gpu(monkeypatch):
+  # The paper-timing stage's result as the stage writes it: the benchmark's model facts and
+  # the timed shape in one dict per size. On a GPU each row gets the H200 roofline of the very
+  # model timed (every size field read back), on a CPU none.
+  config = T5Config(vocab_size=512, emb_dim=64, num_heads=8, head_dim=8, mlp_dim=128,
+                    num_encoder_layers=3, num_decoder_layers=3, dtype="bfloat16")
+  shape = {**decode_report._config_facts(config), "batch": 4, "input_length": 64,
+           "output_length": 16}
+  times = {"1": 0.20, "8": 0.50}
+  measured = {"runs": {"xxl": {"kv_heads": {k: {"time_per_sample": t, "time_per_step": t / 20}
+                                            for k, t in times.items()},
+                               "shape": shape, "dtype": "bfloat16", "repeats": 1}},
+              "bandwidth_bytes_per_s": 4.0e12}
+  sim = outputs.paper_scale_summary()
+  assert all(r.roofline_here is None
+             for r in outputs.paper_timing_rows(measured, sim).rows.values())
+  monkeypatch.setattr(outputs.jax, "default_backend", lambda: "gpu")
+  table = outputs.paper_timing_rows(measured, sim)
+  assert list(table.rows) == ["MQA-XXL", "MHA-XXL"]
+  setup = perf_model.Setup(chips=1, model_parallel=1, max_batch_per_chip=4, input_length=64,
+                           output_length=16)
+  for name, k in (("MQA-XXL", 1), ("MHA-XXL", 8)):
+    row = table.rows[name]
+    assert row.measured == times[str(k)] and row.kv_heads == k
+    assert row.roofline_here == perf_model.time_per_sample(
+        config.replace(num_kv_heads=k), setup, perf_model.H200, batch_per_chip=4)["total"]
+    assert row.roofline_tpu == sim.xxl(k)
+  assert table.rows["MQA-XXL"].roofline_here < table.rows["MHA-XXL"].roofline_here
+  assert (table.batch, table.dtype, table.input_length) == (4, "bfloat16", 64)

@@ -88,34 +88,33 @@ def pretrain_throughput(pretrain: Dict, model: T5Config,
 
 def paper_timing_rows(measured: Optional[Dict], sim: rr.PaperScaleRoofline
                       ) -> Optional[rr.PaperTimingTable]:
-  """Per paper-shape model: measured s/sample, the roofline here and on TPU v4, the paper's."""
+  """Per paper-shape model: measured s/sample, the roofline here (on a GPU: the H200's) and on
+  TPU v4, the paper's. `measured`: the paper-timing stage's result, a timing per model size."""
   if not measured:
     return None
-  rows, first = {}, None
-  for size, run in sorted(measured["runs"].items()):  # large, then xxl
-    shape, first = run["shape"], first or run
-    chip = perf_model.H200 if jax.default_backend() == "gpu" else None
-    for k, t in sorted(run["kv_heads"].items(), key=lambda item: int(item[0])):
-      name = paper.model_name(size, int(k), shape["num_heads"])
+  chip = perf_model.H200 if jax.default_backend() == "gpu" else None
+  runs = {size: rr.DecodeTiming.from_json(run) for size, run in sorted(measured["runs"].items())}
+  rows = {}
+  for size, run in runs.items():  # large, then xxl
+    shape = run.shape
+    for k in run.ks():
+      name = paper.model_name(size, k, shape.num_heads)
       here = None
       if chip is not None:
-        setup = perf_model.Setup(chips=1, model_parallel=1, max_batch_per_chip=shape["batch"],
-                                 input_length=shape["input_length"],
-                                 output_length=shape["output_length"])
-        model = T5Config(vocab_size=shape["vocab"], emb_dim=shape["emb_dim"],
-                         num_heads=shape["num_heads"], head_dim=shape["head_dim"],
-                         mlp_dim=shape["mlp_dim"], num_encoder_layers=shape["layers"],
-                         num_decoder_layers=shape["layers"], num_kv_heads=int(k))
-        here = perf_model.time_per_sample(model, setup, chip,
-                                          batch_per_chip=shape["batch"])["total"]
-      tpu = sim.groups_xxl.get(k) if size == "xxl" else sim.table1.get(name)
+        setup = perf_model.Setup(chips=1, model_parallel=1, max_batch_per_chip=shape.batch,
+                                 input_length=shape.input_length,
+                                 output_length=shape.output_length,
+                                 bytes_per_value=perf_model.value_bytes(run.dtype))
+        here = perf_model.time_per_sample(shape.config(k), setup, chip,
+                                          batch_per_chip=shape.batch)["total"]
+      tpu = sim.groups_xxl.get(str(k)) if size == "xxl" else sim.table1.get(name)
       rows[name] = rr.PaperTimingRow(
-          measured=t["time_per_sample"], roofline_here=here, roofline_tpu=tpu,
-          paper=paper.TABLE1.get(name, {}).get("time"), size=size, kv_heads=int(k))
+          measured=run.of(k).time_per_sample, roofline_here=here, roofline_tpu=tpu,
+          paper=paper.TABLE1.get(name, {}).get("time"), size=size, kv_heads=k)
+  first = next(iter(runs.values()))
   return rr.PaperTimingTable(
-      rows=rows, batch=first["shape"]["batch"], dtype=first["dtype"],
-      input_length=first["shape"]["input_length"],
-      output_length=first["shape"]["output_length"],
+      rows=rows, batch=first.shape.batch, dtype=first.dtype,
+      input_length=first.shape.input_length, output_length=first.shape.output_length,
       bandwidth_bytes_per_s=measured["bandwidth_bytes_per_s"])
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.pipeline import presets
 
 
@@ -277,10 +278,24 @@ class KvTiming(_Record):
 
 @dataclasses.dataclass
 class TimingShape(_Record):
-  """The timed batch and lengths (the model's sizes are kept beside them, untyped)."""
+  """The timed batch and lengths, and the timed model's sizes (an older file lacks them)."""
   batch: int
   input_length: int
   output_length: int
+  emb_dim: Optional[int] = None
+  num_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  mlp_dim: Optional[int] = None
+  layers: Optional[int] = None             # per stack
+  vocab_size: Optional[int] = None
+  dtype: Optional[str] = None
+
+  def config(self, kv_heads: Optional[int] = None) -> T5Config:
+    """The timed model with `kv_heads` key/value heads (None: multi-head)."""
+    return T5Config(vocab_size=self.vocab_size, emb_dim=self.emb_dim, num_heads=self.num_heads,
+                    head_dim=self.head_dim, mlp_dim=self.mlp_dim,
+                    num_encoder_layers=self.layers, num_decoder_layers=self.layers,
+                    num_kv_heads=kv_heads, dtype=self.dtype)
 
 
 @dataclasses.dataclass
