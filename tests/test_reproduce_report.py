@@ -32,8 +32,9 @@ def scores_for(average):
           "demo_qa": {"em": 3.0, "f1": average + 1.0, "loss": loss - 0.5}}
 
 
-def synthetic(quality, times, noise_seed_shift=0.1):
-  """results via outputs.assemble; quality: {(K, method, alpha): average} for seed 0."""
+def synthetic(quality, times, noise_seed_shift=0.1, paper_timing=None):
+  """results via outputs.assemble; quality: {(K, method, alpha): average} for seed 0;
+  paper_timing: the paper-timing stage's result, if any."""
   evaluations = []
   for v in PRESET.quality_variants():
     base = quality[(v.kv_heads, v.method if v.kv_heads != N else "mean",
@@ -54,7 +55,7 @@ def synthetic(quality, times, noise_seed_shift=0.1):
       preset=PRESET, model=PRESET.model.replace(vocab_size=8192), pretrain={"step": 2000},
       pretrain_origin="pretrained here", evaluations=evaluations, timing=timing,
       stages=stages, wall_seconds=90.0, machine="test machine",
-      paper_scale=outputs.paper_scale_summary(),
+      paper_scale=outputs.paper_scale_summary(), paper_timing=paper_timing,
       conversions=[{"kv_heads": 1, "method": m, "start_loss": loss}
                    for m, loss in (("mean", 6.5), ("first", 7.25), ("random", 9.0))])
 
@@ -350,7 +351,7 @@ def test_a_results_json_missing_a_required_field_is_named():
     run_results.Results.from_json(stored)
 
 
-def test_paper_timing_rows_price_the_timed_model_on_a_gpu(monkeypatch):
+def test_paper_timing_rows_price_the_timed_model_on_a_gpu(monkeypatch, tmp_path):
   # The paper-timing stage's result as the stage writes it: the benchmark's model facts and
   # the timed shape in one dict per size. On a GPU each row gets the H200 roofline of the very
   # model timed (every size field read back), on a CPU none.
@@ -379,3 +380,8 @@ def test_paper_timing_rows_price_the_timed_model_on_a_gpu(monkeypatch):
     assert row.roofline_tpu == sim.xxl(k)
   assert table.rows["MQA-XXL"].roofline_here < table.rows["MHA-XXL"].roofline_here
   assert (table.batch, table.dtype, table.input_length) == (4, "bfloat16", 64)
+  # The whole report on a GPU: table1.md shows the roofline-here column.
+  results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES, paper_timing=measured)
+  outputs.write_all(results, tmp_path, log=lambda _: None)
+  here = table.rows["MQA-XXL"].roofline_here
+  assert f"| MQA-XXL | 200.0 | 0.400 | {here * 1e3:.1f} |" in (tmp_path / "table1.md").read_text()
