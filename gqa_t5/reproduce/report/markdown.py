@@ -96,7 +96,8 @@ def _paper_timing_lines(results: rr.Results) -> List[str]:
            "|---|---|---|---|---|---|---|"]
   rows = paper_timing.rows
   mha = rows["MHA-XXL"].measured if "MHA-XXL" in rows else None
-  for name, row in rows.items():
+  # results.json keeps the rows by name; the table lists them by size, then K (MQA first).
+  for name, row in sorted(rows.items(), key=lambda item: (item[1].size, item[1].kv_heads)):
     ratio = row.measured / mha if mha else None
     paper_s = row.paper
     paper_ratio = (paper_s / paper.TABLE1["MHA-XXL"]["time"]) if paper_s else None
