@@ -388,3 +388,22 @@ def test_paper_timing_rows_price_the_timed_model_on_a_gpu(monkeypatch, tmp_path)
   row = f"| MQA-XXL | 200.0 | 0.400 | {here * 1e3:.1f} |"
   # By size and K as in the paper, not results.json's order by name (MHA before MQA).
   assert row in text and text.index(row) < text.index("| MHA-XXL | 500.0 | 1.000 |")
+
+
+def test_pretraining_mfu_is_reported_on_a_gpu_only(monkeypatch, tmp_path):
+  # MFU = the model's training FLOPs per token x tokens/s / the H200's peak; a CPU has no peak.
+  model = PRESET.model.replace(vocab_size=8192)
+  lengths = {"inputs": 64, "targets": 16}
+  pretrain = {"step": 10, "steady_tokens_per_second": 5.0e5}
+  on_cpu = outputs.pretrain_throughput(pretrain, model, lengths)
+  assert on_cpu.mfu is None and on_cpu.compile_excluded
+  monkeypatch.setattr(outputs.jax, "default_backend", lambda: "gpu")
+  on_gpu = outputs.pretrain_throughput(pretrain, model, lengths)
+  flops = perf_model.train_step_flops(model, batch=1, input_length=64, target_length=16)
+  assert on_gpu.flops_per_token == pytest.approx(flops / 80)
+  assert on_gpu.mfu == pytest.approx(flops / 80 * 5.0e5 / perf_model.H200.peak_flops)
+  results = synthetic(paper_like_quality(), PAPER_LIKE_TIMES)
+  results.pretrain_throughput = on_gpu
+  outputs.write_all(results, tmp_path, log=lambda _: None)
+  assert (f"{100 * on_gpu.mfu:.1f}% MFU ({on_gpu.flops_per_token / 1e6:.3g} MFLOP per token"
+          in (tmp_path / "REPORT.md").read_text())

@@ -118,7 +118,7 @@ def _throughput_text(results: rr.Results) -> str:
   mfu = pre.mfu
   steady = " (compilation excluded)" if pre.compile_excluded else ""
   return (f" Pretraining ran at {pre.tokens_per_second:,.0f} tokens/s{steady}"
-          + (f", {100 * mfu:.1f}% MFU ({pre.flops_per_token / 1e6:.0f} MFLOP per token "
+          + (f", {100 * mfu:.1f}% MFU ({pre.flops_per_token / 1e6:.3g} MFLOP per token "
              f"against {pre.peak_flops / 1e12:.0f} TFLOP/s, {pre.peak_name})"
              if mfu is not None else "") + ".")
 
