@@ -73,7 +73,7 @@ def test_smoke_keeps_the_stages_and_the_head_structure():
 
 def test_progress_lines_count_stages_and_bound_the_eta():
   lines = []
-  bar = progress.Progress([("a", 10.0), ("b", 20.0), ("c", 30.0)], log=lines.append)
+  bar = progress.StageProgress([("a", 10.0), ("b", 20.0), ("c", 30.0)], log=lines.append)
   bar.begin("a")
   assert lines[-1].startswith("stage 1/3 a (expected ~10 s) | elapsed 0 s, ETA 60 s")
   bar.end("a", seconds=1000.0, cached=False)  # a compile-heavy stage far over its estimate
@@ -87,7 +87,7 @@ def test_progress_lines_count_stages_and_bound_the_eta():
 
 def test_a_resumed_runs_eta_counts_only_the_stages_left():
   lines = []
-  bar = progress.Progress([("a", 10.0), ("b", 20.0), ("c", 30.0)], log=lines.append,
+  bar = progress.StageProgress([("a", 10.0), ("b", 20.0), ("c", 30.0)], log=lines.append,
                           finished_before=["a", "b", "not-in-the-plan"])
   assert bar.expected_left() == 30.0  # one stage left: its time, not the whole plan's
   bar.begin("a", cached=True)

@@ -1,12 +1,12 @@
 """One progress line per stage: "stage i/N name (expected ~X s) | elapsed, ETA".
 
-The plan (every stage's name and expected seconds) is known before the first stage runs. The
+The stage list (every stage's name and expected seconds) is known before the first stage runs. The
 ETA is the expected time of the stages left, scaled by how the stages run so far compared with
 their expectations (cached stages count as taking no time, and the scale only applies once a
 stage has really run, so the first estimate is the plain expectation, not an extrapolation
 from a compile-heavy first step). Stages a resumed run finds finished on disk count as cached
 from the start (`finished_before`): a run with one stage left expects that one stage, not the
-whole plan; one of them that turns out stale (its inputs changed) is counted again when it runs.
+whole list; one of them that turns out stale (its inputs changed) is counted again when it runs.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from typing import Callable, Dict, Iterable, List, Tuple
 from gqa_t5.reproduce.pipeline import estimate
 
 
-class Progress:
-  """Counts stages against `plan` ([(name, expected seconds)]) and prints a line per stage."""
+class StageProgress:
+  """Counts stages against `stages` ([(name, expected seconds)], in run order) and prints a line
+  per stage."""
 
-  def __init__(self, plan: List[Tuple[str, float]], log: Callable[[str], None] = print,
+  def __init__(self, stages: List[Tuple[str, float]], log: Callable[[str], None] = print,
                finished_before: Iterable[str] = ()):
-    self.plan = plan
-    self.expected: Dict[str, float] = dict(plan)
-    self.index = {name: i for i, (name, _) in enumerate(plan)}
+    self.stages = stages
+    self.expected: Dict[str, float] = dict(stages)
+    self.index = {name: i for i, (name, _) in enumerate(stages)}
     self.log = log
     self.start = time.perf_counter()
     self.done: Dict[str, float] = {}       # name -> seconds it took now (0 when cached)
@@ -34,10 +35,7 @@ class Progress:
 
   @property
   def total(self) -> int:
-    return len(self.plan)
-
-  def expected_total(self) -> float:
-    return sum(s for _, s in self.plan)
+    return len(self.stages)
 
   def _scale(self) -> float:
     if self.ran_expected <= 0.0:
@@ -47,7 +45,7 @@ class Progress:
 
   def expected_left(self) -> float:
     """Expected seconds of the stages neither done nor finished before this run."""
-    return sum(s for name, s in self.plan
+    return sum(s for name, s in self.stages
                if name not in self.done and name not in self.finished_before)
 
   def eta(self) -> float:

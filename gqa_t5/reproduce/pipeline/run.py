@@ -118,11 +118,11 @@ class Pipeline:
                      f"{self.machine.name} (estimate.py); stated for this preset: "
                      f"{self.preset.time_figure}")
 
-  def _new_progress(self) -> progress_lib.Progress:
-    """The stage counter of the current plan; stages a run finished before count as cached."""
+  def _new_progress(self) -> progress_lib.StageProgress:
+    """The stage counter of the current stage table; stages a run finished before count as cached."""
     expected = self.expected_seconds()
     finished = [name for name, _ in expected if self.store.finished(name) is not None]
-    return progress_lib.Progress(expected, log=self.options.log, finished_before=finished)
+    return progress_lib.StageProgress(expected, log=self.options.log, finished_before=finished)
 
   def _config(self, kv_heads: Optional[int], dropout: float = 0.0) -> T5Config:
     return variants.variant_config(self.model, self.vocab_size, kv_heads, dropout)

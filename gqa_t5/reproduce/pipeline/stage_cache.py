@@ -72,7 +72,7 @@ class StageStore:
 
   log: called with one line per stage event (start, cached, done).
   progress: an object with `begin(name, cached)` and `end(name, seconds, cached)` (e.g.
-    `progress.Progress`), told about every stage before and after it runs.
+    `progress.StageProgress`), told about every stage before and after it runs.
   """
 
   def __init__(self, root: os.PathLike, log: Callable[[str], None] = print, progress=None):
