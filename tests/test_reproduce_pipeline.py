@@ -233,10 +233,10 @@ def test_the_smoke_runs_numbers_are_pinned(smoke_run):
   them fails here, which is the reminder to regenerate results/quick and results/mini with it
   (and then this golden: GQA_T5_UPDATE_GOLDENS=1). Measured times are not compared."""
   out, _, _, _ = smoke_run
-  written = compare.read_results(str(out))  # the run's results.json
+  written = compare.read_json(str(out))  # the run's results.json
   if os.environ.get("GQA_T5_UPDATE_GOLDENS"):
     GOLDEN.write_text(json.dumps(written, indent=1, sort_keys=True) + "\n")
-  comparison = compare.compare(written, compare.read_results(str(GOLDEN)))
+  comparison = compare.compare(written, compare.read_json(str(GOLDEN)))
   assert comparison.compared["computed"] > 100
   # Decoded-text scores (and the verdicts and noise built on them) can flip a token on another
   # CPU's last-digit differences; losses, steps, byte counts and the configuration cannot move

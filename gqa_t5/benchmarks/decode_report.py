@@ -35,7 +35,7 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.DecodeVa
   functions compile together, from shapes, before any parameter exists."""
   inputs = jax.random.randint(jax.random.PRNGKey(1), (shape.batch, shape.input_length), 2,
                               base.vocab_size)
-  encoder = run_lib.Encoder(base, shape, variants[0].params)
+  encoder = run_lib.CompiledEncoder(base, shape, variants[0].params)
   extra = {"encoder": encoder.lowered}
   first = variants[0]
   startup["compile_first_s"] = run_lib.compile_variants([first], encoder.encoded_shape, inputs,

@@ -152,7 +152,7 @@ class DecodeVariant:
                              per=self.shape.timed_steps)
 
 
-class Encoder:
+class CompiledEncoder:
   """The (K-independent) encoder, compiled for `encode_batch` rows and run chunk by chunk."""
 
   def __init__(self, config: T5Config, shape: RunShape, params):

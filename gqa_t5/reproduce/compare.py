@@ -92,8 +92,9 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_results(path: str) -> Dict[str, Any]:
-  """results.json at `path`, or in the folder `path`; a clear error when it is not there."""
+def read_json(path: str) -> Dict[str, Any]:
+  """The plain JSON of results.json at `path`, or in the folder `path` (`compare` walks it as
+  JSON; `results.read_results` reads it typed); a clear error when it is not there."""
   p = Path(path)
   if p.is_dir():
     p = p / "results.json"
@@ -173,4 +174,4 @@ def _kind(path: str, value: Any) -> Optional[str]:
 
 
 def compare_files(run_path: str, reference_path: str) -> Comparison:
-  return compare(read_results(run_path), read_results(reference_path))
+  return compare(read_json(run_path), read_json(reference_path))

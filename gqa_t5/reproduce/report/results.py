@@ -223,7 +223,7 @@ def assemble(*, preset: presets_lib.ReproducePreset, model: T5Config, pretrain: 
       noise=noise_summary(variants, preset), paper_scale_roofline=paper_scale,
       stages={name: rr.StageTime(**stage) for name, stage in stages.items()},
       wall_seconds=wall_seconds, stage_seconds=sum(s["seconds"] for s in stages.values()),
-      machine=rr.Machine(description=machine or machine_description(),
+      machine=rr.MachineRecord(description=machine or machine_description(),
                          cpu_count=os.cpu_count()))
   results.headline, results.methods, results.alpha_curves = _summaries(results, preset)
   results.mha = results.find(n)

@@ -391,7 +391,7 @@ class StageTime(_Record):
 
 
 @dataclasses.dataclass
-class Machine(_Record):
+class MachineRecord(_Record):
   """What the run ran on."""
   description: str
   cpu_count: Optional[int] = None
@@ -414,7 +414,7 @@ class Results(_Record):
   stages: Dict[str, StageTime] = dataclasses.field(metadata=_record_of(StageTime))
   wall_seconds: float
   stage_seconds: float
-  machine: Machine = dataclasses.field(metadata=_record_of(Machine))
+  machine: MachineRecord = dataclasses.field(metadata=_record_of(MachineRecord))
   conversions: List[ConversionResult] = dataclasses.field(
       default_factory=list, metadata=_record_of(ConversionResult))
   paper_scale_roofline: Optional[PaperScaleRoofline] = dataclasses.field(
