@@ -35,6 +35,7 @@ from gqa_t5 import prediction
 from gqa_t5 import schedules
 from gqa_t5.convert import converter
 from gqa_t5.demo_data import layout
+from gqa_t5.model import grouping
 from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.pipeline import estimate
 from gqa_t5.reproduce.pipeline import presets as presets_lib
@@ -119,7 +120,8 @@ class Pipeline:
                      f"{self.preset.time_figure}")
 
   def _new_progress(self) -> progress_lib.StageProgress:
-    """The stage counter of the current stage table; stages a run finished before count as cached."""
+    """The stage counter of the current stage table; stages a run finished before count as
+    cached."""
     expected = self.expected_seconds()
     finished = [name for name, _ in expected if self.store.finished(name) is not None]
     return progress_lib.StageProgress(expected, log=self.options.log, finished_before=finished)
@@ -344,10 +346,9 @@ class Pipeline:
   # ---- timing --------------------------------------------------------------------------------
 
   def timing_kv_heads(self) -> List[int]:
-    """The K timed: every divisor of the run's head count."""
-    if self.model == self.preset.model:
-      return self.preset.timing_kv_heads()
-    return [k for k in range(1, self.num_heads + 1) if self.num_heads % k == 0]
+    """The K timed: every valid K of the run's head count (the preset's, or
+    --initial-checkpoint's)."""
+    return grouping.valid_kv_heads(self.num_heads)
 
   def _timing(self, stage: stage_table.Stage):
     p = self.preset
