@@ -61,6 +61,24 @@ def test_a_report_keeps_its_rows_and_this_machines_compiles_supersede_them(tmp_p
   assert again.compile_seconds == recompiled["compile_seconds"]   # the newer compile wins
 
 
+def test_the_committed_tpu_reports_are_redrawn_byte_for_byte_from_their_json(tmp_path):
+  # compile_jobs.md, timing.md and fig6.png are written from what their JSON holds: the
+  # committed reports come back unchanged (the writers run in CI without compiling anything).
+  committed = REPO / "results" / "paper_tpu_v4"
+  jobs = json.loads((committed / "compile_jobs.json").read_text())
+  compile_lib.write_report(str(tmp_path), [compile_lib.CompiledJob.from_dict(j) for j in jobs])
+  timing = json.loads((committed / "timing.json").read_text())
+  tpu_timing.write(str(tmp_path), timing)
+  for name in ("compile_jobs.md", "compile_jobs.json", "timing.md", "timing.json"):
+    assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+  # The figure's pixels depend on matplotlib's version: its PNG header's width and height.
+  header = lambda path: path.read_bytes()[16:24]
+  assert header(tmp_path / "fig6.png") == header(committed / "fig6.png")
+  # Every compiled decode step reads the bytes the performance model counts (K heads, never N).
+  checks = tpu_timing.bytes_checks(timing)
+  assert len(checks) == len(timing["rows"]) and all(c.startswith("PASS ") for c in checks)
+
+
 @pytest.mark.parametrize("message, needed", [
     ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
      "hbm. Used 78.73G of 30.75G hbm. Exceeded hbm capacity by 47.98G.", 78.73 * GIB),
