@@ -47,8 +47,10 @@ cd "$REPO"
 OUT="${OUT:-./gpu_check_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-CACHE="${TMPDIR:-/tmp}/gqa_t5_gpu_check_cache"
-rm -rf "$CACHE"  # "cold" must mean cold
+# A fresh cache directory per run, so "cold" means cold even when two runs overlap (pytest-xdist
+# workers each running the smoke); removed when the script exits.
+CACHE="$(mktemp -d "${TMPDIR:-/tmp}/gqa_t5_gpu_check_cache.XXXXXX")"
+trap 'rm -rf "$CACHE"' EXIT
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 PY="${PYTHON:-python}"
