@@ -202,6 +202,10 @@ def test_gpu_check_smoke_summary_has_every_section(gpu_check_smoke):
   assert "collected" in summary["tests"]["result"]
   startup = summary["startup"]
   assert all(startup[k] > 0 for k in ("L_cold_s", "L_warm_s", "XXL_cold_s"))
+  # The targets the summary prints are the decode benchmark's own.
+  targets = decode_report.STARTUP_TARGETS
+  assert startup["targets_s"] == {"L_cold": targets["L", False], "L_warm": targets["L", True],
+                                  "XXL_cold": targets["XXL", False]}
   assert summary["decode"]["L"]["per_k"] and summary["decode"]["XXL"]["per_k"]
   assert [o["name"] for o in summary["train"]["ours"]] == ["MHA", "MQA"]
   # Every benchmark ran with --profile: each K's decode step and train step in figures.
