@@ -234,13 +234,6 @@ def parse(files: Sequence[str], bindings: Sequence[str],
     raise GinConfigError(f"gin configuration error: {error}") from error
 
 
-def parse_flags(argv: Sequence[str]) -> List[str]:
-  """Parses the gin flags in `argv`; returns the remaining arguments."""
-  files, bindings, paths, rest = split_gin_flags(argv)
-  parse(files, bindings, paths)
-  return rest
-
-
 def write_operative_config(model_dir: Optional[str]) -> Optional[str]:
   """Writes gin's operative configuration to MODEL_DIR/config.gin (process 0, atomically)."""
   if not model_dir or jax.process_index() != 0:
@@ -262,7 +255,3 @@ def macro_value(name: str):
     return gin.query_parameter(f"{name}/macro.value")
   except ValueError:
     return None
-
-
-def is_run_file(path: str) -> bool:
-  return bool(re.search(r"(^|/)runs/", path))

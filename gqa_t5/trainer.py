@@ -230,12 +230,6 @@ class Trainer:
     with self.partitioner.mesh, self.partitioner.axis_rules():
       return self._jit_train_step().lower(self.abstract_state, abstract_batch)
 
-  def compile_train_step(self):
-    """Lowers and compiles the train step from shapes alone."""
-    lowered = self.lower_train_step()
-    with self.partitioner.mesh, self.partitioner.axis_rules():
-      return lowered.compile()
-
   def state_bytes_per_device(self) -> Dict[str, float]:
     """Bytes of parameters and optimizer state held by one device under the shardings."""
     def per_device(s):

@@ -16,7 +16,6 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from gqa_t5.checkpoints import tree as tree_lib
 from gqa_t5.checkpoints.errors import CheckpointError
 from gqa_t5.checkpoints.lazy import LazyTensor
 
@@ -43,12 +42,6 @@ def checksummed(tensor: LazyTensor, sums: Dict[str, str]) -> LazyTensor:
     return value
 
   return LazyTensor(tensor.name, tensor.shape, tensor.dtype, read)
-
-
-def tree_checksums(tree: Mapping) -> Dict[str, str]:
-  """{'/'-joined leaf name: checksum} of a nested dict of host arrays (None leaves skipped)."""
-  return {name: tensor_checksum(value) for name, value in tree_lib.flatten(tree).items()
-          if value is not None}
 
 
 def compare(expected: Mapping[str, str], tensors: Mapping[str, LazyTensor], record: str,

@@ -64,11 +64,6 @@ def from_array(name: str, value: np.ndarray) -> LazyTensor:
   return LazyTensor(name, value.shape, value.dtype, lambda: value)
 
 
-def derived(name: str, shape, dtype, compute: Callable[[], np.ndarray]) -> LazyTensor:
-  """A tensor computed from others (e.g. pooled key heads) when first read."""
-  return LazyTensor(name, shape, dtype, compute)
-
-
 def count_nonfinite(value: np.ndarray) -> int:
   """How many NaN/inf values a tensor holds (0 for integer tensors), in bounded memory."""
   value = np.asarray(value)

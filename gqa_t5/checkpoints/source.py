@@ -37,9 +37,6 @@ class CheckpointSource:
   def shapes(self) -> Dict[str, tuple]:
     return {name: t.shape for name, t in self.tensors.items()}
 
-  def largest_tensor_bytes(self) -> int:
-    return max((t.nbytes for t in self.tensors.values()), default=0)
-
   def read_all(self, dtype=None) -> Dict:
     """The whole parameter tree in memory (nested dicts of numpy arrays)."""
     flat = {}

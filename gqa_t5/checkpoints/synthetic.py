@@ -17,27 +17,6 @@ from gqa_t5.checkpoints.lazy import LazyTensor
 from gqa_t5.checkpoints.t5x_legacy import T5XWriter
 from gqa_t5.model.config import T5Config
 
-# The public T5.1.1 sizes (vocab 32128, gated GELU, untied logits).
-T511_SIZES = {
-    "small": dict(emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024, num_encoder_layers=8,
-                  num_decoder_layers=8),
-    "base": dict(emb_dim=768, num_heads=12, head_dim=64, mlp_dim=2048, num_encoder_layers=12,
-                 num_decoder_layers=12),
-    "large": dict(emb_dim=1024, num_heads=16, head_dim=64, mlp_dim=2816, num_encoder_layers=24,
-                  num_decoder_layers=24),
-    "xl": dict(emb_dim=2048, num_heads=32, head_dim=64, mlp_dim=5120, num_encoder_layers=24,
-               num_decoder_layers=24),
-    "xxl": dict(emb_dim=4096, num_heads=64, head_dim=64, mlp_dim=10240, num_encoder_layers=24,
-                num_decoder_layers=24),
-}
-
-
-def t511_config(size: str, **overrides) -> T5Config:
-  fields = dict(vocab_size=32128, dropout_rate=0.0, mlp_activations=("gelu", "linear"))
-  fields.update(T511_SIZES[size])
-  fields.update(overrides)
-  return T5Config(**fields)
-
 
 def _values(name: str, shape, dtype, seed: int) -> np.ndarray:
   rng = np.random.default_rng([seed, zlib.crc32(name.encode())])

@@ -126,11 +126,5 @@ def fetch_archive(spec: sources.ArchiveSpec, dest: os.PathLike) -> Path:
   return check_archive(target, spec)
 
 
-def fetch_all(dest: os.PathLike,
-              specs: Sequence[sources.ArchiveSpec] = sources.ARCHIVES) -> dict[str, Path]:
-  """{spec.key: path} of every archive, downloaded into `dest` as needed."""
-  return {spec.key: fetch_archive(spec, dest) for spec in specs}
-
-
 def remove_downloads(dest: os.PathLike) -> None:
   shutil.rmtree(dest, ignore_errors=True)
