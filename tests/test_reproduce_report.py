@@ -407,3 +407,10 @@ def test_pretraining_mfu_is_reported_on_a_gpu_only(monkeypatch, tmp_path):
   outputs.write_all(results, tmp_path, log=lambda _: None)
   assert (f"{100 * on_gpu.mfu:.1f}% MFU ({on_gpu.flops_per_token / 1e6:.3g} MFLOP per token"
           in (tmp_path / "REPORT.md").read_text())
+
+
+def test_a_timing_shape_without_the_models_sizes_names_what_it_lacks():
+  shape = run_results.TimingShape.from_json({"batch": 8, "input_length": 64,
+                                             "output_length": 16})
+  with pytest.raises(ValueError, match="no emb_dim, num_heads, head_dim, mlp_dim, layers"):
+    shape.config(1)

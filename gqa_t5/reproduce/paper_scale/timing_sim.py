@@ -15,6 +15,7 @@ from gqa_t5.model import sizes
 from gqa_t5.model.config import T5Config
 from gqa_t5.reproduce.report import paper
 
+
 def xxl(num_kv_heads: Optional[int] = None) -> T5Config:
   return sizes.t5_1_1("xxl", num_kv_heads=num_kv_heads)
 

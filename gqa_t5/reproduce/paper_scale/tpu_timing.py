@@ -158,8 +158,8 @@ def batch_per_chip(timed: TimedModel, model_axis: int, setup: perf_model.Setup,
 
 
 def time_model(timed: TimedModel, model_axis: int, devices, setup: perf_model.Setup,
-                 chip: perf_model.Chip = perf_model.TPU_V4, cache_dir: Optional[str] = None
-                 ) -> Dict:
+               chip: perf_model.Chip = perf_model.TPU_V4, cache_dir: Optional[str] = None
+               ) -> Dict:
   """Compiled figures, the time per sample and the performance model's figures of one model
   (each program's figures kept in `cache_dir`, by program, when given)."""
   full = full_config(timed)
@@ -293,7 +293,7 @@ def figure6(result: Dict, path: str) -> None:
 
 def merged(previous: Optional[Dict], result: Dict) -> Dict:
   """`result` with the rows of `previous` it does not redo (another model or model axis),
-  when both were computed for the same set-up and chip; rows by model axis, then timed."""
+  when both were computed for the same set-up and chip; rows by model axis, then model."""
   if not previous or (previous.get("setup"), previous.get("chip")) != (result["setup"],
                                                                         result["chip"]):
     return result

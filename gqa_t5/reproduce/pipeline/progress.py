@@ -1,8 +1,8 @@
 """One progress line per stage: "stage i/N name (expected ~X s) | elapsed, ETA".
 
-The stage list (every stage's name and expected seconds) is known before the first stage runs. The
-ETA is the expected time of the stages left, scaled by how the stages run so far compared with
-their expectations (cached stages count as taking no time, and the scale only applies once a
+The stage list (every stage's name and expected seconds) is known before the first stage runs.
+The ETA is the expected time of the stages left, scaled by how the stages run so far compared
+with their expectations (cached stages count as taking no time, and the scale only applies once a
 stage has really run, so the first estimate is the plain expectation, not an extrapolation
 from a compile-heavy first step). Stages a resumed run finds finished on disk count as cached
 from the start (`finished_before`): a run with one stage left expects that one stage, not the

@@ -224,7 +224,7 @@ def assemble(*, preset: presets_lib.ReproducePreset, model: T5Config, pretrain: 
       stages={name: rr.StageTime(**stage) for name, stage in stages.items()},
       wall_seconds=wall_seconds, stage_seconds=sum(s["seconds"] for s in stages.values()),
       machine=rr.MachineRecord(description=machine or machine_description(),
-                         cpu_count=os.cpu_count()))
+                               cpu_count=os.cpu_count()))
   results.headline, results.methods, results.alpha_curves = _summaries(results, preset)
   results.mha = results.find(n)
   results.claims = claims_lib.evaluate_claims(results)

@@ -292,6 +292,11 @@ class TimingShape(_Record):
 
   def config(self, kv_heads: Optional[int] = None) -> T5Config:
     """The timed model with `kv_heads` key/value heads (None: multi-head)."""
+    sizes = ("emb_dim", "num_heads", "head_dim", "mlp_dim", "layers", "vocab_size", "dtype")
+    missing = [name for name in sizes if getattr(self, name) is None]
+    if missing:
+      raise ValueError(f"results.json: the timing shape has no {', '.join(missing)} (a file "
+                       f"an older version wrote): the timed model is not known")
     return T5Config(vocab_size=self.vocab_size, emb_dim=self.emb_dim, num_heads=self.num_heads,
                     head_dim=self.head_dim, mlp_dim=self.mlp_dim,
                     num_encoder_layers=self.layers, num_decoder_layers=self.layers,
