@@ -79,6 +79,18 @@ def test_the_committed_tpu_reports_are_redrawn_byte_for_byte_from_their_json(tmp
   assert len(checks) == len(timing["rows"]) and all(c.startswith("PASS ") for c in checks)
 
 
+def test_from_cache_with_nothing_compiled_is_an_error_and_no_cache_reads_no_folder(
+    tmp_path, monkeypatch, capsys):
+  empty = tmp_path / "cache"
+  empty.mkdir()
+  assert compile_lib.main(["--from-cache", "--cache-dir", str(empty)]) == 2
+  assert "nothing compiled in --cache-dir" in capsys.readouterr().err
+  # --cache-dir '' turns the cache off: the working directory's JSON files are not read.
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "unrelated.json").write_text("{}")
+  assert compile_lib.cached_results("") == []
+
+
 @pytest.mark.parametrize("message, needed", [
     ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
      "hbm. Used 78.73G of 30.75G hbm. Exceeded hbm capacity by 47.98G.", 78.73 * GIB),

@@ -325,7 +325,8 @@ def cached_results(cache_dir: str, earlier: Sequence[Dict[str, Any]] = ()) -> Li
   latest: Dict[str, CompiledJob] = {}
   records = list(earlier)
   # Oldest first, so a job and setting compiled again (its program changed) keeps the newest.
-  for path in sorted(Path(cache_dir).glob("*.json"), key=lambda p: p.stat().st_mtime):
+  paths = Path(cache_dir).glob("*.json") if cache_dir else ()  # '': no cache, only `earlier`
+  for path in sorted(paths, key=lambda p: p.stat().st_mtime):
     with open(path) as f:
       records.append(json.load(f))
   for record in records:
@@ -395,6 +396,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(report) as f:
           earlier = json.load(f)
       results = cached_results(args.cache_dir, earlier)
+      if not results:
+        raise ValueError(f"--from-cache: nothing compiled in --cache-dir {args.cache_dir!r}"
+                         + (f" or in {report}" if report else "")
+                         + ": run `gqa-t5 compile` (with the same --cache-dir) first")
       for result in results:
         print(line(result))
       if args.out:
