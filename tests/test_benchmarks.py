@@ -14,6 +14,7 @@ from flax import traverse_util
 
 from gqa_t5 import perf_model
 from gqa_t5.benchmarks import convert, decode, decode_report, decode_run, profile
+from gqa_t5.benchmarks import train as train_benchmark
 from gqa_t5.convert import converter
 from gqa_t5.model import sizes
 
@@ -299,3 +300,16 @@ def test_train_smoke_json_has_mfu_checks_and_hf(gpu_check_smoke):
     assert 0 < result["hf"]["mfu"] < 1
   for row in result["ours"]:
     _check_profile(row["profile"])
+
+
+@pytest.mark.parametrize("parse, argv, message", [
+    (decode.parse_args, ["--batch", "0"], "--batch: 0 is not positive"),
+    (decode.parse_args, ["--input-length", "-5"], "--input-length: -5 is not positive"),
+    (decode.parse_args, ["--repeats", "two"], "--repeats: 'two' is not a whole number"),
+    (train_benchmark.parse_args, ["--steps", "0"], "--steps: 0 is not positive"),
+])
+def test_sizes_and_counts_below_one_are_refused_by_name(parse, argv, message, capsys):
+  # Each used to fall back to the shape's default (`0 or default`) or to a misleading error.
+  with pytest.raises(SystemExit):
+    parse(argv)
+  assert message in capsys.readouterr().err

@@ -58,6 +58,17 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                            f"{DEFAULT_CACHE_DIR})")
 
 
+def positive_int(text: str) -> int:
+  """An argparse type: a whole number of at least 1 (a batch, a length, a count)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} is not positive (at least 1)")
+  return value
+
+
 def compile_parallel(lowered: Mapping[str, Any]) -> Dict[str, Any]:
   """Compiles lowered computations concurrently (XLA compiles outside the GIL)."""
   if not lowered:

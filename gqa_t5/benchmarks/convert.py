@@ -68,10 +68,10 @@ def parse_args(argv):
   parser.add_argument("--size", choices=sizes.NAMES, default="large")
   parser.add_argument("--smoke", action="store_true", help="size tiny, zstd: seconds")
   parser.add_argument("--json", default=None, help="also write figures and checks to this file")
-  parser.add_argument("--num-layers", type=int, default=None,
+  parser.add_argument("--num-layers", type=common.positive_int, default=None,
                       help="override encoder and decoder depth (smaller runs)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  parser.add_argument("--num-kv-heads", type=int, default=None, help="default: N/4")
+  parser.add_argument("--num-kv-heads", type=common.positive_int, default=None, help="default: N/4")
   parser.add_argument("--method", default="mean")
   parser.add_argument("--output-format", choices=("t5x", "orbax"), default="t5x")
   parser.add_argument("--compression", choices=("gzip", "zstd", "none"), default="gzip",

@@ -83,14 +83,16 @@ def parse_args(argv=None):
                       help="named model size (default: the shape's); flags below override")
   for name in ("emb_dim", "num_heads", "head_dim", "mlp_dim", "layers", "vocab",
                "input_length", "output_length", "batch", "timed_steps"):
-    parser.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    parser.add_argument("--" + name.replace("_", "-"), type=common.positive_int, default=None)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
   parser.add_argument("--kv-heads", default=None, help="comma-separated K (default: preset's)")
-  parser.add_argument("--repeats", type=int, default=None, help="timed loops per K")
-  parser.add_argument("--encode-batch", type=int, default=8, help="rows per encoder call")
+  parser.add_argument("--repeats", type=common.positive_int, default=None,
+                      help="timed loops per K")
+  parser.add_argument("--encode-batch", type=common.positive_int, default=8,
+                      help="rows per encoder call")
   parser.add_argument("--memory-fraction", type=float, default=0.8,
                       help="share of free device memory the fitted batch may use for caches")
-  parser.add_argument("--bandwidth-mib", type=int, default=None,
+  parser.add_argument("--bandwidth-mib", type=common.positive_int, default=None,
                       help="size of the bandwidth probe (default: sized for the device)")
   parser.add_argument("--compare-hf", action="store_true",
                       help="also time HF transformers' greedy generate (same device, weights)")

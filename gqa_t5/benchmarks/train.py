@@ -46,11 +46,13 @@ def parse_args(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--shape", choices=("large",), default="large")
   common.add_common_flags(parser)
-  parser.add_argument("--batch", type=int, default=None)
-  parser.add_argument("--layers", type=int, default=None, help="override both stacks' depth")
+  parser.add_argument("--batch", type=common.positive_int, default=None)
+  parser.add_argument("--layers", type=common.positive_int, default=None,
+                      help="override both stacks' depth")
   parser.add_argument("--kv-heads", default=None, help="comma-separated K (default: N, 8, 1)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-  parser.add_argument("--steps", type=int, default=None, help="timed steps per model")
+  parser.add_argument("--steps", type=common.positive_int, default=None,
+                      help="timed steps per model")
   parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
   parser.add_argument("--scan-layers", action="store_true",
                       help="scan each stack (shorter compile)")
