@@ -2,6 +2,7 @@
 their smoke modes end to end through scripts/gpu_check.sh --smoke (JSON figures and checks).
 (The byte counts they divide by the bandwidth are checked in test_perf_model.py.)"""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -180,13 +181,25 @@ def test_convert_smoke_writes_its_figures_and_check(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def gpu_check_smoke(tmp_path_factory):
-  out = tmp_path_factory.mktemp("gpu_check")
-  env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
-  done = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), "--smoke"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=3600,
-                        check=False)  # a hang guard: the steps' own limits are 600 s each
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  return out, done.stdout
+  """(OUT, console output) of one `gpu_check.sh --smoke` run. Under pytest-xdist the workers
+  share one run (the first to take the lock makes it), so a test split across workers does not
+  run the script twice."""
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, common to its workers
+  else:
+    shared = tmp_path_factory.mktemp("gpu_check_session")
+  out, console = shared / "gpu_check", shared / "gpu_check.console"
+  with open(shared / "gpu_check.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not console.exists():
+      out.mkdir(exist_ok=True)
+      env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+      done = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), "--smoke"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=3600,
+                            check=False)  # a hang guard: the steps' own limits are 600 s each
+      assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+      console.write_text(done.stdout)
+  return out, console.read_text()
 
 
 def _load(out, name):
