@@ -88,7 +88,7 @@ def test_progress_lines_count_stages_and_bound_the_eta():
 def test_a_resumed_runs_eta_counts_only_the_stages_left():
   lines = []
   bar = progress.StageProgress([("a", 10.0), ("b", 20.0), ("c", 30.0)], log=lines.append,
-                          finished_before=["a", "b", "not-in-the-plan"])
+                               finished_before=["a", "b", "not-in-the-plan"])
   assert bar.expected_left() == 30.0  # one stage left: its time, not the whole plan's
   bar.begin("a", cached=True)
   assert lines[-1].endswith("ETA 30 s")

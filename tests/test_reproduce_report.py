@@ -357,7 +357,7 @@ def test_paper_timing_rows_price_the_timed_model_on_a_gpu(monkeypatch, tmp_path)
   # model timed (every size field read back), on a CPU none.
   config = T5Config(vocab_size=512, emb_dim=64, num_heads=8, head_dim=8, mlp_dim=128,
                     num_encoder_layers=3, num_decoder_layers=3, dtype="bfloat16")
-  shape = {**decode_report._config_facts(config), "batch": 4, "input_length": 64,
+  shape = {**decode_report.config_facts(config), "batch": 4, "input_length": 64,
            "output_length": 16}
   times = {"1": 0.20, "8": 0.50}
   measured = {"runs": {"xxl": {"kv_heads": {k: {"time_per_sample": t, "time_per_step": t / 20}

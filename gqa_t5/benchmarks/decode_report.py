@@ -56,7 +56,7 @@ def measure(args, base, shape: run_lib.RunShape, variants: List[run_lib.DecodeVa
   startup["first_step_ms"] = first.loop_times.pop() / shape.timed_steps * 1e3
   common.progress(f"first timed decode loop done: {startup['first_step_ms']:.3f} ms per step")
   results = {"benchmark": "decode", "smoke": bool(args.smoke), "shape": args.shape_name,
-             "device": common.device_facts(), "config": _config_facts(base),
+             "device": common.device_facts(), "config": config_facts(base),
              "cpu_products": (cpu_kernels.status()
                               if common.device_facts()["backend"] == "cpu" else None),
              "run": {"batch": shape.batch, "batch_how": batch_how,
@@ -103,7 +103,9 @@ def extra_encoder_runs(first_run_s: float, repeats: int) -> int:
   return 0 if first_run_s >= ENCODE_ONCE_S else repeats
 
 
-def _config_facts(config) -> Dict[str, Any]:
+def config_facts(config) -> Dict[str, Any]:
+  """The timed model's sizes, as results record them (the main job's timing stage keeps them
+  beside the timed shape, and its report reads them back: `run_results.TimingShape`)."""
   return {"emb_dim": config.emb_dim, "num_heads": config.num_heads, "head_dim": config.head_dim,
           "mlp_dim": config.mlp_dim, "layers": config.num_decoder_layers,
           "vocab_size": config.vocab_size, "dtype": np.dtype(config.dtype).name}
